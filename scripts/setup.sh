@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian machine for tts-fleet: aria2c from Debian, Python deps in .venv.
+# Idempotent: a second run only checks. Needs root (or sudo) for apt-get the first time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v aria2c >/dev/null 2>&1 || need_apt+=(aria2)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "setup: installing ${need_apt[*]} with apt-get" >&2
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+extras="${TTS_FLEET_EXTRAS:-dev}"
+stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-$extras"
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv" >&2
+    python3 -m venv .venv
+fi
+if [ ! -f "$stamp" ]; then
+    echo "setup: installing Python dependencies into .venv (torch pinned by constraints.txt)" >&2
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    # pip's notes about unused index locations are noise; real errors still show.
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]" 2> >(grep -v "is neither a file nor a directory" >&2)
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
