@@ -1,0 +1,308 @@
+"""The model cache on each server: the one definition of its layout.
+
+    <cache>/blobs/sha256/<hex>                  verified content, read-only, shared across versions
+    <cache>/snapshots/<name>/<version>/         hardlinks to blobs + manifest.json (+ .sig) + COMPLETE
+    <cache>/current/<name> -> ../snapshots/<name>/<version>    swapped atomically
+    <cache>/partial/                            aria2 downloads, their .aria2 control files, staging
+    <cache>/quarantine/                         bytes that failed verification, kept for inspection
+
+Invariants: a file enters `blobs/` only after its sha256 matched; a snapshot directory
+appears under `snapshots/` only complete (built in `partial/` and renamed in), with
+`COMPLETE` written after everything else was fsynced; `current/<name>` only ever
+points at a complete snapshot.
+
+`CacheReader` is the read-only API other components (the runtime, tts-ctl) use;
+`CacheWriter` adds the operations only the provisioner performs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, ManifestError, validate_name
+
+from .hashing import sha256_file
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+class CacheError(Exception):
+    """The cache is not in the state an operation needs."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    name: str
+    version: str
+    path: Path
+    complete: bool
+
+    def manifest(self) -> Manifest:
+        try:
+            return Manifest.parse((self.path / MANIFEST_NAME).read_bytes())
+        except OSError as exc:
+            raise CacheError(f"snapshot {self.name}/{self.version} has no readable manifest: {exc.strerror}") from None
+
+    def completed_at(self) -> str | None:
+        try:
+            return json.loads((self.path / COMPLETE_MARKER).read_text()).get("completed_at")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    path: str
+    problem: str  # "missing", "size", "sha256"
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CacheReader:
+    """Read-only view of a cache directory."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.blobs_dir = self.root / "blobs" / "sha256"
+        self.snapshots_dir = self.root / "snapshots"
+        self.current_dir = self.root / "current"
+        self.partial_dir = self.root / "partial"
+        self.quarantine_dir = self.root / "quarantine"
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs_dir / sha256
+
+    def has_blob(self, sha256: str, size: int) -> bool:
+        try:
+            return self.blob_path(sha256).stat().st_size == size
+        except FileNotFoundError:
+            return False
+
+    def snapshot(self, name: str, version: str) -> Snapshot | None:
+        path = self.snapshots_dir / validate_name(name, "model name") / validate_name(version, "version")
+        if not path.is_dir():
+            return None
+        return Snapshot(name, version, path, (path / COMPLETE_MARKER).is_file())
+
+    def snapshots(self, name: str) -> list[Snapshot]:
+        """Complete snapshots of a model, oldest first (by completion time)."""
+        base = self.snapshots_dir / validate_name(name, "model name")
+        if not base.is_dir():
+            return []
+        found = []
+        for entry in base.iterdir():
+            if entry.is_dir() and not entry.name.startswith(".") and (entry / COMPLETE_MARKER).is_file():
+                found.append(Snapshot(name, entry.name, entry, True))
+        return sorted(found, key=lambda s: (s.path / COMPLETE_MARKER).stat().st_mtime_ns)
+
+    def models(self) -> list[str]:
+        names: set[str] = set()
+        for base in (self.snapshots_dir, self.current_dir):
+            if base.is_dir():
+                names.update(p.name for p in base.iterdir() if not p.name.startswith("."))
+        return sorted(names)
+
+    def current(self, name: str) -> Snapshot | None:
+        """The snapshot `current/<name>` points at, if it is complete."""
+        link = self.current_dir / validate_name(name, "model name")
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return None
+        version = Path(target).name
+        snap = self.snapshot(name, version)
+        if snap is None or not snap.complete:
+            return None
+        return snap
+
+    def check_snapshot(self, snap: Snapshot, full_hash: bool = False) -> list[FileProblem]:
+        """Compare a snapshot's files with its manifest: sizes always, sha256 if asked."""
+        problems = []
+        for entry in snap.manifest().files:
+            path = snap.path / entry.path
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                problems.append(FileProblem(entry.path, "missing"))
+                continue
+            if size != entry.size:
+                problems.append(FileProblem(entry.path, "size"))
+            elif full_hash and sha256_file(path) != entry.sha256:
+                problems.append(FileProblem(entry.path, "sha256"))
+        return problems
+
+    def snapshot_progress(self, name: str, manifest: Manifest) -> tuple[int, int]:
+        """How many of a manifest's files are already verified blobs: (present, total)."""
+        present = sum(1 for f in manifest.files if self.has_blob(f.sha256, f.size))
+        return present, len(manifest.files)
+
+
+class CacheWriter(CacheReader):
+    """Mutating operations; only the provisioner (holding the cache lock) calls these."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        for d in (self.blobs_dir, self.snapshots_dir, self.current_dir, self.partial_dir, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- blobs ---------------------------------------------------------------------
+    def add_blob(self, src: Path, sha256: str) -> Path:
+        """Move an already-verified file into blobs/ (same filesystem), read-only."""
+        dest = self.blob_path(sha256)
+        os.chmod(src, 0o444)
+        _fsync_file(src)
+        os.replace(src, dest)
+        _fsync_dir(self.blobs_dir)
+        return dest
+
+    def relink_blob(self, sha256: str, source: Path) -> None:
+        """Restore a missing blob from an intact hardlink (e.g. a snapshot's copy)."""
+        tmp = self.partial_dir / f".relink-{sha256}"
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, self.blob_path(sha256))
+
+    def quarantine(self, src: Path, label: str) -> Path:
+        dest = self.quarantine_dir / f"{int(time.time())}-{label}"
+        os.replace(src, dest)
+        return dest
+
+    # -- snapshots -----------------------------------------------------------------
+    def build_snapshot(self, manifest: Manifest, manifest_bytes: bytes, signature: bytes | None) -> Snapshot:
+        """Assemble a snapshot from blobs in staging, then rename it into snapshots/."""
+        final = self.snapshots_dir / manifest.name / manifest.version
+        existing = self.snapshot(manifest.name, manifest.version)
+        if existing and existing.complete:
+            return existing
+        staging = self.partial_dir / f"staging-{manifest.name}-{manifest.version}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        dirs = {staging}
+        for entry in manifest.files:
+            blob = self.blob_path(entry.sha256)
+            if not self.has_blob(entry.sha256, entry.size):
+                shutil.rmtree(staging, ignore_errors=True)
+                raise CacheError(f"blob for {entry.path} ({entry.sha256[:12]}) is missing; cannot build snapshot")
+            dest = staging / entry.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dirs.add(dest.parent)
+            os.link(blob, dest)
+        (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
+        _fsync_file(staging / MANIFEST_NAME)
+        if signature is not None:
+            (staging / SIGNATURE_NAME).write_bytes(signature)
+            _fsync_file(staging / SIGNATURE_NAME)
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            _fsync_dir(d)
+        marker = staging / COMPLETE_MARKER
+        marker.write_text(json.dumps({"completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        _fsync_file(marker)
+        _fsync_dir(staging)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # an incomplete leftover from an older layout or a crash: replace it
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        _fsync_dir(final.parent)
+        return Snapshot(manifest.name, manifest.version, final, True)
+
+    def set_current(self, name: str, version: str) -> None:
+        """Point current/<name> at a complete snapshot: symlink + rename, atomic."""
+        snap = self.snapshot(name, version)
+        if snap is None or not snap.complete:
+            raise CacheError(f"no complete snapshot {name}/{version} to switch to")
+        link = self.current_dir / name
+        tmp = self.current_dir / f".{name}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(snap.path, self.current_dir), tmp)
+        os.replace(tmp, link)
+        _fsync_dir(self.current_dir)
+
+    def replace_snapshot_file(self, snap: Snapshot, rel_path: str, sha256: str) -> None:
+        """Re-link one file of a snapshot to a (repaired) blob, atomically."""
+        dest = snap.path / rel_path
+        tmp = dest.with_name(f".{dest.name}.repair")
+        tmp.unlink(missing_ok=True)
+        os.link(self.blob_path(sha256), tmp)
+        os.replace(tmp, dest)
+
+    def rollback(self, name: str, version: str) -> Snapshot:
+        snap = self.snapshot(name, version)
+        if snap is None or not snap.complete:
+            kept = ", ".join(s.version for s in self.snapshots(name)) or "none"
+            raise CacheError(f"no complete snapshot {name}/{version} is kept (kept: {kept})")
+        problems = self.check_snapshot(snap)
+        if problems:
+            raise CacheError(f"snapshot {name}/{version} is damaged: {', '.join(map(str, problems))}")
+        self.set_current(name, version)
+        return snap
+
+    # -- garbage collection ----------------------------------------------------------
+    def gc(self, keep: int, protect: dict[str, set[str]] | None = None) -> dict[str, int]:
+        """Drop snapshots beyond the newest `keep` (never current or protected ones),
+        then blobs no snapshot references, then stale partials."""
+        removed_snapshots = removed_blobs = freed = 0
+        protect = protect or {}
+        for name in self.models():
+            cur = self.current(name)
+            snaps = self.snapshots(name)
+            keep_set = {s.version for s in snaps[-keep:]} if keep > 0 else set()
+            keep_set |= protect.get(name, set())
+            if cur:
+                keep_set.add(cur.version)
+            for snap in snaps:
+                if snap.version not in keep_set:
+                    shutil.rmtree(snap.path)
+                    removed_snapshots += 1
+        referenced: set[str] = set()
+        for name in self.models():
+            for snap in self.snapshots(name):
+                try:
+                    referenced.update(f.sha256 for f in snap.manifest().files)
+                except (CacheError, ManifestError):
+                    continue
+        if self.blobs_dir.is_dir():
+            for blob in self.blobs_dir.iterdir():
+                if blob.name not in referenced:
+                    freed += blob.stat().st_size
+                    blob.unlink()
+                    removed_blobs += 1
+        return {"snapshots": removed_snapshots, "blobs": removed_blobs, "bytes": freed}
+
+    def clean_partials(self, keep: set[str] | None = None) -> int:
+        """Remove partial downloads except those named in `keep` (sha256 hex)."""
+        keep = keep or set()
+        removed = 0
+        if not self.partial_dir.is_dir():
+            return 0
+        for entry in self.partial_dir.iterdir():
+            stem = entry.name.split(".")[0]
+            if stem in keep:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        return removed

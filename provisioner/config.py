@@ -1,0 +1,200 @@
+"""The provisioner's TOML configuration: schema, defaults and strict validation.
+
+    cache_dir = "/var/cache/tts-fleet"
+    runtime_dir = "/run/tts-provisioner"     # status.json and the pid file
+    keep_snapshots = 3
+    poll_interval = 300                      # seconds between channel checks
+    require_signature = true
+    public_keys = ["/etc/tts-fleet/keys/mirror.pub"]
+    disk_margin_mb = 256
+
+    [aria2]                                  # all optional
+    connections = 8                          # per server (-x) and split (-s)
+    min_split_size = "8M"
+    max_concurrent_downloads = 4
+    max_download_limit = "0"                 # per download, aria2 syntax (0 = unlimited)
+
+    [[mirrors]]
+    name = "primary"
+    endpoint = "http://minio-a.internal:9000"
+    bucket = "tts-models"
+    credentials_file = "/etc/tts-fleet/mirror-primary.toml"
+    priority = 10                            # lower is tried first
+
+    [[models]]
+    name = "joe"
+    channel = "stable"                       # or: version = "1.0.0" (pinned)
+
+Unknown keys and wrong types are errors that name the key (exit code 2 in the CLI).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mirror.manifest import ManifestError, validate_name
+
+DEFAULT_CONFIG_PATH = Path(os.environ.get("TTS_PROVISIONER_CONFIG", "/etc/tts-fleet/provisioner.toml"))
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, not TOML, or does not match the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _plain_name(value: str, what: str) -> str:
+    try:
+        return validate_name(value, what)
+    except ManifestError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class MirrorConfig(_Strict):
+    name: str
+    endpoint: str
+    bucket: str
+    credentials_file: Path
+    priority: int = 100
+    region: str = "us-east-1"
+
+    @field_validator("credentials_file", mode="before")
+    @classmethod
+    def _path(cls, v):
+        if not isinstance(v, str):
+            raise ValueError("must be a path string")
+        return Path(v)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _plain_name(v, "mirror name")
+
+
+class ModelConfig(_Strict):
+    name: str
+    channel: str | None = None
+    version: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _plain_name(v, "model name")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.channel is None) == (self.version is None):
+            raise ValueError("set exactly one of 'channel' or 'version'")
+        if self.channel is not None:
+            _plain_name(self.channel, "channel")
+        if self.version is not None:
+            _plain_name(self.version, "version")
+        return self
+
+
+class Aria2Config(_Strict):
+    executable: str = "aria2c"
+    connections: Annotated[int, Field(ge=1, le=16)] = 8
+    min_split_size: str = "8M"
+    max_concurrent_downloads: Annotated[int, Field(ge=1, le=64)] = 4
+    max_download_limit: str = "0"
+    max_tries: Annotated[int, Field(ge=1, le=100)] = 5
+    presign_expiry: Annotated[int, Field(ge=60, le=7 * 24 * 3600)] = 3600
+
+
+class ProvisionerConfig(_Strict):
+    cache_dir: Path = Path("/var/cache/tts-fleet")
+    runtime_dir: Path = Path("/run/tts-provisioner")
+    keep_snapshots: Annotated[int, Field(ge=1, le=100)] = 3
+    poll_interval: Annotated[float, Field(gt=0)] = 300.0
+    require_signature: bool = True
+    public_keys: list[Path] = []
+    disk_margin_mb: Annotated[int, Field(ge=0)] = 256
+    log_level: str = "info"
+    aria2: Aria2Config = Aria2Config()
+    mirrors: Annotated[list[MirrorConfig], Field(min_length=1)]
+    models: Annotated[list[ModelConfig], Field(min_length=1)]
+
+    @field_validator("cache_dir", "runtime_dir", mode="before")
+    @classmethod
+    def _dir(cls, v):
+        if not isinstance(v, str):
+            raise ValueError("must be a path string")
+        return Path(v)
+
+    @field_validator("public_keys", mode="before")
+    @classmethod
+    def _keys(cls, v):
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ValueError("must be a list of path strings")
+        return [Path(x) for x in v]
+
+    @field_validator("poll_interval", mode="before")
+    @classmethod
+    def _number(cls, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError("must be a number of seconds")
+        return float(v)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ProvisionerConfig":
+        for what, names in (("mirror", [m.name for m in self.mirrors]), ("model", [m.name for m in self.models])):
+            dupes = {n for n in names if names.count(n) > 1}
+            if dupes:
+                raise ValueError(f"duplicate {what} names: {sorted(dupes)}")
+        if self.require_signature and not self.public_keys:
+            raise ValueError("require_signature is true but no public_keys are configured")
+        return self
+
+    def mirrors_by_priority(self) -> list[MirrorConfig]:
+        return sorted(self.mirrors, key=lambda m: (m.priority, m.name))
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ""
+        for part in err["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{loc or '(top level)'}: {msg}")
+    return "; ".join(lines)
+
+
+def load_config(path: Path) -> ProvisionerConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    try:
+        return ProvisionerConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"config {path}: {_format_errors(exc)}") from None
