@@ -1,0 +1,126 @@
+"""Prior text encoder: phoneme embedding + transformer with windowed relative-position attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .common import ChannelLayerNorm, sequence_mask
+from .config import VitsConfig
+
+# Logit used for masked key positions. exp(-1e4 - max) underflows to exactly 0 in float32,
+# so padded keys contribute nothing and a padded batch matches the unpadded request.
+_MASKED_LOGIT = -1e4
+
+
+class RelativeSelfAttention(nn.Module):
+    """Multi-head self-attention with learned relative-position embeddings for keys and values.
+
+    Only offsets within +-window are embedded (shared by all heads). Instead of padding and
+    reshaping a [T, 2T-1] table, we compute the 2W+1 relative logits per query and gather
+    them into the band |i - j| <= W of the [T, T] score matrix; the value side gathers the
+    band of the attention weights back into [T, 2W+1] form.
+    """
+
+    def __init__(self, channels: int, n_heads: int, window_size: int):
+        super().__init__()
+        if channels % n_heads:
+            raise ValueError(f"channels {channels} not divisible by heads {n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = channels // n_heads
+        self.window = window_size
+        self.conv_q = nn.Conv1d(channels, channels, 1)
+        self.conv_k = nn.Conv1d(channels, channels, 1)
+        self.conv_v = nn.Conv1d(channels, channels, 1)
+        self.conv_o = nn.Conv1d(channels, channels, 1)
+        n_rel = 2 * window_size + 1
+        self.emb_rel_k = nn.Parameter(torch.zeros(1, n_rel, self.head_dim))
+        self.emb_rel_v = nn.Parameter(torch.zeros(1, n_rel, self.head_dim))
+
+    def _band(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        w = self.window
+        i = torch.arange(t, device=device)
+        rel = i[None, :] - i[:, None] + w  # [T, T]: column j relative to row i, shifted to 0..2W
+        in_band = (rel >= 0) & (rel <= 2 * w)
+        r = torch.arange(2 * w + 1, device=device)
+        absj = i[:, None] + r[None, :] - w  # [T, 2W+1]: absolute key index for each offset
+        in_seq = (absj >= 0) & (absj < t)
+        return rel.clamp(0, 2 * w), in_band, absj.clamp(0, t - 1), in_seq
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, c, t = x.shape
+        h, d = self.n_heads, self.head_dim
+        q = self.conv_q(x).view(b, h, d, t).transpose(2, 3) * (1.0 / math.sqrt(d))  # [B,H,T,D]
+        k = self.conv_k(x).view(b, h, d, t).transpose(2, 3)
+        v = self.conv_v(x).view(b, h, d, t).transpose(2, 3)
+        rel_idx, in_band, abs_idx, in_seq = self._band(t, x.device)
+
+        scores = q @ k.transpose(2, 3)  # [B,H,T,T]
+        rel_logits = q @ self.emb_rel_k[0].transpose(0, 1)  # [B,H,T,2W+1]
+        band = torch.gather(rel_logits, 3, rel_idx.expand(b, h, t, t))
+        scores = scores + band * in_band
+        scores = scores.masked_fill(attn_mask == 0, _MASKED_LOGIT)
+        p = torch.softmax(scores, dim=-1)
+
+        out = p @ v
+        p_rel = torch.gather(p, 3, abs_idx.expand(b, h, t, abs_idx.shape[1])) * in_seq
+        out = out + p_rel @ self.emb_rel_v[0]
+        out = out.transpose(2, 3).reshape(b, c, t)
+        return self.conv_o(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, channels: int, filter_channels: int, kernel_size: int):
+        super().__init__()
+        pad = kernel_size // 2
+        self.conv_1 = nn.Conv1d(channels, filter_channels, kernel_size, padding=pad)
+        self.conv_2 = nn.Conv1d(filter_channels, channels, kernel_size, padding=pad)
+
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv_1(x * x_mask))
+        return self.conv_2(x * x_mask) * x_mask
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, cfg: VitsConfig):
+        super().__init__()
+        hc = cfg.hidden_channels
+        self.attn_layers = nn.ModuleList(
+            RelativeSelfAttention(hc, cfg.n_heads, cfg.window_size) for _ in range(cfg.n_layers)
+        )
+        self.norm_layers_1 = nn.ModuleList(ChannelLayerNorm(hc) for _ in range(cfg.n_layers))
+        self.ffn_layers = nn.ModuleList(
+            FeedForward(hc, cfg.filter_channels, cfg.kernel_size) for _ in range(cfg.n_layers)
+        )
+        self.norm_layers_2 = nn.ModuleList(ChannelLayerNorm(hc) for _ in range(cfg.n_layers))
+
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor) -> torch.Tensor:
+        attn_mask = x_mask.unsqueeze(2) * x_mask.unsqueeze(-1)  # [B,1,T,T]
+        x = x * x_mask
+        for attn, n1, ffn, n2 in zip(self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2):
+            x = n1(x + attn(x, attn_mask))
+            x = n2(x + ffn(x, x_mask))
+        return x * x_mask
+
+
+class TextEncoder(nn.Module):
+    """ids [B,T] -> hidden x, prior mean m_p, prior log-std logs_p (all [B,C,T]) and mask [B,1,T]."""
+
+    def __init__(self, cfg: VitsConfig):
+        super().__init__()
+        self.hidden = cfg.hidden_channels
+        self.emb = nn.Embedding(cfg.num_symbols, cfg.hidden_channels)
+        self.encoder = TransformerEncoder(cfg)
+        self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.hidden_channels, 1)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor):
+        x = self.emb(ids) * math.sqrt(self.hidden)
+        x = x.transpose(1, 2)
+        x_mask = sequence_mask(lengths, ids.shape[1])
+        x = self.encoder(x, x_mask)
+        stats = self.proj(x) * x_mask
+        m_p, logs_p = torch.split(stats, self.hidden, dim=1)
+        return x, m_p, logs_p, x_mask
