@@ -1,0 +1,183 @@
+"""aria2c as a supervised child process, driven over JSON-RPC with aria2p.
+
+aria2c listens on 127.0.0.1 only, on a random port, with a random secret. The secret
+goes into a 0600 config file rather than the command line (which any local user can
+read in /proc). `--stop-with-process` makes aria2c exit if the provisioner dies, even
+by SIGKILL, and `--auto-save-interval=1` keeps `.aria2` control files fresh enough
+for real resume. aria2c's own console output is discarded: its error lines can quote
+presigned URLs, which must never reach a log.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aria2p
+import requests.exceptions
+import structlog
+
+from .config import Aria2Config
+
+log = structlog.get_logger(__name__)
+
+# aria2 exit/error codes we treat specially (see aria2c(1) "EXIT STATUS").
+ERR_NOT_FOUND = 3
+ERR_CANNOT_RESUME = 8
+ERR_DISK_FULL = 9
+ERR_HTTP_STATUS = 22  # includes 403 Forbidden (expired presigned URL)
+ERR_CHECKSUM = 32
+
+_STATUS_KEYS = ["gid", "status", "completedLength", "totalLength", "downloadSpeed", "errorCode", "errorMessage", "files"]
+
+
+class Aria2Error(Exception):
+    """aria2c could not be started or stopped answering."""
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    gid: str
+    status: str  # active | waiting | paused | error | complete | removed
+    completed: int
+    total: int
+    speed: int
+    error_code: int
+    error_message: str
+    used_uris: tuple[str, ...]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Aria2Process:
+    def __init__(self, cfg: Aria2Config, work_dir: Path):
+        self.cfg = cfg
+        self.work_dir = Path(work_dir)
+        self.proc: subprocess.Popen | None = None
+        self.client: aria2p.Client | None = None
+        self.api: aria2p.API | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        exe = shutil.which(self.cfg.executable)
+        if not exe:
+            raise Aria2Error(f"aria2c not found ({self.cfg.executable!r}); install it: apt-get install aria2")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        port, secret = _free_port(), secrets.token_hex(16)
+        conf = self.work_dir / ".aria2.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"rpc-secret={secret}\n")
+        n = self.cfg.connections
+        args = [
+            exe, f"--conf-path={conf}",
+            "--enable-rpc=true", "--rpc-listen-all=false", f"--rpc-listen-port={port}",
+            f"--stop-with-process={os.getpid()}", "--auto-save-interval=1",
+            "--continue=true", "--allow-overwrite=true", "--auto-file-renaming=false",
+            "--file-allocation=none", "--remote-time=false", "--check-certificate=true",
+            f"--max-connection-per-server={n}", f"--split={n}", f"--min-split-size={self.cfg.min_split_size}",
+            f"--max-concurrent-downloads={self.cfg.max_concurrent_downloads}",
+            f"--max-download-limit={self.cfg.max_download_limit}",
+            # aria2 retries within one task; our loop adds backoff, re-presigning and mirror exclusion.
+            "--max-tries=2", "--retry-wait=1", "--connect-timeout=10", "--timeout=30",
+            "--max-file-not-found=2", "--uri-selector=inorder",
+            f"--dir={self.work_dir}", "--quiet=true", "--summary-interval=0",
+            "--disable-ipv6=false", "--max-download-result=1000",
+        ]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.client = aria2p.Client(host="http://127.0.0.1", port=port, secret=secret, timeout=10)
+        self.api = aria2p.API(self.client)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise Aria2Error(f"aria2c exited at start with code {self.proc.returncode}")
+            try:
+                version = self.client.get_version()["version"]
+                break
+            except (requests.exceptions.RequestException, aria2p.ClientException):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise Aria2Error(f"aria2c RPC did not answer within {timeout}s") from None
+                time.sleep(0.05)
+        log.debug("aria2c started", pid=self.proc.pid, version=version)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                self.client.shutdown()
+            except Exception:  # already gone or wedged: fall through to signals
+                pass
+            try:
+                self.proc.wait(timeout=timeout / 2)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=timeout / 2)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        self.proc = None
+        (self.work_dir / ".aria2.conf").unlink(missing_ok=True)
+
+    # -- tasks ---------------------------------------------------------------------
+    def add(self, uris: list[str], out: str) -> str:
+        """Queue one file; `out` is its name in work_dir (resumes from out.aria2 if present)."""
+        download = self.api.add_uris(uris, options={"dir": str(self.work_dir), "out": out})
+        return download.gid
+
+    def status(self, gid: str) -> TaskStatus:
+        raw = self.client.tell_status(gid, _STATUS_KEYS)
+        used = []
+        for f in raw.get("files", []):
+            used.extend(u["uri"] for u in f.get("uris", []) if u.get("status") == "used")
+        return TaskStatus(
+            gid=gid,
+            status=raw.get("status", "error"),
+            completed=int(raw.get("completedLength", 0)),
+            total=int(raw.get("totalLength", 0)),
+            speed=int(raw.get("downloadSpeed", 0)),
+            error_code=int(raw.get("errorCode", 0) or 0),
+            error_message=raw.get("errorMessage", ""),
+            used_uris=tuple(used),
+        )
+
+    def forget(self, gid: str) -> None:
+        """Remove a task (stopping it if active) and its result; keeps files on disk."""
+        for call in (self.client.force_remove, self.client.remove_download_result):
+            try:
+                call(gid)
+            except aria2p.ClientException:
+                pass
+        # force_remove is asynchronous: wait (bounded) until aria2 lets go of the files.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                st = self.client.tell_status(gid, ["status"])["status"]
+            except aria2p.ClientException:
+                return
+            if st in {"removed", "complete", "error"}:
+                try:
+                    self.client.remove_download_result(gid)
+                except aria2p.ClientException:
+                    pass
+                return
+            time.sleep(0.02)

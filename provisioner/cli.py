@@ -1,0 +1,284 @@
+"""`tts-provisioner`: keep this server's model cache in sync with the mirror."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+import structlog
+from rich.console import Console
+from rich.table import Table
+
+from mirror.logs import configure_logging
+from mirror.manifest import ManifestError
+from mirror.s3 import CredentialsError
+from mirror.signing import KeyFileError
+
+from .aria2 import Aria2Error
+from .cache import CacheError, CacheReader, CacheWriter
+from .config import DEFAULT_CONFIG_PATH, ConfigError, ProvisionerConfig, load_config
+from .daemon import CacheLockedError, Provisioner
+from .hold import Hold, read_hold, release_hold, write_hold
+from .progress import human_bytes
+from .status import PID_FILE, read_status
+
+log = structlog.get_logger(__name__)
+
+# Operational failures print one clear line and exit 1; usage/config errors exit 2.
+_OPERATIONAL = (CacheError, CacheLockedError, Aria2Error, CredentialsError, KeyFileError, ManifestError, OSError)
+
+
+def _load(ctx: click.Context) -> ProvisionerConfig:
+    return ctx.obj["config"]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"tts-provisioner: error: {message}", err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+        except _OPERATIONAL as exc:
+            _fail(str(exc))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_CONFIG_PATH, show_default=True, envvar="TTS_PROVISIONER_CONFIG",
+              help="Provisioner TOML config (env TTS_PROVISIONER_CONFIG).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+              help="Override the config's log_level.")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path, log_level: str | None) -> None:
+    """Keep this server's TTS model cache in sync with the MinIO mirror.
+
+    Downloads with aria2 (resumable, multi-connection, every mirror as a fallback),
+    verifies each file's sha256, builds snapshots and switches `current/<name>`
+    atomically. `run` is the daemon; the other commands are one-shot.
+    """
+    config = load_config(config_path)
+    configure_logging(log_level or config.log_level)
+    ctx.obj = {"config": config}
+
+
+@main.command()
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Run the daemon: sync, then poll; SIGHUP syncs now, SIGTERM stops cleanly."""
+    config = _load(ctx)
+    with Provisioner(config) as prov:
+        sys.exit(prov.run_forever())
+
+
+def _daemon_pid(config: ProvisionerConfig) -> int | None:
+    try:
+        return int((Path(config.runtime_dir) / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _follow_daemon(config: ProvisionerConfig, pid: int, timeout: float, what: str) -> int:
+    """Ask the running daemon for a sync pass (SIGHUP) and wait for it to finish."""
+    before = (read_status(config.runtime_dir) or {}).get("syncs_completed", 0)
+    os.kill(pid, signal.SIGHUP)
+    click.echo(f"asked the running daemon (pid {pid}) to {what}; waiting…", err=True)
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        status = read_status(config.runtime_dir) or {}
+        if status.get("message") and status["message"] != last:
+            last = status["message"]
+            click.echo(last, err=True)
+        if status.get("syncs_completed", 0) > before:
+            failed = [n for n, m in status.get("models", {}).items() if m.get("error")]
+            for name in failed:
+                click.echo(f"{name}: {status['models'][name]['error']}", err=True)
+            return 1 if failed else 0
+        time.sleep(0.5)
+    _fail(f"the daemon did not finish a sync pass within {timeout:.0f}s")
+    return 1
+
+
+@main.command()
+@click.option("--timeout", type=float, default=6 * 3600, show_default=True,
+              help="When a daemon is running: how long to wait for its sync pass.")
+@click.pass_context
+def sync(ctx: click.Context, timeout: float) -> None:
+    """Sync every tracked model now, in the foreground (progress bar on a terminal).
+
+    If the daemon is running, it is asked to sync (SIGHUP) and this command follows it.
+    Exit 0 when every model is at its wanted version, 1 otherwise.
+    """
+    config = _load(ctx)
+    prov = Provisioner(config, console=sys.stderr.isatty())
+    try:
+        prov.open()
+    except CacheLockedError as exc:
+        pid = exc.pid or _daemon_pid(config)
+        if not pid:
+            raise
+        sys.exit(_follow_daemon(config, pid, timeout, "sync"))
+    try:
+        with prov.reporter:
+            results = prov.sync_once()
+    finally:
+        prov.close()
+    bad = 0
+    for name, result in results.items():
+        if isinstance(result, Exception):
+            bad += 1
+            click.echo(f"{name}: FAILED: {result}", err=True)
+        else:
+            snap = prov.cache.snapshot(name, result.version)
+            verb = "updated to" if result.changed else "already at"
+            click.echo(f"{name}: {verb} {result.version} ({snap.path if snap else '?'})")
+    sys.exit(1 if bad else 0)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show each model's current snapshot and the daemon's last reported state."""
+    config = _load(ctx)
+    cache = CacheReader(config.cache_dir)
+    daemon = read_status(config.runtime_dir)
+    doc = {"daemon": daemon, "models": {}}
+    for model in config.models:
+        cur = cache.current(model.name)
+        hold = read_hold(config.cache_dir, model.name)
+        doc["models"][model.name] = {
+            "tracks": f"channel {model.channel}" if model.channel else f"version {model.version}",
+            "current_version": cur.version if cur else None,
+            "snapshot": str(cur.path) if cur else None,
+            "held_at": hold.version if hold else None,
+            "kept": [s.version for s in cache.snapshots(model.name)],
+        }
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    table = Table(title=f"tts-provisioner ({config.cache_dir})")
+    for col in ("model", "tracks", "current", "kept", "state"):
+        table.add_column(col)
+    for name, m in doc["models"].items():
+        dm = (daemon or {}).get("models", {}).get(name, {})
+        state = dm.get("state", "no daemon status")
+        if dm.get("error"):
+            state += f": {dm['error']}"
+        if m["held_at"]:
+            state += f" (held at {m['held_at']} by rollback)"
+        table.add_row(name, m["tracks"], m["current_version"] or "-", ", ".join(m["kept"]) or "-", state)
+    Console().print(table)
+    if daemon:
+        click.echo(f"daemon: {daemon.get('state')} - {daemon.get('message', '')} (updated {daemon.get('updated')})")
+    else:
+        click.echo("daemon: no status file (not running?)")
+
+
+@main.command()
+@click.option("--repair", is_flag=True, help="Repair damaged files (from intact copies or the mirror).")
+@click.pass_context
+def verify(ctx: click.Context, repair: bool) -> None:
+    """Re-hash every file of every kept snapshot against its manifest."""
+    config = _load(ctx)
+    cache = CacheReader(config.cache_dir)
+    damaged = []
+    for name in cache.models():
+        for snap in cache.snapshots(name):
+            problems = cache.check_snapshot(snap, full_hash=True)
+            label = f"{name}/{snap.version}"
+            if problems:
+                damaged.append(snap)
+                for p in problems:
+                    click.echo(f"{label}: DAMAGED {p}")
+            else:
+                click.echo(f"{label}: ok ({len(snap.manifest().files)} files)")
+    if damaged and repair:
+        with Provisioner(config) as prov:
+            for snap in damaged:
+                prov.syncer.repair_snapshot(snap)
+                click.echo(f"{snap.name}/{snap.version}: repaired")
+        sys.exit(0)
+    sys.exit(1 if damaged else 0)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.pass_context
+def snapshots(ctx: click.Context, name: str | None) -> None:
+    """List kept snapshots (the current one is marked with *)."""
+    config = _load(ctx)
+    cache = CacheReader(config.cache_dir)
+    names = [name] if name else cache.models()
+    for n in names:
+        cur = cache.current(n)
+        for snap in cache.snapshots(n):
+            mark = "*" if cur and cur.version == snap.version else " "
+            size = sum(f.size for f in snap.manifest().files)
+            click.echo(f"{mark} {n} {snap.version}  {human_bytes(size)}  {snap.completed_at() or ''}  {snap.path}")
+
+
+@main.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--release", is_flag=True, help="Release an earlier rollback hold instead (VERSION is ignored).")
+@click.pass_context
+def rollback(ctx: click.Context, name: str, version: str, release: bool) -> None:
+    """Switch NAME back to a kept snapshot VERSION and hold it there until the channel moves."""
+    config = _load(ctx)
+    if name not in {m.name for m in config.models}:
+        _fail(f"model {name!r} is not tracked by this config")
+    if release:
+        click.echo("hold released" if release_hold(config.cache_dir, name) else "no hold was set")
+        return
+    cache = CacheReader(config.cache_dir)
+    snap = cache.snapshot(name, version)
+    if snap is None or not snap.complete:
+        kept = ", ".join(s.version for s in cache.snapshots(name)) or "none"
+        _fail(f"no complete snapshot {name}/{version} is kept (kept: {kept})")
+    daemon = read_status(config.runtime_dir) or {}
+    channel_version = ((daemon.get("models") or {}).get(name) or {}).get("wanted_version")
+    current = cache.current(name)
+    write_hold(config.cache_dir, name, Hold(version, channel_version or (current.version if current else None)))
+    prov = Provisioner(config)
+    try:
+        prov.lock.acquire()
+    except CacheLockedError as exc:
+        pid = exc.pid or _daemon_pid(config)
+        sys.exit(_follow_daemon(config, pid, 120, f"roll {name} back to {version}") if pid else 1)
+    try:
+        CacheWriter(config.cache_dir).rollback(name, version)
+    finally:
+        prov.lock.release()
+    click.echo(f"{name}: current -> {version} (held until the channel moves; --release to undo)")
+
+
+@main.command()
+@click.pass_context
+def gc(ctx: click.Context) -> None:
+    """Drop snapshots beyond keep_snapshots, unreferenced blobs and stale partials."""
+    config = _load(ctx)
+    prov = Provisioner(config)
+    try:
+        prov.lock.acquire()
+    except CacheLockedError:
+        _fail("the daemon is running and owns the cache; it collects garbage after every sync "
+              "(run `tts-provisioner sync` to trigger one)")
+    try:
+        cache = CacheWriter(config.cache_dir)
+        result = cache.gc(config.keep_snapshots)
+        partials = cache.clean_partials()
+    finally:
+        prov.lock.release()
+    click.echo(f"removed {result['snapshots']} snapshots, {result['blobs']} blobs "
+               f"({human_bytes(result['bytes'])}), {partials} partial files")

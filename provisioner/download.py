@@ -1,0 +1,222 @@
+"""Download a set of files with aria2 and verify each one as soon as it lands.
+
+Each file is one aria2 task with a presigned URL from every mirror (aria2 fails over
+between them) and is written to `partial/<sha256>` with its `.aria2` control file, so
+a restart after any crash resumes where it stopped. A finished file is hashed in a
+worker thread while the others keep downloading - hashing is the cost we hide - and
+only a matching file is moved into `blobs/`.
+
+Failures are handled per file: an HTTP error such as 403 (expired presigned URL)
+re-presigns and resumes; network errors back off with jitter; a checksum mismatch
+quarantines the bytes and retries without the mirrors that served them; a full disk
+(aria2 code 9) aborts the whole attempt and removes its partials.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import structlog
+
+from mirror.manifest import FileEntry
+
+from .aria2 import ERR_CANNOT_RESUME, ERR_DISK_FULL, ERR_HTTP_STATUS, ERR_NOT_FOUND, Aria2Process
+from .cache import CacheWriter
+from .config import Aria2Config
+from .hashing import sha256_file
+from .mirrors import MirrorSet
+
+log = structlog.get_logger(__name__)
+
+POLL_SECONDS = 0.2
+MAX_REPRESIGNS = 6
+
+
+class DownloadError(Exception):
+    """A file could not be fetched and verified from any mirror."""
+
+
+class DiskFullError(DownloadError):
+    """The cache filesystem ran out of space during a download."""
+
+
+class Interrupted(DownloadError):
+    """The download was stopped on request (shutdown); partials are kept for resume."""
+
+
+@dataclass
+class _Job:
+    entry: FileEntry
+    failures: int = 0
+    presigns: int = 0
+    excluded: set[str] = field(default_factory=set)
+    gid: str | None = None
+    retry_at: float = 0.0
+    uri_mirror: dict[str, str] = field(default_factory=dict)
+    completed: int = 0
+
+
+ProgressFn = Callable[[int, int, int], None]  # (bytes done, bytes total, files done)
+
+
+class Downloader:
+    def __init__(self, aria2: Aria2Process, cache: CacheWriter, mirrors: MirrorSet, cfg: Aria2Config,
+                 hash_workers: int = 2):
+        self.aria2 = aria2
+        self.cache = cache
+        self.mirrors = mirrors
+        self.cfg = cfg
+        self.hash_workers = hash_workers
+
+    def fetch(self, name: str, version: str, entries: list[FileEntry], progress: ProgressFn | None = None,
+              stop: threading.Event | None = None) -> None:
+        """Fetch and verify `entries` into blobs/. Raises DownloadError subclasses."""
+        stop = stop or threading.Event()
+        total = sum(e.size for e in entries)
+        pending = [_Job(e) for e in entries]
+        active: dict[str, _Job] = {}
+        hashing: dict[Future, _Job] = {}
+        done_bytes = 0
+        files_done = 0
+        partial = self.cache.partial_dir
+
+        def start(job: _Job) -> None:
+            sha = job.entry.sha256
+            data, control = partial / sha, partial / f"{sha}.aria2"
+            if data.exists() and not control.exists():
+                # Completed by aria2 before a crash, or junk: hashing decides.
+                if data.stat().st_size == job.entry.size:
+                    hashing[pool.submit(sha256_file, data)] = job
+                    return
+                data.unlink()
+            urls = self.mirrors.presigned_urls(name, version, job.entry.path, self.cfg.presign_expiry,
+                                               exclude=job.excluded)
+            if not urls:
+                raise DownloadError(f"{name}/{version}: {job.entry.path}: no mirror left to try "
+                                    f"(excluded: {sorted(job.excluded)})")
+            job.uri_mirror = {url: mirror for mirror, url in urls}
+            job.gid = self.aria2.add([url for _, url in urls], out=sha)
+            active[job.gid] = job
+
+        def retry(job: _Job, delay: float) -> None:
+            job.retry_at = time.monotonic() + delay
+            pending.append(job)
+
+        def backoff(failures: int) -> float:
+            return min(30.0, 0.5 * 2 ** failures) * random.uniform(0.5, 1.5)
+
+        def cleanup_attempt(remove_partials: bool) -> None:
+            for gid in list(active):
+                self.aria2.forget(gid)
+            active.clear()
+            if remove_partials:
+                for job in [*pending, *hashing.values()]:
+                    for suffix in ("", ".aria2"):
+                        (partial / f"{job.entry.sha256}{suffix}").unlink(missing_ok=True)
+
+        pool = ThreadPoolExecutor(max_workers=self.hash_workers, thread_name_prefix="sha256")
+        try:
+            while pending or active or hashing:
+                if stop.is_set():
+                    cleanup_attempt(remove_partials=False)
+                    raise Interrupted("download interrupted; partial files kept for resume")
+                now = time.monotonic()
+                for job in [j for j in pending if j.retry_at <= now]:
+                    pending.remove(job)
+                    start(job)
+
+                for gid, job in list(active.items()):
+                    st = self.aria2.status(gid)
+                    job.completed = st.completed
+                    if st.status == "complete":
+                        self.aria2.forget(gid)
+                        del active[gid]
+                        hashing[pool.submit(sha256_file, partial / job.entry.sha256)] = job
+                    elif st.status in {"error", "removed"}:
+                        self.aria2.forget(gid)
+                        del active[gid]
+                        used = sorted({job.uri_mirror.get(u, "?") for u in st.used_uris})
+                        if st.error_code == ERR_DISK_FULL:
+                            for j in (job, *active.values()):
+                                pending.append(j)
+                            cleanup_attempt(remove_partials=True)
+                            raise DiskFullError(
+                                f"disk full while downloading {name}/{version} into {self.cache.root}; "
+                                "partial files of this attempt were removed, the current snapshot is untouched")
+                        self._handle_error(name, version, job, st.error_code, st.error_message, used, retry, backoff)
+
+                for fut in [f for f in hashing if f.done()]:
+                    job = hashing.pop(fut)
+                    data = partial / job.entry.sha256
+                    digest = fut.result()
+                    size = data.stat().st_size
+                    if digest == job.entry.sha256 and size == job.entry.size:
+                        self.cache.add_blob(data, digest)
+                        (partial / f"{digest}.aria2").unlink(missing_ok=True)
+                        done_bytes += job.entry.size
+                        files_done += 1
+                        job.completed = 0
+                        continue
+                    used = sorted(set(job.uri_mirror.values()))
+                    where = self.cache.quarantine(data, f"{name}-{version}-{job.entry.sha256[:16]}")
+                    log.error("checksum mismatch: bytes quarantined", model=name, version=version,
+                              file=job.entry.path, mirrors=used, got_sha256=digest, got_size=size,
+                              expected_sha256=job.entry.sha256, quarantined=str(where))
+                    job.failures += 1
+                    if job.failures > self.cfg.max_tries:
+                        raise DownloadError(f"{name}/{version}: {job.entry.path}: checksum mismatch from "
+                                            f"mirrors {used} after {job.failures} attempts")
+                    remaining = {s.name for s in self.mirrors.sources} - job.excluded - set(used)
+                    if remaining:
+                        job.excluded |= set(used)
+                    retry(job, 0.0)
+
+                if progress:
+                    in_flight = sum(j.completed for j in active.values()) + sum(j.entry.size for j in hashing.values())
+                    progress(done_bytes + in_flight, total, files_done)
+                time.sleep(POLL_SECONDS)
+        except BaseException:
+            cleanup_attempt(remove_partials=False)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if progress:
+            progress(total, total, files_done)
+
+    def _handle_error(self, name, version, job: _Job, code: int, message: str, used: list[str], retry, backoff):
+        path = job.entry.path
+        fields = dict(model=name, version=version, file=path, mirrors=used, aria2_code=code, aria2_message=message)
+        if code == ERR_CANNOT_RESUME:
+            # The server cannot continue this partial: start the file over.
+            log.warning("mirror cannot resume, restarting file", **fields)
+            for suffix in ("", ".aria2"):
+                (self.cache.partial_dir / f"{job.entry.sha256}{suffix}").unlink(missing_ok=True)
+            job.failures += 1
+        elif code == ERR_HTTP_STATUS:
+            # Usually 403 from an expired presigned URL: presign again and resume.
+            job.presigns += 1
+            log.warning("HTTP error from mirror, presigning again and resuming", **fields)
+            if job.presigns > MAX_REPRESIGNS:
+                raise DownloadError(f"{name}/{version}: {path}: mirrors {used} keep refusing the download "
+                                    f"(HTTP error, aria2 code {code})")
+            retry(job, backoff(job.presigns - 1) if job.presigns > 1 else 0.0)
+            return
+        elif code == ERR_NOT_FOUND:
+            log.error("file missing on mirror", **fields)
+            job.excluded |= set(used)
+            if not {s.name for s in self.mirrors.sources} - job.excluded:
+                raise DownloadError(f"{name}/{version}: {path} is missing on every mirror")
+            retry(job, 0.0)
+            return
+        else:
+            job.failures += 1
+            log.warning("download failed, backing off", attempt=job.failures, **fields)
+        if job.failures > self.cfg.max_tries:
+            raise DownloadError(f"{name}/{version}: {path}: download failed {job.failures} times "
+                                f"(last: aria2 code {code} {message!r} from mirrors {used})")
+        retry(job, backoff(job.failures))

@@ -1,0 +1,191 @@
+"""The sync engine: resolve -> plan -> download + verify -> snapshot -> switch -> gc.
+
+One pass per tracked model. A model whose sync fails keeps its current snapshot
+serving; the error goes to the status file and the log, and the daemon retries with
+backoff. Nothing partial is ever visible under snapshots/ or current/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass
+
+import structlog
+
+from mirror.manifest import FileEntry, Manifest
+from mirror.signing import load_public_key
+
+from .aria2 import Aria2Process
+from .cache import CacheError, CacheWriter, Snapshot
+from .config import ModelConfig, ProvisionerConfig
+from .download import DownloadError, Downloader
+from .hashing import sha256_file
+from .hold import read_hold, release_hold
+from .mirrors import MirrorError, MirrorSet
+from .progress import ProgressReporter, human_bytes
+
+log = structlog.get_logger(__name__)
+
+
+class SyncError(Exception):
+    """A model could not be brought to its wanted version."""
+
+
+class DiskSpaceError(SyncError):
+    """Not enough free space on the cache filesystem for a planned download."""
+
+
+@dataclass
+class SyncPlan:
+    manifest: Manifest
+    reuse: list[FileEntry]      # already in blobs/
+    fetch: list[FileEntry]      # to download (deduplicated by sha256)
+
+    @property
+    def fetch_bytes(self) -> int:
+        return sum(f.size for f in self.fetch)
+
+
+@dataclass
+class SyncResult:
+    name: str
+    version: str
+    changed: bool
+    fetched_bytes: int = 0
+    reused_files: int = 0
+
+
+def plan_sync(cache: CacheWriter, manifest: Manifest) -> SyncPlan:
+    reuse, fetch, seen = [], [], set()
+    for entry in manifest.files:
+        if cache.has_blob(entry.sha256, entry.size):
+            reuse.append(entry)
+        elif entry.sha256 not in seen:
+            seen.add(entry.sha256)
+            fetch.append(entry)
+    return SyncPlan(manifest, reuse, fetch)
+
+
+def make_mirror_set(config: ProvisionerConfig) -> MirrorSet:
+    keys = [load_public_key(p) for p in config.public_keys]
+    if not config.require_signature:
+        log.warning("manifest signatures are NOT required (require_signature = false)")
+    return MirrorSet(config.mirrors, keys, config.require_signature)
+
+
+class Syncer:
+    def __init__(self, config: ProvisionerConfig, cache: CacheWriter, mirrors: MirrorSet,
+                 aria2: Aria2Process, reporter: ProgressReporter, stop: threading.Event | None = None):
+        self.config = config
+        self.cache = cache
+        self.mirrors = mirrors
+        self.aria2 = aria2
+        self.reporter = reporter
+        self.stop = stop or threading.Event()
+        self.downloader = Downloader(aria2, cache, mirrors, config.aria2)
+
+    def sync_all(self) -> dict[str, SyncResult | Exception]:
+        results: dict[str, SyncResult | Exception] = {}
+        for model in self.config.models:
+            try:
+                results[model.name] = self.sync_model(model)
+            except (SyncError, MirrorError, DownloadError, CacheError) as exc:
+                cur = self.cache.current(model.name)
+                self.reporter.finish(model.name, cur.version if cur else None, error=str(exc))
+                log.error("sync failed", model=model.name, error=str(exc),
+                          serving=cur.version if cur else None)
+                results[model.name] = exc
+            if self.stop.is_set():
+                break
+        return results
+
+    def sync_model(self, model: ModelConfig) -> SyncResult:
+        version, source = self.mirrors.resolve_version(model)
+        status = self.reporter.status.model(model.name)
+        hold = read_hold(self.config.cache_dir, model.name)
+        if hold is not None:
+            if hold.channel_version in (None, version):
+                # An operator rolled back: stay there until the channel moves on.
+                if (cur := self.cache.current(model.name)) is None or cur.version != hold.version:
+                    self.cache.rollback(model.name, hold.version)
+                status.wanted_version = hold.version
+                self.reporter.finish(model.name, hold.version)
+                log.info("model held by rollback", model=model.name, held=hold.version, channel=version)
+                return SyncResult(model.name, hold.version, changed=False)
+            release_hold(self.config.cache_dir, model.name)
+            log.info("rollback hold released: channel moved", model=model.name, held=hold.version, channel=version)
+        current = self.cache.current(model.name)
+        status.wanted_version = version
+        if current and current.version == version:
+            self.reporter.finish(model.name, version)
+            return SyncResult(model.name, version, changed=False)
+
+        manifest, manifest_bytes, signature, source = self.mirrors.fetch_manifest(model.name, version)
+        plan = plan_sync(self.cache, manifest)
+        log.info("sync planned", model=model.name, version=version, mirror=source,
+                 reuse=len(plan.reuse), fetch=len(plan.fetch), fetch_bytes=plan.fetch_bytes,
+                 previous=current.version if current else None)
+        self.check_disk_space(plan)
+        self.reporter.begin(model.name, version, manifest.total_size, len(manifest.files))
+        reused_bytes = sum(f.size for f in plan.reuse)
+
+        def progress(done: int, total: int, files_done: int) -> None:
+            self.reporter.update(model.name, reused_bytes + done, manifest.total_size,
+                                 len(plan.reuse) + files_done)
+
+        self.downloader.fetch(model.name, version, plan.fetch, progress=progress, stop=self.stop)
+        status.state = "verifying"
+        snap = self.cache.build_snapshot(manifest, manifest_bytes, signature)
+        self.cache.set_current(model.name, version)
+        removed = self.cache.gc(self.config.keep_snapshots)
+        self.reporter.finish(model.name, version)
+        log.info("snapshot switched", model=model.name, version=version, snapshot=str(snap.path),
+                 fetched_bytes=plan.fetch_bytes, reused_files=len(plan.reuse), gc=removed)
+        return SyncResult(model.name, version, changed=True, fetched_bytes=plan.fetch_bytes,
+                          reused_files=len(plan.reuse))
+
+    def check_disk_space(self, plan: SyncPlan) -> None:
+        # Bytes already on disk in partials count towards what is needed.
+        have = 0
+        for entry in plan.fetch:
+            try:
+                have += (self.cache.partial_dir / entry.sha256).stat().st_size
+            except FileNotFoundError:
+                pass
+        needed = max(plan.fetch_bytes - have, 0) + self.config.disk_margin_mb * 1024 * 1024
+        free = shutil.disk_usage(self.cache.root).free
+        if needed > free:
+            raise DiskSpaceError(
+                f"not enough disk space in {self.cache.root}: need {human_bytes(needed)} "
+                f"(download + {self.config.disk_margin_mb} MiB margin), {human_bytes(free)} free")
+
+    # -- repair ----------------------------------------------------------------------
+    def repair_snapshot(self, snap: Snapshot) -> list[str]:
+        """Re-verify a snapshot; restore each bad file from an intact copy or the mirror."""
+        manifest = snap.manifest()
+        bad = self.cache.check_snapshot(snap, full_hash=True)
+        if not bad:
+            # The snapshot is fine; a deleted blob can be restored from its hardlink.
+            for entry in manifest.files:
+                if not self.cache.has_blob(entry.sha256, entry.size):
+                    self.cache.relink_blob(entry.sha256, snap.path / entry.path)
+            return []
+        to_fetch = []
+        for problem in bad:
+            entry = manifest.file(problem.path)
+            blob = self.cache.blob_path(entry.sha256)
+            if blob.exists() and blob.stat().st_size == entry.size and sha256_file(blob) == entry.sha256:
+                self.cache.replace_snapshot_file(snap, entry.path, entry.sha256)
+                continue
+            # The shared inode is damaged: take the blob out of service, fetch it again.
+            if blob.exists():
+                self.cache.quarantine(blob, f"damaged-{entry.sha256[:16]}")
+            to_fetch.append(entry)
+        if to_fetch:
+            self.downloader.fetch(snap.name, snap.version, to_fetch, stop=self.stop)
+            for entry in to_fetch:
+                self.cache.replace_snapshot_file(snap, entry.path, entry.sha256)
+        log.warning("snapshot repaired", model=snap.name, version=snap.version,
+                    files=[p.path for p in bad])
+        return [str(p) for p in bad]
