@@ -1,0 +1,148 @@
+"""The runtime's TOML configuration: schema, defaults and strict validation.
+
+    socket_path = "/run/tts/runtime.sock"    # mode 0660; ignored under socket activation
+    cache_dir = "/var/cache/tts-fleet"       # the provisioner's cache (read-only here)
+    provisioner_runtime_dir = "/run/tts-provisioner"   # its status.json, for progress
+    models = ["joe"]                         # voices to serve; the first is the default
+    device = "auto"                          # auto | cpu | cuda | cuda:N
+    cpu_fallback = true                      # CUDA unusable -> run on the CPU
+    threads = 0                              # torch intra-op threads, 0 = library default
+    max_batch_size = 8
+    max_wait_ms = 10                         # how long the worker waits to fill a batch
+    queue_size = 64                          # queued sentences beyond it get 503
+    deadline_s = 60                          # per request, 504 past it
+    max_chars = 5000                         # per request, 413 past it
+    request_timeout_s = 10                   # a client must send its whole request within it
+    verify_full_hash = false                 # re-hash every file before loading (slow)
+    tcp_listen = ""                          # e.g. "127.0.0.1:8088"; off when empty
+    log_level = "info"
+
+Unknown keys and wrong types are errors that name the key (exit code 2 in the CLI).
+The error formatting is the provisioner's, so both daemons talk alike.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mirror.manifest import ManifestError, validate_name
+from provisioner.config import ConfigError, _format_errors
+
+DEFAULT_CONFIG_PATH = Path(os.environ.get("TTS_RUNTIME_CONFIG", "/etc/tts-fleet/runtime.toml"))
+DEFAULT_SOCKET_PATH = Path("/run/tts/runtime.sock")
+
+__all__ = ["ConfigError", "RuntimeConfig", "load_config", "DEFAULT_CONFIG_PATH", "DEFAULT_SOCKET_PATH"]
+
+
+def _path(v):
+    if not isinstance(v, str) or not v:
+        raise ValueError("must be a path string")
+    return Path(v)
+
+
+class RuntimeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    socket_path: Path = DEFAULT_SOCKET_PATH
+    cache_dir: Path = Path("/var/cache/tts-fleet")
+    provisioner_runtime_dir: Path = Path("/run/tts-provisioner")
+    models: Annotated[list[str], Field(min_length=1)] = ["joe"]
+    device: str = "auto"
+    cpu_fallback: bool = True
+    threads: Annotated[int, Field(ge=0, le=256)] = 0
+    max_batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 10.0
+    queue_size: Annotated[int, Field(ge=1, le=100_000)] = 64
+    deadline_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    max_chars: Annotated[int, Field(ge=1, le=1_000_000)] = 5000
+    request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    verify_full_hash: bool = False
+    tcp_listen: str = ""
+    log_level: str = "info"
+
+    @field_validator("socket_path", "cache_dir", "provisioner_runtime_dir", mode="before")
+    @classmethod
+    def _paths(cls, v):
+        return _path(v)
+
+    @field_validator("max_wait_ms", "deadline_s", "request_timeout_s", mode="before")
+    @classmethod
+    def _number(cls, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError("must be a number")
+        return float(v)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            try:
+                validate_name(name, "model name")
+            except ManifestError as exc:
+                raise ValueError(str(exc)) from None
+        if len(set(v)) != len(v):
+            raise ValueError("model names must be unique")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in {"auto", "cpu", "cuda"} or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("tcp_listen")
+    @classmethod
+    def _tcp(cls, v: str) -> str:
+        if v:
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8088, or empty")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _batch_vs_queue(self) -> "RuntimeConfig":
+        if self.queue_size < self.max_batch_size:
+            raise ValueError("queue_size must be at least max_batch_size")
+        return self
+
+    @property
+    def default_voice(self) -> str:
+        return self.models[0]
+
+    def tcp_address(self) -> tuple[str, int] | None:
+        if not self.tcp_listen:
+            return None
+        host, _, port = self.tcp_listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def load_config(path: Path | None) -> RuntimeConfig:
+    """Read and validate a config file; None means all defaults."""
+    if path is None:
+        return RuntimeConfig()
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    try:
+        return RuntimeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"config {path}: {_format_errors(exc)}") from None

@@ -1,0 +1,332 @@
+"""Which engine serves each voice, how it gets there, and how text becomes engine work.
+
+`ModelHolder` keeps one loaded engine per voice. The inference worker holds
+`holder.lock` for the duration of a batch; `install()` loads the new engine beside the
+old one *without* the lock, then swaps the reference under it (so the swap lands
+between batches), and only then closes the old engine. A load that fails leaves the old
+engine serving.
+
+`ModelManager` is the loop that drives it: it asks the readiness gate about every
+configured voice, loads what is loadable and newer than what is served, and then sleeps
+on filesystem events (or a reload request) until something changes. It tells systemd
+READY=1 the first time every voice can synthesize, and keeps STATUS= current.
+
+`plan_requests`/`join_sentences` are the one definition of how text turns into
+per-sentence engine requests and back into one waveform; the server and
+`tts-ctl synth --local` both use them, which is why they give the same audio.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import structlog
+
+from provisioner.cache import Snapshot
+from provisioner.notify import notify
+
+from .config import RuntimeConfig
+from .gate import CacheWatcher, ReadinessGate
+
+log = structlog.get_logger(__name__)
+
+SENTENCE_SILENCE_S = 0.2  # pause inserted between sentences
+RECHECK_S = 30.0  # safety-net re-check when no filesystem event arrives
+SEED_LIMIT = 2**63
+
+
+# -- text -> requests -> audio --------------------------------------------------------
+
+def sentence_seed(seed: int, index: int) -> int:
+    """Each sentence gets its own seed, so a sentence's audio does not depend on where
+    the split fell in a batch or a stream."""
+    return (seed + index) % SEED_LIMIT
+
+
+def effective_length_scale(engine: Any, length_scale: float | None, speed: float | None) -> float | None:
+    """speed is the OpenAI-style multiplier: 2.0 = twice as fast = half the length scale."""
+    if speed is None or speed == 1.0:
+        return length_scale
+    base = length_scale if length_scale is not None else default_length_scale(engine)
+    return base / speed
+
+
+def default_length_scale(engine: Any) -> float:
+    value = getattr(engine, "default_length_scale", None)
+    if value is None:
+        inference = getattr(getattr(engine, "config", None), "inference", None)
+        value = getattr(inference, "length_scale", None)
+    return float(value) if value is not None else 1.0
+
+
+def plan_requests(
+    engine: Any,
+    text: str,
+    *,
+    seed: int = 0,
+    length_scale: float | None = None,
+    noise_scale: float | None = None,
+    noise_w: float | None = None,
+    speed: float | None = None,
+) -> tuple[list[str], list[Any]]:
+    """Split text into sentences and make one SynthesisRequest per sentence."""
+    from .engine import SynthesisRequest
+
+    scale = effective_length_scale(engine, length_scale, speed)
+    sentences = engine.frontend.sentences(text)
+    requests = []
+    for i, sentence in enumerate(sentences):
+        requests.append(
+            SynthesisRequest(
+                phoneme_ids=tuple(engine.frontend.to_ids(sentence)),
+                seed=sentence_seed(seed, i),
+                length_scale=scale,
+                noise_scale=noise_scale,
+                noise_w=noise_w,
+            )
+        )
+    return sentences, requests
+
+
+def silence(sample_rate: int) -> np.ndarray:
+    return np.zeros(int(round(SENTENCE_SILENCE_S * sample_rate)), dtype=np.float32)
+
+
+def join_sentences(waves: list[np.ndarray], sample_rate: int) -> np.ndarray:
+    if not waves:
+        return np.zeros(0, dtype=np.float32)
+    gap = silence(sample_rate)
+    parts: list[np.ndarray] = []
+    for i, wave in enumerate(waves):
+        if i:
+            parts.append(gap)
+        parts.append(np.asarray(wave, dtype=np.float32))
+    return np.concatenate(parts)
+
+
+def synthesize_local(engine: Any, requests: list[Any], max_batch: int = 8) -> list[np.ndarray]:
+    """In-process synthesis in batches (the engine is batch-invariant per seed)."""
+    waves: list[np.ndarray] = []
+    for start in range(0, len(requests), max_batch):
+        waves.extend(engine.synthesize_batch(requests[start : start + max_batch]))
+    return waves
+
+
+# -- loaded engines ---------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    name: str
+    engine: Any
+    snapshot: Snapshot
+    loaded_at: float = field(default_factory=time.time)
+    load_seconds: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.snapshot.version,
+            "snapshot": str(self.snapshot.path),
+            "device": getattr(self.engine, "device", None),
+            "sample_rate": getattr(self.engine, "sample_rate", None),
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+def load_engine(config: RuntimeConfig, snapshot: Snapshot) -> Any:
+    from .engine import Engine
+
+    return Engine.load(
+        snapshot.path, device=config.device, cpu_fallback=config.cpu_fallback, threads=config.threads or None
+    )
+
+
+class ModelHolder:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # held by the worker for a whole batch
+        self._models: dict[str, LoadedModel] = {}
+
+    def get(self, name: str) -> LoadedModel | None:
+        return self._models.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def install(self, name: str, snapshot: Snapshot, loader: Callable[[Snapshot], Any]) -> LoadedModel:
+        """Load beside the old engine, swap between batches, then release the old one.
+        Raises whatever the loader raises; the old engine then keeps serving."""
+        started = time.monotonic()
+        engine = loader(snapshot)
+        new = LoadedModel(name, engine, snapshot, load_seconds=time.monotonic() - started)
+        with self.lock:
+            old = self._models.get(name)
+            self._models[name] = new
+        if old is not None:
+            _close(old.engine)
+        return new
+
+    def close_all(self) -> None:
+        with self.lock:
+            models, self._models = list(self._models.values()), {}
+        for model in models:
+            _close(model.engine)
+
+
+def _close(engine: Any) -> None:
+    try:
+        engine.close()
+    except Exception as exc:  # releasing must never take the service down
+        log.warning("closing engine failed", error=str(exc))
+
+
+class ModelManager:
+    """Background thread: gate -> load -> watch for moves -> hot swap."""
+
+    def __init__(self, config: RuntimeConfig, loader: Callable[[Snapshot], Any] | None = None):
+        self.config = config
+        self.names = list(config.models)
+        self.gate = ReadinessGate(config.cache_dir, config.provisioner_runtime_dir, config.verify_full_hash)
+        self.watcher = CacheWatcher([self.gate.reader.current_dir, config.provisioner_runtime_dir])
+        self.holder = ModelHolder()
+        self.loader = loader or (lambda snap: load_engine(config, snap))
+        self.reasons: dict[str, str] = {name: "starting" for name in self.names}
+        self.errors: dict[str, str | None] = {name: None for name in self.names}
+        self._failed: dict[str, str] = {}  # name -> version whose load failed
+        self._stop = threading.Event()
+        self._force = threading.Event()
+        self._cycles = 0
+        self._cycle_cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._ready_sent = False
+        self._last_status = ""
+
+    # -- state ------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return all(self.holder.get(name) is not None for name in self.names)
+
+    @property
+    def reason(self) -> str:
+        waiting = [self.reasons[n] for n in self.names if self.holder.get(n) is None]
+        return "; ".join(waiting) if waiting else ""
+
+    def describe(self) -> dict[str, Any]:
+        out = {}
+        for name in self.names:
+            loaded = self.holder.get(name)
+            entry: dict[str, Any] = loaded.describe() if loaded else {"version": None}
+            entry["loaded"] = loaded is not None
+            entry["waiting"] = None if loaded else self.reasons[name]
+            entry["last_error"] = self.errors[name]
+            out[name] = entry
+        return out
+
+    # -- control ----------------------------------------------------------------
+    def start(self) -> None:
+        self.watcher.start()
+        self._thread = threading.Thread(target=self._run, name="model-manager", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.watcher.poke()
+        if self._thread:
+            self._thread.join(timeout=30)
+        self.watcher.stop()
+        self.holder.close_all()
+
+    def request_reload(self) -> int:
+        """Re-check the cache now (also retrying a version that failed); returns the
+        cycle number to pass to wait_cycle()."""
+        with self._cycle_cond:
+            target = self._cycles + 1
+        self._force.set()
+        self.watcher.poke()
+        return target
+
+    def wait_cycle(self, cycle: int, timeout: float) -> bool:
+        with self._cycle_cond:
+            return self._cycle_cond.wait_for(lambda: self._cycles > cycle, timeout=timeout)
+
+    # -- loop -------------------------------------------------------------------
+    def _run(self) -> None:
+        event = True
+        while not self._stop.is_set():
+            forced = self._force.is_set()
+            self._force.clear()
+            try:
+                self.check_once(retry_failed=event or forced)
+            except Exception:  # never let a surprise end the loop: status shows the rest
+                log.exception("model check failed")
+            with self._cycle_cond:
+                self._cycles += 1
+                self._cycle_cond.notify_all()
+            event = self.watcher.wait(RECHECK_S)
+
+    def check_once(self, retry_failed: bool = True) -> None:
+        for name in self.names:
+            if self._stop.is_set():
+                return
+            result = self.gate.check(name)
+            loaded = self.holder.get(name)
+            if not result.ok:
+                self.reasons[name] = result.reason
+                if loaded is not None and "does not match" in result.reason:
+                    log.warning("current snapshot damaged; keeping the loaded model", model=name, reason=result.reason)
+                continue
+            snap = result.snapshot
+            assert snap is not None
+            if loaded is not None and loaded.snapshot.path == snap.path:
+                continue
+            if self._failed.get(name) == snap.version and not retry_failed:
+                continue
+            self._load(name, snap, previous=loaded)
+        self._report()
+
+    def _load(self, name: str, snap: Snapshot, previous: LoadedModel | None) -> None:
+        log.info("loading model", model=name, version=snap.version, replacing=previous.snapshot.version if previous else None)
+        self.reasons[name] = f"loading {name} {snap.version}"
+        self._report()
+        try:
+            model = self.holder.install(name, snap, self.loader)
+        except Exception as exc:  # a bad model must not take the old one (or the service) down
+            self._failed[name] = snap.version
+            self.errors[name] = f"loading {name} {snap.version} failed: {type(exc).__name__}: {exc}"
+            self.reasons[name] = self.errors[name]
+            log.error(
+                "model load failed",
+                model=name,
+                version=snap.version,
+                error=f"{type(exc).__name__}: {exc}",
+                still_serving=previous.snapshot.version if previous else None,
+            )
+            return
+        self._failed.pop(name, None)
+        self.errors[name] = None
+        self.reasons[name] = ""
+        log.info(
+            "model loaded",
+            model=name,
+            version=snap.version,
+            device=getattr(model.engine, "device", None),
+            seconds=round(model.load_seconds, 2),
+            replaced=previous.snapshot.version if previous else None,
+        )
+
+    def _report(self) -> None:
+        if self.ready:
+            versions = ", ".join(f"{n} {self.holder.get(n).snapshot.version}" for n in self.names)  # type: ignore[union-attr]
+            status = f"serving {versions}"
+        else:
+            status = self.reason
+        if not self._ready_sent and self.ready:
+            self._ready_sent = True
+            notify(READY=1, STATUS=status)
+            self._last_status = status
+        elif status != self._last_status:
+            notify(STATUS=status)
+            self._last_status = status

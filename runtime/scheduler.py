@@ -1,0 +1,284 @@
+"""Bounded queue + one inference worker thread with dynamic batching.
+
+A job is one sentence of one request. Jobs wait in a bounded list; admission is
+all-or-nothing per request, and a full queue is `QueueFull` (503 + Retry-After), never
+an unbounded backlog. The worker thread (the only place engine calls happen) takes the
+oldest eligible job, waits up to `max_wait` for company, and fills the batch with jobs
+of the same voice whose lengths are closest to it (less padding). Each job carries its
+own seed; the engine is batch-invariant per seed, so batching never changes a
+request's audio, and results go back through each job's own future.
+
+Deadlines: a job whose deadline passed before it ran is failed with
+`DeadlineExceeded` and dropped; a cancelled job (client gone, or the handler gave up)
+is skipped. A job may wait for another job (`after`) - streaming uses that to send its
+first sentence alone and the rest together. A CUDA out-of-memory error halves the
+batch and retries.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+
+from .models import ModelHolder
+
+log = structlog.get_logger(__name__)
+
+IDLE_TICK_S = 0.5  # the worker wakes at least this often (heartbeat for the watchdog)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"queue is full; retry in {retry_after}s")
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class ModelUnavailable(Exception):
+    pass
+
+
+class WorkerStopped(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Job:
+    voice: str
+    request: Any  # runtime.engine.SynthesisRequest
+    deadline: float  # time.monotonic()
+    after: "Job | None" = None
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    finished: float | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.request.phoneme_ids)
+
+    @property
+    def queue_seconds(self) -> float:
+        return ((self.started or time.monotonic()) - self.enqueued)
+
+    @property
+    def synth_seconds(self) -> float:
+        if self.started is None or self.finished is None:
+            return 0.0
+        return self.finished - self.started
+
+    def eligible(self) -> bool:
+        return self.after is None or self.after.future.done()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+class Scheduler:
+    def __init__(
+        self,
+        holder: ModelHolder,
+        *,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 10.0,
+        queue_size: int = 64,
+        on_batch: Callable[[str, int, float], None] | None = None,
+    ):
+        self.holder = holder
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self.on_batch = on_batch
+        self._pending: list[Job] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.heartbeat = time.monotonic()
+        self.batch_started: float | None = None
+        self.batches_served = 0
+        self.jobs_served = 0
+        self._batch_seconds = 0.5  # moving average, for Retry-After
+
+    # -- client side (event loop) -------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def retry_after(self) -> int:
+        batches_ahead = max(1, math.ceil(self.depth / self.max_batch_size))
+        return max(1, math.ceil(batches_ahead * self._batch_seconds))
+
+    def submit(self, voice: str, requests: list[Any], deadline: float, *, first_alone: bool = False) -> list[Job]:
+        """Queue one request's sentences, all or none. With first_alone the later
+        sentences wait until the first is done (streaming: early first byte)."""
+        if not requests:
+            return []
+        with self._cond:
+            if self._stop:
+                raise WorkerStopped("the inference worker is stopping")
+            # A request longer than the whole queue is still admitted into an empty queue.
+            if self._pending and len(self._pending) + len(requests) > self.queue_size:
+                raise QueueFull(self.retry_after())
+            jobs = [Job(voice, req, deadline) for req in requests]
+            if first_alone:
+                for job in jobs[1:]:
+                    job.after = jobs[0]
+            self._pending.extend(jobs)
+            self._cond.notify()
+        return jobs
+
+    def cancel(self, jobs: list[Job]) -> None:
+        """Drop jobs that have not started (client gone or gave up)."""
+        with self._cond:
+            for job in jobs:
+                if job.future.cancel():
+                    try:
+                        self._pending.remove(job)
+                    except ValueError:
+                        pass
+            self._cond.notify()
+
+    # -- worker ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stop = True
+            leftover, self._pending = self._pending, []
+            self._cond.notify_all()
+        for job in leftover:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(WorkerStopped("the runtime is shutting down"))
+        if self._thread:
+            self._thread.join(timeout=timeout)
+
+    def alive(self, stuck_after: float = 300.0) -> bool:
+        """The worker thread runs and is either idle-ticking or inside a batch that has
+        not been running for an absurd time."""
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        started = self.batch_started
+        if started is not None:
+            return time.monotonic() - started < stuck_after
+        return time.monotonic() - self.heartbeat < max(10 * IDLE_TICK_S, 5.0)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                self._execute(batch)
+
+    def _drop_dead(self, now: float) -> None:
+        keep = []
+        for job in self._pending:
+            if job.future.cancelled():
+                continue
+            if now >= job.deadline:
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                continue
+            if job.after is not None and job.after.future.done() and job.after.future.exception() is not None:
+                # the stream's first sentence failed: the rest would be wasted work
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(job.after.future.exception())
+                continue
+            keep.append(job)
+        self._pending = keep
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while True:
+                self.heartbeat = time.monotonic()
+                if self._stop:
+                    return None
+                self._drop_dead(time.monotonic())
+                eligible = [j for j in self._pending if j.eligible()]
+                if eligible:
+                    break
+                self._cond.wait(IDLE_TICK_S)
+            anchor = eligible[0]
+            # Wait a little for batch-mates, measured from the anchor's arrival.
+            fill_until = anchor.enqueued + self.max_wait
+            while not self._stop:
+                same = [j for j in self._pending if j.voice == anchor.voice and j.eligible()]
+                left = fill_until - time.monotonic()
+                if len(same) >= self.max_batch_size or left <= 0:
+                    break
+                self._cond.wait(left)
+            self._drop_dead(time.monotonic())
+            candidates = [j for j in self._pending if j.voice == anchor.voice and j.eligible()]
+            if not candidates:
+                return []
+            anchor = candidates[0]
+            others = sorted(candidates[1:], key=lambda j: (abs(j.length - anchor.length), j.enqueued))
+            chosen = [anchor, *others[: self.max_batch_size - 1]]
+            picked = set(map(id, chosen))
+            self._pending = [j for j in self._pending if id(j) not in picked]
+            return [j for j in chosen if j.future.set_running_or_notify_cancel()]
+
+    def _execute(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        self.batch_started = now
+        for job in batch:
+            job.started = now
+        try:
+            with self.holder.lock:
+                model = self.holder.get(batch[0].voice)
+                if model is None:
+                    raise ModelUnavailable(f"voice {batch[0].voice!r} is not loaded")
+                waves = self._synthesize(model.engine, batch)
+            finished = time.monotonic()
+            for job, wave in zip(batch, waves):
+                job.finished = finished
+                job.future.set_result(wave)
+            elapsed = finished - now
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            self.batches_served += 1
+            self.jobs_served += len(batch)
+            if self.on_batch:
+                self.on_batch(batch[0].voice, len(batch), elapsed)
+        except Exception as exc:
+            log.error("batch failed", voice=batch[0].voice, size=len(batch), error=f"{type(exc).__name__}: {exc}")
+            for job in batch:
+                job.finished = time.monotonic()
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        finally:
+            self.batch_started = None
+            self.heartbeat = time.monotonic()
+
+    def _synthesize(self, engine: Any, batch: list[Job]) -> list[Any]:
+        try:
+            return list(engine.synthesize_batch([job.request for job in batch]))
+        except Exception as exc:
+            if not _is_oom(exc) or len(batch) == 1:
+                raise
+            half = len(batch) // 2
+            log.warning("out of memory; halving the batch", size=len(batch))
+            _empty_cuda_cache()
+            return self._synthesize(engine, batch[:half]) + self._synthesize(engine, batch[half:])
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
