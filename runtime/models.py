@@ -34,7 +34,6 @@ from .gate import CacheWatcher, ReadinessGate
 
 log = structlog.get_logger(__name__)
 
-SENTENCE_SILENCE_S = 0.2  # pause inserted between sentences
 RECHECK_S = 30.0  # safety-net re-check when no filesystem event arrives
 SEED_LIMIT = 2**63
 
@@ -49,18 +48,16 @@ def sentence_seed(seed: int, index: int) -> int:
 
 def effective_length_scale(engine: Any, length_scale: float | None, speed: float | None) -> float | None:
     """speed is the OpenAI-style multiplier: 2.0 = twice as fast = half the length scale."""
+    from .audio import speed_to_length_scale
+
     if speed is None or speed == 1.0:
         return length_scale
     base = length_scale if length_scale is not None else default_length_scale(engine)
-    return base / speed
+    return speed_to_length_scale(speed, base)
 
 
 def default_length_scale(engine: Any) -> float:
-    value = getattr(engine, "default_length_scale", None)
-    if value is None:
-        inference = getattr(getattr(engine, "config", None), "inference", None)
-        value = getattr(inference, "length_scale", None)
-    return float(value) if value is not None else 1.0
+    return float(getattr(engine, "defaults", {}).get("length_scale", 1.0))
 
 
 def plan_requests(
@@ -72,28 +69,24 @@ def plan_requests(
     noise_scale: float | None = None,
     noise_w: float | None = None,
     speed: float | None = None,
-) -> tuple[list[str], list[Any]]:
-    """Split text into sentences and make one SynthesisRequest per sentence."""
+) -> list[Any]:
+    """One SynthesisRequest per sentence, seeded like Engine.synthesize_text (seed + k).
+    Raises the frontend's TextTooLongError / EmptyTextError."""
     from .engine import SynthesisRequest
 
     scale = effective_length_scale(engine, length_scale, speed)
-    sentences = engine.frontend.sentences(text)
-    requests = []
-    for i, sentence in enumerate(sentences):
-        requests.append(
-            SynthesisRequest(
-                phoneme_ids=tuple(engine.frontend.to_ids(sentence)),
-                seed=sentence_seed(seed, i),
-                length_scale=scale,
-                noise_scale=noise_scale,
-                noise_w=noise_w,
-            )
-        )
-    return sentences, requests
+    return [
+        SynthesisRequest(phoneme_ids=tuple(ids), seed=sentence_seed(seed, i), length_scale=scale,
+                         noise_scale=noise_scale, noise_w=noise_w)
+        for i, ids in enumerate(engine.frontend.text_to_sentence_ids(text))
+    ]
 
 
 def silence(sample_rate: int) -> np.ndarray:
-    return np.zeros(int(round(SENTENCE_SILENCE_S * sample_rate)), dtype=np.float32)
+    from .engine import SENTENCE_PAUSE_S
+
+    # the engine's own pause, so joined audio equals Engine.synthesize_text's
+    return np.zeros(int(SENTENCE_PAUSE_S * sample_rate), dtype=np.float32)
 
 
 def join_sentences(waves: list[np.ndarray], sample_rate: int) -> np.ndarray:
@@ -141,7 +134,8 @@ def load_engine(config: RuntimeConfig, snapshot: Snapshot) -> Any:
     from .engine import Engine
 
     return Engine.load(
-        snapshot.path, device=config.device, cpu_fallback=config.cpu_fallback, threads=config.threads or None
+        snapshot.path, device=config.device, cpu_fallback=config.cpu_fallback, threads=config.threads or None,
+        max_chars=config.max_chars,
     )
 
 

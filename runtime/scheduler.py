@@ -11,8 +11,8 @@ request's audio, and results go back through each job's own future.
 Deadlines: a job whose deadline passed before it ran is failed with
 `DeadlineExceeded` and dropped; a cancelled job (client gone, or the handler gave up)
 is skipped. A job may wait for another job (`after`) - streaming uses that to send its
-first sentence alone and the rest together. A CUDA out-of-memory error halves the
-batch and retries.
+first sentence alone and the rest together. CUDA out-of-memory handling (halve the
+batch, CPU fallback) lives in the engine.
 """
 
 from __future__ import annotations
@@ -78,11 +78,6 @@ class Job:
 
     def eligible(self) -> bool:
         return self.after is None or self.after.future.done()
-
-
-def _is_oom(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 class Scheduler:
@@ -263,22 +258,5 @@ class Scheduler:
             self.heartbeat = time.monotonic()
 
     def _synthesize(self, engine: Any, batch: list[Job]) -> list[Any]:
-        try:
-            return list(engine.synthesize_batch([job.request for job in batch]))
-        except Exception as exc:
-            if not _is_oom(exc) or len(batch) == 1:
-                raise
-            half = len(batch) // 2
-            log.warning("out of memory; halving the batch", size=len(batch))
-            _empty_cuda_cache()
-            return self._synthesize(engine, batch[:half]) + self._synthesize(engine, batch[half:])
-
-
-def _empty_cuda_cache() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass
+        # CUDA out-of-memory (halve and retry, CPU fallback) is handled inside the engine.
+        return list(engine.synthesize_batch([job.request for job in batch]))
