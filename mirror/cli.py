@@ -1,0 +1,347 @@
+"""`tts-mirror`: publish models to the mirror, promote them, list and verify them.
+
+Exit codes: 0 ok, 1 operational error (one line on stderr, no traceback), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import click
+import structlog
+
+from .logs import configure_logging
+from .manifest import ManifestError
+from .remote import Mirror, MirrorError, resolve_credentials
+from .s3 import CredentialsError
+from .signing import KeyFileError, SignatureError, generate_keypair, load_public_key
+
+log = structlog.get_logger(__name__)
+
+ENV_ENDPOINT = "TTS_MIRROR_ENDPOINT"
+ENV_BUCKET = "TTS_MIRROR_BUCKET"
+ENV_CREDENTIALS = "TTS_MIRROR_CREDENTIALS"
+ENV_SIGNING_KEY = "TTS_MIRROR_SIGNING_KEY"
+ENV_PUBLIC_KEY = "TTS_MIRROR_PUBLIC_KEY"
+
+OPERATIONAL_ERRORS = (MirrorError, ManifestError, CredentialsError, KeyFileError, SignatureError)
+
+
+def _fail(exc: Exception) -> click.ClickException:
+    return click.ClickException(str(exc))
+
+
+def mirror_options(f):
+    """--endpoint/--bucket/--credentials, each also from the environment."""
+    f = click.option(
+        "--credentials", type=click.Path(dir_okay=False, path_type=Path), envvar=ENV_CREDENTIALS,
+        show_envvar=True,
+        help="TOML file with access_key and secret_key, mode 0600. "
+        "Without it: TTS_S3_ACCESS_KEY and TTS_S3_SECRET_KEY.",
+    )(f)
+    f = click.option("--bucket", required=True, envvar=ENV_BUCKET, show_envvar=True, help="Mirror bucket.")(f)
+    f = click.option(
+        "--endpoint", required=True, envvar=ENV_ENDPOINT, show_envvar=True,
+        help="S3 endpoint of the mirror, e.g. http://minio.internal:9000.",
+    )(f)
+    return f
+
+
+def _connect(endpoint: str, bucket: str, credentials: Path | None, pool: int = 32) -> Mirror:
+    return Mirror.connect(endpoint, bucket, resolve_credentials(credentials), max_pool_connections=pool)
+
+
+def _public_keys(paths: tuple[Path, ...]) -> list:
+    return [load_public_key(p) for p in paths]
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="info", show_default=True, envvar="TTS_LOG_LEVEL",
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+def main(log_level: str) -> None:
+    """Publish TTS models to the fleet's S3 mirror and manage what the fleet tracks.
+
+    Exit codes: 0 ok, 1 operational error, 2 usage error.
+    """
+    configure_logging(log_level)
+
+
+# --------------------------------------------------------------------------- publish
+
+
+class RichEvents:
+    """A progress bar on a terminal (bytes uploaded or found already present)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+            TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+        )
+        self._task = None
+        self._done = 0
+        self._files = 0
+        self._lock = threading.Lock()
+
+    def start(self, files: int, total_bytes: int) -> None:
+        self._files = files
+        self._progress.start()
+        self._task = self._progress.add_task(f"publishing 0/{files} files", total=total_bytes)
+
+    def hashed(self, path: str, size: int) -> None:
+        pass
+
+    def transferred(self, nbytes: int) -> None:
+        self._progress.advance(self._task, nbytes)
+
+    def file_done(self, path: str, size: int, action: str) -> None:
+        with self._lock:
+            self._done += 1
+            done = self._done
+        self._progress.update(self._task, description=f"publishing {done}/{self._files} files")
+
+    def finish(self) -> None:
+        self._progress.stop()
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Model name (models/<name>/...).")
+@click.option("--version", "version", required=True, help="Version; immutable once published.")
+@click.option("--channel", help="Also point this channel (e.g. stable) at the version.")
+@mirror_options
+@click.option("--signing-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              envvar=ENV_SIGNING_KEY, show_envvar=True, help="ed25519 private key (PEM) that signs the manifest.")
+@click.option("--create-bucket", is_flag=True, help="Create the bucket if it does not exist.")
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Parallel upload requests (multipart parts).")
+@click.option("--chunk-mib", default=16, show_default=True, type=click.IntRange(5, 1024),
+              help="Multipart part size and threshold, MiB.")
+@click.option("--s3-checksum/--no-s3-checksum", default=True, show_default=True,
+              help="Send S3 additional checksums (SHA256) the server verifies per part; "
+              "turn off for servers that reject them.")
+def publish(directory, name, version, channel, endpoint, bucket, credentials, signing_key, create_bucket,
+            concurrency, chunk_mib, s3_checksum) -> None:
+    """Hash and upload DIRECTORY as NAME/VERSION, then write its signed manifest.
+
+    Files already on the mirror with the same sha256 and size are skipped, so a re-run
+    after a failure uploads only what is missing. The manifest is written only after
+    every object is confirmed. A published version is immutable: different content is
+    refused, identical content is a no-op.
+    """
+    from .publish import LogEvents, default_transfer_config, publish_dir
+    from .signing import load_private_key
+
+    events = None
+    try:
+        key = load_private_key(signing_key)
+        mirror = _connect(endpoint, bucket, credentials, pool=concurrency + 8)
+        events = RichEvents() if sys.stderr.isatty() else LogEvents()
+        report = publish_dir(
+            directory, name=name, version=version, mirror=mirror, signing_key=key, channel=channel,
+            create_bucket=create_bucket, s3_checksum=s3_checksum, events=events,
+            transfer_config=default_transfer_config(max_concurrency=concurrency, chunk_mib=chunk_mib),
+        )
+    except OPERATIONAL_ERRORS as exc:
+        raise _fail(exc) from None
+    finally:
+        if isinstance(events, RichEvents):
+            events.close()
+    if report.created_bucket:
+        click.echo(f"created bucket {bucket}")
+    if report.unchanged:
+        restored = f" (restored {len(report.uploaded)} missing object(s))" if report.uploaded else ""
+        click.echo(f"{name} {version} is already published with identical content: nothing to do{restored}")
+    else:
+        rate = report.uploaded_bytes / (1024 * 1024) / max(report.seconds, 1e-6)
+        click.echo(
+            f"published {name} {version}: {report.files} files, {_human(report.total_bytes)} "
+            f"({len(report.uploaded)} uploaded, {len(report.present)} already on the mirror) "
+            f"in {report.seconds:.1f} s, {rate:.0f} MiB/s; signed by {report.key_id}"
+        )
+    if report.channel:
+        before = report.previous_channel_version or "none"
+        click.echo(f"channel {report.channel} of {name}: {before} -> {version}")
+
+
+# --------------------------------------------------------------------------- promote / list / verify
+
+
+@main.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--channel", required=True, help="Channel to point at VERSION (e.g. stable, canary).")
+@mirror_options
+@click.option("--public-key", "public_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              envvar=ENV_PUBLIC_KEY, show_envvar=True,
+              help="Trusted ed25519 public key (repeatable): the signature must verify against one.")
+def promote(name, version, channel, endpoint, bucket, credentials, public_keys) -> None:
+    """Point CHANNEL of NAME at VERSION, after checking the version is complete.
+
+    Checks first: the manifest and its signature exist (and verify, with --public-key)
+    and every object exists with the manifest's size.
+    """
+    from .catalog import promote as do_promote
+
+    try:
+        mirror = _connect(endpoint, bucket, credentials)
+        mirror.check_bucket()
+        previous = do_promote(mirror, name, version, channel, _public_keys(public_keys))
+    except OPERATIONAL_ERRORS as exc:
+        raise _fail(exc) from None
+    click.echo(f"channel {channel} of {name}: {previous or 'none'} -> {version}")
+
+
+@main.command("list")
+@mirror_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_cmd(endpoint, bucket, credentials, as_json) -> None:
+    """List models, their versions (state, files, size) and channels."""
+    from .catalog import list_models
+
+    try:
+        mirror = _connect(endpoint, bucket, credentials)
+        mirror.check_bucket()
+        models = list_models(mirror)
+    except OPERATIONAL_ERRORS as exc:
+        raise _fail(exc) from None
+    if as_json:
+        doc = [
+            {
+                "name": m.name,
+                "channels": m.channels,
+                "versions": [
+                    {"version": v.version, "state": v.state, "files": v.files, "size": v.size,
+                     "created": v.created, "signed": v.signed}
+                    for v in m.versions
+                ],
+            }
+            for m in models
+        ]
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if not models:
+        click.echo(f"no models in bucket {bucket}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{bucket} at {endpoint}")
+    for column in ("model", "version", "state", "files", "size", "created", "channels"):
+        table.add_column(column, justify="right" if column in {"files", "size"} else "left")
+    for m in models:
+        by_version: dict[str, list[str]] = {}
+        for channel, version in sorted(m.channels.items()):
+            by_version.setdefault(version, []).append(channel)
+        for v in m.versions:
+            state = v.state if v.signed or v.state != "published" else "published (unsigned)"
+            table.add_row(m.name, v.version, state, str(v.files) if v.files else "",
+                          _human(v.size) if v.size else "", v.created, ", ".join(by_version.get(v.version, [])))
+        dangling = [f"{c} -> {ver}" for c, ver in sorted(m.channels.items())
+                    if ver not in {v.version for v in m.versions}]
+        if dangling:
+            table.add_row(m.name, "", "channel without version", "", "", "", ", ".join(dangling))
+    Console(width=max(100, Console().width)).print(table)
+
+
+@main.command()
+@click.argument("name")
+@click.argument("version")
+@mirror_options
+@click.option("--public-key", "public_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              envvar=ENV_PUBLIC_KEY, show_envvar=True,
+              help="Trusted ed25519 public key (repeatable): also verify the manifest signature.")
+def verify(name, version, endpoint, bucket, credentials, public_keys) -> None:
+    """Re-hash every object of NAME VERSION on the mirror against its manifest.
+
+    Reports each mismatch (missing object, wrong size, wrong sha256, bad signature)
+    and exits 1 if there is any.
+    """
+    from .catalog import verify_version
+
+    try:
+        mirror = _connect(endpoint, bucket, credentials)
+        mirror.check_bucket()
+        result = verify_version(mirror, name, version, _public_keys(public_keys))
+    except OPERATIONAL_ERRORS as exc:
+        raise _fail(exc) from None
+    for problem in result.mismatches:
+        click.echo(f"MISMATCH {problem}")
+    signer = f"; signature by {result.signer}" if result.signer else ""
+    if result.mismatches:
+        click.echo(f"{name} {version}: {len(result.mismatches)} problem(s) in {result.checked} files", err=True)
+        sys.exit(1)
+    click.echo(f"{name} {version}: {result.checked} files, {_human(result.bytes)}, all sha256 match{signer}")
+
+
+# --------------------------------------------------------------------------- keys and voices
+
+
+@main.command()
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for <name>.key (mode 0600) and <name>.pub.")
+@click.option("--name", "key_name", default="mirror-signing", show_default=True, help="File name stem.")
+@click.option("--force", is_flag=True, help="Overwrite existing key files.")
+def keygen(out_dir: Path, key_name: str, force: bool) -> None:
+    """Write a new ed25519 signing key pair (private key mode 0600)."""
+    private, public = out_dir / f"{key_name}.key", out_dir / f"{key_name}.pub"
+    try:
+        kid = generate_keypair(private, public, overwrite=force)
+    except (KeyFileError, OSError) as exc:
+        raise _fail(exc) from None
+    click.echo(f"private key: {private} (mode {os.stat(private).st_mode & 0o777:04o})")
+    click.echo(f"public key:  {public}")
+    click.echo(f"key id:      {kid}")
+
+
+@main.command("import-piper")
+@click.argument("onnx", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("config_json", metavar="JSON", required=False,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory for the bundle (then: tts-mirror publish OUT ...).")
+@click.option("--bundled", is_flag=True, help="Use the bundled en_US-joe-medium voice instead of ONNX JSON.")
+def import_piper_cmd(onnx, config_json, out_dir, bundled) -> None:
+    """Convert a Piper voice (ONNX + JSON) into this project's safetensors bundle."""
+    if bundled == bool(onnx or config_json):
+        raise click.UsageError("give either ONNX and JSON, or --bundled")
+    if not bundled and not (onnx and config_json):
+        raise click.UsageError("both ONNX and JSON are needed")
+    try:  # lazy: onnx is an optional dependency, needed only here
+        from .piper_import import PiperImportError, bundled_voice_paths, import_piper
+    except ImportError as exc:
+        raise click.ClickException(
+            f"import-piper is unavailable ({exc}); install the extra: pip install 'tts-fleet[import]'"
+        ) from None
+    try:
+        if bundled:
+            onnx, config_json = bundled_voice_paths()
+        report = import_piper(Path(onnx), Path(config_json), Path(out_dir))
+    except PiperImportError as exc:
+        raise _fail(exc) from None
+    unused = getattr(report, "unused", []) or []
+    click.echo(f"imported {Path(onnx).name} -> {report.out_dir}: {report.mapped} tensors mapped, "
+               f"{len(unused)} unused" + (f" ({', '.join(unused)})" if unused else ""))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
