@@ -113,7 +113,8 @@ class Aria2Config(_Strict):
     max_concurrent_downloads: Annotated[int, Field(ge=1, le=64)] = 4
     max_download_limit: str = "0"
     max_tries: Annotated[int, Field(ge=1, le=100)] = 5
-    presign_expiry: Annotated[int, Field(ge=60, le=7 * 24 * 3600)] = 3600
+    # Seconds a presigned URL stays valid; expired URLs are re-presigned and resumed.
+    presign_expiry: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
 
 
 class ProvisionerConfig(_Strict):

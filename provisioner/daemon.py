@@ -121,12 +121,18 @@ class Provisioner:
         self._ensure_aria2()
         self.status.state = "syncing"
         self.reporter.publish("checking mirrors")
-        try:
-            results = self.syncer.sync_all()
-        except (requests.exceptions.RequestException, Aria2Error) as exc:
-            # aria2c died or wedged mid-pass: report, restart it next pass (partials resume).
-            log.error("aria2c failed during sync", error=str(exc))
-            results = {m.name: exc for m in self.config.models}
+        results = {}
+        for attempt in (1, 2):
+            try:
+                results = self.syncer.sync_all()
+                break
+            except (requests.exceptions.RequestException, Aria2Error) as exc:
+                # aria2c died or wedged mid-pass: restart it and go again (partials resume).
+                log.error("aria2c failed during sync", error=str(exc), attempt=attempt)
+                results = {m.name: exc for m in self.config.models}
+                if attempt == 1 and not self.stop_event.is_set():
+                    self.aria2.stop()
+                    self.aria2.start()
         self.status.syncs_completed += 1
         failed = {k: v for k, v in results.items() if isinstance(v, Exception)}
         self.status.ready = self.all_current()

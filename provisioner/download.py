@@ -59,6 +59,7 @@ class _Job:
     retry_at: float = 0.0
     uri_mirror: dict[str, str] = field(default_factory=dict)
     completed: int = 0
+    one_mirror: bool = False  # after a mismatch from mixed mirrors: try them one at a time
 
 
 ProgressFn = Callable[[int, int, int], None]  # (bytes done, bytes total, files done)
@@ -96,6 +97,8 @@ class Downloader:
                 data.unlink()
             urls = self.mirrors.presigned_urls(name, version, job.entry.path, self.cfg.presign_expiry,
                                                exclude=job.excluded)
+            if job.one_mirror:
+                urls = urls[:1]
             if not urls:
                 raise DownloadError(f"{name}/{version}: {job.entry.path}: no mirror left to try "
                                     f"(excluded: {sorted(job.excluded)})")
@@ -126,7 +129,11 @@ class Downloader:
                     cleanup_attempt(remove_partials=False)
                     raise Interrupted("download interrupted; partial files kept for resume")
                 now = time.monotonic()
+                # Hand aria2 only what it runs at once: URLs are presigned just before
+                # use, so a long queue cannot outlive their expiry.
                 for job in [j for j in pending if j.retry_at <= now]:
+                    if len(active) >= self.cfg.max_concurrent_downloads:
+                        break
                     pending.remove(job)
                     start(job)
 
@@ -171,9 +178,11 @@ class Downloader:
                     if job.failures > self.cfg.max_tries:
                         raise DownloadError(f"{name}/{version}: {job.entry.path}: checksum mismatch from "
                                             f"mirrors {used} after {job.failures} attempts")
-                    remaining = {s.name for s in self.mirrors.sources} - job.excluded - set(used)
-                    if remaining:
+                    if len(used) == 1:
                         job.excluded |= set(used)
+                    else:
+                        # Bytes came from several mirrors: find the bad one by trying each alone.
+                        job.one_mirror = True
                     retry(job, 0.0)
 
                 if progress:
