@@ -51,6 +51,21 @@ def mirror_options(f):
     return f
 
 
+def _plain_name(what: str):
+    """Click callback: names become key components, so a bad one is a usage error (exit 2)."""
+    from .manifest import validate_name
+
+    def callback(ctx, param, value):
+        if value is None:
+            return value
+        try:
+            return validate_name(value, what)
+        except ManifestError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
+
+
 def _connect(endpoint: str, bucket: str, credentials: Path | None, pool: int = 32) -> Mirror:
     return Mirror.connect(endpoint, bucket, resolve_credentials(credentials), max_pool_connections=pool)
 
@@ -125,9 +140,10 @@ class RichEvents:
 
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--name", required=True, help="Model name (models/<name>/...).")
-@click.option("--version", "version", required=True, help="Version; immutable once published.")
-@click.option("--channel", help="Also point this channel (e.g. stable) at the version.")
+@click.option("--name", required=True, callback=_plain_name("model name"), help="Model name (models/<name>/...).")
+@click.option("--version", "version", required=True, callback=_plain_name("version"),
+              help="Version; immutable once published.")
+@click.option("--channel", callback=_plain_name("channel"), help="Also point this channel (e.g. stable) at the version.")
 @mirror_options
 @click.option("--signing-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
               envvar=ENV_SIGNING_KEY, show_envvar=True, help="ed25519 private key (PEM) that signs the manifest.")
@@ -187,9 +203,10 @@ def publish(directory, name, version, channel, endpoint, bucket, credentials, si
 
 
 @main.command()
-@click.argument("name")
-@click.argument("version")
-@click.option("--channel", required=True, help="Channel to point at VERSION (e.g. stable, canary).")
+@click.argument("name", callback=_plain_name("model name"))
+@click.argument("version", callback=_plain_name("version"))
+@click.option("--channel", required=True, callback=_plain_name("channel"),
+              help="Channel to point at VERSION (e.g. stable, canary).")
 @mirror_options
 @click.option("--public-key", "public_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               envvar=ENV_PUBLIC_KEY, show_envvar=True,
@@ -264,8 +281,8 @@ def list_cmd(endpoint, bucket, credentials, as_json) -> None:
 
 
 @main.command()
-@click.argument("name")
-@click.argument("version")
+@click.argument("name", callback=_plain_name("model name"))
+@click.argument("version", callback=_plain_name("version"))
 @mirror_options
 @click.option("--public-key", "public_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               envvar=ENV_PUBLIC_KEY, show_envvar=True,

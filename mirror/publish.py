@@ -340,6 +340,8 @@ def _hash_and_upload(files, known, name, version, mirror, transfer_config, s3_ch
                 failures.append(f"{f.path}: {describe(exc, mirror.endpoint, mirror.bucket)}")
             except OSError as exc:
                 failures.append(f"{f.path}: {exc.strerror or exc}")
+            except Exception as exc:  # anything else a transfer can raise: still one line
+                failures.append(f"{f.path}: {type(exc).__name__}: {exc}")
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise MirrorError(
