@@ -355,9 +355,10 @@ def import_piper_cmd(onnx, config_json, out_dir, bundled) -> None:
         report = import_piper(Path(onnx), Path(config_json), Path(out_dir))
     except PiperImportError as exc:
         raise _fail(exc) from None
-    unused = getattr(report, "unused", []) or []
+    unused = list(report.unused or [])
+    shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
     click.echo(f"imported {Path(onnx).name} -> {report.out_dir}: {report.mapped} tensors mapped, "
-               f"{len(unused)} unused" + (f" ({', '.join(unused)})" if unused else ""))
+               f"{len(unused)} initializers unused" + (f" ({shown})" if unused else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover
