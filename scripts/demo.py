@@ -1,0 +1,134 @@
+"""The main job on the embedded default, end to end, through the CLIs an operator types:
+
+  local S3 server (nanio) -> tts-mirror keygen / import-piper (bundled joe voice) / publish
+  -> tts-provisioner sync -> tts-runtime serve on a Unix socket -> tts-ctl synth -> WAV
+
+Everything lives under ./demo-out (or $TTS_DEMO_DIR); the S3 server and the runtime
+are stopped at the end. Prints the snapshot that was provisioned and the WAV's path.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TEXT = "Hello from tts fleet. The model cache is verified, and the runtime is ready."
+
+
+def step(msg: str) -> None:
+    print(f"==> {msg}", file=sys.stderr, flush=True)
+
+
+def run(*args: str, log: Path) -> subprocess.CompletedProcess:
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(args)}\n")
+        f.flush()
+        result = subprocess.run(args, stdout=subprocess.PIPE, stderr=f, text=True)
+    if result.returncode != 0:
+        tail = log.read_text().splitlines()[-15:]
+        sys.exit(f"demo: `{' '.join(args[:2])}` failed (exit {result.returncode}); last log lines:\n"
+                 + "\n".join(tail))
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"demo: the S3 server did not start on port {port}")
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    out = Path(os.environ.get("TTS_DEMO_DIR", REPO / "demo-out")).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    log = out / "demo.log"
+    env = dict(os.environ, TTS_LOG_FORMAT="json")
+    os.environ.update(env)
+    tool = lambda name: str(BIN / name)  # noqa: E731 - the venv's console scripts
+
+    access, secret = "demo" + secrets.token_hex(4), secrets.token_hex(20)
+    creds = out / "mirror-credentials.toml"
+    fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f'access_key = "{access}"\nsecret_key = "{secret}"\n')
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    step(f"starting a local S3 server (nanio) on {endpoint}")
+    s3 = subprocess.Popen([tool("nanio"), "serve", "--host", "127.0.0.1", "--port", str(port),
+                           "--data-dir", str(out / "s3-data"), "--no-access-log", "--log-level", "warning"],
+                          env=dict(env, NANIO_ACCESS_KEY=access, NANIO_SECRET_KEY=secret),
+                          stdout=subprocess.DEVNULL, stderr=open(out / "nanio.log", "w"))
+    runtime = None
+    try:
+        wait_port(port)
+        step("creating a signing key and importing the bundled voice (en_US-joe-medium)")
+        run(tool("tts-mirror"), "keygen", "--out-dir", str(out / "keys"), log=log)
+        run(tool("tts-mirror"), "import-piper", "--bundled", "--out", str(out / "bundle"), log=log)
+        step("publishing joe 1.0.0 to the mirror, channel stable")
+        run(tool("tts-mirror"), "publish", str(out / "bundle"), "--name", "joe", "--version", "1.0.0",
+            "--channel", "stable", "--endpoint", endpoint, "--bucket", "tts-models", "--create-bucket",
+            "--credentials", str(creds), "--signing-key", str(out / "keys" / "mirror-signing.key"), log=log)
+
+        cache, prov_run = out / "cache", out / "run-provisioner"
+        prov_cfg = out / "provisioner.toml"
+        prov_cfg.write_text(
+            f'cache_dir = "{cache}"\nruntime_dir = "{prov_run}"\n'
+            f'public_keys = ["{out / "keys" / "mirror-signing.pub"}"]\n\n'
+            f'[[mirrors]]\nname = "local"\nendpoint = "{endpoint}"\nbucket = "tts-models"\n'
+            f'credentials_file = "{creds}"\n\n[[models]]\nname = "joe"\nchannel = "stable"\n')
+        step("provisioning the cache with tts-provisioner sync (aria2, sha256-verified)")
+        result = run(tool("tts-provisioner"), "--config", str(prov_cfg), "sync", log=log)
+        print(result.stdout.strip(), flush=True)
+        snapshot = (cache / "current" / "joe").resolve()
+        print(f"snapshot: {snapshot}", flush=True)
+
+        sock = out / "runtime.sock"
+        rt_cfg = out / "runtime.toml"
+        rt_cfg.write_text(f'socket_path = "{sock}"\ncache_dir = "{cache}"\n'
+                          f'provisioner_runtime_dir = "{prov_run}"\nmodels = ["joe"]\ndevice = "cpu"\n')
+        step(f"starting tts-runtime on {sock}")
+        runtime = subprocess.Popen([tool("tts-runtime"), "serve", "--config", str(rt_cfg)],
+                                   stdout=subprocess.DEVNULL, stderr=open(out / "runtime.log", "w"), env=env)
+        run(tool("tts-ctl"), "--socket", str(sock), "wait-ready", "--timeout", "120", log=log)
+        wav = out / "hello.wav"
+        step("synthesizing with tts-ctl")
+        run(tool("tts-ctl"), "--socket", str(sock), "synth", TEXT, "-o", str(wav), "--seed", "1", log=log)
+        print(f"wav: {wav}", flush=True)
+    finally:
+        stop(runtime)
+        stop(s3)
+
+
+if __name__ == "__main__":
+    main()
