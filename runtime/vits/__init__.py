@@ -1,6 +1,6 @@
 """VITS inference in PyTorch, written for tts-fleet (no code taken from Piper or upstream VITS)."""
 
 from .config import VitsConfig
-from .model import BatchOutput, VitsModel
+from .model import VitsModel
 
-__all__ = ["BatchOutput", "VitsConfig", "VitsModel"]
+__all__ = ["VitsConfig", "VitsModel"]

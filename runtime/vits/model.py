@@ -7,7 +7,6 @@ not depend on what else is in its batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -19,12 +18,6 @@ from .decoder import Generator
 from .duration import StochasticDurationPredictor
 from .flow import CouplingFlow
 from .text_encoder import TextEncoder
-
-
-@dataclass
-class BatchOutput:
-    audio: torch.Tensor  # [B, N] float32, padded
-    audio_lengths: list[int]  # valid samples per request
 
 
 def _padded_noise(gens: Sequence[torch.Generator], channels: int, lengths: Sequence[int]) -> torch.Tensor:
@@ -45,7 +38,7 @@ class VitsModel(nn.Module):
         self.dec = Generator(cfg)
 
     def fuse_for_inference(self) -> None:
-        """One-off load-time rewrites that keep numerics (polyphase upsampling)."""
+        """One-off load-time rewrite of the decoder into its fast path (see Generator.fuse)."""
         self.dec.fuse()
 
     def infer(
@@ -56,8 +49,9 @@ class VitsModel(nn.Module):
         noise_scale: torch.Tensor,
         length_scale: torch.Tensor,
         noise_w: torch.Tensor,
-    ) -> BatchOutput:
-        """ids [B,T] long, lengths [B] long, scales [B] float (all on the model's device)."""
+    ) -> list[torch.Tensor]:
+        """ids [B,T] long, lengths [B] long, scales [B] float (all on the model's device).
+        Returns one 1-D waveform per request."""
         dev = ids.device
         x, m_p, logs_p, x_mask = self.enc_p(ids, lengths)
 
@@ -80,6 +74,4 @@ class VitsModel(nn.Module):
         eps = _padded_noise(generators, m.shape[1], y_lengths.tolist()).to(dev)
         z_p = (m + eps * torch.exp(logs) * noise_scale[:, None, None]) * y_mask
         z = self.flow.reverse(z_p, y_mask)
-        audio = self.dec(z * y_mask, y_lengths)[:, 0]
-        hop = self.cfg.hop_length
-        return BatchOutput(audio=audio, audio_lengths=[int(n) * hop for n in y_lengths.tolist()])
+        return self.dec.decode(z * y_mask, y_lengths.tolist())

@@ -1,0 +1,121 @@
+"""Waveform post-processing and encoding: volume, resampling (soxr), container/codec encoding.
+
+Speed is not a post-process: it is applied in the model by dividing the duration predictor's
+length_scale (see `speed_to_length_scale`), so pitch and timbre stay natural.
+
+Formats are probed against the installed libsndfile at import time; SUPPORTED_FORMATS only
+lists what actually encodes here.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import soundfile as sf
+import soxr
+import structlog
+
+log = structlog.get_logger(__name__)
+
+SUPPORTED_RATES: tuple[int, ...] = (8000, 16000, 22050, 24000, 44100, 48000)
+OPUS_RATES: tuple[int, ...] = (8000, 12000, 16000, 24000, 48000)
+MAX_VOLUME = 10.0
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+
+# format -> (libsndfile container, subtype, mime); "pcm" is raw s16le and needs no libsndfile
+_CANDIDATES: dict[str, tuple[str, str, str]] = {
+    "wav": ("WAV", "PCM_16", "audio/wav"),
+    "flac": ("FLAC", "PCM_16", "audio/flac"),
+    "opus": ("OGG", "OPUS", "audio/ogg; codecs=opus"),
+    "ogg": ("OGG", "VORBIS", "audio/ogg; codecs=vorbis"),
+    "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
+}
+
+
+class UnsupportedFormatError(ValueError):
+    """Requested output format is unknown or not supported by this libsndfile."""
+
+
+def _probe() -> dict[str, str]:
+    formats = {}
+    probe = np.zeros(2400, dtype=np.float32)
+    for name, (container, subtype, mime) in _CANDIDATES.items():
+        rate = 24000 if subtype == "OPUS" else 22050
+        try:
+            buf = io.BytesIO()
+            sf.write(buf, probe, rate, format=container, subtype=subtype)
+            if buf.tell() == 0:
+                raise RuntimeError("wrote nothing")
+            formats[name] = mime
+        except Exception as exc:  # libsndfile built without this codec
+            log.debug("audio.format_unavailable", format=name, error=str(exc))
+    formats["pcm"] = "audio/pcm"  # raw signed 16-bit little-endian mono
+    return formats
+
+
+SUPPORTED_FORMATS: dict[str, str] = _probe()
+
+
+def speed_to_length_scale(speed: float, base_length_scale: float = 1.0) -> float:
+    """speed 2.0 = twice as fast: durations are scaled by 1/speed."""
+    if not (MIN_SPEED <= float(speed) <= MAX_SPEED):
+        raise ValueError(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {speed}")
+    return float(base_length_scale) / float(speed)
+
+
+def _as_mono_float(wave: np.ndarray) -> np.ndarray:
+    arr = np.asarray(wave)
+    if arr.ndim == 2 and 1 in arr.shape:
+        arr = arr.reshape(-1)
+    if arr.ndim != 1:
+        raise ValueError(f"expected a mono waveform (1-D), got shape {arr.shape}")
+    if arr.dtype.kind != "f":
+        raise ValueError(f"expected a float waveform, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("waveform contains NaN or infinite samples")
+    return arr
+
+
+def resample(wave: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
+    """High-quality soxr resampling; output length is round(len * target / source)."""
+    if target_rate not in SUPPORTED_RATES:
+        raise ValueError(f"unsupported sample rate {target_rate}; choose one of {list(SUPPORTED_RATES)}")
+    wave = _as_mono_float(wave)
+    if target_rate == sample_rate or wave.size == 0:
+        return wave
+    return soxr.resample(wave, sample_rate, target_rate, quality="HQ").astype(np.float32, copy=False)
+
+
+def encode(wave: np.ndarray, sample_rate: int, fmt: str, target_rate: int | None = None, volume: float = 1.0) -> bytes:
+    """Float waveform in [-1, 1] -> encoded bytes in `fmt` (see SUPPORTED_FORMATS).
+
+    volume is a linear gain (0..10) applied before clipping to [-1, 1]. target_rate resamples
+    first. Opus only encodes at 8/12/16/24/48 kHz: other rates go to the next supported rate up.
+    """
+    fmt = fmt.lower()
+    if fmt not in SUPPORTED_FORMATS:
+        raise UnsupportedFormatError(f"unsupported format {fmt!r}; supported: {sorted(SUPPORTED_FORMATS)}")
+    if not (0.0 <= float(volume) <= MAX_VOLUME):
+        raise ValueError(f"volume must be between 0 and {MAX_VOLUME}, got {volume}")
+    if int(sample_rate) <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    wave = _as_mono_float(wave)
+    rate = int(sample_rate)
+    if target_rate is not None and int(target_rate) != rate:
+        wave, rate = resample(wave, rate, int(target_rate)), int(target_rate)
+    if fmt == "opus" and rate not in OPUS_RATES:
+        up = next((r for r in OPUS_RATES if r >= rate), OPUS_RATES[-1])
+        wave = soxr.resample(wave, rate, up, quality="HQ").astype(np.float32, copy=False)
+        rate = up
+    if volume != 1.0:
+        wave = wave * np.float32(volume)
+    wave = np.clip(wave, -1.0, 1.0)
+
+    if fmt == "pcm":
+        return (wave * 32767.0).round().astype("<i2").tobytes()
+    container, subtype, _ = _CANDIDATES[fmt]
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, format=container, subtype=subtype)
+    return buf.getvalue()

@@ -1,0 +1,287 @@
+"""Synthesis engine: loads a voice bundle (safetensors + voice.json) and runs batched VITS inference.
+
+* Weights are read with safetensors only (never pickle).
+* Batch invariance: each request's noise comes from its own seeded CPU torch.Generator with
+  the request's own length, and the model masks all padding, so a request gives the same audio
+  alone or in any batch.
+* Devices: "auto" (CUDA when available), "cpu", "cuda" / "cuda:N". On CUDA out-of-memory the
+  batch is halved and retried recursively; a single request that still does not fit runs on a
+  CPU replica of the model when cpu_fallback is set (structlog warning), otherwise
+  EngineOOMError is raised. The GPU model stays loaded for later batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import structlog
+import torch
+
+from runtime.frontend import TextFrontend
+from runtime.vits import VitsConfig, VitsModel
+
+log = structlog.get_logger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+VOICE_FILE = "voice.json"
+SENTENCE_PAUSE_S = 0.2
+TEXT_BATCH = 16  # sentences of one text synthesized per batch
+
+
+class EngineError(RuntimeError):
+    """The engine cannot load or run (bad bundle, unavailable device, closed engine)."""
+
+
+class EngineOOMError(EngineError):
+    """A single request does not fit on the device and CPU fallback is disabled."""
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    phoneme_ids: Sequence[int]  # one sentence's ids (frontend output)
+    seed: int = 0
+    length_scale: float | None = None  # None -> voice default
+    noise_scale: float | None = None
+    noise_w: float | None = None
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    ids: tuple[int, ...]
+    seed: int
+    length_scale: float
+    noise_scale: float
+    noise_w: float
+
+
+def _resolve_device(device: str, cpu_fallback: bool) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        dev = torch.device("cuda:0" if device == "cuda" else device)
+        if torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count():
+            return dev
+        if cpu_fallback:
+            log.warning("engine.cuda_unavailable_fallback_cpu", requested=device)
+            return torch.device("cpu")
+        raise EngineError(f"device {device!r} requested but CUDA is not available "
+                          f"({torch.cuda.device_count()} device(s))")
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _read_voice(bundle_dir: Path) -> dict:
+    path = bundle_dir / VOICE_FILE
+    try:
+        voice = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise EngineError(f"bundle {bundle_dir} has no {VOICE_FILE}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EngineError(f"{path} is not readable JSON: {exc}") from exc
+    for key in ("sample_rate", "phoneme_id_map", "espeak_voice", "inference", "hyperparameters"):
+        if key not in voice:
+            raise EngineError(f"{path} lacks {key!r} (not a tts-fleet voice bundle?)")
+    return voice
+
+
+class Engine:
+    def __init__(self, model: VitsModel, voice: dict, device: torch.device, cpu_fallback: bool, max_chars: int):
+        self._model: VitsModel | None = model
+        self._cpu_model: VitsModel | None = model if device.type == "cpu" else None
+        self._voice = voice
+        self._device = device
+        self.cpu_fallback = cpu_fallback
+        self.sample_rate: int = int(voice["sample_rate"])
+        self.voice_name: str = str(voice.get("name", "voice"))
+        self.num_symbols: int = int(model.cfg.num_symbols)
+        self.hop_length: int = model.cfg.hop_length
+        inf = voice["inference"]
+        self.defaults = {
+            "length_scale": float(inf.get("length_scale", 1.0)),
+            "noise_scale": float(inf.get("noise_scale", 0.667)),
+            "noise_w": float(inf.get("noise_w", 0.8)),
+        }
+        self.frontend = TextFrontend(voice, max_chars=max_chars)
+        self.stats = {"batches": 0, "oom_splits": 0, "cpu_fallbacks": 0}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, bundle_dir: Path, device: str = "auto", cpu_fallback: bool = True, threads: int | None = None,
+             max_chars: int = 5000) -> "Engine":
+        """Load a bundle written by `tts-mirror import-piper`. `threads` sets torch's intra-op
+        thread count for this process (None leaves it alone)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        bundle_dir = Path(bundle_dir)
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        voice = _read_voice(bundle_dir)
+        dev = _resolve_device(device, cpu_fallback)
+        try:
+            cfg = VitsConfig.from_dict(voice["hyperparameters"])
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"bad hyperparameters in {bundle_dir / VOICE_FILE}: {exc}") from exc
+        weights = bundle_dir / WEIGHTS_FILE
+        try:
+            state = load_file(str(weights), device="cpu")
+        except FileNotFoundError as exc:
+            raise EngineError(f"bundle {bundle_dir} has no {WEIGHTS_FILE}") from exc
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise EngineError(f"{weights} is not a readable safetensors file: {exc}") from exc
+        model = cls._build(cfg, state, weights)
+        if dev.type != "cpu":
+            try:
+                model = cls._to_device(model, dev)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not cpu_fallback:
+                    raise EngineError(f"cannot place the model on {dev}: {exc}") from exc
+                log.warning("engine.device_load_failed_fallback_cpu", device=str(dev), error=str(exc))
+                model, dev = cls._build(cfg, state, weights), torch.device("cpu")
+        engine = cls(model, voice, dev, cpu_fallback, max_chars)
+        log.info("engine.loaded", voice=engine.voice_name, device=str(dev), threads=torch.get_num_threads(),
+                 seconds=round(time.perf_counter() - t0, 3))
+        return engine
+
+    @staticmethod
+    def _build(cfg: VitsConfig, state: dict[str, torch.Tensor], source: Path) -> VitsModel:
+        # Build on the meta device and adopt the loaded tensors: no wasted random init.
+        with torch.device("meta"):
+            model = VitsModel(cfg)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise EngineError(f"{source} does not match the VITS module: {exc}") from exc
+        model.eval().requires_grad_(False)
+        model.fuse_for_inference()
+        return model
+
+    @staticmethod
+    def _to_device(model: VitsModel, dev: torch.device) -> VitsModel:
+        model = model.to(dev)
+        model.fuse_for_inference()  # rebuild the fast-path weights on the device
+        return model
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    def _check_open(self) -> VitsModel:
+        if self._model is None:
+            raise EngineError("engine is closed")
+        return self._model
+
+    # --------------------------------------------------------------- synthesis
+    def _resolve(self, i: int, req: SynthesisRequest) -> _Resolved:
+        if not isinstance(req, SynthesisRequest):
+            raise TypeError(f"request {i}: expected SynthesisRequest, got {type(req).__name__}")
+        ids = tuple(int(x) for x in req.phoneme_ids)
+        if not ids:
+            raise ValueError(f"request {i}: phoneme_ids is empty")
+        bad = [x for x in ids if not 0 <= x < self.num_symbols]
+        if bad:
+            raise ValueError(f"request {i}: phoneme ids out of range [0, {self.num_symbols}): {bad[:5]}")
+        vals = {}
+        for name in ("length_scale", "noise_scale", "noise_w"):
+            v = getattr(req, name)
+            v = self.defaults[name] if v is None else float(v)
+            if not math.isfinite(v) or v < 0 or (name == "length_scale" and v == 0):
+                raise ValueError(f"request {i}: {name} must be a finite number "
+                                 f"{'> 0' if name == 'length_scale' else '>= 0'}, got {v}")
+            vals[name] = v
+        return _Resolved(ids=ids, seed=int(req.seed), **vals)
+
+    def synthesize_batch(self, requests: Sequence[SynthesisRequest]) -> list[np.ndarray]:
+        """One float32 mono waveform per request, in request order."""
+        resolved = [self._resolve(i, r) for i, r in enumerate(requests)]
+        if not resolved:
+            return []
+        with self._lock:
+            model = self._check_open()
+            return self._run(model, resolved, self._device)
+
+    def _run(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device) -> list[np.ndarray]:
+        try:
+            return self._forward(model, reqs, dev)
+        except torch.OutOfMemoryError as exc:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(reqs) > 1:
+                half = len(reqs) // 2
+                self.stats["oom_splits"] += 1
+                log.warning("engine.oom_split_batch", device=str(dev), batch=len(reqs), into=[half, len(reqs) - half])
+                return self._run(model, reqs[:half], dev) + self._run(model, reqs[half:], dev)
+            if dev.type != "cpu" and self.cpu_fallback:
+                self.stats["cpu_fallbacks"] += 1
+                log.warning("engine.oom_cpu_fallback", device=str(dev), phonemes=len(reqs[0].ids))
+                return self._forward(self._cpu_replica(), reqs, torch.device("cpu"))
+            raise EngineOOMError(f"out of memory on {dev} for a single request of {len(reqs[0].ids)} "
+                                 f"phoneme ids (cpu_fallback={self.cpu_fallback})") from exc
+
+    def _cpu_replica(self) -> VitsModel:
+        if self._cpu_model is None:
+            state = {k: v.detach().to("cpu") for k, v in self._check_open().state_dict().items()}
+            self._cpu_model = self._build(self._check_open().cfg, state, Path("<device model>"))
+        return self._cpu_model
+
+    def _forward(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device) -> list[np.ndarray]:
+        self.stats["batches"] += 1
+        b, t = len(reqs), max(len(r.ids) for r in reqs)
+        ids = torch.zeros(b, t, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        lengths = torch.tensor([len(r.ids) for r in reqs], dtype=torch.long)
+        gens = [torch.Generator(device="cpu").manual_seed(r.seed) for r in reqs]
+
+        def scale(name: str) -> torch.Tensor:
+            return torch.tensor([getattr(r, name) for r in reqs], dtype=torch.float32, device=dev)
+
+        with torch.inference_mode():
+            out = model.infer(ids.to(dev), lengths.to(dev), gens, scale("noise_scale"), scale("length_scale"),
+                              scale("noise_w"))
+            return [w.float().cpu().numpy() for w in out]
+
+    def synthesize_text(self, text: str, *, seed: int = 0, length_scale: float | None = None,
+                        noise_scale: float | None = None, noise_w: float | None = None) -> np.ndarray:
+        """Front end + every sentence (sentence k uses seed + k), joined with a short pause."""
+        sentences = self.frontend.text_to_sentence_ids(text)
+        reqs = [SynthesisRequest(ids, seed=seed + k, length_scale=length_scale, noise_scale=noise_scale,
+                                 noise_w=noise_w) for k, ids in enumerate(sentences)]
+        waves: list[np.ndarray] = []
+        for start in range(0, len(reqs), TEXT_BATCH):
+            waves.extend(self.synthesize_batch(reqs[start:start + TEXT_BATCH]))
+        pause = np.zeros(int(SENTENCE_PAUSE_S * self.sample_rate), dtype=np.float32)
+        parts: list[np.ndarray] = []
+        for k, w in enumerate(waves):
+            if k:
+                parts.append(pause)
+            parts.append(w)
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        with self._lock:
+            on_cuda = self._device.type == "cuda"
+            self._model = None
+            self._cpu_model = None
+        if on_cuda:
+            torch.cuda.empty_cache()
+        log.info("engine.closed", voice=self.voice_name)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,89 @@
+"""ASR round trip with pocketsphinx: our engine must be as intelligible as Piper itself.
+
+Both voices are decoded in the same run; white noise must decode to (almost) nothing so the
+test cannot pass on garbage audio.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from tests.engine_fixtures import bundle_dir, engine, import_report  # noqa: F401
+
+pocketsphinx = pytest.importorskip("pocketsphinx")
+
+SENTENCES = [
+    "The boy was there when the sun rose.",
+    "Rice is often served in round bowls.",
+    "I would like a cup of hot coffee.",
+    "Please close the door when you leave.",
+    "We went to the park on Sunday morning.",
+    "My sister lives in a small house by the river.",
+    "The children are playing in the garden.",
+    "Turn left at the next street.",
+    "He reads the newspaper every day.",
+    "Can you help me find my keys?",
+    "She bought a new car last week.",
+    "Thank you very much for your help.",
+    "The dog is sleeping under the table.",
+]
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    ref, hyp = _words(reference), _words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, rw in enumerate(ref, 1):
+        prev, row = row, [i] + [0] * len(hyp)
+        for j, hw in enumerate(hyp, 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (rw != hw))
+    return row[-1] / max(len(ref), 1)
+
+
+@pytest.fixture(scope="module")
+def recognize():
+    import soxr
+
+    decoder = pocketsphinx.Decoder(loglevel="FATAL")
+
+    def run(wave: np.ndarray, rate: int) -> str:
+        x = soxr.resample(np.asarray(wave, dtype=np.float32), rate, 16000)
+        pcm = (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+        decoder.start_utt()
+        decoder.process_raw(pcm, full_utt=True)
+        decoder.end_utt()
+        hyp = decoder.hyp()
+        return hyp.hypstr if hyp else ""
+
+    return run
+
+
+def test_white_noise_decodes_to_nothing(recognize):
+    noise = np.random.default_rng(0).normal(0, 0.3, 16000 * 3).astype(np.float32)
+    assert len(_words(recognize(noise, 16000))) <= 1
+
+
+def test_wer_matches_piper(engine, recognize):
+    from piper.config import SynthesisConfig
+    from piper.voice import PiperVoice
+
+    from mirror.piper_import import bundled_voice_paths
+
+    assert len(SENTENCES) >= 10
+    piper = PiperVoice.load(*bundled_voice_paths())
+    ours, theirs = [], []
+    for k, text in enumerate(SENTENCES):
+        wave = engine.synthesize_text(text, seed=k)
+        ref_wave = np.concatenate([c.audio_float_array for c in piper.synthesize(text, SynthesisConfig())])
+        ours.append(word_error_rate(text, recognize(wave, engine.sample_rate)))
+        theirs.append(word_error_rate(text, recognize(ref_wave, piper.config.sample_rate)))
+    ours_mean, piper_mean = float(np.mean(ours)), float(np.mean(theirs))
+    print(f"mean WER ours={ours_mean:.3f} piper={piper_mean:.3f}")
+    assert abs(ours_mean - piper_mean) <= 0.05, (ours, theirs)
+    assert ours_mean < 0.3  # and the absolute level is sane
