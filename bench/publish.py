@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from minio import Minio  # noqa: E402
 
+from mirror.logs import configure_logging  # noqa: E402
 from mirror.publish import default_transfer_config, hash_files, publish_dir, scan_dir  # noqa: E402
 from mirror.remote import Mirror  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
@@ -59,40 +60,27 @@ def cpu_seconds() -> float:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process tree (all threads; nanio --workers forks children), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_cpu_seconds(int(c)) for c in children)
 
 
 def machine() -> str:
     return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--chunk-mib", type=int, default=16)
-    ap.add_argument("--no-s3-checksum", action="store_true")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    args = ap.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="tts-bench-publish-", dir="/tmp"))
-    server = None
+def measure(label: str, workers: int, data_dir: Path, model: Path, args) -> dict:
+    """Alternate baseline and publish rounds against one nanio server configuration."""
+    files = scan_dir(model)
+    # nanio reads NANIO_WORKERS from the environment start_nanio passes on.
+    os.environ["NANIO_WORKERS"] = str(workers)
+    server = start_nanio(data_dir)
     try:
-        model = work / "model"
-        model.mkdir()
-        make_files(model)
-        total = sum(SIZES_MIB.values()) * MiB
-        files = scan_dir(model)
-
-        hash_times = []
-        for _ in range(args.rounds):
-            t0 = time.perf_counter()
-            hash_files(files)
-            hash_times.append(time.perf_counter() - t0)
-
-        server = start_nanio(work / "s3" / "data")
         creds = server.credentials
         client = server.client()
         client.create_bucket(Bucket="baseline")
@@ -101,75 +89,111 @@ def main() -> int:
         mirror = Mirror.connect(server.endpoint, "mirror", creds, max_pool_connections=args.concurrency + 8)
         key = Ed25519PrivateKey.generate()
         config = default_transfer_config(max_concurrency=args.concurrency, chunk_mib=args.chunk_mib)
-
         pid = server.process.pid
-        load_before = os.getloadavg()
-        base_times, pub_times, pub_cpu, base_srv, pub_srv = [], [], [], [], []
+        runs = {k: [] for k in ("minio_fput_object", "publish", "publish_client_cpu", "nanio_cpu_baseline",
+                                "nanio_cpu_publish")}
+        load = [os.getloadavg()[0]]
         for r in range(args.rounds):
             s0, t0 = process_cpu_seconds(pid), time.perf_counter()
             for f in files:
                 minio.fput_object("baseline", f"r{r}/{f.path}", str(f.source))
-            base_times.append(time.perf_counter() - t0)
-            base_srv.append(process_cpu_seconds(pid) - s0)
+            runs["minio_fput_object"].append(time.perf_counter() - t0)
+            runs["nanio_cpu_baseline"].append(process_cpu_seconds(pid) - s0)
 
             s0, c0, t0 = process_cpu_seconds(pid), cpu_seconds(), time.perf_counter()
             report = publish_dir(model, name="bench", version=f"r{r}", mirror=mirror, signing_key=key,
-                                 create_bucket=True, transfer_config=config,
-                                 s3_checksum=not args.no_s3_checksum)
-            pub_times.append(time.perf_counter() - t0)
-            pub_cpu.append(cpu_seconds() - c0)
-            pub_srv.append(process_cpu_seconds(pid) - s0)
+                                 create_bucket=True, transfer_config=config, s3_checksum=not args.no_s3_checksum)
+            runs["publish"].append(time.perf_counter() - t0)
+            runs["publish_client_cpu"].append(cpu_seconds() - c0)
+            runs["nanio_cpu_publish"].append(process_cpu_seconds(pid) - s0)
             assert len(report.uploaded) == len(files), report
-            print(f"round {r}: minio fput_object {base_times[-1]:.2f} s, publish {pub_times[-1]:.2f} s "
-                  f"(client CPU {pub_cpu[-1]:.2f} s), nanio CPU {base_srv[-1]:.2f} / {pub_srv[-1]:.2f} s, "
-                  f"ratio {base_times[-1] / pub_times[-1]:.2f}x, hashing alone {hash_times[r]:.2f} s", flush=True)
+            print(f"[{label}] round {r}: minio fput_object {runs['minio_fput_object'][-1]:.2f} s, "
+                  f"publish {runs['publish'][-1]:.2f} s (client CPU {runs['publish_client_cpu'][-1]:.2f} s), "
+                  f"nanio CPU {runs['nanio_cpu_baseline'][-1]:.2f} / {runs['nanio_cpu_publish'][-1]:.2f} s, "
+                  f"ratio {runs['minio_fput_object'][-1] / runs['publish'][-1]:.2f}x", flush=True)
             # Keep the server's disk use bounded: one round's objects at a time.
             for prefix, bucket in ((f"r{r}/", "baseline"), (f"models/bench/r{r}/", "mirror")):
                 for obj in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
                     client.delete_object(Bucket=bucket, Key=obj["Key"])
+        load.append(os.getloadavg()[0])
     finally:
-        if server:
-            server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+    runs = {k: [round(x, 3) for x in v] for k, v in runs.items()}
+    return {"label": label, "nanio_workers": workers, "load_average_before_after": [round(x, 2) for x in load],
+            "raw_seconds": runs}
 
-    load_after = os.getloadavg()
-    base, pub, hashing = (statistics.median(x) for x in (base_times, pub_times, hash_times))
-    base_mibs, pub_mibs, hash_mibs = (total / MiB / t for t in (base, pub, hashing))
-    # Rounds run back to back, so each round's ratio shares that moment's machine load.
-    ratio = statistics.median(b / p for b, p in zip(base_times, pub_times))
-    gib = total / 1024**3
-    figures = [
-        {"name": "publish throughput / minio fput_object throughput", "value": round(ratio, 2), "unit": "x",
-         "target": f">= {TARGET}", "met": ratio >= TARGET},
-        {"name": "publish throughput (hash + upload + confirm + manifest)", "value": round(pub_mibs, 1),
-         "unit": "MiB/s", "target": None, "met": None},
-        {"name": "minio fput_object single-stream throughput", "value": round(base_mibs, 1), "unit": "MiB/s",
-         "target": None, "met": None},
-        {"name": "hashing alone (sha256, files in parallel, page cache warm)", "value": round(hash_mibs, 1),
-         "unit": "MiB/s", "target": None, "met": None},
-        {"name": "publish client CPU per GiB", "value": round(statistics.median(pub_cpu) / gib, 2),
+
+def figures_for(m: dict, total: int) -> list[dict]:
+    raw, gib, label = m["raw_seconds"], total / 1024**3, m["label"]
+    # Each round's pair runs back to back and shares that moment's machine load.
+    ratio = statistics.median(b / p for b, p in zip(raw["minio_fput_object"], raw["publish"]))
+    med = {k: statistics.median(v) for k, v in raw.items()}
+    return [
+        {"name": f"publish throughput / minio fput_object throughput [{label}]", "value": round(ratio, 2),
+         "unit": "x", "target": f">= {TARGET}", "met": ratio >= TARGET},
+        {"name": f"publish throughput (hash + upload + confirm + manifest) [{label}]",
+         "value": round(total / MiB / med["publish"], 1), "unit": "MiB/s", "target": None, "met": None},
+        {"name": f"minio fput_object single-stream throughput [{label}]",
+         "value": round(total / MiB / med["minio_fput_object"], 1), "unit": "MiB/s", "target": None, "met": None},
+        {"name": f"publish client CPU per GiB [{label}]", "value": round(med["publish_client_cpu"] / gib, 2),
          "unit": "s", "target": None, "met": None},
-        {"name": "nanio server CPU per GiB, minio fput_object", "value": round(statistics.median(base_srv) / gib, 2),
-         "unit": "s", "target": None, "met": None},
-        {"name": "nanio server CPU per GiB, publish", "value": round(statistics.median(pub_srv) / gib, 2),
+        {"name": f"nanio CPU per GiB, minio fput_object [{label}]",
+         "value": round(med["nanio_cpu_baseline"] / gib, 2), "unit": "s", "target": None, "met": None},
+        {"name": f"nanio CPU per GiB, publish [{label}]", "value": round(med["nanio_cpu_publish"] / gib, 2),
          "unit": "s", "target": None, "met": None},
     ]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--chunk-mib", type=int, default=16)
+    ap.add_argument("--no-s3-checksum", action="store_true")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                    help="nanio worker processes, one measurement each (1 = the test harness default)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    configure_logging("warning")  # per-file log lines would only add noise here
+
+    work = Path(tempfile.mkdtemp(prefix="tts-bench-publish-", dir="/tmp"))
+    total = sum(SIZES_MIB.values()) * MiB
+    try:
+        model = work / "model"
+        model.mkdir()
+        make_files(model)
+        files = scan_dir(model)
+        hash_times = []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            hash_files(files)
+            hash_times.append(round(time.perf_counter() - t0, 3))
+        measurements = [measure(f"nanio --workers {w}", w, work / f"s3-{w}" / "data", model, args)
+                        for w in args.workers]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    figures = [f for m in measurements for f in figures_for(m, total)]
+    figures.append({"name": "hashing alone (sha256, files in parallel, page cache warm)",
+                    "value": round(total / MiB / statistics.median(hash_times), 1), "unit": "MiB/s",
+                    "target": None, "met": None})
     result = {
         "machine": machine(),
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-        "command": "bench/publish.py " + " ".join(sys.argv[1:]),
+        "command": ".venv/bin/python bench/publish.py " + " ".join(sys.argv[1:]),
         "settings": {"files_mib": SIZES_MIB, "rounds": args.rounds, "max_concurrency": args.concurrency,
                      "chunk_mib": args.chunk_mib, "s3_checksum": not args.no_s3_checksum,
-                     "server": "nanio on 127.0.0.1 (same machine, same cores)"},
-        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "raw_seconds": {"minio_fput_object": base_times, "publish": pub_times, "hashing": hash_times,
-                        "publish_client_cpu": pub_cpu, "nanio_cpu_baseline": base_srv, "nanio_cpu_publish": pub_srv},
+                     "server": "nanio on 127.0.0.1, data dir on the local disk, same machine and cores"},
+        "hashing_seconds": hash_times,
+        "measurements": measurements,
         "figures": figures,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "publish.json").write_text(json.dumps(result, indent=2) + "\n")
     for f in figures:
-        print(f"{f['name']}: {f['value']} {f['unit']}" + (f" (target {f['target']}: {'met' if f['met'] else 'NOT met'})" if f["target"] else ""))
+        met = f" (target {f['target']}: {'met' if f['met'] else 'NOT met'})" if f["target"] else ""
+        print(f"{f['name']}: {f['value']} {f['unit']}{met}")
     return 0
 
 
