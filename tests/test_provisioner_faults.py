@@ -15,6 +15,7 @@ import pytest
 from mirror.manifest import FileEntry, Manifest
 from provisioner.cache import CacheReader
 from tests.conftest import free_port
+from tests.cut_proxy import CuttingProxy
 from tests.provisioner_helpers import (BIN, make_keys, model_files, publish_raw, run_cli, set_channel, tree,
                                        write_config)
 
@@ -229,14 +230,20 @@ def test_sigkill_mid_download_resumes(env, tmp_path, victim):
 
 
 def test_expired_presigned_url_is_presigned_again(env):
-    files = model_files(6, {"model.safetensors": 6_000_000, "voice.json": 100, "card.md": 100})
+    files = model_files(6, {"model.safetensors": 3_000_000, "voice.json": 100, "card.md": 100})
     publish_raw(env["client"], env["bucket"], "joe", "2.0.0", files, env["keys"])
-    config = write_config(env["tmp"], [env["mirror"]], env["keys"],
-                          aria2='max_download_limit = "1M"\npresign_expiry = 1\n')
-    result = run_cli("sync", config=config, timeout=180)
+    port = int(env["s3"].endpoint.rsplit(":", 1)[1])
+    # Every connection is cut after 512 KiB at 512 KiB/s: aria2 reconnects with the same
+    # URL after more than a second, by which time the 1-second presigned URL has expired.
+    with CuttingProxy(port, cut_after=512 * 1024, rate=512 * 1024) as proxy:
+        mirror = dict(env["mirror"], endpoint=f"http://127.0.0.1:{proxy.port}")
+        config = write_config(env["tmp"], [mirror], env["keys"], aria2="presign_expiry = 1\n")
+        result = run_cli("sync", config=config, timeout=180)
+    assert proxy.cuts > 0
     assert result.returncode == 0, result.stderr
     assert "presigning again" in result.stderr
     assert env["cache"].current("joe").version == "2.0.0"
+    assert env["cache"].check_snapshot(env["cache"].current("joe"), full_hash=True) == []
 
 
 @pytest.fixture
