@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from boto3.s3.transfer import create_transfer_manager  # noqa: E402
 from minio import Minio  # noqa: E402
 
 from mirror.logs import configure_logging  # noqa: E402
@@ -70,6 +71,21 @@ def process_cpu_seconds(pid: int) -> float:
     return own + sum(process_cpu_seconds(int(c)) for c in children)
 
 
+def fsync_write_mibs(directory: Path, mib: int = 256) -> float:
+    """Write throughput of the disk under the server's data dir, fsynced (nanio fsyncs every part)."""
+    path = directory / "disk-probe.bin"
+    block = os.urandom(8 * MiB)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(mib // 8):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return mib / seconds
+
+
 def machine() -> str:
     return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
 
@@ -91,7 +107,10 @@ def measure(label: str, workers: int, data_dir: Path, model: Path, args) -> dict
         config = default_transfer_config(max_concurrency=args.concurrency, chunk_mib=args.chunk_mib)
         pid = server.process.pid
         runs = {k: [] for k in ("minio_fput_object", "publish", "publish_client_cpu", "nanio_cpu_baseline",
-                                "nanio_cpu_publish")}
+                                "nanio_cpu_publish", "bare_parallel_upload")}
+        # The server's ceiling: the same parallel multipart transfer with no hashing,
+        # no checksums, no payload signing, no HEADs and no manifest.
+        bare = mirror.unsigned_payload_client()
         load = [os.getloadavg()[0]]
         for r in range(args.rounds):
             s0, t0 = process_cpu_seconds(pid), time.perf_counter()
@@ -107,12 +126,20 @@ def measure(label: str, workers: int, data_dir: Path, model: Path, args) -> dict
             runs["publish_client_cpu"].append(cpu_seconds() - c0)
             runs["nanio_cpu_publish"].append(process_cpu_seconds(pid) - s0)
             assert len(report.uploaded) == len(files), report
+
+            t0 = time.perf_counter()
+            with create_transfer_manager(bare, config) as tm:
+                futures = [tm.upload(str(f.source), "mirror", f"bare/r{r}/{f.path}") for f in files]
+            for fut in futures:
+                fut.result()
+            runs["bare_parallel_upload"].append(time.perf_counter() - t0)
             print(f"[{label}] round {r}: minio fput_object {runs['minio_fput_object'][-1]:.2f} s, "
                   f"publish {runs['publish'][-1]:.2f} s (client CPU {runs['publish_client_cpu'][-1]:.2f} s), "
                   f"nanio CPU {runs['nanio_cpu_baseline'][-1]:.2f} / {runs['nanio_cpu_publish'][-1]:.2f} s, "
-                  f"ratio {runs['minio_fput_object'][-1] / runs['publish'][-1]:.2f}x", flush=True)
+                  f"ratio {runs['minio_fput_object'][-1] / runs['publish'][-1]:.2f}x; "
+                  f"bare parallel upload {runs['bare_parallel_upload'][-1]:.2f} s", flush=True)
             # Keep the server's disk use bounded: one round's objects at a time.
-            for prefix, bucket in ((f"r{r}/", "baseline"), (f"models/bench/r{r}/", "mirror")):
+            for prefix, bucket in ((f"r{r}/", "baseline"), (f"models/bench/r{r}/", "mirror"), (f"bare/r{r}/", "mirror")):
                 for obj in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
                     client.delete_object(Bucket=bucket, Key=obj["Key"])
         load.append(os.getloadavg()[0])
@@ -136,6 +163,9 @@ def figures_for(m: dict, total: int) -> list[dict]:
          "value": round(total / MiB / med["publish"], 1), "unit": "MiB/s", "target": None, "met": None},
         {"name": f"minio fput_object single-stream throughput [{label}]",
          "value": round(total / MiB / med["minio_fput_object"], 1), "unit": "MiB/s", "target": None, "met": None},
+        {"name": f"server ceiling: bare parallel multipart upload / minio fput_object [{label}]",
+         "value": round(statistics.median(b / p for b, p in zip(raw["minio_fput_object"], raw["bare_parallel_upload"])), 2),
+         "unit": "x", "target": None, "met": None},
         {"name": f"publish client CPU per GiB [{label}]", "value": round(med["publish_client_cpu"] / gib, 2),
          "unit": "s", "target": None, "met": None},
         {"name": f"nanio CPU per GiB, minio fput_object [{label}]",
@@ -169,12 +199,15 @@ def main() -> int:
             t0 = time.perf_counter()
             hash_files(files)
             hash_times.append(round(time.perf_counter() - t0, 3))
+        disk_mibs = fsync_write_mibs(work)
         measurements = [measure(f"nanio --workers {w}", w, work / f"s3-{w}" / "data", model, args)
                         for w in args.workers]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     figures = [f for m in measurements for f in figures_for(m, total)]
+    figures.append({"name": "disk write throughput under the data dir (fsynced; a multipart object is written twice by nanio)",
+                    "value": round(disk_mibs, 1), "unit": "MiB/s", "target": None, "met": None})
     figures.append({"name": "hashing alone (sha256, files in parallel, page cache warm)",
                     "value": round(total / MiB / statistics.median(hash_times), 1), "unit": "MiB/s",
                     "target": None, "met": None})

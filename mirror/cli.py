@@ -12,15 +12,12 @@ import threading
 from pathlib import Path
 
 import click
-import structlog
 
 from .logs import configure_logging
 from .manifest import ManifestError
 from .remote import Mirror, MirrorError, resolve_credentials
 from .s3 import CredentialsError
 from .signing import KeyFileError, SignatureError, generate_keypair, load_public_key
-
-log = structlog.get_logger(__name__)
 
 ENV_ENDPOINT = "TTS_MIRROR_ENDPOINT"
 ENV_BUCKET = "TTS_MIRROR_BUCKET"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -85,8 +86,6 @@ def test_publish_uploads_hashes_signs_and_sets_channel(s3_server, bucket, mirror
     assert [f.path for f in manifest.files] == ["config.json", "empty.txt", "sub/weights.bin"]
     for entry in manifest.files:
         local = (model_dir / entry.path).read_bytes()
-        import hashlib
-
         assert entry.sha256 == hashlib.sha256(local).hexdigest()
         head = client.head_object(Bucket=bucket, Key=layout.object_key("joe", "1.0", entry.path))
         assert head["ContentLength"] == entry.size == len(local)
