@@ -34,7 +34,8 @@ ERR_DISK_FULL = 9
 ERR_HTTP_STATUS = 22  # includes 403 Forbidden (expired presigned URL)
 ERR_CHECKSUM = 32
 
-_STATUS_KEYS = ["gid", "status", "completedLength", "totalLength", "downloadSpeed", "errorCode", "errorMessage", "files"]
+_STATUS_KEYS = ["gid", "status", "completedLength", "totalLength", "downloadSpeed", "errorCode", "errorMessage",
+                "files", "bitfield", "pieceLength"]
 
 
 class Aria2Error(Exception):
@@ -51,6 +52,8 @@ class TaskStatus:
     error_code: int
     error_message: str
     used_uris: tuple[str, ...]
+    bitfield: str = ""
+    piece_length: int = 0
 
 
 def _free_port() -> int:
@@ -90,6 +93,9 @@ class Aria2Process:
             # aria2 retries within one task; our loop adds backoff, re-presigning and mirror exclusion.
             "--max-tries=2", "--retry-wait=1", "--connect-timeout=10", "--timeout=30",
             "--max-file-not-found=2", "--uri-selector=inorder",
+            # Pieces in file order and no write cache: the completed prefix grows
+            # steadily and is on disk when reported, so it can be hashed early.
+            "--stream-piece-selector=inorder", "--disk-cache=0",
             f"--dir={self.work_dir}", "--quiet=true", "--summary-interval=0",
             "--disable-ipv6=false", "--max-download-result=1000",
         ]
@@ -122,9 +128,13 @@ class Aria2Process:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            # SIGTERM: aria2 saves its control files and exits in about a second
-            # (the forceShutdown RPC takes four).
-            self.proc.terminate()
+            if self._idle():
+                # Nothing in flight, nothing to save: don't wait for a graceful exit.
+                self.proc.kill()
+            else:
+                # SIGTERM: aria2 saves its control files and exits in about a second
+                # (the forceShutdown RPC takes four).
+                self.proc.terminate()
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -132,6 +142,12 @@ class Aria2Process:
                 self.proc.wait()
         self.proc = None
         (self.work_dir / ".aria2.conf").unlink(missing_ok=True)
+
+    def _idle(self) -> bool:
+        try:
+            return not self.client.tell_active(["gid"]) and not self.client.tell_waiting(0, 1, ["gid"])
+        except Exception:  # not answering: treat as busy and let SIGTERM save what it can
+            return False
 
     # -- tasks ---------------------------------------------------------------------
     def add(self, uris: list[str], out: str) -> str:
@@ -153,6 +169,8 @@ class Aria2Process:
             error_code=int(raw.get("errorCode", 0) or 0),
             error_message=raw.get("errorMessage", ""),
             used_uris=tuple(used),
+            bitfield=raw.get("bitfield", ""),
+            piece_length=int(raw.get("pieceLength", 0) or 0),
         )
 
     def forget(self, gid: str) -> None:

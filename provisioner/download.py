@@ -28,12 +28,14 @@ from mirror.manifest import FileEntry
 from .aria2 import ERR_CANNOT_RESUME, ERR_DISK_FULL, ERR_HTTP_STATUS, ERR_NOT_FOUND, Aria2Process
 from .cache import CacheWriter
 from .config import Aria2Config
-from .hashing import sha256_file
+from .hashing import PrefixHasher, complete_prefix_bytes, sha256_file
 from .mirrors import MirrorSet
 
 log = structlog.get_logger(__name__)
 
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.1
+# Hash a downloading file's completed prefix once this much new data is contiguous.
+PREFIX_STEP = 16 * 1024 * 1024
 MAX_REPRESIGNS = 6
 
 
@@ -60,6 +62,8 @@ class _Job:
     uri_mirror: dict[str, str] = field(default_factory=dict)
     completed: int = 0
     one_mirror: bool = False  # after a mismatch from mixed mirrors: try them one at a time
+    hasher: PrefixHasher | None = None
+    prefix_task: Future | None = None
 
 
 ProgressFn = Callable[[int, int, int], None]  # (bytes done, bytes total, files done)
@@ -92,7 +96,8 @@ class Downloader:
             if data.exists() and not control.exists():
                 # Completed by aria2 before a crash, or junk: hashing decides.
                 if data.stat().st_size == job.entry.size:
-                    hashing[pool.submit(sha256_file, data)] = job
+                    job.hasher = None
+                    hashing[pool.submit(finish_hash, job)] = job
                     return
                 data.unlink()
             urls = self.mirrors.presigned_urls(name, version, job.entry.path, self.cfg.presign_expiry,
@@ -103,8 +108,19 @@ class Downloader:
                 raise DownloadError(f"{name}/{version}: {job.entry.path}: no mirror left to try "
                                     f"(excluded: {sorted(job.excluded)})")
             job.uri_mirror = {url: mirror for mirror, url in urls}
+            job.hasher = PrefixHasher(data)
             job.gid = self.aria2.add([url for _, url in urls], out=sha)
             active[job.gid] = job
+
+        def finish_hash(job: _Job) -> str:
+            """Digest of the downloaded file: the prefix hasher's, re-checked from scratch
+            if it disagrees (a piece may have been reported before it reached the file)."""
+            path = partial / job.entry.sha256
+            size = path.stat().st_size
+            digest = job.hasher.finish(size) if job.hasher else sha256_file(path)
+            if digest != job.entry.sha256 and job.hasher is not None:
+                digest = sha256_file(path)
+            return digest
 
         def retry(job: _Job, delay: float) -> None:
             job.retry_at = time.monotonic() + delay
@@ -140,10 +156,14 @@ class Downloader:
                 for gid, job in list(active.items()):
                     st = self.aria2.status(gid)
                     job.completed = st.completed
+                    if st.status == "active" and job.hasher and (job.prefix_task is None or job.prefix_task.done()):
+                        ready = complete_prefix_bytes(st.bitfield, st.piece_length, st.total)
+                        if ready - job.hasher.offset >= PREFIX_STEP:
+                            job.prefix_task = pool.submit(job.hasher.advance, ready)
                     if st.status == "complete":
                         self.aria2.forget(gid)
                         del active[gid]
-                        hashing[pool.submit(sha256_file, partial / job.entry.sha256)] = job
+                        hashing[pool.submit(finish_hash, job)] = job
                     elif st.status in {"error", "removed"}:
                         self.aria2.forget(gid)
                         del active[gid]
@@ -162,6 +182,7 @@ class Downloader:
                     data = partial / job.entry.sha256
                     digest = fut.result()
                     size = data.stat().st_size
+                    job.hasher, job.prefix_task = None, None
                     if digest == job.entry.sha256 and size == job.entry.size:
                         self.cache.add_blob(data, digest)
                         (partial / f"{digest}.aria2").unlink(missing_ok=True)
