@@ -90,6 +90,7 @@ class Aria2Process:
             f"--max-connection-per-server={n}", f"--split={n}", f"--min-split-size={self.cfg.min_split_size}",
             f"--max-concurrent-downloads={self.cfg.max_concurrent_downloads}",
             f"--max-download-limit={self.cfg.max_download_limit}",
+            f"--socket-recv-buffer-size={self.cfg.socket_recv_buffer}",
             # aria2 retries within one task; our loop adds backoff, re-presigning and mirror exclusion.
             "--max-tries=2", "--retry-wait=1", "--connect-timeout=10", "--timeout=30",
             "--max-file-not-found=2", "--uri-selector=inorder",

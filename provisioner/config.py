@@ -13,6 +13,7 @@
     min_split_size = "8M"
     max_concurrent_downloads = 4
     max_download_limit = "0"                 # per download, aria2 syntax (0 = unlimited)
+    socket_recv_buffer = "1M"                # per connection; caps bytes lost to a crash
 
     [[mirrors]]
     name = "primary"
@@ -112,6 +113,10 @@ class Aria2Config(_Strict):
     min_split_size: str = "8M"
     max_concurrent_downloads: Annotated[int, Field(ge=1, le=64)] = 4
     max_download_limit: str = "0"
+    # Per-connection socket receive buffer. Bounds the bytes in flight that a killed
+    # download loses (loopback autotuning grows it to several MiB per connection);
+    # throughput per connection is at most this / round-trip time. "0" = kernel default.
+    socket_recv_buffer: str = "1M"
     max_tries: Annotated[int, Field(ge=1, le=100)] = 5
     # Seconds a presigned URL stays valid; expired URLs are re-presigned and resumed.
     presign_expiry: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
