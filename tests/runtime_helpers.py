@@ -1,0 +1,179 @@
+"""Test helpers for the runtime: a real cache holding the real voice, and a real server.
+
+The bundled Piper voice is imported once per test session (module-level memo, since a
+fixture imported into several modules would otherwise run once per module), published
+into a cache through the provisioner's CacheWriter exactly as the provisioner would,
+and `tts-runtime serve` runs as a subprocess on a Unix socket in a temp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mirror.manifest import FileEntry, Manifest
+from provisioner.cache import CacheWriter, Snapshot
+from provisioner.hashing import sha256_file
+
+VENV_BIN = Path(sys.executable).parent
+_BUNDLE: Path | None = None
+_BUNDLE_LOCK = threading.Lock()
+_ENGINE = None
+
+
+def voice_bundle_dir(base: Path) -> Path:
+    """The real voice converted to the runtime's bundle (once per session)."""
+    global _BUNDLE
+    with _BUNDLE_LOCK:
+        if _BUNDLE is None:
+            from mirror.piper_import import bundled_voice_paths, import_piper
+
+            out = base / "joe-bundle"
+            onnx_path, json_path = bundled_voice_paths()
+            import_piper(onnx_path, json_path, out)
+            _BUNDLE = out
+        return _BUNDLE
+
+
+def publish_to_cache(cache_root: Path, name: str, version: str, bundle: Path, set_current: bool = True) -> Snapshot:
+    writer = CacheWriter(cache_root)
+    entries = []
+    for src in sorted(p for p in bundle.iterdir() if p.is_file()):
+        digest = sha256_file(src)
+        size = src.stat().st_size
+        if not writer.has_blob(digest, size):
+            tmp = writer.partial_dir / f"{digest}.copy"
+            shutil.copyfile(src, tmp)
+            writer.add_blob(tmp, digest)
+        entries.append(FileEntry(src.name, size, digest))
+    manifest = Manifest.build(name, version, entries)
+    snap = writer.build_snapshot(manifest, manifest.to_bytes(), None)
+    if set_current:
+        writer.set_current(name, version)
+    return snap
+
+
+def shared_engine(base: Path):
+    """One in-process engine for reference audio (loading twice is wasted time)."""
+    global _ENGINE
+    if _ENGINE is None:
+        from runtime.engine import Engine
+
+        _ENGINE = Engine.load(voice_bundle_dir(base), device="cpu")
+    return _ENGINE
+
+
+def write_config(path: Path, **values) -> Path:
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value}")
+        elif isinstance(value, (list, tuple)):
+            lines.append(f"{key} = [{', '.join(repr(str(v)).replace(chr(39), chr(34)) for v in value)}]")
+        else:
+            lines.append(f'{key} = "{value}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    socket: Path
+    config: Path
+    log_path: Path
+
+    def client(self, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://tts",
+                            timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self.client(5.0) as c:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"runtime exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+        raise AssertionError(f"runtime not ready within {timeout}s:\n{self.log()[-3000:]}")
+
+    def wait_socket(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"runtime exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            if self.socket.exists():
+                with self.client(2.0) as c:
+                    try:
+                        c.get("/healthz")
+                        return
+                    except httpx.HTTPError:
+                        pass
+            time.sleep(0.05)
+        raise AssertionError("socket did not appear")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+
+def start_server(tmp: Path, cache: Path, *, extra_env: dict | None = None, **config) -> ServerProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
+    sock = tmp / "rt.sock"
+    values = dict(socket_path=str(sock), cache_dir=str(cache), provisioner_runtime_dir=str(tmp / "prov"),
+                  device="cpu", log_level="info")
+    values.update(config)
+    cfg = write_config(tmp / "runtime.toml", **values)
+    log_path = tmp / "runtime.log"
+    env = dict(os.environ, TTS_LOG_FORMAT="json", **(extra_env or {}))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(VENV_BIN / "tts-runtime"), "serve", "--config", str(cfg)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    return ServerProcess(proc, sock, cfg, log_path)
+
+
+@pytest.fixture(scope="session")
+def voice_cache(tmp_path_factory) -> Path:
+    """A cache with the real voice published as joe 1.0.0 and current."""
+    base = tmp_path_factory.getbasetemp()
+    cache = base / "voice-cache"
+    if not (cache / "current" / "joe").exists():
+        publish_to_cache(cache, "joe", "1.0.0", voice_bundle_dir(base))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def server(voice_cache, tmp_path_factory):
+    """A running, ready runtime on a temp Unix socket (one per test module)."""
+    srv = start_server(tmp_path_factory.mktemp("srv"), voice_cache, max_batch_size=8, max_wait_ms=20,
+                       queue_size=32, max_chars=600, request_timeout_s=2)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
