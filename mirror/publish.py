@@ -19,7 +19,6 @@ content is a no-op (missing objects are restored, a missing signature is written
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import time
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from s3transfer.subscribers import BaseSubscriber
 
 from . import layout
+from .hashing import sha256_file
 from .manifest import FileEntry, Manifest, ManifestError, channel_bytes, parse_channel, validate_name, validate_path
 from .remote import Mirror, MirrorError, describe
 from .signing import key_id, load_private_key, sign
@@ -161,11 +161,6 @@ def _walk(root: Path, current: Path, prefix: str, out: list[LocalFile]) -> None:
         except OSError as exc:
             raise MirrorError(f"cannot read {rel}: {exc.strerror}") from None
         out.append(LocalFile(path=rel, source=source, size=st.st_size, mtime_ns=st.st_mtime_ns))
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hash_files(files: list[LocalFile], workers: int = HASH_WORKERS) -> dict[str, str]:

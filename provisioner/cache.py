@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mirror.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, ManifestError, validate_name
 
-from .hashing import sha256_file
+from mirror.hashing import sha256_file
 
 COMPLETE_MARKER = "COMPLETE"
 

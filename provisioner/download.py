@@ -28,7 +28,7 @@ from mirror.manifest import FileEntry
 from .aria2 import ERR_CANNOT_RESUME, ERR_DISK_FULL, ERR_HTTP_STATUS, ERR_NOT_FOUND, Aria2Process
 from .cache import CacheWriter
 from .config import Aria2Config
-from .hashing import PrefixHasher, complete_prefix_bytes, sha256_file
+from mirror.hashing import PrefixHasher, complete_prefix_bytes, sha256_file
 from .mirrors import MirrorSet
 
 log = structlog.get_logger(__name__)

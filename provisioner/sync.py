@@ -20,7 +20,7 @@ from .aria2 import Aria2Process
 from .cache import CacheError, CacheWriter, Snapshot
 from .config import ModelConfig, ProvisionerConfig
 from .download import DownloadError, Downloader
-from .hashing import sha256_file
+from mirror.hashing import sha256_file
 from .hold import read_hold, release_hold
 from .mirrors import MirrorError, MirrorSet
 from .progress import ProgressReporter, human_bytes

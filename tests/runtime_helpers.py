@@ -23,7 +23,7 @@ import pytest
 
 from mirror.manifest import FileEntry, Manifest
 from provisioner.cache import CacheWriter, Snapshot
-from provisioner.hashing import sha256_file
+from mirror.hashing import sha256_file
 
 VENV_BIN = Path(sys.executable).parent
 _BUNDLE: Path | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from provisioner.hashing import PrefixHasher, complete_prefix_bytes, sha256_file
+from mirror.hashing import PrefixHasher, complete_prefix_bytes, sha256_file
 
 
 def test_complete_prefix_bytes_reads_aria2_bitfield():
