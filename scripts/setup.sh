@@ -8,6 +8,9 @@ need_apt=()
 command -v aria2c >/dev/null 2>&1 || need_apt+=(aria2)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# systemd-analyze/-socket-activate/-sysusers/-tmpfiles and `systemd --user` for the unit
+# tests (tests/test_systemd*.py, tests/test_ansible.py); systemd need not be PID 1.
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]} with apt-get" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -1,0 +1,334 @@
+"""The ansible role and playbooks, run for real.
+
+- ansible-lint (production profile) and --syntax-check on every playbook.
+- site.yml against localhost inside a mount-namespace sandbox: overlays on /etc, /opt
+  and /var, a tmpfs on /run, the shared venv read-only - the host is untouched. The
+  services are managed by a real `systemd --user` manager started inside the sandbox
+  (systemd is not PID 1 here, so a system manager is impossible; the user manager of
+  root still applies User=, the namespaces, seccomp filters and sd_notify). In order:
+  a --check run on the fresh node (must change nothing), the real run (installs the
+  venv from a wheel built from this checkout, creates the tts user with the sysusers
+  snippet, templates configs and credentials, installs the shipped units, starts them
+  and waits for `tts-ctl wait-ready` while the provisioner downloads the real voice
+  from nanio), then a second run that must report changed=0.
+- rollout-model.yml against two local "hosts" (separate path prefixes, services
+  managed by the test itself): a good version rolls out everywhere; a broken version
+  fails the canary's health gate, the canary is rolled back and the second host is
+  never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.ops_helpers import ANSIBLE_DIR, REPO, VENV, VENV_BIN, namespace_unavailable, run_in_sandbox, sandbox_prelude
+from tests.provisioner_helpers import Keys, make_keys, publish_raw
+
+PLAYBOOKS = ["site.yml", "rollout-model.yml", "rollback.yml", "mirror.yml"]
+ANSIBLE_PLAYBOOK = VENV_BIN / "ansible-playbook"
+pytestmark = pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(),
+                                reason="ansible is not installed: run scripts/setup.sh (pyproject dev extra)")
+
+
+def ansible_env(tmp: Path) -> dict:
+    return dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"), ANSIBLE_LOCAL_TEMP=str(tmp / "ansible-tmp"),
+                ANSIBLE_REMOTE_TEMP=str(tmp / "ansible-tmp"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+                PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP lines -> {host: {ok: n, changed: n, failed: n, ...}}"""
+    hosts = {}
+    for m in re.finditer(r"^(\S+)\s+:\s+((?:\w+=\d+\s*)+)$", output, re.M):
+        hosts[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+    return hosts
+
+
+def test_ansible_lint_production_profile(tmp_path):
+    lint = VENV_BIN / "ansible-lint"
+    if not lint.exists():
+        pytest.skip("ansible-lint is not installed: run scripts/setup.sh")
+    out = subprocess.run([str(lint), "--offline", "--profile", "production", "--nocolor", *PLAYBOOKS, "roles"],
+                         cwd=ANSIBLE_DIR, capture_output=True, text=True, timeout=240, env=ansible_env(tmp_path))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+def test_syntax_check(tmp_path):
+    out = subprocess.run([str(ANSIBLE_PLAYBOOK), "--syntax-check", *PLAYBOOKS], cwd=ANSIBLE_DIR,
+                         capture_output=True, text=True, timeout=120, env=ansible_env(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def build_wheel(out_dir: Path) -> Path:
+    """A wheel of this checkout, built from a copy so the shared tree gets no build/ dir."""
+    src = out_dir / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "bench", "demo-out",
+                                                             "ansible", "*.egg-info", "build", "dist", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(out_dir), str(src)], check=True, timeout=180, capture_output=True)
+    return next(out_dir.glob("tts_fleet-*.whl"))
+
+
+def publish_voice(s3_server, bucket: str, tmp: Path, version: str = "1.0.0", channel: str | None = "stable",
+                  broken: bool = False):
+    from tests.runtime_helpers import voice_bundle_dir
+
+    keys_dir = tmp / "keys"
+    if (keys_dir / "mirror.key").exists():
+        keys = Keys(keys_dir / "mirror.key", keys_dir / "mirror.pub")
+    else:
+        keys_dir.mkdir()
+        keys = make_keys(keys_dir)
+    files = {p.name: p.read_bytes() for p in voice_bundle_dir(tmp).iterdir() if p.is_file()}
+    if broken:
+        # Passes every checksum (the manifest lists these bytes) but cannot be loaded:
+        # the failure a bad export or a wrong conversion would cause.
+        for name in files:
+            if name.endswith(".safetensors"):
+                files[name] = b"\0" * len(files[name])
+    publish_raw(s3_server.client(), bucket, "joe", version, files, keys, channel=channel)
+    return keys
+
+
+def node_vars(s3_server, bucket: str, keys, **extra) -> dict:
+    base = {
+        "tts_node_mirrors": [{"name": "primary", "endpoint": s3_server.endpoint, "bucket": bucket, "priority": 10}],
+        "tts_node_mirror_credentials": {"primary": {"access_key": s3_server.credentials.access_key,
+                                                    "secret_key": s3_server.credentials.secret_key}},
+        "tts_node_public_keys": {"mirror.pub": keys.public.read_text()},
+        "tts_node_models": [{"name": "joe", "channel": "stable"}],
+        "tts_node_poll_interval": 5,
+        "tts_node_install_packages": False,
+        "tts_node_runtime_device": "cpu",
+        "tts_node_runtime_settings": {"threads": 1, "max_batch_size": 4, "queue_size": 16},
+        "tts_node_aria2": {"connections": 2, "min_split_size": "1M", "max_concurrent_downloads": 2,
+                           "max_download_limit": "0"},
+        "tts_node_wait_ready_timeout": 240,
+    }
+    base.update(extra)
+    return base
+
+
+# -- site.yml in a sandbox under a real (user) service manager ---------------------------
+
+SANDBOX_SCRIPT = r"""
+{prelude}
+mkdir -p /run/systemd/system /etc/systemd/user
+# The manager's directories: /run as XDG_RUNTIME_DIR puts RuntimeDirectory=, the
+# credentials and the socket exactly where a system manager would; StateDirectory= of
+# a v252 user manager lives in $XDG_CONFIG_HOME.
+export XDG_RUNTIME_DIR=/run XDG_CACHE_HOME=/var/cache XDG_CONFIG_HOME=/var/lib
+systemd --user >{work}/manager.log 2>&1 &
+manager=$!
+for i in $(seq 1 100); do [ -S /run/systemd/private ] && break; sleep 0.1; done
+cd {ansible}
+play() {{ ansible-playbook -i {work}/inventory.yml -e @{work}/vars.yml site.yml "$@"; }}
+rc=0
+play --check --diff >{work}/check.out 2>&1 || rc=$?; echo "check=$rc" >>{work}/rcs
+[ -e /etc/tts-fleet/provisioner.toml ] && echo "check-wrote-config" >>{work}/rcs
+rc=0; play >{work}/first.out 2>&1 || rc=$?; echo "first=$rc" >>{work}/rcs
+rc=0; play >{work}/second.out 2>&1 || rc=$?; echo "second=$rc" >>{work}/rcs
+for u in tts-provisioner.service tts-runtime.socket tts-runtime.service; do
+  echo "$u=$(systemctl --user is-active $u)" >>{work}/rcs
+done
+systemctl --user show tts-runtime.service -p User -p NRestarts -p StatusText >{work}/runtime-show.txt || true
+systemctl --user show tts-provisioner.service -p User -p NRestarts -p StatusText >{work}/provisioner-show.txt || true
+stat -c '%U:%G %a %n' /run/tts/runtime.sock /var/cache/tts-fleet /etc/tts-fleet/provisioner.toml \
+  /etc/tts-fleet/private/mirror-primary.toml >{work}/stat.txt 2>&1 || true
+rc=0; /opt/tts-fleet/venv/bin/tts-ctl --config /etc/tts-fleet/runtime.toml synth "Installed by ansible." \
+  -o {work}/synth.wav >{work}/synth.out 2>&1 || rc=$?; echo "synth=$rc" >>{work}/rcs
+/opt/tts-fleet/venv/bin/python -c 'import provisioner, sys; print(provisioner.__file__)' >{work}/import.txt 2>&1 || true
+systemctl --user stop tts-runtime.service tts-runtime.socket tts-provisioner.service || true
+systemctl --user exit || true
+for i in $(seq 1 100); do kill -0 $manager 2>/dev/null || break; sleep 0.1; done
+kill -9 $manager 2>/dev/null || true
+"""
+
+
+def test_site_in_sandbox_under_user_manager(tmp_path, s3_server, bucket):
+    reason = namespace_unavailable()
+    if reason:
+        pytest.skip(reason)
+    if not shutil.which("systemd"):
+        pytest.skip("systemd binary missing: cannot start a user manager (Debian package systemd)")
+    work = tmp_path / "work"
+    work.mkdir()
+    keys = publish_voice(s3_server, bucket, tmp_path)
+    wheel = build_wheel(tmp_path / "wheel")
+    purelib = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    variables = node_vars(
+        s3_server, bucket, keys,
+        tts_node_service_manager="user",
+        tts_node_user_manager_runtime_dir="/run",
+        tts_node_package_wheel_src=str(wheel),
+        # The wheel without its dependencies; torch and friends come from the test venv
+        # through a .pth file instead of a download (see docs/operations.md).
+        tts_node_pip_extra_args="--no-index --no-deps",
+        tts_node_venv_extra_site_dirs=[purelib],
+    )
+    (work / "vars.yml").write_text(yaml.safe_dump(variables))
+    (work / "inventory.yml").write_text(yaml.safe_dump(
+        {"tts_nodes": {"hosts": {"sandbox": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}}}}))
+    script = SANDBOX_SCRIPT.format(prelude=sandbox_prelude(work), work=work, ansible=ANSIBLE_DIR)
+    started = time.monotonic()
+    out = run_in_sandbox(script, timeout=600, env=ansible_env(tmp_path))
+    elapsed = time.monotonic() - started
+    rcs = dict(line.split("=", 1) for line in (work / "rcs").read_text().split() if "=" in line) \
+        if (work / "rcs").exists() else {}
+    first = (work / "first.out").read_text() if (work / "first.out").exists() else ""
+    second = (work / "second.out").read_text() if (work / "second.out").exists() else ""
+    check = (work / "check.out").read_text() if (work / "check.out").exists() else ""
+    print(f"sandbox run: {elapsed:.0f}s; recap first={recap(first)} second={recap(second)} check={recap(check)}")
+    diagnostics = f"script rc={out.returncode}\n{out.stderr[-2000:]}\nrcs={rcs}\nFIRST:\n{first[-6000:]}"
+
+    # The host is untouched: nothing of this leaked out of the namespace.
+    assert not Path("/etc/tts-fleet/provisioner.toml").exists() or Path("/etc/tts-fleet").stat().st_mtime < started
+    assert not Path("/etc/systemd/user/tts-provisioner.service").exists()
+
+    assert rcs.get("check") == "0", f"--check failed:\n{check[-4000:]}"
+    assert "check-wrote-config" not in (work / "rcs").read_text(), "--check changed the node"
+    assert recap(check)["sandbox"]["changed"] > 0
+    assert rcs.get("first") == "0", diagnostics
+    assert recap(first)["sandbox"]["changed"] > 0
+    assert rcs.get("second") == "0", second[-4000:]
+    assert recap(second)["sandbox"]["changed"] == 0, \
+        "second run not idempotent:\n" + "\n".join(re.findall(r"^changed: .*$", second, re.M))
+    # no_log: the mirror secret never appears in ansible's output.
+    secret = s3_server.credentials.secret_key
+    assert secret not in first and secret not in second and secret not in check
+
+    for unit in ("tts-provisioner.service", "tts-runtime.socket", "tts-runtime.service"):
+        assert rcs.get(unit) == "active", f"{unit}: {rcs.get(unit)}\n{(work / 'runtime-show.txt').read_text()}"
+    show = (work / "runtime-show.txt").read_text() + (work / "provisioner-show.txt").read_text()
+    assert show.count("User=tts") == 2, show
+    assert "NRestarts=0" in show, show
+    stats = (work / "stat.txt").read_text()
+    assert "root:tts 660 /run/tts/runtime.sock" in stats, stats
+    assert "tts:tts 600 /etc/tts-fleet/private/mirror-primary.toml" in stats, stats
+    assert rcs.get("synth") == "0", (work / "synth.out").read_text()
+    assert (work / "synth.wav").read_bytes()[:4] == b"RIFF"
+    # The venv runs the package from the wheel, not the checkout.
+    assert "/opt/tts-fleet/venv/" in (work / "import.txt").read_text()
+
+
+# -- rollout-model.yml over two local hosts ------------------------------------------------
+
+class LocalHost:
+    """One "host": a path prefix with the role's files, a synced cache and a runtime."""
+
+    def __init__(self, name: str, root: Path):
+        self.name, self.root = name, root
+        self.runtime: subprocess.Popen | None = None
+
+    @property
+    def etc(self) -> Path:
+        return self.root / "etc/tts-fleet"
+
+    def cli(self, tool: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        conf = self.etc / ("runtime.toml" if tool == "tts-ctl" else "provisioner.toml")
+        return subprocess.run([str(VENV_BIN / tool), "--config", str(conf), *args], capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start_runtime(self) -> None:
+        log = (self.root / "runtime.log").open("wb")
+        self.runtime = subprocess.Popen([str(VENV_BIN / "tts-runtime"), "serve", "--config", str(self.etc / "runtime.toml")],
+                                        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    def serving(self) -> str | None:
+        out = self.cli("tts-ctl", "status", "--json", timeout=60)
+        if out.returncode != 0:
+            return None
+        return ((json.loads(out.stdout).get("runtime") or {}).get("models") or {}).get("joe", {}).get("version")
+
+    def stop(self) -> None:
+        if self.runtime and self.runtime.poll() is None:
+            self.runtime.send_signal(signal.SIGTERM)
+            try:
+                self.runtime.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.runtime.kill()
+                self.runtime.wait(timeout=10)
+
+
+def test_rollout_canary_then_fleet_and_rollback_on_failed_canary(tmp_path, s3_server, bucket):
+    keys = publish_voice(s3_server, bucket, tmp_path, "1.0.0", channel="stable")
+    publish_voice(s3_server, bucket, tmp_path, "1.1.0", channel=None)
+    publish_voice(s3_server, bucket, tmp_path, "2.0.0", channel=None, broken=True)
+    hosts = [LocalHost(n, tmp_path / n) for n in ("node-a", "node-b")]
+    variables = node_vars(s3_server, bucket, keys, tts_node_service_manager="none", tts_node_create_user=False,
+                          tts_node_user="root", tts_node_group="root", tts_node_install_venv=False,
+                          tts_node_venv=str(VENV), tts_node_gate_timeout=60)
+    # Group vars in the inventory, as in production (extra vars would outrank the
+    # playbook's own settings).
+    (tmp_path / "vars.yml").write_text(yaml.safe_dump({}))
+    inventory = {"tts_nodes": {"vars": variables,
+                               "hosts": {h.name: {"ansible_connection": "local", "ansible_become": False,
+                                                  "ansible_python_interpreter": sys.executable,
+                                                  "tts_node_root": str(h.root)} for h in hosts}}}
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    env = ansible_env(tmp_path)
+
+    def play(playbook: str, *args: str) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", str(tmp_path / "inventory.yml"), "-e",
+                                   f"@{tmp_path / 'vars.yml'}", playbook, *args], cwd=ANSIBLE_DIR,
+                                  capture_output=True, text=True, timeout=300, env=env)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"{playbook} timed out:\n{(exc.stdout or b'').decode()[-5000:]}") from None
+
+    try:
+        # The role in prefix mode lays out both hosts; then each syncs and serves 1.0.0.
+        out = play("site.yml")
+        assert out.returncode == 0, out.stdout[-5000:]
+        for h in hosts:
+            sync = h.cli("tts-provisioner", "sync")
+            assert sync.returncode == 0, sync.stderr
+            h.start_runtime()
+        for h in hosts:
+            wait = h.cli("tts-ctl", "wait-ready", "--timeout", "180")
+            assert wait.returncode == 0, wait.stderr + (h.root / "runtime.log").read_text()[-2000:]
+            assert h.serving() == "1.0.0"
+
+        # A good version: canary first, then the rest; both end up serving it.
+        out = play("rollout-model.yml", "-e", "model=joe", "-e", "version=1.1.0")
+        assert out.returncode == 0, out.stdout[-6000:]
+        order = re.findall(r"^TASK \[Download and verify the version\].*?\n(?:ok|changed): \[(\S+)\]", out.stdout, re.M | re.S)
+        assert order == ["node-a", "node-b"], order  # serial: canary batch of one, then the rest
+        assert [h.serving() for h in hosts] == ["1.1.0", "1.1.0"]
+        assert 'version = "1.1.0"' in (hosts[1].etc / "provisioner.toml").read_text()
+
+        # A broken version: it downloads and verifies fine but cannot be loaded. The
+        # canary fails its gate, is rolled back to 1.1.0, and node-b is never touched.
+        b_config = (hosts[1].etc / "provisioner.toml").read_text()
+        out = play("rollout-model.yml", "-e", "model=joe", "-e", "version=2.0.0")
+        assert out.returncode != 0, out.stdout[-4000:]
+        assert "rolled back to 1.1.0" in out.stdout
+        assert recap(out.stdout)["node-a"]["failed"] == 1, out.stdout[-3000:]
+        assert recap(out.stdout).get("node-b", {}).get("changed", 0) == 0
+        assert (hosts[1].etc / "provisioner.toml").read_text() == b_config
+        assert hosts[0].serving() == "1.1.0" and hosts[1].serving() == "1.1.0"
+        status = json.loads(hosts[0].cli("tts-provisioner", "status", "--json").stdout)
+        assert status["models"]["joe"]["current_version"] == "1.1.0"
+        assert status["models"]["joe"]["held_at"] == "1.1.0"
+        assert 'version = "1.1.0"' in (hosts[0].etc / "provisioner.toml").read_text()
+
+        # rollback.yml: both hosts back to 1.0.0 on request.
+        out = play("rollback.yml", "-e", "model=joe", "-e", "version=1.0.0")
+        assert out.returncode == 0, out.stdout[-4000:]
+        assert [h.serving() for h in hosts] == ["1.0.0", "1.0.0"]
+    finally:
+        for h in hosts:
+            h.stop()
