@@ -103,6 +103,8 @@ class CacheWatcher:
 
     def _arm(self) -> None:
         # Watch each target, or its nearest existing parent until the target appears.
+        # When the watched set changes, something may have happened before the new
+        # watch existed: wake the caller once more so it re-checks.
         with self._lock:
             wanted = {p for p in (self._nearest_existing(t) for t in self.targets) if p is not None}
             for path in set(self._watches) - wanted:
@@ -110,11 +112,14 @@ class CacheWatcher:
                     self._observer.unschedule(self._watches.pop(path))
                 except (KeyError, ValueError):
                     pass
-            for path in wanted - set(self._watches):
+            added = wanted - set(self._watches)
+            for path in added:
                 try:
                     self._watches[path] = self._observer.schedule(self._handler, str(path), recursive=False)
                 except OSError as exc:  # e.g. permission denied: fall back to the slow re-check
                     log.warning("cannot watch directory", path=str(path), error=str(exc))
+            if added and self._observer.is_alive():
+                self.changed.set()
 
     def start(self) -> None:
         self._arm()

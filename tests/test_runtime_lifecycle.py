@@ -1,0 +1,223 @@
+"""Runtime lifecycle: readiness gate on the cache, sd_notify, hot swap, failed loads,
+reload/SIGHUP, deadlines, socket activation and config errors - real process, real voice."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from provisioner.status import ModelStatus, ProvisionerStatus
+from tests.runtime_helpers import (  # noqa: F401  (fixture)
+    VENV_BIN,
+    publish_to_cache,
+    start_server,
+    voice_bundle_dir,
+    voice_cache,
+    write_config,
+)
+
+
+class NotifyListener:
+    """A NOTIFY_SOCKET datagram socket, read continuously as systemd does (a sender
+    blocks once a unix datagram queue is full)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except (socket.timeout, BlockingIOError):
+                continue
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+    def drain(self) -> list[str]:
+        time.sleep(0.05)
+        return list(self.messages)
+
+    def wait_for(self, needle: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(needle in m for m in self.drain()):
+                return True
+        return False
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_gate_waits_for_cache_then_serves_and_hot_swaps(tmp_path, tmp_path_factory):
+    bundle = voice_bundle_dir(tmp_path_factory.getbasetemp())
+    cache = tmp_path / "cache"
+    prov = tmp_path / "srv" / "prov"
+    status = ProvisionerStatus(state="syncing")
+    status.models["joe"] = ModelStatus(wanted_version="1.0.0", state="downloading", files_done=2, files_total=3)
+    status.write(prov)
+    notify = NotifyListener(tmp_path / "notify.sock")
+    srv = start_server(tmp_path / "srv", cache, extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"},
+                       deadline_s=1.5, max_batch_size=4, queue_size=16)
+    try:
+        srv.wait_socket()
+        assert stat.S_IMODE(srv.socket.stat().st_mode) == 0o660
+        with srv.client() as c:
+            r = c.get("/readyz")
+            assert r.status_code == 503
+            assert r.json()["reason"] == "waiting for model cache: joe 1.0.0 2 of 3 files"
+            busy = c.post("/v1/synthesize", json={"text": "Too early."})
+            assert busy.status_code == 503 and "Retry-After" in busy.headers
+            assert c.get("/healthz").status_code == 200
+            assert not any("READY=1" in m for m in notify.drain())
+            # the watchdog pings while the worker is alive, ready or not
+            assert notify.wait_for("WATCHDOG=1", 5)
+
+            # the provisioner finishes: the runtime notices by filesystem event, loads, says READY
+            publish_to_cache(cache, "joe", "1.0.0", bundle)
+            srv.wait_ready(30)
+            assert notify.wait_for("READY=1", 5)
+            assert c.post("/v1/synthesize", json={"text": "Now it works."}).status_code == 200
+
+            # deadline: a long text cannot finish in 1.5 s on this machine -> 504, server fine
+            long_text = " ".join(f"This is sentence number {i} of a rather long paragraph." for i in range(12))
+            late = c.post("/v1/synthesize", json={"text": long_text})
+            assert late.status_code == 504, late.text
+
+            # hot swap while requests keep flowing: none fails
+            results: list[int] = []
+            stop = threading.Event()
+
+            def hammer():
+                with srv.client() as hc:
+                    while not stop.is_set() and len(results) < 200:
+                        results.append(hc.post("/v1/synthesize", json={"text": "Swap test."}).status_code)
+
+            t = threading.Thread(target=hammer)
+            t.start()
+            try:
+                publish_to_cache(cache, "joe", "1.1.0", bundle)
+                _wait(lambda: c.get("/v1/status").json()["models"]["joe"]["version"] == "1.1.0", 30, "swap to 1.1.0")
+                time.sleep(0.5)
+            finally:
+                stop.set()
+                t.join(timeout=30)
+            assert results and set(results) == {200}, results
+
+            # a version that fails to load keeps the old one serving, and says so
+            broken = tmp_path / "broken"
+            shutil.copytree(bundle, broken)
+            (broken / "model.safetensors").write_bytes(b"not a safetensors file" * 100)
+            publish_to_cache(cache, "joe", "2.0.0", broken)
+            st = _wait(lambda: (s := c.get("/v1/status").json())["models"]["joe"]["last_error"] and s, 30, "failed load")
+            assert st["models"]["joe"]["version"] == "1.1.0"
+            assert "2.0.0" in st["models"]["joe"]["last_error"]
+            assert st["ready"] is True
+            assert c.post("/v1/synthesize", json={"text": "Old model still serving."}).status_code == 200
+
+            # rollback + POST /v1/reload: back to 1.0.0
+            from provisioner.cache import CacheWriter
+
+            CacheWriter(cache).set_current("joe", "1.0.0")
+            reload = c.post("/v1/reload", timeout=60).json()
+            assert reload["finished"] is True
+            _wait(lambda: c.get("/v1/status").json()["models"]["joe"]["version"] == "1.0.0", 30, "rollback")
+            assert c.get("/v1/status").json()["models"]["joe"]["last_error"] is None
+
+            # SIGHUP triggers the same re-check
+            srv.process.send_signal(signal.SIGHUP)
+            _wait(lambda: "SIGHUP" in srv.log(), 10, "SIGHUP log line")
+            assert c.get("/readyz").status_code == 200
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.log()[-2000:]
+    assert not srv.socket.exists()  # removed on a clean stop
+    assert "Traceback" not in srv.log()
+    assert notify.wait_for("STOPPING=1", 2)
+    notify.close()
+
+
+def test_socket_activation(voice_cache, tmp_path):
+    activator = shutil.which("systemd-socket-activate")
+    if activator is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    activated = tmp_path / "activated.sock"
+    cfg = write_config(tmp_path / "rt.toml", socket_path=str(tmp_path / "unused.sock"), cache_dir=str(voice_cache),
+                       provisioner_runtime_dir=str(tmp_path / "prov"), device="cpu")
+    log = open(tmp_path / "log", "wb")
+    proc = subprocess.Popen([activator, "-l", str(activated), "-E", "TTS_LOG_FORMAT=json",
+                             str(VENV_BIN / "tts-runtime"), "serve", "--config", str(cfg)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait(activated.exists, 10, "activated socket")
+        # the first connection starts the service; it answers on the socket it was handed
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(activated)), base_url="http://t", timeout=60) as c:
+            assert c.get("/healthz").status_code == 200
+            _wait(lambda: c.get("/readyz").status_code == 200, 60, "ready")
+            assert c.post("/v1/synthesize", json={"text": "Activated."}).status_code == 200
+        assert not (tmp_path / "unused.sock").exists()
+        assert "using sockets from systemd" in (tmp_path / "log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("socket_path = 5\n", "socket_path"),
+    ("bogus_key = 1\n", "bogus_key: unknown key"),
+    ("max_batch_size = 0\n", "max_batch_size"),
+    ("device = \"tpu\"\n", "device"),
+    ("models = [\"../x\"]\n", "models"),
+    ("this is not toml", "not valid TOML"),
+])
+def test_config_errors_exit_2_naming_the_key(tmp_path, content, needle):
+    cfg = tmp_path / "rt.toml"
+    cfg.write_text(content)
+    r = subprocess.run([str(VENV_BIN / "tts-runtime"), "serve", "--config", str(cfg)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_refuses_a_live_socket_and_replaces_a_stale_one(voice_cache, tmp_path):
+    from runtime.cli import ServeError, unix_socket
+
+    path = tmp_path / "x.sock"
+    live = unix_socket(path)
+    with pytest.raises(ServeError, match="already listening"):
+        unix_socket(path)
+    live.close()  # the file stays behind, as after a crash
+    assert path.exists()
+    again = unix_socket(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    again.close()
