@@ -1,0 +1,117 @@
+"""tts-ctl against a real runtime on a Unix socket (real voice), and --local in-process."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+
+import numpy as np
+import soundfile as sf
+
+from tests.runtime_helpers import VENV_BIN, server, voice_cache  # noqa: F401  (fixtures)
+
+
+def ctl(*args, socket=None, config=None, timeout=180):
+    cmd = [str(VENV_BIN / "tts-ctl")]
+    if socket is not None:
+        cmd += ["--socket", str(socket)]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def _pcm(path):
+    wave, _ = sf.read(str(path), dtype="int16")
+    return wave.astype(np.int32)
+
+
+def test_synth_socket_stream_and_local_give_the_same_audio(server, tmp_path):
+    text = "Local and remote agree. Same seed, same audio."
+    a, b, c = tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "c.wav"
+    r = ctl("synth", text, "-o", a, "--seed", 3, config=server.config)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(a)
+    r = ctl("synth", text, "-o", b, "--seed", 3, "--stream", config=server.config)
+    assert r.returncode == 0, r.stderr
+    r = ctl("synth", text, "-o", c, "--seed", 3, "--local", config=server.config)  # no daemon involved
+    assert r.returncode == 0, r.stderr
+    remote, local = _pcm(a), _pcm(c)
+    assert remote.shape == local.shape and int(np.abs(remote - local).max()) <= 4
+    streamed = np.frombuffer(b.read_bytes()[44:], dtype="<i2").astype(np.int32)
+    assert streamed.shape == remote.shape and int(np.abs(streamed - remote).max()) <= 4
+    mp3 = tmp_path / "x.mp3"
+    assert ctl("synth", "Format from the suffix.", "-o", mp3, config=server.config).returncode == 0
+    assert sf.info(str(mp3)).format == "MP3"
+
+
+def test_synth_errors_are_messages_not_tracebacks(server, tmp_path):
+    r = ctl("synth", "hi", "-o", tmp_path / "x.wav", "--voice", "nobody", config=server.config)
+    assert r.returncode == 1 and "unknown voice 'nobody'" in r.stderr and "Traceback" not in r.stderr
+    r = ctl("synth", "   ", "-o", tmp_path / "x.wav", config=server.config)
+    assert r.returncode == 1 and "empty" in r.stderr
+    r = ctl("synth", "hi", "-o", tmp_path / "x.wav", socket=tmp_path / "missing.sock")
+    assert r.returncode == 1 and "no runtime socket" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_batch_txt_resumes_and_reports_failures(server, tmp_path):
+    lines = [f"Batch line number {i}." for i in range(1, 13)]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(lines[:6]) + "\n\n" + "\n".join(lines[6:]) + "\n")
+    out = tmp_path / "out"
+    r = ctl("batch", src, "--out-dir", out, "--concurrency", 6, config=server.config)
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in out.glob("*.wav"))
+    assert len(files) == 12 and files[0] == "000001.wav" and "000008.wav" in files  # line numbers, blank kept
+    assert not list(out.glob(".*part*"))
+    # re-run: everything valid is skipped; a damaged output is redone
+    (out / "000003.wav").write_bytes(b"junk")
+    r = ctl("batch", src, "--out-dir", out, config=server.config)
+    assert r.returncode == 0, r.stderr
+    assert "1 written, 11 already done, 0 failed" in r.stderr
+    assert sf.info(str(out / "000003.wav")).frames > 0
+
+
+def test_batch_jsonl_csv_ids_failures_and_retries(server, tmp_path):
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("\n".join([
+        json.dumps({"id": "greeting", "text": "Hello there.", "seed": 5}),
+        "{not json",
+        json.dumps({"id": "bad-voice", "text": "Who am I?", "voice": "nobody"}),
+        json.dumps({"id": "empty", "text": "  "}),
+        json.dumps({"id": "fast", "text": "Quickly now.", "speed": 1.5}),
+    ]) + "\n")
+    out = tmp_path / "out"
+    r = ctl("batch", jsonl, "--out-dir", out, config=server.config)
+    assert r.returncode == 1
+    assert {p.name for p in out.glob("*.wav")} == {"greeting.wav", "fast.wav"}
+    report = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["line"] for f in report] == [2, 3, 4]
+    assert "unknown voice" in report[1]["error"] and "Traceback" not in r.stderr
+
+    # 40 lines at concurrency 40 against a queue of 32: 503s are retried (Retry-After) until done
+    csv_path = tmp_path / "in.csv"
+    csv_path.write_text("id,text\n" + "".join(f"row{i},Row number {i}.\n" for i in range(40)))
+    out2 = tmp_path / "out2"
+    r = ctl("batch", csv_path, "--out-dir", out2, "--concurrency", 40, "--retries", 8, config=server.config)
+    assert r.returncode == 0, r.stderr
+    assert len(list(out2.glob("row*.wav"))) == 40
+    assert not (out2 / "failures.jsonl").exists()
+
+
+def test_status_voices_wait_ready(server, tmp_path):
+    r = ctl("status", "--json", config=server.config)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["runtime"]["ready"] is True and doc["runtime"]["models"]["joe"]["version"] == "1.0.0"
+    assert "provisioner" in doc
+    r = ctl("status", config=server.config)
+    assert r.returncode == 0 and "serving 1.0.0" in r.stdout
+    r = ctl("voices", "--json", config=server.config)
+    assert json.loads(r.stdout)["voices"][0]["name"] == "joe"
+    assert ctl("wait-ready", "--timeout", 10, config=server.config).returncode == 0
+    r = ctl("wait-ready", "--timeout", 1, socket=tmp_path / "none.sock")
+    assert r.returncode == 1 and "not ready after 1 s" in r.stderr
+    r = ctl("cache", "--help")
+    assert r.returncode == 0 and "snapshots" in r.stdout
