@@ -133,6 +133,9 @@ export XDG_RUNTIME_DIR=/run XDG_CACHE_HOME=/var/cache XDG_CONFIG_HOME=/var/lib
 systemd --user >{work}/manager.log 2>&1 &
 manager=$!
 for i in $(seq 1 100); do [ -S /run/systemd/private ] && break; sleep 0.1; done
+# A user manager creates its notify socket 0755 (only its own user is expected to
+# talk to it); services with User=tts need the mode a system manager gives it.
+chmod 0777 /run/systemd/notify
 cd {ansible}
 play() {{ ansible-playbook -i {work}/inventory.yml -e @{work}/vars.yml site.yml "$@"; }}
 rc=0
