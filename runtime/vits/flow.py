@@ -69,6 +69,11 @@ class CouplingFlow(nn.Module):
             layers.append(nn.Identity())
         self.flows = nn.ModuleList(layers)
 
+    def reach_frames(self) -> int:
+        """Widest one-sided reach of one conv (every conv's input is re-masked)."""
+        return max(conv.padding[0] for f in self.flows if isinstance(f, MeanOnlyCoupling)
+                   for conv in f.enc.in_layers)
+
     def reverse(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for layer in reversed(self.flows):
             if isinstance(layer, MeanOnlyCoupling):

@@ -1,8 +1,10 @@
 """VITS synthesizer for inference: text encoder -> durations -> prior sample -> flows -> decoder.
 
 Batching contract: every random draw comes from the request's own CPU torch.Generator and
-has the request's own length, and every layer masks padding, so a request's waveform does
-not depend on what else is in its batch.
+has the request's own length. The text encoder and duration predictor run on a padded batch
+with masks; the flows and decoder run on the requests packed end to end along time with zero
+gaps that are re-masked after every conv. Either way a request's waveform does not depend on
+what else is in its batch.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .common import sequence_mask
 from .config import VitsConfig
 from .decoder import Generator
 from .duration import StochasticDurationPredictor
@@ -53,6 +54,26 @@ class VitsModel(nn.Module):
         """ids [B,T] long, lengths [B] long, scales [B] float (all on the model's device).
         Returns one 1-D waveform per request."""
         dev = ids.device
+        if dev.type == "cpu" and len(generators) > 1:
+            # On CPU padding is pure waste (and attention is quadratic in it): one request at a time.
+            priors = []
+            for i, n in enumerate(lengths.tolist()):
+                sl = slice(i, i + 1)
+                priors += self._prior(ids[sl, :n], lengths[sl], generators[sl], noise_scale[sl], length_scale[sl],
+                                      noise_w[sl])
+        else:
+            priors = self._prior(ids, lengths, generators, noise_scale, length_scale, noise_w)
+        # Flows and decoder run on the requests packed end to end (no compute on padding).
+        packed, segments = self._pack(priors)
+        mask = torch.zeros(1, 1, packed.shape[2], device=dev)
+        for start, n in segments:
+            mask[:, :, start:start + n] = 1
+        z = self.flow.reverse(packed, mask) * mask
+        return self.dec.decode_packed(z, segments)
+
+    def _prior(self, ids, lengths, generators, noise_scale, length_scale, noise_w) -> list[torch.Tensor]:
+        """Text encoder + durations + prior sample for a padded (sub)batch -> [C, frames_i] each."""
+        dev = ids.device
         x, m_p, logs_p, x_mask = self.enc_p(ids, lengths)
 
         dp_noise = _padded_noise(generators, 2, lengths.tolist()).to(dev) * noise_w[:, None, None]
@@ -61,7 +82,6 @@ class VitsModel(nn.Module):
         cum = torch.cumsum(w_ceil, dim=1)
         y_lengths = cum[:, -1].clamp_min(1).long()
         t_y = int(y_lengths.max())
-        y_mask = sequence_mask(y_lengths, t_y)
 
         # Hard monotonic alignment: frame t belongs to the phoneme whose cumulative span covers it.
         frames = torch.arange(t_y, device=dev, dtype=cum.dtype)
@@ -71,7 +91,22 @@ class VitsModel(nn.Module):
         m = torch.gather(m_p, 2, owner.expand(-1, m_p.shape[1], -1)) * covered
         logs = torch.gather(logs_p, 2, owner.expand(-1, logs_p.shape[1], -1)) * covered
 
-        eps = _padded_noise(generators, m.shape[1], y_lengths.tolist()).to(dev)
-        z_p = (m + eps * torch.exp(logs) * noise_scale[:, None, None]) * y_mask
-        z = self.flow.reverse(z_p, y_mask)
-        return self.dec.decode(z * y_mask, y_lengths.tolist())
+        n_frames = y_lengths.tolist()
+        eps = _padded_noise(generators, m.shape[1], n_frames).to(dev)
+        z_p = m + eps * torch.exp(logs) * noise_scale[:, None, None]
+        return [z_p[i, :, :n] for i, n in enumerate(n_frames)]
+
+    def _pack(self, priors: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """[C, n_i] each -> [1, C, L] with zero gaps wider than any conv's reach, + (start, n_i)."""
+        if len(priors) == 1:
+            return priors[0].unsqueeze(0), [(0, priors[0].shape[1])]
+        gap = max(self.dec.reach_frames(), self.flow.reach_frames()) + 1
+        parts, segments, pos = [], [], 0
+        for i, z in enumerate(priors):
+            if i:
+                parts.append(z.new_zeros(z.shape[0], gap))
+                pos += gap
+            parts.append(z)
+            segments.append((pos, z.shape[1]))
+            pos += z.shape[1]
+        return torch.cat(parts, 1).unsqueeze(0), segments

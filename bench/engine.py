@@ -1,0 +1,304 @@
+#!/usr/bin/env python
+"""Engine benchmark: our PyTorch VITS vs piper-tts (onnxruntime), side by side in one run.
+
+    .venv/bin/python bench/engine.py [--threads 2] [--repeats 3] [--no-wait-policy-compare]
+
+Figures (bench/results/engine.json + engine.md):
+  * CPU real-time factor (synthesis seconds / audio seconds) on 20 sentences, same phoneme ids
+    and thread count for both; median of per-sentence ratios ours/piper (target <= 1.0).
+    Each sentence is timed alternately (piper, ours) `repeats` times and the minimum kept, so
+    load from other processes hits both sides alike.
+  * Batched CPU throughput: 8 requests in one batch vs one at a time (target >= 1.3x).
+  * Load time: Engine.load(bundle) to the end of the first synthesis (target <= 3 s).
+  * GPU figures: only when CUDA is available (otherwise recorded as not measured).
+"""
+
+from __future__ import annotations
+
+import os
+
+# libgomp's default active spin-wait collapses when another process wants the same cores;
+# set before torch is imported (see docs/engine.md). An explicit environment value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello there, how are you doing today?",
+    "Please call Stella and ask her to bring these things with her from the store.",
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife.",
+    "Yes, indeed.",
+    "The rain in Spain stays mainly in the plain.",
+    "A journey of a thousand miles begins with a single step.",
+    "She sells seashells by the seashore, and the shells she sells are surely seashells.",
+    "Turn left at the next street, then walk two blocks to the station.",
+    "Our server fleet keeps a verified model cache and answers on a local socket.",
+    "Wow!",
+    "Colorless green ideas sleep furiously.",
+    "We hold these truths to be self-evident, that all men are created equal.",
+    "The children are playing in the garden while their parents prepare dinner.",
+    "Can you help me find my keys?",
+    "Four score and seven years ago our fathers brought forth on this continent a new nation.",
+    "The weather forecast says it will rain tomorrow afternoon.",
+    "Peter Piper picked a peck of pickled peppers.",
+    "Thank you very much for your help.",
+    "In the beginning the universe was created, which made a lot of people very angry.",
+]
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def _figure(name, value, unit, target=None, met=None, **extra) -> dict:
+    fig = {"name": name, "value": value, "unit": unit, "target": target, "met": met}
+    fig.update(extra)
+    return fig
+
+
+def _piper_voice(threads: int):
+    import onnxruntime as ort
+    from piper.voice import PiperVoice
+
+    from mirror.piper_import import bundled_voice_paths
+
+    onnx_path, json_path = bundled_voice_paths()
+    voice = PiperVoice.load(onnx_path, json_path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    voice.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    return voice
+
+
+def measure_rtf(engine, threads: int, repeats: int) -> dict:
+    from piper.config import SynthesisConfig
+
+    from runtime.engine import SynthesisRequest
+
+    piper = _piper_voice(threads)
+    cfg = SynthesisConfig()
+    rows = []
+    for k, text in enumerate(SENTENCES):
+        ids = [i for sent in engine.frontend.text_to_sentence_ids(text) for i in sent]
+        req = SynthesisRequest(ids, seed=k)
+        ours_audio = engine.synthesize_batch([req])[0]
+        piper_audio = piper.phoneme_ids_to_audio(ids, cfg)  # warm-up both
+        t_ours, t_piper = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            piper.phoneme_ids_to_audio(ids, cfg)
+            t_piper.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            engine.synthesize_batch([req])
+            t_ours.append(time.perf_counter() - t0)
+        ours_rtf = min(t_ours) / (len(ours_audio) / engine.sample_rate)
+        piper_rtf = min(t_piper) / (len(piper_audio) / engine.sample_rate)
+        rows.append({"ids": len(ids), "audio_s": round(len(ours_audio) / engine.sample_rate, 3),
+                     "ours_rtf": round(ours_rtf, 4), "piper_rtf": round(piper_rtf, 4),
+                     "ratio": round(ours_rtf / piper_rtf, 3)})
+    return {
+        "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "ours_median_rtf": statistics.median(r["ours_rtf"] for r in rows),
+        "piper_median_rtf": statistics.median(r["piper_rtf"] for r in rows),
+        "rows": rows,
+    }
+
+
+def measure_batch(engine, repeats: int, batch: int = 8) -> dict:
+    from runtime.engine import SynthesisRequest
+
+    reqs = [SynthesisRequest([i for s in engine.frontend.text_to_sentence_ids(t) for i in s], seed=k)
+            for k, t in enumerate(SENTENCES[:batch])]
+    audio_s = sum(len(w) for w in engine.synthesize_batch(reqs)) / engine.sample_rate
+    t_b, t_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        engine.synthesize_batch(reqs)
+        t_b.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for r in reqs:
+            engine.synthesize_batch([r])
+        t_s.append(time.perf_counter() - t0)
+    return {"audio_s": audio_s, "batched_aps": audio_s / min(t_b), "sequential_aps": audio_s / min(t_s)}
+
+
+def measure_load(bundle: Path, threads: int, repeats: int = 3) -> dict:
+    from runtime.engine import Engine
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        eng = Engine.load(bundle, device="cpu", threads=threads)
+        eng.synthesize_text("Hello.")
+        times.append(time.perf_counter() - t0)
+        eng.close()
+    # cold: a fresh interpreter, imports included (informational)
+    code = ("import time; t=time.perf_counter(); from runtime.engine import Engine; "
+            f"e=Engine.load({str(bundle)!r}, device='cpu', threads={threads}); e.synthesize_text('Hello.'); "
+            "print(time.perf_counter()-t)")
+    cold = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return {"warm_median": statistics.median(times), "cold_process": float(cold.stdout.strip().splitlines()[-1])}
+
+
+def measure_gpu(bundle: Path) -> list[dict]:
+    if not torch.cuda.is_available():
+        reason = "no CUDA device on this machine (and none was lent to this task)"
+        return [_figure("gpu_single_rtf", None, "x", 0.005, None, note=f"not measured: {reason}"),
+                _figure("gpu_best_audio_seconds_per_s", None, "audio-s/s", 500, None, note=f"not measured: {reason}")]
+    from runtime.engine import Engine, SynthesisRequest
+
+    eng = Engine.load(bundle, device="cuda")
+    name = torch.cuda.get_device_name(0)
+    ids = [[i for s in eng.frontend.text_to_sentence_ids(t) for i in s] for t in SENTENCES]
+    figs = []
+    single = []
+    for k, seq in enumerate(ids):
+        eng.synthesize_batch([SynthesisRequest(seq, seed=k)])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        w = eng.synthesize_batch([SynthesisRequest(seq, seed=k)])[0]
+        torch.cuda.synchronize()
+        single.append((time.perf_counter() - t0) / (len(w) / eng.sample_rate))
+    rtf = statistics.median(single)
+    figs.append(_figure("gpu_single_rtf", round(rtf, 5), "x", 0.005, rtf <= 0.005, device=name))
+    best = 0.0
+    for bs in (1, 8, 32, 64):
+        reqs = [SynthesisRequest(ids[k % len(ids)], seed=k) for k in range(bs)]
+        eng.synthesize_batch(reqs)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        waves = eng.synthesize_batch(reqs)
+        torch.cuda.synchronize()
+        aps = sum(len(w) for w in waves) / eng.sample_rate / (time.perf_counter() - t0)
+        best = max(best, aps)
+        figs.append(_figure(f"gpu_audio_seconds_per_s_batch{bs}", round(aps, 1), "audio-s/s", None, None, device=name))
+        figs.append(_figure(f"gpu_peak_memory_batch{bs}", round(torch.cuda.max_memory_allocated() / 2**20, 1), "MiB",
+                            None, None, device=name))
+    figs.append(_figure("gpu_best_audio_seconds_per_s", round(best, 1), "audio-s/s", 500, best >= 500, device=name))
+    eng.close()
+    return figs
+
+
+def _wait_policy_child(bundle: Path, threads: int, repeats: int, policy: str) -> float | None:
+    env = dict(os.environ, OMP_WAIT_POLICY=policy)
+    proc = subprocess.run([sys.executable, __file__, "--rtf-only", "--bundle", str(bundle), "--threads", str(threads),
+                           "--repeats", str(repeats)], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["median_ratio"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bundle", type=Path, help="existing bundle dir (default: import the bundled voice into a temp dir)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.json")
+    ap.add_argument("--no-wait-policy-compare", action="store_true", help="skip the OMP_WAIT_POLICY=ACTIVE re-run")
+    ap.add_argument("--rtf-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    from runtime.engine import Engine
+
+    tmp = None
+    bundle = args.bundle
+    import_s = None
+    if bundle is None:
+        from mirror.piper_import import bundled_voice_paths, import_piper
+
+        tmp = tempfile.TemporaryDirectory(prefix="bench-engine-")
+        t0 = time.perf_counter()
+        bundle = import_piper(*bundled_voice_paths(), Path(tmp.name) / "bundle").out_dir
+        import_s = time.perf_counter() - t0
+
+    engine = Engine.load(bundle, device="cpu", threads=args.threads)
+    if args.rtf_only:
+        print(json.dumps(measure_rtf(engine, args.threads, args.repeats)))
+        return 0
+
+    machine = _machine()
+    load = measure_load(bundle, args.threads)
+    rtf = measure_rtf(engine, args.threads, args.repeats)
+    batch = measure_batch(engine, args.repeats)
+    figures = [
+        _figure("cpu_rtf_ratio_ours_over_piper_median", round(rtf["median_ratio"], 3), "x", 1.0,
+                rtf["median_ratio"] <= 1.0, threads=args.threads, sentences=len(SENTENCES)),
+        _figure("cpu_rtf_ours_median", round(rtf["ours_median_rtf"], 4), "x", None, None, threads=args.threads),
+        _figure("cpu_rtf_piper_median", round(rtf["piper_median_rtf"], 4), "x", None, None, threads=args.threads),
+        _figure("cpu_batch8_throughput_ratio", round(batch["batched_aps"] / batch["sequential_aps"], 3), "x", 1.3,
+                batch["batched_aps"] / batch["sequential_aps"] >= 1.3,
+                batched_audio_s_per_s=round(batch["batched_aps"], 2),
+                sequential_audio_s_per_s=round(batch["sequential_aps"], 2)),
+        _figure("load_to_first_synthesis_cpu", round(load["warm_median"], 3), "s", 3.0, load["warm_median"] <= 3.0,
+                note="Engine.load(bundle) + first synthesis, torch already imported"),
+        _figure("load_to_first_synthesis_cpu_cold_process", round(load["cold_process"], 3), "s", None, None,
+                note="fresh interpreter incl. importing torch (informational)"),
+    ]
+    if import_s is not None:
+        figures.append(_figure("import_piper_seconds", round(import_s, 2), "s", None, None))
+    if not args.no_wait_policy_compare:
+        active = _wait_policy_child(bundle, args.threads, args.repeats, "ACTIVE")
+        figures.append(_figure("cpu_rtf_ratio_with_OMP_WAIT_POLICY_ACTIVE", None if active is None else round(active, 3),
+                               "x", None, None, note="same measurement in a child process with libgomp spin-waiting"))
+    figures.extend(measure_gpu(bundle))
+    machine["loadavg_end"] = list(os.getloadavg())
+    result = {"machine": machine, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "figures": figures, "per_sentence": rtf["rows"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    md = ["# Engine benchmark", "", f"{result['date']} on {machine['cpu']} ({machine['cores']} cores, {machine['isa']}), "
+          f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, OMP_WAIT_POLICY={machine['omp_wait_policy']}, "
+          f"load average {machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f}.", "",
+          "| figure | value | unit | target | met |", "|---|---|---|---|---|"]
+    for f in figures:
+        md.append(f"| {f['name']} | {f['value']} | {f['unit']} | {f['target'] if f['target'] is not None else ''} | "
+                  f"{'' if f['met'] is None else ('yes' if f['met'] else 'no')} |")
+    md += ["", "Reproduce: `.venv/bin/python bench/engine.py` (see docs/engine.md for what the figures mean).", ""]
+    args.out.with_suffix(".md").write_text("\n".join(md))
+    for f in figures:
+        print(f"{f['name']:<48} {f['value']!s:>10} {f['unit']:<10} target {f['target']}  met {f['met']}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
