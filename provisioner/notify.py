@@ -23,7 +23,9 @@ def notify(**fields: object) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.sendall(message)
+            # Never block a daemon on its supervisor: if the receiver's queue is full
+            # the message is dropped (the next STATUS/WATCHDOG supersedes it).
+            sock.send(message, socket.MSG_DONTWAIT)
         return True
     except OSError:
         return False

@@ -25,3 +25,26 @@ def test_prefix_hasher_matches_whole_file_hash(tmp_path):
     hasher.advance(512)          # out of order: no-op
     hasher.advance(2 * 1024 * 1024 + 5)
     assert hasher.finish(len(data)) == hashlib.sha256(data).hexdigest() == sha256_file(path)
+
+
+def test_notify_never_blocks_on_a_full_receiver(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from provisioner.notify import notify
+
+    path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    try:
+        assert notify(READY=1)
+        assert receiver.recv(4096) == b"READY=1"
+        start = time.monotonic()
+        results = [notify(STATUS="x" * 1000) for _ in range(2000)]  # nobody reads: queue fills
+        assert time.monotonic() - start < 5
+        assert results[0] is True and results[-1] is False
+    finally:
+        receiver.close()
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert notify(READY=1) is False
