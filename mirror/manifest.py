@@ -148,6 +148,15 @@ class Manifest:
             raise ManifestError("manifest 'created' must be a string")
         return cls(name=raw.get("name"), version=raw.get("version"), files=files, created=created)
 
+    @classmethod
+    def parse_for(cls, data: bytes, name: str, version: str) -> "Manifest":
+        """Parse a manifest fetched as NAME/VERSION and check it says so (a manifest
+        copied to another version's key must not be accepted there)."""
+        manifest = cls.parse(data)
+        if (manifest.name, manifest.version) != (name, version):
+            raise ManifestError(f"manifest is for {manifest.name}/{manifest.version}, expected {name}/{version}")
+        return manifest
+
     def to_bytes(self) -> bytes:
         """Canonical serialization: the exact bytes that get signed and published."""
         doc = {

@@ -187,13 +187,9 @@ class Mirror:
         if raw is None:
             return None
         try:
-            manifest = Manifest.parse(raw)
+            manifest = Manifest.parse_for(raw, name, version)
         except ManifestError as exc:
             raise MirrorError(f"published manifest of {name} {version} is invalid: {exc}") from None
-        if (manifest.name, manifest.version) != (name, version):
-            raise MirrorError(
-                f"manifest at {layout.manifest_key(name, version)} names {manifest.name} {manifest.version}"
-            )
         return manifest, raw
 
     def signature(self, name: str, version: str) -> bytes | None:

@@ -36,7 +36,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mirror.manifest import ManifestError, validate_name
 
@@ -45,6 +45,16 @@ DEFAULT_CONFIG_PATH = Path(os.environ.get("TTS_PROVISIONER_CONFIG", "/etc/tts-fl
 
 class ConfigError(Exception):
     """The configuration file is missing, not TOML, or does not match the schema."""
+
+
+def _log_level(v: str) -> str:
+    if v.lower() not in {"debug", "info", "warning", "error"}:
+        raise ValueError("must be one of debug, info, warning, error")
+    return v.lower()
+
+
+# Shared by every daemon's config.
+LogLevel = Annotated[str, AfterValidator(_log_level)]
 
 
 class _Strict(BaseModel):
@@ -130,7 +140,7 @@ class ProvisionerConfig(_Strict):
     require_signature: bool = True
     public_keys: list[Path] = []
     disk_margin_mb: Annotated[int, Field(ge=0)] = 256
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     aria2: Aria2Config = Aria2Config()
     mirrors: Annotated[list[MirrorConfig], Field(min_length=1)]
     models: Annotated[list[ModelConfig], Field(min_length=1)]
@@ -156,13 +166,6 @@ class ProvisionerConfig(_Strict):
             raise ValueError("must be a number of seconds")
         return float(v)
 
-    @field_validator("log_level")
-    @classmethod
-    def _level(cls, v: str) -> str:
-        if v.lower() not in {"debug", "info", "warning", "error"}:
-            raise ValueError("must be one of debug, info, warning, error")
-        return v.lower()
-
     @model_validator(mode="after")
     def _unique(self) -> "ProvisionerConfig":
         for what, names in (("mirror", [m.name for m in self.mirrors]), ("model", [m.name for m in self.models])):
@@ -177,7 +180,8 @@ class ProvisionerConfig(_Strict):
         return sorted(self.mirrors, key=lambda m: (m.priority, m.name))
 
 
-def _format_errors(exc: ValidationError) -> str:
+def format_validation_errors(exc: ValidationError) -> str:
+    """pydantic errors as `key.path: message; ...`, naming each offending key."""
     lines = []
     for err in exc.errors():
         loc = ""
@@ -203,4 +207,4 @@ def load_config(path: Path) -> ProvisionerConfig:
     try:
         return ProvisionerConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"config {path}: {_format_errors(exc)}") from None
+        raise ConfigError(f"config {path}: {format_validation_errors(exc)}") from None

@@ -163,14 +163,9 @@ class MirrorSet:
             except SignatureError as exc:
                 log.warning("manifest signature does not verify (require_signature=false)", error=str(exc))
         try:
-            manifest = Manifest.parse(data)
+            return Manifest.parse_for(data, name, version)
         except ManifestError as exc:
             raise ManifestRejected(f"malformed manifest: {exc}") from None
-        if (manifest.name, manifest.version) != (name, version):
-            raise ManifestRejected(
-                f"manifest is for {manifest.name}/{manifest.version}, expected {name}/{version}"
-            )
-        return manifest
 
     def presigned_urls(self, name: str, version: str, path: str, expires: int,
                        exclude: set[str] = frozenset()) -> list[tuple[str, str]]:

@@ -31,7 +31,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mirror.manifest import ManifestError, validate_name
-from provisioner.config import ConfigError, _format_errors
+from provisioner.config import ConfigError, LogLevel, format_validation_errors
 
 DEFAULT_CONFIG_PATH = Path(os.environ.get("TTS_RUNTIME_CONFIG", "/etc/tts-fleet/runtime.toml"))
 DEFAULT_SOCKET_PATH = Path("/run/tts/runtime.sock")
@@ -63,7 +63,7 @@ class RuntimeConfig(BaseModel):
     request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     verify_full_hash: bool = False
     tcp_listen: str = ""
-    log_level: str = "info"
+    log_level: LogLevel = "info"
 
     @field_validator("socket_path", "cache_dir", "provisioner_runtime_dir", mode="before")
     @classmethod
@@ -105,13 +105,6 @@ class RuntimeConfig(BaseModel):
                 raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8088, or empty")
         return v
 
-    @field_validator("log_level")
-    @classmethod
-    def _level(cls, v: str) -> str:
-        if v.lower() not in {"debug", "info", "warning", "error"}:
-            raise ValueError("must be one of debug, info, warning, error")
-        return v.lower()
-
     @model_validator(mode="after")
     def _batch_vs_queue(self) -> "RuntimeConfig":
         if self.queue_size < self.max_batch_size:
@@ -145,4 +138,4 @@ def load_config(path: Path | None) -> RuntimeConfig:
     try:
         return RuntimeConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"config {path}: {_format_errors(exc)}") from None
+        raise ConfigError(f"config {path}: {format_validation_errors(exc)}") from None
