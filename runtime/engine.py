@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -65,6 +67,25 @@ class _Resolved:
     length_scale: float
     noise_scale: float
     noise_w: float
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_freed_heap() -> None:
+    """Hand freed heap pages back to the OS after a batch. Every new batch shape leaves
+    differently sized holes in glibc's heap; without this a resident server's RSS kept
+    climbing with varied traffic (measured 330 -> 644 MiB over 40 random batches,
+    bounded near 520 MiB with the trim, at no measurable cost in speed)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _resolve_device(device: str, cpu_fallback: bool) -> torch.device:
@@ -217,7 +238,10 @@ class Engine:
             return []
         with self._lock:
             model = self._check_open()
-            return self._run(model, resolved, self._device)
+            try:
+                return self._run(model, resolved, self._device)
+            finally:
+                _release_freed_heap()
 
     def _run(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device) -> list[np.ndarray]:
         try:
