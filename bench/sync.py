@@ -764,14 +764,14 @@ def main() -> int:
         "What sync pays over bare aria2c: Python start-up before the first byte, hashing + fsync of the last file "
         "to finish (the 600 MiB one: cannot overlap any download), the poll interval, and stopping aria2c at exit.",
         "Resume: bytes are counted by an unthrottled proxy (server->client, HTTP headers included). aria2c notices "
-        "its parent died (--stop-with-process) and halts gracefully, saving its control files; the "
-        "~45-75 MiB lost per kill (measured per run in a side experiment) was not broken down further: likely "
-        "data in flight (proxy queue and loopback socket buffers of up to 24 connections) plus pieces written "
-        "after the last control-file save.",
+        "its parent died (--stop-with-process) and halts gracefully, saving its control files; what is lost per "
+        "kill is data in flight: bytes the proxy already read from the server but aria2c never received (proxy "
+        "queues and loopback socket buffers of 8 connections; aria2c's own receive buffer is capped at 1 MiB per "
+        "connection by the provisioner's socket_recv_buffer).",
         "Incremental: the plan is exact (2 files reused from blobs/, only the changed file fetched); the wire "
         "count adds HTTP headers and the bytes aria2 over-reads when split segments meet (the bare aria2c peer "
         "over-reads too, by less: see its figure; both vary run to run).",
-        "Throttled here is CPU-bound, not link-bound: 3 files x 16 connections x 40 MiB/s would allow ~1.9 GiB/s, but the Python proxy, nanio and aria2c on 2 shared cores deliver ~100 MiB/s, so the provisioner's overlapped hashing competes with the proxy for CPU and stretches its download phase; on a real per-connection-limited link the hashing would ride on idle CPU.",
+        "Throttled here is CPU-bound, not link-bound: 3 files x 16 connections x 40 MiB/s would allow ~1.9 GiB/s, but the Python proxy, nanio and aria2c share 2 cores with the provisioner, so the provisioner's overlapped hashing competes with the proxy for CPU and stretches its download phase; on a real per-connection-limited link the hashing would ride on idle CPU.",
         "Throttled: proxy = bench/throttle_proxy.py (uvloop, per-connection token bucket + delay line); the "
         "single-stream peer is one requests stream per file, files in turn.",
     ]

