@@ -196,15 +196,22 @@ def format_validation_errors(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def load_config(path: Path) -> ProvisionerConfig:
+def load_toml(path: Path, schema: type[BaseModel]):
+    """Read a TOML file and validate it against a config schema; every daemon's loader."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
     try:
-        return ProvisionerConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"config {path}: {format_validation_errors(exc)}") from None
+
+
+def load_config(path: Path) -> ProvisionerConfig:
+    return load_toml(path, ProvisionerConfig)

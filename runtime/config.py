@@ -24,14 +24,13 @@ The error formatting is the provisioner's, so both daemons talk alike.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mirror.manifest import ManifestError, validate_name
-from provisioner.config import ConfigError, LogLevel, format_validation_errors
+from provisioner.config import ConfigError, LogLevel, load_toml
 
 DEFAULT_CONFIG_PATH = Path(os.environ.get("TTS_RUNTIME_CONFIG", "/etc/tts-fleet/runtime.toml"))
 DEFAULT_SOCKET_PATH = Path("/run/tts/runtime.sock")
@@ -126,16 +125,4 @@ def load_config(path: Path | None) -> RuntimeConfig:
     """Read and validate a config file; None means all defaults."""
     if path is None:
         return RuntimeConfig()
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config {path} is not UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
-    try:
-        return RuntimeConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"config {path}: {format_validation_errors(exc)}") from None
+    return load_toml(path, RuntimeConfig)

@@ -109,3 +109,12 @@ def tree(path: Path) -> list[str]:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def provisioner_env(tmp: Path, s3_server, bucket: str) -> dict:
+    """Keys, credentials, one mirror and a config for a fresh cache under `tmp`."""
+    keys = make_keys(tmp)
+    creds = s3_server.write_credentials(tmp / "creds.toml")
+    mirror = dict(name="primary", endpoint=s3_server.endpoint, bucket=bucket, credentials_file=creds)
+    return dict(tmp=tmp, keys=keys, client=s3_server.client(), bucket=bucket, mirror=mirror, creds=creds,
+                config=write_config(tmp, [mirror], keys), s3=s3_server)

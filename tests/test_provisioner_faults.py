@@ -16,23 +16,19 @@ from mirror.manifest import FileEntry, Manifest
 from provisioner.cache import CacheReader
 from tests.conftest import free_port
 from tests.cut_proxy import CuttingProxy
-from tests.provisioner_helpers import (BIN, make_keys, model_files, publish_raw, run_cli, set_channel, tree,
-                                       write_config)
+from tests.provisioner_helpers import (BIN, make_keys, model_files, provisioner_env, publish_raw, run_cli, set_channel,
+                                       tree, write_config)
 
 SIZES = {"model.safetensors": 3_000_000, "voice.json": 2_000, "card.md": 500}
 
 
 @pytest.fixture
 def env(tmp_path, s3_server, bucket):
-    keys = make_keys(tmp_path)
-    creds = s3_server.write_credentials(tmp_path / "creds.toml")
-    mirror = dict(name="primary", endpoint=s3_server.endpoint, bucket=bucket, credentials_file=creds)
-    config = write_config(tmp_path, [mirror], keys)
-    client = s3_server.client()
-    publish_raw(client, bucket, "joe", "1.0.0", model_files(1, SIZES), keys)
-    assert run_cli("sync", config=config).returncode == 0
-    return dict(tmp=tmp_path, keys=keys, client=client, bucket=bucket, config=config, mirror=mirror,
-                cache=CacheReader(tmp_path / "cache"), s3=s3_server, creds=creds)
+    """A cache already serving joe 1.0.0."""
+    env = dict(provisioner_env(tmp_path, s3_server, bucket), cache=CacheReader(tmp_path / "cache"))
+    publish_raw(env["client"], bucket, "joe", "1.0.0", model_files(1, SIZES), env["keys"])
+    assert run_cli("sync", config=env["config"]).returncode == 0
+    return env
 
 
 def assert_still_serving_v1(env) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from mirror.manifest import Manifest
 from provisioner.cache import CacheReader
-from tests.provisioner_helpers import (make_keys, model_files, publish_raw, read_json, run_cli, set_channel,
+from tests.provisioner_helpers import (model_files, provisioner_env, publish_raw, read_json, run_cli, set_channel,
                                        write_config)
 
 SIZES = {"model.safetensors": 6_000_000, "voice.json": 3_000, "docs/card.md": 700}
@@ -19,12 +19,7 @@ SIZES = {"model.safetensors": 6_000_000, "voice.json": 3_000, "docs/card.md": 70
 
 @pytest.fixture
 def env(tmp_path, s3_server, bucket):
-    keys = make_keys(tmp_path)
-    creds = s3_server.write_credentials(tmp_path / "creds.toml")
-    mirror = dict(name="primary", endpoint=s3_server.endpoint, bucket=bucket, credentials_file=creds)
-    config = write_config(tmp_path, [mirror], keys)
-    return dict(tmp=tmp_path, keys=keys, client=s3_server.client(), bucket=bucket, config=config,
-                cache=CacheReader(tmp_path / "cache"), s3=s3_server, creds=creds, mirror=mirror)
+    return dict(provisioner_env(tmp_path, s3_server, bucket), cache=CacheReader(tmp_path / "cache"))
 
 
 def test_sync_builds_verified_snapshot_and_switches_current(env):
