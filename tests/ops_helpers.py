@@ -21,6 +21,8 @@ SYSTEMD_DIR = REPO / "systemd"
 ANSIBLE_DIR = REPO / "ansible"
 VENV = Path(sys.executable).parent.parent
 VENV_BIN = VENV / "bin"
+# Where sandboxed services see the test venv (sandbox_prelude bind-mounts it there).
+SANDBOX_VENV = Path("/opt/tts-test-venv")
 UNITS = ["tts-provisioner.service", "tts-runtime.socket", "tts-runtime.service"]
 SERVICES = ["tts-provisioner.service", "tts-runtime.service"]
 # Where the ansible role installs the venv; the units' ExecStart= point into it.
@@ -163,7 +165,7 @@ def namespace_unavailable() -> str | None:
 def sandbox_prelude(work: Path, overlays: tuple[str, ...] = ("/etc", "/opt", "/var")) -> str:
     """Shell lines that turn a fresh `unshare --mount` into a sandbox: overlays (upper
     dirs under `work`) on the given trees, a tmpfs on /run, the test venv at the
-    installed venv path (read-only), and /work/main's venv read-only so nothing in the
+    installed venv path (read-only), and the checkout's venv read-only so nothing in the
     sandbox can change the shared checkout's environment."""
     lines = ["set -eu", "mount --make-rprivate /"]
     for tree in overlays:
@@ -174,6 +176,9 @@ def sandbox_prelude(work: Path, overlays: tuple[str, ...] = ("/etc", "/opt", "/v
     lines += [
         "mount -t tmpfs -o mode=0755 tmpfs /run",
         f"mount --bind {VENV} {VENV} && mount -o remount,bind,ro {VENV}",
+        # The units' PrivateTmp/ProtectHome hide a checkout under /tmp, /home or /root:
+        # show the test venv to the services at a fixed path inside the /opt overlay.
+        f"mkdir -p {SANDBOX_VENV} && mount --bind {VENV} {SANDBOX_VENV} && mount -o remount,bind,ro {SANDBOX_VENV}",
     ]
     return "\n".join(lines)
 

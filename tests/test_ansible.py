@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ops_helpers import ANSIBLE_DIR, REPO, VENV, VENV_BIN, namespace_unavailable, run_in_sandbox, sandbox_prelude
+from tests.ops_helpers import (ANSIBLE_DIR, REPO, SANDBOX_VENV, VENV, VENV_BIN, namespace_unavailable, run_in_sandbox,
+                               sandbox_prelude)
 from tests.provisioner_helpers import Keys, make_keys, publish_raw
 
 PLAYBOOKS = ["site.yml", "rollout-model.yml", "rollback.yml", "mirror.yml"]
@@ -180,7 +181,7 @@ def test_site_in_sandbox_under_user_manager(tmp_path, s3_server, bucket):
         # The wheel without its dependencies; torch and friends come from the test venv
         # through a .pth file instead of a download (see docs/operations.md).
         tts_node_pip_extra_args="--no-index --no-deps",
-        tts_node_venv_extra_site_dirs=[purelib],
+        tts_node_venv_extra_site_dirs=[str(SANDBOX_VENV / Path(purelib).relative_to(VENV))],
     )
     (work / "vars.yml").write_text(yaml.safe_dump(variables))
     (work / "inventory.yml").write_text(yaml.safe_dump(
