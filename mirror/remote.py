@@ -27,7 +27,7 @@ class MirrorError(Exception):
 
 
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
-_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
 def error_code(exc: ClientError) -> str:
@@ -140,7 +140,7 @@ class Mirror:
         try:
             return self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if error_code(exc) in _NOT_FOUND_CODES:
+            if error_code(exc) in NOT_FOUND_CODES:
                 return None
             raise MirrorError(describe(exc, self.endpoint, self.bucket)) from None
         except BotoCoreError as exc:
@@ -152,7 +152,7 @@ class Mirror:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
             return body.read(limit) if limit is not None else body.read()
         except ClientError as exc:
-            if error_code(exc) in _NOT_FOUND_CODES:
+            if error_code(exc) in NOT_FOUND_CODES:
                 return None
             raise MirrorError(describe(exc, self.endpoint, self.bucket)) from None
         except BotoCoreError as exc:

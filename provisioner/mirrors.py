@@ -15,6 +15,7 @@ import structlog
 
 from mirror import layout
 from mirror.manifest import Manifest, ManifestError, parse_channel
+from mirror.remote import NOT_FOUND_CODES, describe, error_code
 from mirror.s3 import Credentials, CredentialsError, make_client
 from mirror.signing import SignatureError, verify
 
@@ -43,10 +44,6 @@ class ManifestRejected(MirrorError):
     """The manifest was found but is malformed, unsigned, or signed by no trusted key."""
 
 
-def _error_code(exc: botocore.exceptions.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
 @dataclass
 class MirrorSource:
     config: MirrorConfig
@@ -70,12 +67,13 @@ class MirrorSource:
         try:
             resp = self.client().get_object(**kwargs)
         except botocore.exceptions.ClientError as exc:
-            code = _error_code(exc)
+            code = error_code(exc)
             if code in {"304", "NotModified"}:
                 return None, etag
-            if code in {"NoSuchKey", "404", "NotFound"}:
+            if code in NOT_FOUND_CODES:
                 raise NotFoundOnMirror(f"{key} not found on mirror {self.name}") from None
-            raise MirrorError(f"mirror {self.name} refused {key}: {code}") from None
+            raise MirrorError(f"mirror {self.name}: reading {key}: "
+                              f"{describe(exc, self.config.endpoint, self.config.bucket)}") from None
         except _NETWORK_ERRORS as exc:
             raise MirrorError(f"mirror {self.name} is unreachable: {type(exc).__name__}") from None
         except CredentialsError as exc:

@@ -159,3 +159,16 @@ def test_world_readable_credentials_are_refused(tmp_path, s3_server, bucket):
     result = run_cli("sync", config=config)
     assert result.returncode == 1 and "chmod 600" in result.stderr
     assert s3_server.credentials.secret_key not in result.stderr
+
+
+def test_wrong_credentials_are_named_as_such(tmp_path, s3_server, bucket):
+    from mirror.s3 import Credentials
+
+    creds = tmp_path / "creds.toml"
+    Credentials(s3_server.credentials.access_key, "not-the-secret").write(creds)
+    config = write_config(tmp_path, [dict(name="m", endpoint=s3_server.endpoint, bucket=bucket,
+                                          credentials_file=creds)], None)
+    result = run_cli("sync", config=config)
+    assert result.returncode == 1
+    assert "rejected the credentials" in result.stderr
+    assert "not-the-secret" not in result.stderr
