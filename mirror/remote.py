@@ -135,10 +135,10 @@ class Mirror:
             self.client.create_bucket(Bucket=self.bucket)
         return True
 
-    def head(self, key: str) -> dict | None:
-        """HeadObject, or None when the key does not exist."""
+    def _none_if_missing(self, call):
+        """Run an S3 call; None when the key does not exist, MirrorError on any other failure."""
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=key)
+            return call()
         except ClientError as exc:
             if error_code(exc) in NOT_FOUND_CODES:
                 return None
@@ -146,17 +146,16 @@ class Mirror:
         except BotoCoreError as exc:
             raise MirrorError(describe(exc, self.endpoint, self.bucket)) from None
 
+    def head(self, key: str) -> dict | None:
+        """HeadObject, or None when the key does not exist."""
+        return self._none_if_missing(lambda: self.client.head_object(Bucket=self.bucket, Key=key))
+
     def read(self, key: str, limit: int | None = None) -> bytes | None:
         """A small object's bytes, or None when it does not exist."""
-        try:
+        def get() -> bytes:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
             return body.read(limit) if limit is not None else body.read()
-        except ClientError as exc:
-            if error_code(exc) in NOT_FOUND_CODES:
-                return None
-            raise MirrorError(describe(exc, self.endpoint, self.bucket)) from None
-        except BotoCoreError as exc:
-            raise MirrorError(describe(exc, self.endpoint, self.bucket)) from None
+        return self._none_if_missing(get)
 
     def put(self, key: str, data: bytes, content_type: str = "application/json") -> None:
         with self.errors(f"writing {key}"):

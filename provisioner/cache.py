@@ -153,11 +153,6 @@ class CacheReader:
                 problems.append(FileProblem(entry.path, "sha256"))
         return problems
 
-    def snapshot_progress(self, name: str, manifest: Manifest) -> tuple[int, int]:
-        """How many of a manifest's files are already verified blobs: (present, total)."""
-        present = sum(1 for f in manifest.files if self.has_blob(f.sha256, f.size))
-        return present, len(manifest.files)
-
 
 class CacheWriter(CacheReader):
     """Mutating operations; only the provisioner (holding the cache lock) calls these."""
@@ -290,16 +285,12 @@ class CacheWriter(CacheReader):
                     removed_blobs += 1
         return {"snapshots": removed_snapshots, "blobs": removed_blobs, "bytes": freed}
 
-    def clean_partials(self, keep: set[str] | None = None) -> int:
-        """Remove partial downloads except those named in `keep` (sha256 hex)."""
-        keep = keep or set()
+    def clean_partials(self) -> int:
+        """Remove every partial download and staging leftover (only while no sync runs)."""
         removed = 0
         if not self.partial_dir.is_dir():
             return 0
         for entry in self.partial_dir.iterdir():
-            stem = entry.name.split(".")[0]
-            if stem in keep:
-                continue
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -176,9 +176,6 @@ class ProvisionerConfig(_Strict):
             raise ValueError("require_signature is true but no public_keys are configured")
         return self
 
-    def mirrors_by_priority(self) -> list[MirrorConfig]:
-        return sorted(self.mirrors, key=lambda m: (m.priority, m.name))
-
 
 def format_validation_errors(exc: ValidationError) -> str:
     """pydantic errors as `key.path: message; ...`, naming each offending key."""

@@ -7,6 +7,7 @@ backoff. Nothing partial is ever visible under snapshots/ or current/.
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -65,6 +66,13 @@ def plan_sync(cache: CacheWriter, manifest: Manifest) -> SyncPlan:
             seen.add(entry.sha256)
             fetch.append(entry)
     return SyncPlan(manifest, reuse, fetch)
+
+
+def _same_inode(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except FileNotFoundError:
+        return False
 
 
 def make_mirror_set(config: ProvisionerConfig) -> MirrorSet:
@@ -175,7 +183,9 @@ class Syncer:
         for problem in bad:
             entry = manifest.file(problem.path)
             blob = self.cache.blob_path(entry.sha256)
-            if blob.exists() and blob.stat().st_size == entry.size and sha256_file(blob) == entry.sha256:
+            # A blob that is the snapshot file's own inode was just hashed as bad: no re-hash.
+            if (blob.exists() and not _same_inode(blob, snap.path / entry.path)
+                    and blob.stat().st_size == entry.size and sha256_file(blob) == entry.sha256):
                 self.cache.replace_snapshot_file(snap, entry.path, entry.sha256)
                 continue
             # The shared inode is damaged: take the blob out of service, fetch it again.
