@@ -34,8 +34,12 @@ import torch
 
 from runtime.frontend import TextFrontend
 from runtime.vits import VitsConfig, VitsModel
+from runtime.vits.lanes import SERIAL, Lanes
 
 log = structlog.get_logger(__name__)
+
+# torch's own default (one per core), read before a CPU engine sets intra-op threads to 1.
+_DEFAULT_THREADS = torch.get_num_threads()
 
 WEIGHTS_FILE = "model.safetensors"
 VOICE_FILE = "voice.json"
@@ -120,8 +124,10 @@ def _read_voice(bundle_dir: Path) -> dict:
 
 
 class Engine:
-    def __init__(self, model: VitsModel, voice: dict, device: torch.device, cpu_fallback: bool, max_chars: int):
+    def __init__(self, model: VitsModel, voice: dict, device: torch.device, cpu_fallback: bool, max_chars: int,
+                 lanes: Lanes = SERIAL):
         self._model: VitsModel | None = model
+        self._lanes = lanes if device.type == "cpu" else SERIAL
         self._cpu_model: VitsModel | None = model if device.type == "cpu" else None
         self._voice = voice
         self._device = device
@@ -144,16 +150,18 @@ class Engine:
     @classmethod
     def load(cls, bundle_dir: Path, device: str = "auto", cpu_fallback: bool = True, threads: int | None = None,
              max_chars: int = 5000) -> "Engine":
-        """Load a bundle written by `tts-mirror import-piper`. `threads` sets torch's intra-op
-        thread count for this process (None leaves it alone)."""
+        """Load a bundle written by `tts-mirror import-piper`.
+
+        `threads`: on CPU, how many cores one synthesis uses (None: torch's default thread
+        count). They run as lanes (runtime/vits/lanes.py) with one torch intra-op thread each,
+        so this sets torch's intra-op thread count to 1 for the process. On a GPU it sets
+        torch's intra-op thread count (None leaves it alone)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         bundle_dir = Path(bundle_dir)
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
-            torch.set_num_threads(threads)
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         t0 = time.perf_counter()
         voice = _read_voice(bundle_dir)
         dev = _resolve_device(device, cpu_fallback)
@@ -177,8 +185,16 @@ class Engine:
                     raise EngineError(f"cannot place the model on {dev}: {exc}") from exc
                 log.warning("engine.device_load_failed_fallback_cpu", device=str(dev), error=str(exc))
                 model, dev = cls._build(cfg, state, weights), torch.device("cpu")
-        engine = cls(model, voice, dev, cpu_fallback, max_chars)
-        log.info("engine.loaded", voice=engine.voice_name, device=str(dev), threads=torch.get_num_threads(),
+        if dev.type == "cpu":
+            n_lanes = threads or _DEFAULT_THREADS
+            torch.set_num_threads(1)
+            lanes = Lanes(n_lanes)
+        else:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            n_lanes, lanes = 1, SERIAL
+        engine = cls(model, voice, dev, cpu_fallback, max_chars, lanes)
+        log.info("engine.loaded", voice=engine.voice_name, device=str(dev), threads=n_lanes,
                  seconds=round(time.perf_counter() - t0, 3))
         return engine
 
@@ -243,6 +259,11 @@ class Engine:
             finally:
                 _release_freed_heap()
 
+    @property
+    def threads(self) -> int:
+        """CPU cores one synthesis runs on (1 on a GPU)."""
+        return self._lanes.n
+
     def _run(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device) -> list[np.ndarray]:
         try:
             return self._forward(model, reqs, dev)
@@ -281,7 +302,7 @@ class Engine:
 
         with torch.inference_mode():
             out = model.infer(ids.to(dev), lengths.to(dev), gens, scale("noise_scale"), scale("length_scale"),
-                              scale("noise_w"))
+                              scale("noise_w"), self._lanes if dev.type == "cpu" else SERIAL)
             return [w.float().cpu().numpy() for w in out]
 
     def synthesize_text(self, text: str, *, seed: int = 0, length_scale: float | None = None,
@@ -306,6 +327,7 @@ class Engine:
             on_cuda = self._device.type == "cuda"
             self._model = None
             self._cpu_model = None
+            self._lanes.close()
         if on_cuda:
             torch.cuda.empty_cache()
         log.info("engine.closed", voice=self.voice_name)

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import same_padding
+from .common import ChannelsLastConv, same_padding, zero_frames
 from .config import VitsConfig
+from .lanes import SERIAL, Lanes, pieces
 
 _LRELU_SLOPE = 0.1
 
@@ -76,24 +77,6 @@ class ResBlock2(nn.Module):
         return x
 
 
-class _Conv:
-    """A conv prepared for the fast path: 4-D channels-last weight ([O, I, 1, K])."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pad: int, dilation: int = 1):
-        self.weight = weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
-        self.bias = None if bias is None else bias.contiguous()
-        self.pad = pad
-        self.dilation = dilation
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, padding=(0, self.pad), dilation=(1, self.dilation))
-
-    @classmethod
-    def of(cls, conv: nn.Conv1d, scale: float = 1.0) -> "_Conv":
-        return cls(conv.weight.detach() * scale, None if conv.bias is None else conv.bias.detach(),
-                   conv.padding[0], conv.dilation[0])
-
-
 class _Upsample:
     """Polyphase transposed conv: one conv per phase group, concatenated phase-major."""
 
@@ -102,7 +85,7 @@ class _Upsample:
         self.hi = max(d0 + w.shape[2] - 1 for w, _, d0 in groups)
         pad = max(-self.lo, self.hi, 0)
         self.pad = pad
-        self.convs = [(_Conv(w * scale, b, pad), d0) for w, b, d0 in groups]
+        self.convs = [(ChannelsLastConv(w * scale, b, pad), d0) for w, b, d0 in groups]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[3]
@@ -155,10 +138,10 @@ class Generator(nn.Module):
             halos.append(math.ceil(up.kernel_size / up.stride) + math.ceil(reach / s) + 1)
         self._plan = {
             "halo": halos,
-            "pre": _Conv.of(self.conv_pre),
+            "pre": ChannelsLastConv.of(self.conv_pre),
             "ups": ups,
-            "res": [[_Conv.of(c) for c in blk.convs] for blk in self.resblocks],
-            "post": _Conv.of(self.conv_post, inv),
+            "res": [[ChannelsLastConv.of(c) for c in blk.convs] for blk in self.resblocks],
+            "post": ChannelsLastConv.of(self.conv_post, inv),
         }
 
     def unfuse(self) -> None:
@@ -170,17 +153,18 @@ class Generator(nn.Module):
             return self._reference(x)
         return self._fast(x, [])
 
-    def decode_packed(self, z: torch.Tensor, segments: list[tuple[int, int]]) -> list[torch.Tensor]:
+    def decode_packed(self, z: torch.Tensor, segments: list[tuple[int, int]], lanes: Lanes = SERIAL) -> list[torch.Tensor]:
         """Decode requests packed end to end along time: z [1, C, L], segments (start, frames).
 
         Frames between segments must be zero and at least `reach_frames() + 1` wide; they are
         re-zeroed after every conv, so each segment sees exactly the zero padding it would see
-        alone (batch invariance) while no compute is spent on padding.
+        alone (batch invariance) while no compute is spent on padding. `lanes` decode time
+        chunks of each stage in parallel.
         """
         if self._plan is None:
             self.fuse()
         gaps = [(s0 + n0, s1) for (s0, n0), (s1, _) in zip(segments, segments[1:])]
-        audio = self._fast(z, gaps)[0, 0]
+        audio = self._fast(z, gaps, lanes)[0, 0]
         hop = self.hop
         return [audio[s * hop:(s + n) * hop] for s, n in segments]
 
@@ -211,36 +195,37 @@ class Generator(nn.Module):
             x = sum(blk(x) for blk in blocks) / self.num_kernels
         return torch.tanh(self.conv_post(F.leaky_relu(x)))
 
-    def _fast(self, x: torch.Tensor, gaps: list[tuple[int, int]]) -> torch.Tensor:
+    def _fast(self, x: torch.Tensor, gaps: list[tuple[int, int]], lanes: Lanes = SERIAL) -> torch.Tensor:
         """Channels-last fast path; `gaps` are frame ranges forced to zero after every conv.
 
         Each upsampling stage (upsample + its resblocks, + the output conv for the last one) runs
         over time chunks of about `chunk_elements` activations with a halo wider than the
         stage's receptive field, so its many intermediate tensors stay in cache instead of
-        streaming through memory at full length. Halos are real neighbouring data and are cropped;
-        the sequence ends get the convs' own zero padding, so results do not depend on chunking.
+        streaming through memory at full length; with several lanes the chunks of a stage run in
+        parallel (at least one per lane). Halos are real neighbouring data and are cropped; the
+        sequence ends get the convs' own zero padding, so results do not depend on chunking.
         """
         plan = self._plan
         h = plan["pre"](x.unsqueeze(2).contiguous(memory_format=torch.channels_last))  # [B, C, 1, T]
         _clear(h, gaps, 1, 0)
         scale = 1
-        n_stages = len(plan["ups"])
-        for i in range(n_stages):
+        for i in range(len(plan["ups"])):
             s = self.rates[i]
             t_in = h.shape[3]
             c_out = plan["res"][i * self.num_kernels][0].weight.shape[0]
-            chunk = max(1, self.chunk_elements // (c_out * s)) if self.chunk_elements else t_in
             halo = plan["halo"][i]
-            if t_in <= chunk + 2 * halo:
+            cache_chunks = math.ceil(t_in / max(1, self.chunk_elements // (c_out * s))) if self.chunk_elements else 1
+            n_chunks = lanes.count(t_in, 2 * halo, at_least=cache_chunks)
+            if n_chunks == 1:
                 h = self._stage(i, h, gaps, scale, 0)
             else:
-                parts = []
-                for a in range(0, t_in, chunk):
-                    b = min(a + chunk, t_in)
+                def chunk(bounds: tuple[int, int], h=h, i=i, s=s, halo=halo, scale=scale) -> torch.Tensor:
+                    a, b = bounds
                     lo, hi = max(0, a - halo), min(t_in, b + halo)
                     y = self._stage(i, h[:, :, :, lo:hi], gaps, scale, lo)
-                    parts.append(y[:, :, :, (a - lo) * s:(b - lo) * s])
-                h = torch.cat(parts, dim=3)
+                    return y[:, :, :, (a - lo) * s:(b - lo) * s]
+
+                h = torch.cat(lanes.map(chunk, pieces(t_in, n_chunks)), dim=3)
             scale *= s
         return h[:, :, 0, :]
 
@@ -269,10 +254,5 @@ class Generator(nn.Module):
 def _clear(t: torch.Tensor, gaps: list[tuple[int, int]], scale: int, offset: int) -> torch.Tensor:
     """Zero the gap frames (latent-frame ranges) of a channels-last chunk starting at `offset`."""
     if gaps:
-        n = t.shape[3]
-        mem = t.permute(0, 2, 3, 1)  # channels-last memory order: a time slice is one block
-        for a, b in gaps:
-            lo, hi = max(a * scale - offset, 0), min(b * scale - offset, n)
-            if lo < hi:
-                mem[:, :, lo:hi].zero_()
+        zero_frames(t.permute(0, 2, 3, 1)[:, 0], gaps, scale, offset)  # channels-last memory is time-major
     return t

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import same_padding
+from .common import TimeMajorConv, same_padding, zero_frames
 from .config import VitsConfig
+from .lanes import SERIAL, Lanes, pieces
 
 
 class WaveNetStack(nn.Module):
@@ -50,11 +51,44 @@ class MeanOnlyCoupling(nn.Module):
         self.enc = WaveNetStack(hidden, kernel_size, dilation_rate, n_layers)
         self.post = nn.Conv1d(hidden, self.half, 1)
 
+    def reach(self) -> int:
+        """Frames an output depends on either side: the stacked reach of the WaveNet convs."""
+        return sum(conv.padding[0] for conv in self.enc.in_layers)
+
     def reverse(self, x: torch.Tensor, x_mask: torch.Tensor) -> torch.Tensor:
+        """Reference form on [B, C, T] with a mask; `reverse_packed` is the fast path."""
         x0, x1 = x[:, : self.half], x[:, self.half:]
         h = self.pre(x0) * x_mask
         m = self.post(self.enc(h, x_mask)) * x_mask
         return torch.cat([x0, (x1 - m) * x_mask], 1)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Prepare the time-major fast path (call again after changing weights)."""
+        self._fast = {
+            "pre": TimeMajorConv.of(self.pre),
+            "layers": [(TimeMajorConv.of(i), TimeMajorConv.of(r))
+                       for i, r in zip(self.enc.in_layers, self.enc.res_skip_layers)],
+            "post": TimeMajorConv.of(self.post),
+        }
+
+    def reverse_packed(self, x: torch.Tensor, gaps: list[tuple[int, int]], offset: int = 0) -> torch.Tensor:
+        """Time-major x [T, C] whose gap frames (shifted by `offset`) are zero and are kept
+        zero after every conv, as the mask does in `reverse`."""
+        fast, c = self._fast, self.enc.channels
+        x0 = x[:, :self.half]
+        h = zero_frames(fast["pre"](x0), gaps, 1, offset)
+        skip = None
+        last = len(fast["layers"]) - 1
+        for i, (inp, rs) in enumerate(fast["layers"]):
+            a = inp(h)
+            r = rs(torch.tanh(a[:, :c]) * torch.sigmoid(a[:, c:]))
+            if i < last:
+                h = zero_frames(h + r[:, :c], gaps, 1, offset)
+                r = r[:, c:]
+            skip = r if skip is None else skip + r
+        m = fast["post"](zero_frames(skip, gaps, 1, offset))
+        return torch.cat([x0, zero_frames(x[:, self.half:] - m, gaps, 1, offset)], 1)
 
 
 class CouplingFlow(nn.Module):
@@ -75,9 +109,41 @@ class CouplingFlow(nn.Module):
                    for conv in f.enc.in_layers)
 
     def reverse(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reference form: z, mask [B, C, T], [B, 1, T]; `reverse_packed` must match it."""
         for layer in reversed(self.flows):
             if isinstance(layer, MeanOnlyCoupling):
                 z = layer.reverse(z, mask)
             else:
                 z = torch.flip(z, [1])
         return z
+
+    def fuse(self) -> None:
+        for layer in self.flows:
+            if isinstance(layer, MeanOnlyCoupling):
+                layer.fuse()
+
+    def reverse_packed(self, z: torch.Tensor, gaps: list[tuple[int, int]], lanes: Lanes = SERIAL) -> torch.Tensor:
+        """Time-major z [T, C] with zero `gaps` (requests packed end to end). With several lanes
+        each coupling runs on time chunks in parallel, each chunk with `reach()` frames of real
+        neighbours either side (cropped afterwards), so the result is that of one pass."""
+        for layer in reversed(self.flows):
+            if isinstance(layer, MeanOnlyCoupling):
+                z = _chunked(layer, z, gaps, lanes)
+            else:
+                z = torch.flip(z, [1])
+        return z
+
+
+def _chunked(layer: MeanOnlyCoupling, z: torch.Tensor, gaps: list[tuple[int, int]], lanes: Lanes) -> torch.Tensor:
+    t = z.shape[0]
+    halo = layer.reach()
+    n = lanes.count(t, 2 * halo)
+    if n == 1:
+        return layer.reverse_packed(z, gaps)
+
+    def chunk(bounds: tuple[int, int]) -> torch.Tensor:
+        a, b = bounds
+        lo, hi = max(0, a - halo), min(t, b + halo)
+        return layer.reverse_packed(z[lo:hi], gaps, lo)[a - lo:b - lo]
+
+    return torch.cat(lanes.map(chunk, pieces(t, n)), dim=0)

@@ -18,6 +18,7 @@ from .config import VitsConfig
 from .decoder import Generator
 from .duration import StochasticDurationPredictor
 from .flow import CouplingFlow
+from .lanes import SERIAL, Lanes
 from .text_encoder import TextEncoder
 
 
@@ -39,7 +40,9 @@ class VitsModel(nn.Module):
         self.dec = Generator(cfg)
 
     def fuse_for_inference(self) -> None:
-        """One-off load-time rewrite of the decoder into its fast path (see Generator.fuse)."""
+        """One-off load-time rewrite of the encoder, flows and decoder into their fast paths."""
+        self.enc_p.fuse()
+        self.flow.fuse()
         self.dec.fuse()
 
     def infer(
@@ -50,26 +53,28 @@ class VitsModel(nn.Module):
         noise_scale: torch.Tensor,
         length_scale: torch.Tensor,
         noise_w: torch.Tensor,
+        lanes: Lanes = SERIAL,
     ) -> list[torch.Tensor]:
         """ids [B,T] long, lengths [B] long, scales [B] float (all on the model's device).
-        Returns one 1-D waveform per request."""
+        Returns one 1-D waveform per request. `lanes` (CPU) run requests' priors and time
+        chunks of the flows and decoder in parallel."""
         dev = ids.device
         if dev.type == "cpu" and len(generators) > 1:
             # On CPU padding is pure waste (and attention is quadratic in it): one request at a time.
-            priors = []
-            for i, n in enumerate(lengths.tolist()):
-                sl = slice(i, i + 1)
-                priors += self._prior(ids[sl, :n], lengths[sl], generators[sl], noise_scale[sl], length_scale[sl],
-                                      noise_w[sl])
+            def prior(i: int) -> torch.Tensor:
+                n, sl = int(lengths[i]), slice(i, i + 1)
+                return self._prior(ids[sl, :n], lengths[sl], generators[sl], noise_scale[sl], length_scale[sl],
+                                   noise_w[sl])[0]
+
+            priors = lanes.map(prior, range(len(generators)))
         else:
             priors = self._prior(ids, lengths, generators, noise_scale, length_scale, noise_w)
-        # Flows and decoder run on the requests packed end to end (no compute on padding).
+        # Flows and decoder run on the requests packed end to end (no compute on padding),
+        # time-major [frames, C]: the layout of their fast convs.
         packed, segments = self._pack(priors)
-        mask = torch.zeros(1, 1, packed.shape[2], device=dev)
-        for start, n in segments:
-            mask[:, :, start:start + n] = 1
-        z = self.flow.reverse(packed, mask) * mask
-        return self.dec.decode_packed(z, segments)
+        gaps = [(s0 + n0, s1) for (s0, n0), (s1, _) in zip(segments, segments[1:])]
+        z = self.flow.reverse_packed(packed, gaps, lanes)
+        return self.dec.decode_packed(z.t().unsqueeze(0), segments, lanes)
 
     def _prior(self, ids, lengths, generators, noise_scale, length_scale, noise_w) -> list[torch.Tensor]:
         """Text encoder + durations + prior sample for a padded (sub)batch -> [C, frames_i] each."""
@@ -97,16 +102,15 @@ class VitsModel(nn.Module):
         return [z_p[i, :, :n] for i, n in enumerate(n_frames)]
 
     def _pack(self, priors: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """[C, n_i] each -> [1, C, L] with zero gaps wider than any conv's reach, + (start, n_i)."""
-        if len(priors) == 1:
-            return priors[0].unsqueeze(0), [(0, priors[0].shape[1])]
+        """[C, n_i] each -> time-major [L, C] with zero gaps wider than any conv's reach,
+        + (start, n_i) per request."""
         gap = max(self.dec.reach_frames(), self.flow.reach_frames()) + 1
         parts, segments, pos = [], [], 0
         for i, z in enumerate(priors):
             if i:
-                parts.append(z.new_zeros(z.shape[0], gap))
+                parts.append(z.new_zeros(gap, z.shape[0]))
                 pos += gap
-            parts.append(z)
+            parts.append(z.t())
             segments.append((pos, z.shape[1]))
             pos += z.shape[1]
-        return torch.cat(parts, 1).unsqueeze(0), segments
+        return torch.cat(parts, 0), segments

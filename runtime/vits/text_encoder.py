@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import ChannelLayerNorm, sequence_mask
+from .common import ChannelLayerNorm, TimeMajorConv, sequence_mask
 from .config import VitsConfig
 
 # Logit used for masked key positions. exp(-1e4 - max) underflows to exactly 0 in float32,
@@ -115,12 +115,58 @@ class TextEncoder(nn.Module):
         self.emb = nn.Embedding(cfg.num_symbols, cfg.hidden_channels)
         self.encoder = TransformerEncoder(cfg)
         self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.hidden_channels, 1)
+        self._fast: list | None = None
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor):
         x = self.emb(ids) * math.sqrt(self.hidden)
-        x = x.transpose(1, 2)
         x_mask = sequence_mask(lengths, ids.shape[1])
-        x = self.encoder(x, x_mask)
-        stats = self.proj(x) * x_mask
+        if self._fast is not None:
+            x = self._forward_fast(x, x_mask, bool((lengths < ids.shape[1]).any()))
+            stats = F.linear(x, self._fast[-1][0], self._fast[-1][1]).transpose(1, 2) * x_mask
+            x = x.transpose(1, 2)
+        else:
+            x = self.encoder(x.transpose(1, 2), x_mask)
+            stats = self.proj(x) * x_mask
         m_p, logs_p = torch.split(stats, self.hidden, dim=1)
         return x, m_p, logs_p, x_mask
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Prepare the time-major fast path: [B, T, C] activations throughout, q/k/v as one
+        matmul with the 1/sqrt(d) folded into q, LayerNorm on the last axis without transposes,
+        and no mask arithmetic when nothing is padded (a single request)."""
+        enc, layers = self.encoder, []
+        for attn, n1, ffn, n2 in zip(enc.attn_layers, enc.norm_layers_1, enc.ffn_layers, enc.norm_layers_2):
+            scale = 1.0 / math.sqrt(attn.head_dim)
+            w_qkv = torch.cat([attn.conv_q.weight[:, :, 0] * scale, attn.conv_k.weight[:, :, 0],
+                               attn.conv_v.weight[:, :, 0]]).contiguous()
+            b_qkv = torch.cat([attn.conv_q.bias * scale, attn.conv_k.bias, attn.conv_v.bias]).contiguous()
+            layers.append((attn, w_qkv, b_qkv, attn.conv_o.weight[:, :, 0].contiguous(), attn.conv_o.bias, n1,
+                           TimeMajorConv.of(ffn.conv_1), TimeMajorConv.of(ffn.conv_2), n2))
+        layers.append((self.proj.weight[:, :, 0].contiguous(), self.proj.bias))
+        self._fast = layers
+
+    def _forward_fast(self, x: torch.Tensor, x_mask: torch.Tensor, padded: bool) -> torch.Tensor:
+        b, t, c = x.shape
+        mask = x_mask.transpose(1, 2) if padded else None  # [B, T, 1]
+        attn0 = self._fast[0][0]
+        h, d = attn0.n_heads, attn0.head_dim
+        rel_idx, in_band, abs_idx, in_seq = attn0._band(t, x.device)
+        key_pad = (x_mask.unsqueeze(2) * x_mask.unsqueeze(-1)) == 0 if padded else None  # [B,1,T,T]
+        if padded:
+            x = x * mask
+        for attn, w_qkv, b_qkv, w_o, b_o, n1, conv_1, conv_2, n2 in self._fast[:-1]:
+            q, k, v = F.linear(x, w_qkv, b_qkv).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # [B,H,T,D] each
+            scores = q @ k.transpose(2, 3)
+            rel_logits = q @ attn.emb_rel_k[0].transpose(0, 1)  # [B,H,T,2W+1]
+            scores = scores + torch.gather(rel_logits, 3, rel_idx.expand(b, h, t, t)) * in_band
+            if padded:
+                scores = scores.masked_fill(key_pad, _MASKED_LOGIT)
+            p = torch.softmax(scores, dim=-1)
+            p_rel = torch.gather(p, 3, abs_idx.expand(b, h, t, abs_idx.shape[1])) * in_seq
+            out = (p @ v + p_rel @ attn.emb_rel_v[0]).transpose(1, 2).reshape(b, t, c)
+            x = F.layer_norm(x + F.linear(out, w_o, b_o), (c,), n1.gamma, n1.beta, n1.eps)
+            y = torch.relu(conv_1(x * mask if padded else x))
+            y = conv_2(y * mask if padded else y)
+            x = F.layer_norm(x + (y * mask if padded else y), (c,), n2.gamma, n2.beta, n2.eps)
+        return x * mask if padded else x
