@@ -73,19 +73,21 @@ class TimeMajorConv:
 
     IM2COL_ROWS = 256
 
-    def __init__(self, conv: nn.Conv1d, scale: float = 1.0):
-        w = conv.weight.detach() * scale  # [Cout, Cin / groups, K]
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, padding: int = 0, dilation: int = 1,
+                 groups: int = 1):
+        w = weight  # [Cout, Cin / groups, K]
         self.cout, self.k = w.shape[0], w.shape[2]
-        self.padding, self.dilation = conv.padding[0], conv.dilation[0]
-        self.bias = None if conv.bias is None else conv.bias.detach().contiguous()
-        self.grouped = conv.groups != 1
+        self.padding, self.dilation = padding, dilation
+        self.bias = None if bias is None else bias.contiguous()
+        self.grouped = groups != 1
         # tap-major rows: row j*Cin + c multiplies input channel c at tap j
         self.weight_t = None if self.grouped else w.permute(2, 1, 0).reshape(-1, self.cout).contiguous()
-        self.conv = None if self.k == 1 and not self.grouped else ChannelsLastConv.of(conv, scale)
+        self.conv = None if self.k == 1 and not self.grouped else ChannelsLastConv(w, bias, padding, dilation, groups)
 
     @classmethod
     def of(cls, conv: nn.Conv1d, scale: float = 1.0) -> "TimeMajorConv":
-        return cls(conv, scale)
+        return cls(conv.weight.detach() * scale, None if conv.bias is None else conv.bias.detach(),
+                   conv.padding[0], conv.dilation[0], conv.groups)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.bias is None:

@@ -14,6 +14,7 @@ CouplingFlow.reverse).
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,28 +29,49 @@ R = TypeVar("R")
 class Lanes:
     """`map(fn, items)` runs fn over items on up to `n` threads and returns results in order.
 
-    With n == 1 (or a single item) everything runs inline on the caller's thread. Worker
-    threads run under torch.inference_mode, which is thread-local and would not carry over.
+    The caller's thread is one of the lanes and n - 1 pool threads are the others; all of them
+    take the next item from a shared counter until none is left, so unequal items balance and
+    a two-piece step costs one hand-off. With n == 1, a single item, or a call from inside a
+    lane (nested work), everything runs inline. Pool threads run under torch.inference_mode,
+    which is thread-local and would not carry over from the caller.
     """
 
     def __init__(self, n: int):
         if n < 1:
             raise ValueError(f"lanes must be >= 1, got {n}")
         self.n = n
-        self._pool = ThreadPoolExecutor(n, thread_name_prefix="vits-lane") if n > 1 else None
+        self._pool = ThreadPoolExecutor(n - 1, thread_name_prefix="vits-lane") if n > 1 else None
         self._lock = threading.Lock()
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         items = list(items)
-        if self._pool is None or len(items) <= 1:
+        if self._pool is None or len(items) <= 1 or getattr(_in_lane, "active", False):
             return [fn(x) for x in items]
+        results: list = [None] * len(items)
+        counter = itertools.count()
 
-        def run(x: T) -> R:
+        def drain() -> None:
+            _in_lane.active = True
+            try:
+                while (i := next(counter)) < len(items):
+                    results[i] = fn(items[i])
+            finally:
+                _in_lane.active = False
+
+        def pool_drain() -> None:
             with torch.inference_mode():
-                return fn(x)
+                drain()
 
         with self._lock:  # one step at a time; a second caller would only oversubscribe the cores
-            return list(self._pool.map(run, items))
+            futures = [self._pool.submit(pool_drain) for _ in range(min(self.n, len(items)) - 1)]
+            try:
+                drain()
+            finally:
+                for f in futures:  # wait for every piece before returning or raising
+                    f.exception()
+            for f in futures:
+                f.result()
+        return results
 
     def count(self, length: int, min_piece: int, at_least: int = 1) -> int:
         """How many pieces to cut `length` into: `at_least` (what the caller needs anyway, e.g.
@@ -66,6 +88,7 @@ class Lanes:
 
 
 SERIAL = Lanes(1)
+_in_lane = threading.local()
 
 
 def pieces(length: int, n_pieces: int) -> list[tuple[int, int]]:

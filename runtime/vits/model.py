@@ -61,6 +61,7 @@ class VitsModel(nn.Module):
         dev = ids.device
         if dev.type == "cpu" and len(generators) > 1:
             # On CPU padding is pure waste (and attention is quadratic in it): one request at a time.
+            # Requests spread over the lanes, each running its encoder on one core.
             def prior(i: int) -> torch.Tensor:
                 n, sl = int(lengths[i]), slice(i, i + 1)
                 return self._prior(ids[sl, :n], lengths[sl], generators[sl], noise_scale[sl], length_scale[sl],
@@ -68,7 +69,7 @@ class VitsModel(nn.Module):
 
             priors = lanes.map(prior, range(len(generators)))
         else:
-            priors = self._prior(ids, lengths, generators, noise_scale, length_scale, noise_w)
+            priors = self._prior(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes)
         # Flows and decoder run on the requests packed end to end (no compute on padding),
         # time-major [frames, C]: the layout of their fast convs.
         packed, segments = self._pack(priors)
@@ -76,10 +77,11 @@ class VitsModel(nn.Module):
         z = self.flow.reverse_packed(packed, gaps, lanes)
         return self.dec.decode_packed(z.t().unsqueeze(0), segments, lanes)
 
-    def _prior(self, ids, lengths, generators, noise_scale, length_scale, noise_w) -> list[torch.Tensor]:
+    def _prior(self, ids, lengths, generators, noise_scale, length_scale, noise_w,
+               lanes: Lanes = SERIAL) -> list[torch.Tensor]:
         """Text encoder + durations + prior sample for a padded (sub)batch -> [C, frames_i] each."""
         dev = ids.device
-        x, m_p, logs_p, x_mask = self.enc_p(ids, lengths)
+        x, m_p, logs_p, x_mask = self.enc_p(ids, lengths, lanes)
 
         dp_noise = _padded_noise(generators, 2, lengths.tolist()).to(dev) * noise_w[:, None, None]
         logw = self.dp.reverse(x, x_mask, dp_noise)

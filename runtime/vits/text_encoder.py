@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from .common import ChannelLayerNorm, TimeMajorConv, sequence_mask
 from .config import VitsConfig
+from .lanes import SERIAL, Lanes
 
 # Logit used for masked key positions. exp(-1e4 - max) underflows to exactly 0 in float32,
 # so padded keys contribute nothing and a padded batch matches the unpadded request.
@@ -117,12 +118,14 @@ class TextEncoder(nn.Module):
         self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.hidden_channels, 1)
         self._fast: list | None = None
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor):
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, lanes: Lanes = SERIAL):
+        """`lanes`: with a fused encoder, each layer's heads and feed-forward channels are split
+        across (up to n_heads) lanes."""
         x = self.emb(ids) * math.sqrt(self.hidden)
         x_mask = sequence_mask(lengths, ids.shape[1])
         if self._fast is not None:
-            x = self._forward_fast(x, x_mask, bool((lengths < ids.shape[1]).any()))
-            stats = F.linear(x, self._fast[-1][0], self._fast[-1][1]).transpose(1, 2) * x_mask
+            x = self._forward_fast(x, x_mask, bool((lengths < ids.shape[1]).any()), lanes)
+            stats = self._fast["proj"](x).transpose(1, 2) * x_mask
             x = x.transpose(1, 2)
         else:
             x = self.encoder(x.transpose(1, 2), x_mask)
@@ -134,39 +137,96 @@ class TextEncoder(nn.Module):
     def fuse(self) -> None:
         """Prepare the time-major fast path: [B, T, C] activations throughout, q/k/v as one
         matmul with the 1/sqrt(d) folded into q, LayerNorm on the last axis without transposes,
-        and no mask arithmetic when nothing is padded (a single request)."""
-        enc, layers = self.encoder, []
-        for attn, n1, ffn, n2 in zip(enc.attn_layers, enc.norm_layers_1, enc.ffn_layers, enc.norm_layers_2):
-            scale = 1.0 / math.sqrt(attn.head_dim)
-            w_qkv = torch.cat([attn.conv_q.weight[:, :, 0] * scale, attn.conv_k.weight[:, :, 0],
-                               attn.conv_v.weight[:, :, 0]]).contiguous()
-            b_qkv = torch.cat([attn.conv_q.bias * scale, attn.conv_k.bias, attn.conv_v.bias]).contiguous()
-            layers.append((attn, w_qkv, b_qkv, attn.conv_o.weight[:, :, 0].contiguous(), attn.conv_o.bias, n1,
-                           TimeMajorConv.of(ffn.conv_1), TimeMajorConv.of(ffn.conv_2), n2))
-        layers.append((self.proj.weight[:, :, 0].contiguous(), self.proj.bias))
-        self._fast = layers
+        and no mask arithmetic when nothing is padded (a single request). Each layer is also
+        cut into independent parts for lanes: part j owns a share of the heads (with their
+        columns of the output projection) and a share of the feed-forward channels (with their
+        input columns of the second conv); the parts' outputs are summed."""
+        enc = self.encoder
+        n_heads = enc.attn_layers[0].n_heads
+        self._fast = {"proj": TimeMajorConv.of(self.proj), "parts": {}}
+        for n_parts in sorted({1, 2} & {p for p in range(1, n_heads + 1) if n_heads % p == 0}):
+            layers = []
+            for attn, n1, ffn, n2 in zip(enc.attn_layers, enc.norm_layers_1, enc.ffn_layers, enc.norm_layers_2):
+                layers.append((_attention_parts(attn, n_parts), attn.conv_o.bias, n1,
+                               _ffn_parts(ffn, n_parts), ffn.conv_2.bias, n2))
+            self._fast["parts"][n_parts] = layers
 
-    def _forward_fast(self, x: torch.Tensor, x_mask: torch.Tensor, padded: bool) -> torch.Tensor:
+    def _forward_fast(self, x: torch.Tensor, x_mask: torch.Tensor, padded: bool, lanes: Lanes) -> torch.Tensor:
         b, t, c = x.shape
+        n_parts = max(p for p in self._fast["parts"] if p <= lanes.n)
         mask = x_mask.transpose(1, 2) if padded else None  # [B, T, 1]
-        attn0 = self._fast[0][0]
-        h, d = attn0.n_heads, attn0.head_dim
-        rel_idx, in_band, abs_idx, in_seq = attn0._band(t, x.device)
+        attn0 = self.encoder.attn_layers[0]
+        band = attn0._band(t, x.device)
         key_pad = (x_mask.unsqueeze(2) * x_mask.unsqueeze(-1)) == 0 if padded else None  # [B,1,T,T]
         if padded:
             x = x * mask
-        for attn, w_qkv, b_qkv, w_o, b_o, n1, conv_1, conv_2, n2 in self._fast[:-1]:
-            q, k, v = F.linear(x, w_qkv, b_qkv).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # [B,H,T,D] each
-            scores = q @ k.transpose(2, 3)
-            rel_logits = q @ attn.emb_rel_k[0].transpose(0, 1)  # [B,H,T,2W+1]
-            scores = scores + torch.gather(rel_logits, 3, rel_idx.expand(b, h, t, t)) * in_band
-            if padded:
-                scores = scores.masked_fill(key_pad, _MASKED_LOGIT)
-            p = torch.softmax(scores, dim=-1)
-            p_rel = torch.gather(p, 3, abs_idx.expand(b, h, t, abs_idx.shape[1])) * in_seq
-            out = (p @ v + p_rel @ attn.emb_rel_v[0]).transpose(1, 2).reshape(b, t, c)
-            x = F.layer_norm(x + F.linear(out, w_o, b_o), (c,), n1.gamma, n1.beta, n1.eps)
-            y = torch.relu(conv_1(x * mask if padded else x))
-            y = conv_2(y * mask if padded else y)
+        for attn_parts, b_o, n1, ffn_parts, b_2, n2 in self._fast["parts"][n_parts]:
+            partial = lanes.map(lambda part, x=x: part(x, band, key_pad), attn_parts)
+            x = F.layer_norm(_sum(x, partial, b_o), (c,), n1.gamma, n1.beta, n1.eps)
+            xm = x * mask if padded else x
+            partial = lanes.map(lambda part, xm=xm: part(xm, mask), ffn_parts)
+            y = _sum(None, partial, b_2)
             x = F.layer_norm(x + (y * mask if padded else y), (c,), n2.gamma, n2.beta, n2.eps)
         return x * mask if padded else x
+
+
+def _sum(x: torch.Tensor | None, parts: list[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+    total = parts[0] + bias if x is None else x + parts[0] + bias
+    for p in parts[1:]:
+        total += p
+    return total
+
+
+class _AttentionPart:
+    """Heads [h0, h0 + h) of a RelativeSelfAttention, time-major, with their share of the
+    output projection (no bias: the caller adds it once)."""
+
+    def __init__(self, attn: RelativeSelfAttention, h0: int, h: int):
+        d = attn.head_dim
+        rows = slice(h0 * d, (h0 + h) * d)
+        scale = 1.0 / math.sqrt(d)
+        w = torch.cat([attn.conv_q.weight[rows] * scale, attn.conv_k.weight[rows], attn.conv_v.weight[rows]])
+        b = torch.cat([attn.conv_q.bias[rows] * scale, attn.conv_k.bias[rows], attn.conv_v.bias[rows]])
+        self.qkv = TimeMajorConv(w, b)
+        self.out = TimeMajorConv(attn.conv_o.weight[:, rows], None)
+        self.h, self.d = h, d
+        self.emb_rel_k_t = attn.emb_rel_k[0].transpose(0, 1).contiguous()
+        self.emb_rel_v = attn.emb_rel_v[0]
+
+    def __call__(self, x: torch.Tensor, band, key_pad: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, d = self.h, self.d
+        rel_idx, in_band, abs_idx, in_seq = band
+        q, k, v = self.qkv(x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # [B,H,T,D] each
+        scores = q @ k.transpose(2, 3) + torch.gather(q @ self.emb_rel_k_t, 3, rel_idx.expand(b, h, t, t)) * in_band
+        if key_pad is not None:
+            scores = scores.masked_fill(key_pad, _MASKED_LOGIT)
+        p = torch.softmax(scores, dim=-1)
+        p_rel = torch.gather(p, 3, abs_idx.expand(b, h, t, abs_idx.shape[1])) * in_seq
+        out = (p @ v + p_rel @ self.emb_rel_v).transpose(1, 2).reshape(b, t, h * d)
+        return self.out(out)
+
+
+def _attention_parts(attn: RelativeSelfAttention, n: int) -> list[_AttentionPart]:
+    per = attn.n_heads // n
+    return [_AttentionPart(attn, j * per, per) for j in range(n)]
+
+
+class _FeedForwardPart:
+    """Filter channels [f0, f1) of a FeedForward: its rows of conv_1, its input columns of
+    conv_2 (no bias: the caller adds it once)."""
+
+    def __init__(self, ffn: FeedForward, f0: int, f1: int):
+        c1, c2 = ffn.conv_1, ffn.conv_2
+        self.conv_1 = TimeMajorConv(c1.weight[f0:f1], c1.bias[f0:f1], c1.padding[0])
+        self.conv_2 = TimeMajorConv(c2.weight[:, f0:f1], None, c2.padding[0])
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        y = torch.relu(self.conv_1(x))
+        return self.conv_2(y * mask if mask is not None else y)
+
+
+def _ffn_parts(ffn: FeedForward, n: int) -> list[_FeedForwardPart]:
+    f = ffn.conv_1.weight.shape[0]
+    bounds = [round(f * j / n) for j in range(n + 1)]
+    return [_FeedForwardPart(ffn, a, b) for a, b in zip(bounds, bounds[1:])]
