@@ -6,7 +6,7 @@
     models = ["joe"]                         # voices to serve; the first is the default
     device = "auto"                          # auto | cpu | cuda | cuda:N
     cpu_fallback = true                      # CUDA unusable -> run on the CPU
-    threads = 0                              # torch intra-op threads, 0 = library default
+    threads = 0                              # CPU cores per synthesis (engine lanes), 0 = one per core
     max_batch_size = 8
     max_wait_ms = 10                         # how long the worker waits to fill a batch
     queue_size = 64                          # queued sentences beyond it get 503
