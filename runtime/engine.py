@@ -186,15 +186,14 @@ class Engine:
                 log.warning("engine.device_load_failed_fallback_cpu", device=str(dev), error=str(exc))
                 model, dev = cls._build(cfg, state, weights), torch.device("cpu")
         if dev.type == "cpu":
-            n_lanes = threads or _DEFAULT_THREADS
             torch.set_num_threads(1)
-            lanes = Lanes(n_lanes)
+            lanes = Lanes(threads or _DEFAULT_THREADS)
         else:
             if threads is not None:
                 torch.set_num_threads(threads)
-            n_lanes, lanes = 1, SERIAL
+            lanes = SERIAL
         engine = cls(model, voice, dev, cpu_fallback, max_chars, lanes)
-        log.info("engine.loaded", voice=engine.voice_name, device=str(dev), threads=n_lanes,
+        log.info("engine.loaded", voice=engine.voice_name, device=str(dev), threads=engine.threads,
                  seconds=round(time.perf_counter() - t0, 3))
         return engine
 
@@ -302,7 +301,7 @@ class Engine:
 
         with torch.inference_mode():
             out = model.infer(ids.to(dev), lengths.to(dev), gens, scale("noise_scale"), scale("length_scale"),
-                              scale("noise_w"), self._lanes if dev.type == "cpu" else SERIAL)
+                              scale("noise_w"), self._lanes)  # SERIAL unless a CPU engine
             return [w.float().cpu().numpy() for w in out]
 
     def synthesize_text(self, text: str, *, seed: int = 0, length_scale: float | None = None,

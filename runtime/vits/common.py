@@ -75,14 +75,14 @@ class TimeMajorConv:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, padding: int = 0, dilation: int = 1,
                  groups: int = 1):
-        w = weight  # [Cout, Cin / groups, K]
-        self.cout, self.k = w.shape[0], w.shape[2]
+        self.cout, self.k = weight.shape[0], weight.shape[2]  # weight: [Cout, Cin / groups, K]
         self.padding, self.dilation = padding, dilation
         self.bias = None if bias is None else bias.contiguous()
         self.grouped = groups != 1
         # tap-major rows: row j*Cin + c multiplies input channel c at tap j
-        self.weight_t = None if self.grouped else w.permute(2, 1, 0).reshape(-1, self.cout).contiguous()
-        self.conv = None if self.k == 1 and not self.grouped else ChannelsLastConv(w, bias, padding, dilation, groups)
+        self.weight_t = None if self.grouped else weight.permute(2, 1, 0).reshape(-1, self.cout).contiguous()
+        self.conv = (None if self.k == 1 and not self.grouped
+                     else ChannelsLastConv(weight, bias, padding, dilation, groups))
 
     @classmethod
     def of(cls, conv: nn.Conv1d, scale: float = 1.0) -> "TimeMajorConv":
@@ -98,15 +98,19 @@ class TimeMajorConv:
         lead, (t, cin) = x.shape[:-2], x.shape[-2:]
         if self.k == 1 and not self.grouped:
             return self._matmul(x.reshape(-1, cin)).view(*lead, t, self.cout)
+        xb = x.reshape(-1, t, cin)
         if not self.grouped and t <= self.IM2COL_ROWS:
-            xb = x.reshape(-1, t, cin)
             p, d = self.padding, self.dilation
             xp = F.pad(xb, (0, 0, p, p))  # zero frames either side, as the conv's own padding
             cols = xp.as_strided((xp.shape[0], t, self.k, cin), (xp.shape[1] * cin, cin, d * cin, 1))
             return self._matmul(cols.reshape(-1, self.k * cin)).view(*lead, t, self.cout)
-        xb = x.reshape(-1, t, cin)
         y = self.conv(xb.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)  # channels-last out: a view
         return y.reshape(*lead, t, self.cout)
+
+
+def gaps_between(segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(start, frames) of requests packed end to end -> the frame ranges between them."""
+    return [(s0 + n0, s1) for (s0, n0), (s1, _) in zip(segments, segments[1:])]
 
 
 def zero_frames(x: torch.Tensor, gaps: list[tuple[int, int]], scale: int = 1, offset: int = 0) -> torch.Tensor:

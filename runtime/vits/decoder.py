@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import ChannelsLastConv, same_padding, zero_frames
+from .common import ChannelsLastConv, gaps_between, same_padding, zero_frames
 from .config import VitsConfig
 from .lanes import SERIAL, Lanes, pieces
 
@@ -163,7 +163,7 @@ class Generator(nn.Module):
         """
         if self._plan is None:
             self.fuse()
-        gaps = [(s0 + n0, s1) for (s0, n0), (s1, _) in zip(segments, segments[1:])]
+        gaps = gaps_between(segments)
         audio = self._fast(z, gaps, lanes)[0, 0]
         hop = self.hop
         return [audio[s * hop:(s + n) * hop] for s, n in segments]

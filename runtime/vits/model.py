@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .common import gaps_between
 from .config import VitsConfig
 from .decoder import Generator
 from .duration import StochasticDurationPredictor
@@ -73,8 +74,7 @@ class VitsModel(nn.Module):
         # Flows and decoder run on the requests packed end to end (no compute on padding),
         # time-major [frames, C]: the layout of their fast convs.
         packed, segments = self._pack(priors)
-        gaps = [(s0 + n0, s1) for (s0, n0), (s1, _) in zip(segments, segments[1:])]
-        z = self.flow.reverse_packed(packed, gaps, lanes)
+        z = self.flow.reverse_packed(packed, gaps_between(segments), lanes)
         return self.dec.decode_packed(z.t().unsqueeze(0), segments, lanes)
 
     def _prior(self, ids, lengths, generators, noise_scale, length_scale, noise_w,

@@ -57,20 +57,24 @@ class RelativeSelfAttention(nn.Module):
         q = self.conv_q(x).view(b, h, d, t).transpose(2, 3) * (1.0 / math.sqrt(d))  # [B,H,T,D]
         k = self.conv_k(x).view(b, h, d, t).transpose(2, 3)
         v = self.conv_v(x).view(b, h, d, t).transpose(2, 3)
-        rel_idx, in_band, abs_idx, in_seq = self._band(t, x.device)
-
-        scores = q @ k.transpose(2, 3)  # [B,H,T,T]
-        rel_logits = q @ self.emb_rel_k[0].transpose(0, 1)  # [B,H,T,2W+1]
-        band = torch.gather(rel_logits, 3, rel_idx.expand(b, h, t, t))
-        scores = scores + band * in_band
-        scores = scores.masked_fill(attn_mask == 0, _MASKED_LOGIT)
-        p = torch.softmax(scores, dim=-1)
-
-        out = p @ v
-        p_rel = torch.gather(p, 3, abs_idx.expand(b, h, t, abs_idx.shape[1])) * in_seq
-        out = out + p_rel @ self.emb_rel_v[0]
+        out = self.attend(q, k, v, self._band(t, x.device), attn_mask == 0)
         out = out.transpose(2, 3).reshape(b, c, t)
         return self.conv_o(out)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: tuple,
+               key_pad: torch.Tensor | None) -> torch.Tensor:
+        """q (already scaled by 1/sqrt(d)), k, v: [B, H, T, D] for any subset of the heads (the
+        relative embeddings are shared by all heads); band: `_band(T)`; key_pad: True where a
+        key is padding, or None. Returns [B, H, T, D]."""
+        b, h, t, _ = q.shape
+        rel_idx, in_band, abs_idx, in_seq = band
+        rel_logits = q @ self.emb_rel_k[0].transpose(0, 1)  # [B,H,T,2W+1]
+        scores = q @ k.transpose(2, 3) + torch.gather(rel_logits, 3, rel_idx.expand(b, h, t, t)) * in_band
+        if key_pad is not None:
+            scores = scores.masked_fill(key_pad, _MASKED_LOGIT)
+        p = torch.softmax(scores, dim=-1)
+        p_rel = torch.gather(p, 3, abs_idx.expand(b, h, t, abs_idx.shape[1])) * in_seq
+        return p @ v + p_rel @ self.emb_rel_v[0]
 
 
 class FeedForward(nn.Module):
@@ -116,7 +120,7 @@ class TextEncoder(nn.Module):
         self.emb = nn.Embedding(cfg.num_symbols, cfg.hidden_channels)
         self.encoder = TransformerEncoder(cfg)
         self.proj = nn.Conv1d(cfg.hidden_channels, 2 * cfg.hidden_channels, 1)
-        self._fast: list | None = None
+        self._fast: dict | None = None
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor, lanes: Lanes = SERIAL):
         """`lanes`: with a fused encoder, each layer's heads and feed-forward channels are split
@@ -155,8 +159,7 @@ class TextEncoder(nn.Module):
         b, t, c = x.shape
         n_parts = max(p for p in self._fast["parts"] if p <= lanes.n)
         mask = x_mask.transpose(1, 2) if padded else None  # [B, T, 1]
-        attn0 = self.encoder.attn_layers[0]
-        band = attn0._band(t, x.device)
+        band = self.encoder.attn_layers[0]._band(t, x.device)
         key_pad = (x_mask.unsqueeze(2) * x_mask.unsqueeze(-1)) == 0 if padded else None  # [B,1,T,T]
         if padded:
             x = x * mask
@@ -189,22 +192,13 @@ class _AttentionPart:
         b = torch.cat([attn.conv_q.bias[rows] * scale, attn.conv_k.bias[rows], attn.conv_v.bias[rows]])
         self.qkv = TimeMajorConv(w, b)
         self.out = TimeMajorConv(attn.conv_o.weight[:, rows], None)
-        self.h, self.d = h, d
-        self.emb_rel_k_t = attn.emb_rel_k[0].transpose(0, 1).contiguous()
-        self.emb_rel_v = attn.emb_rel_v[0]
+        self.attn, self.h, self.d = attn, h, d
 
     def __call__(self, x: torch.Tensor, band, key_pad: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
-        h, d = self.h, self.d
-        rel_idx, in_band, abs_idx, in_seq = band
-        q, k, v = self.qkv(x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)  # [B,H,T,D] each
-        scores = q @ k.transpose(2, 3) + torch.gather(q @ self.emb_rel_k_t, 3, rel_idx.expand(b, h, t, t)) * in_band
-        if key_pad is not None:
-            scores = scores.masked_fill(key_pad, _MASKED_LOGIT)
-        p = torch.softmax(scores, dim=-1)
-        p_rel = torch.gather(p, 3, abs_idx.expand(b, h, t, abs_idx.shape[1])) * in_seq
-        out = (p @ v + p_rel @ self.emb_rel_v).transpose(1, 2).reshape(b, t, h * d)
-        return self.out(out)
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # [B,H,T,D] each
+        out = self.attn.attend(q, k, v, band, key_pad)
+        return self.out(out.transpose(1, 2).reshape(b, t, self.h * self.d))
 
 
 def _attention_parts(attn: RelativeSelfAttention, n: int) -> list[_AttentionPart]:
