@@ -15,6 +15,8 @@ from tests.engine_fixtures import bundle_dir, engine, import_report  # noqa: F40
 
 pocketsphinx = pytest.importorskip("pocketsphinx")
 
+DRAWS = 4  # noise draws per sentence and voice
+
 SENTENCES = [
     "The boy was there when the sun rose.",
     "Rice is often served in round bowls.",
@@ -51,10 +53,14 @@ def recognize():
     import soxr
 
     decoder = pocketsphinx.Decoder(loglevel="FATAL")
+    # pocketsphinx adapts its cepstral mean across utterances; starting each one from the same
+    # state makes a waveform's transcript independent of what was decoded before it.
+    initial_cmn = decoder.get_cmn()
 
     def run(wave: np.ndarray, rate: int) -> str:
         x = soxr.resample(np.asarray(wave, dtype=np.float32), rate, 16000)
         pcm = (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+        decoder.set_cmn(initial_cmn)
         decoder.start_utt()
         decoder.process_raw(pcm, full_utt=True)
         decoder.end_utt()
@@ -78,11 +84,16 @@ def test_wer_matches_piper(engine, recognize):
     assert len(SENTENCES) >= 10
     piper = PiperVoice.load(*bundled_voice_paths())
     ours, theirs = [], []
-    for k, text in enumerate(SENTENCES):
-        wave = engine.synthesize_text(text, seed=k)
-        ref_wave = np.concatenate([c.audio_float_array for c in piper.synthesize(text, SynthesisConfig())])
-        ours.append(word_error_rate(text, recognize(wave, engine.sample_rate)))
-        theirs.append(word_error_rate(text, recognize(ref_wave, piper.config.sample_rate)))
+    # Both voices sample noise (piper's cannot be seeded): with one draw per sentence the mean
+    # WER of either voice moved by 0.02-0.06 between draws (ours 0.013-0.071 over three seed
+    # sets, piper 0.022-0.104), as much as the 0.05 being checked. DRAWS draws per sentence on
+    # both sides keep the comparison about the voices rather than one noise sample.
+    for draw in range(DRAWS):
+        for k, text in enumerate(SENTENCES):
+            wave = engine.synthesize_text(text, seed=k + 1000 * draw)
+            ref_wave = np.concatenate([c.audio_float_array for c in piper.synthesize(text, SynthesisConfig())])
+            ours.append(word_error_rate(text, recognize(wave, engine.sample_rate)))
+            theirs.append(word_error_rate(text, recognize(ref_wave, piper.config.sample_rate)))
     ours_mean, piper_mean = float(np.mean(ours)), float(np.mean(theirs))
     print(f"mean WER ours={ours_mean:.3f} piper={piper_mean:.3f}")
     assert abs(ours_mean - piper_mean) <= 0.05, (ours, theirs)
