@@ -518,11 +518,13 @@ def _add_cache_group() -> None:
     try:
         from provisioner.cli import main as provisioner_main
     except ImportError as exc:  # the provisioner CLI is optional for the runtime side
+        reason = str(exc)  # `exc` is unbound once the except block ends
+
         @main.command("cache", context_settings={"ignore_unknown_options": True})
         @click.argument("args", nargs=-1, type=click.UNPROCESSED)
         def cache(args: tuple[str, ...]) -> None:
             """The provisioner's CLI (snapshots, verify, rollback, gc) - unavailable."""
-            _fail(f"the provisioner CLI is not available: {exc}")
+            _fail(f"the provisioner CLI is not available: {reason}")
         return
     main.add_command(provisioner_main, name="cache")
 

@@ -115,3 +115,16 @@ def test_status_voices_wait_ready(server, tmp_path):
     assert r.returncode == 1 and "not ready after 1 s" in r.stderr
     r = ctl("cache", "--help")
     assert r.returncode == 0 and "snapshots" in r.stdout
+
+
+def test_cache_without_the_provisioner_is_a_clear_error():
+    # A runtime-only install lacks the provisioner package; blocking its import in a child
+    # process is how that install is reproduced here.
+    code = (
+        "import sys; sys.modules['provisioner.cli'] = None\n"
+        "from runtime.ctl import main\n"
+        "main(['cache', 'list'])\n"
+    )
+    r = subprocess.run([str(VENV_BIN / "python"), "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "the provisioner CLI is not available" in r.stderr and "Traceback" not in r.stderr
