@@ -57,6 +57,10 @@ class ChannelsLastConv:
         return F.conv2d(x, self.weight, self.bias, padding=(0, self.padding), dilation=(1, self.dilation),
                         groups=self.groups)
 
+    def on_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv on an input that already carries its `padding` zero frames either side."""
+        return F.conv2d(x, self.weight, self.bias, dilation=(1, self.dilation), groups=self.groups)
+
 
 class TimeMajorConv:
     """A Conv1d for time-major activations [B, T, C] or [T, C].

@@ -243,12 +243,27 @@ class Generator(nn.Module):
             r = h
             for conv in convs:
                 # (oneDNN's fused conv+add post-op measured ~10% slower than conv then add_)
-                r = _clear(conv(F.leaky_relu(r, _LRELU_SLOPE)), gaps, scale_out, off_out).add_(r)
+                y = conv.on_padded(_leaky_relu_padded(r, conv.padding))
+                r = _clear(y, gaps, scale_out, off_out).add_(r)
             acc = r if acc is None else acc.add_(r)
         h = acc  # the 1/num_kernels is folded into the next conv's weights
         if i == len(plan["ups"]) - 1:
             h = torch.tanh(plan["post"](F.leaky_relu(h)))
         return h
+
+
+def _leaky_relu_padded(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """leaky_relu of a channels-last [B, C, 1, T] tensor, written between `pad` zero frames on
+    either side -> channels-last [B, C, 1, T + 2*pad], ready for a conv with no padding of its own.
+    oneDNN runs the same conv up to 1.5x faster on an input padded beforehand than with a padding
+    of ~8 or more frames of its own (32 channels: 60 vs 88 GFLOPS measured), and writing the
+    activation into the padded buffer takes the pass that leaky_relu needs anyway."""
+    b, c, _, t = x.shape
+    buf = x.new_empty((b, 1, t + 2 * pad, c))  # time-major memory == channels-last [B, C, 1, T+2p]
+    buf[:, :, :pad].zero_()
+    buf[:, :, t + pad:].zero_()
+    torch._C._nn.leaky_relu(x.permute(0, 2, 3, 1), _LRELU_SLOPE, out=buf[:, :, pad:pad + t])
+    return buf.permute(0, 3, 1, 2)
 
 
 def _clear(t: torch.Tensor, gaps: list[tuple[int, int]], scale: int, offset: int) -> torch.Tensor:
