@@ -41,8 +41,10 @@ class VitsModel(nn.Module):
         self.dec = Generator(cfg)
 
     def fuse_for_inference(self) -> None:
-        """One-off load-time rewrite of the encoder, flows and decoder into their fast paths."""
+        """One-off load-time rewrite of the encoder, duration predictor, flows and decoder into
+        their fast paths."""
         self.enc_p.fuse()
+        self.dp.fuse()
         self.flow.fuse()
         self.dec.fuse()
 
