@@ -147,6 +147,10 @@ class ElementwiseAffine(nn.Module):
     def reverse(self, x: torch.Tensor, x_mask: torch.Tensor) -> torch.Tensor:
         return (x - self.m) * torch.exp(-self.logs) * x_mask
 
+    def reverse_time_major(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        y = (x - self.m[:, 0]) * torch.exp(-self.logs[:, 0])
+        return y if mask is None else y * mask
+
 
 class ConvSplineFlow(nn.Module):
     """Coupling layer: channel 0 conditions a rational-quadratic spline applied to channel 1."""
@@ -227,15 +231,20 @@ class StochasticDurationPredictor(nn.Module):
         h = self.convs(self.pre(x), x_mask)
         h = self.proj(h) * x_mask
         z = noise
-        # Reverse order: flip, spline(n-1), flip, ..., spline(1st kept), flip, affine.
+        for spline in self._reverse_steps():
+            z = torch.flip(z, [1]) if spline is None else spline.reverse(z, x_mask, h)
+        z = self.flows[0].reverse(z, x_mask)
+        return z[:, :1]
+
+    def _reverse_steps(self):
+        """The reverse pass before the final affine: flip, spline(n-1), flip, ..., spline(1st
+        kept), flip; yields each spline flow, or None for a channel flip (slot 1 is skipped)."""
         for idx in range(len(self.flows) - 1, 0, -1):
             layer = self.flows[idx]
             if isinstance(layer, ConvSplineFlow):
-                z = layer.reverse(z, x_mask, h)
+                yield layer
             elif idx != 1:
-                z = torch.flip(z, [1])
-        z = self.flows[0].reverse(z, x_mask)
-        return z[:, :1]
+                yield None
 
     def _reverse_time_major(self, x: torch.Tensor, x_mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """`reverse` with every tensor time-major [B, T, C]; no mask arithmetic when nothing is
@@ -248,14 +257,7 @@ class StochasticDurationPredictor(nn.Module):
         if mask is not None:
             h = h * mask
         z = noise.transpose(1, 2)
-        for idx in range(len(self.flows) - 1, 0, -1):
-            layer = self.flows[idx]
-            if isinstance(layer, ConvSplineFlow):
-                z = layer.reverse_time_major(z, mask, h)
-            elif idx != 1:
-                z = torch.flip(z, [-1])
-        affine = self.flows[0]
-        z = (z - affine.m[:, 0]) * torch.exp(-affine.logs[:, 0])
-        if mask is not None:
-            z = z * mask
+        for spline in self._reverse_steps():
+            z = torch.flip(z, [-1]) if spline is None else spline.reverse_time_major(z, mask, h)
+        z = self.flows[0].reverse_time_major(z, mask)
         return z[..., :1].transpose(1, 2)
