@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import structlog
@@ -45,6 +45,10 @@ WEIGHTS_FILE = "model.safetensors"
 VOICE_FILE = "voice.json"
 SENTENCE_PAUSE_S = 0.2
 TEXT_BATCH = 16  # sentences of one text synthesized per batch
+# Audio handed out first by synthesize_progressive: short enough for an early first byte, long
+# enough that the rest of a sentence is decoded before it has played (decoding runs at
+# RTF ~0.05 here).
+FIRST_PIECE_S = 0.5
 
 
 class EngineError(RuntimeError):
@@ -258,6 +262,36 @@ class Engine:
             finally:
                 _release_freed_heap()
 
+    def synthesize_progressive(self, request: SynthesisRequest, on_first_piece: Callable[[np.ndarray], None]) -> np.ndarray:
+        """One request, for streaming: `on_first_piece` gets the first ~FIRST_PIECE_S of audio
+        (the whole waveform if it is shorter) as soon as it is decoded, exactly once; the whole
+        waveform is returned. It starts with that piece and is the audio `synthesize_batch`
+        gives for the request (the decoder windows overlap by its receptive field)."""
+        req = self._resolve(0, request)
+        with self._lock:
+            model = self._check_open()
+            delivered: list[np.ndarray] = []
+
+            def first(audio: torch.Tensor) -> None:
+                delivered.append(audio.float().cpu().numpy())
+                on_first_piece(delivered[0])
+
+            first_frames = max(1, round(FIRST_PIECE_S * self.sample_rate / model.dec.hop))
+            try:
+                self.stats["batches"] += 1
+                inputs = self._inputs([req], self._device)
+                with torch.inference_mode():
+                    wave = model.infer_progressive(*inputs, first_frames, first, self._lanes).float().cpu().numpy()
+            except torch.OutOfMemoryError:
+                if self._device.type == "cuda":
+                    torch.cuda.empty_cache()
+                wave = self._run(model, [req], self._device)[0]  # CPU fallback / EngineOOMError as usual
+                if not delivered:
+                    on_first_piece(wave)
+            finally:
+                _release_freed_heap()
+            return wave
+
     @property
     def threads(self) -> int:
         """CPU cores one synthesis runs on (1 on a GPU)."""
@@ -289,6 +323,13 @@ class Engine:
 
     def _forward(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device) -> list[np.ndarray]:
         self.stats["batches"] += 1
+        with torch.inference_mode():
+            out = model.infer(*self._inputs(reqs, dev), self._lanes)  # SERIAL unless a CPU engine
+            return [w.float().cpu().numpy() for w in out]
+
+    @staticmethod
+    def _inputs(reqs: list[_Resolved], dev: torch.device) -> tuple:
+        """VitsModel.infer's inputs: padded ids, lengths, one seeded CPU generator per request, scales."""
         b, t = len(reqs), max(len(r.ids) for r in reqs)
         ids = torch.zeros(b, t, dtype=torch.long)
         for i, r in enumerate(reqs):
@@ -299,10 +340,7 @@ class Engine:
         def scale(name: str) -> torch.Tensor:
             return torch.tensor([getattr(r, name) for r in reqs], dtype=torch.float32, device=dev)
 
-        with torch.inference_mode():
-            out = model.infer(ids.to(dev), lengths.to(dev), gens, scale("noise_scale"), scale("length_scale"),
-                              scale("noise_w"), self._lanes)  # SERIAL unless a CPU engine
-            return [w.float().cpu().numpy() for w in out]
+        return (ids.to(dev), lengths.to(dev), gens, scale("noise_scale"), scale("length_scale"), scale("noise_w"))
 
     def synthesize_text(self, text: str, *, seed: int = 0, length_scale: float | None = None,
                         noise_scale: float | None = None, noise_w: float | None = None) -> np.ndarray:

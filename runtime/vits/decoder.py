@@ -168,6 +168,28 @@ class Generator(nn.Module):
         hop = self.hop
         return [audio[s * hop:(s + n) * hop] for s, n in segments]
 
+    def decode_window(self, z: torch.Tensor, a: int, b: int, lanes: Lanes = SERIAL) -> torch.Tensor:
+        """The audio of latent frames [a, b) of one request z [1, C, n], decoded from frames
+        a - R .. b + R only (R = `receptive_frames()`): the samples a whole decode gives there,
+        so windows decoded one after another join into the whole (streaming)."""
+        if self._plan is None:
+            self.fuse()
+        n, r, hop = z.shape[2], self.receptive_frames(), self.hop
+        lo, hi = max(0, a - r), min(n, b + r)
+        audio = self._fast(z[:, :, lo:hi], [], lanes)[0, 0]
+        return audio[(a - lo) * hop:(b - lo) * hop]
+
+    def receptive_frames(self) -> int:
+        """Latent frames either side of a frame that its samples depend on, through every
+        conv of the decoder (an upper bound: the sum of each stage's halo, see `fuse`)."""
+        if self._plan is None:
+            self.fuse()
+        frames, scale = self.conv_pre.padding[0], 1
+        for rate, halo in zip(self.rates, self._plan["halo"]):
+            frames += math.ceil(halo / scale)
+            scale *= rate
+        return frames
+
     def reach_frames(self) -> int:
         """Widest one-sided reach of any conv, in latent frames, at the resolution it runs at."""
         reach = self.conv_pre.padding[0]

@@ -9,7 +9,7 @@ what else is in its batch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -61,6 +61,32 @@ class VitsModel(nn.Module):
         """ids [B,T] long, lengths [B] long, scales [B] float (all on the model's device).
         Returns one 1-D waveform per request. `lanes` (CPU) run requests' priors and time
         chunks of the flows and decoder in parallel."""
+        z, segments = self.latents(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes)
+        return self.dec.decode_packed(z.t().unsqueeze(0), segments, lanes)
+
+    def infer_progressive(self, ids: torch.Tensor, lengths: torch.Tensor, generators: Sequence[torch.Generator],
+                          noise_scale: torch.Tensor, length_scale: torch.Tensor, noise_w: torch.Tensor,
+                          first_frames: int, on_first: Callable[[torch.Tensor], None],
+                          lanes: Lanes = SERIAL) -> torch.Tensor:
+        """`infer` for one request, handing its first `first_frames` latent frames of audio to
+        `on_first` as soon as they are decoded (the whole waveform if it is no longer), then
+        returning the whole waveform. Both pieces come from `Generator.decode_window`, so
+        they join into the audio `infer` gives."""
+        z, segments = self.latents(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes)
+        z = z.t().unsqueeze(0)
+        n = segments[0][1]
+        if n <= first_frames:
+            audio = self.dec.decode_packed(z, segments, lanes)[0]
+            on_first(audio)
+            return audio
+        first = self.dec.decode_window(z, 0, first_frames, lanes)
+        on_first(first)
+        return torch.cat([first, self.dec.decode_window(z, first_frames, n, lanes)])
+
+    def latents(self, ids, lengths, generators, noise_scale, length_scale, noise_w,
+                lanes: Lanes = SERIAL) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Everything before the decoder: the requests' latent frames packed end to end,
+        time-major [L, C], with (start, frames) per request."""
         dev = ids.device
         if dev.type == "cpu" and len(generators) > 1:
             # On CPU padding is pure waste (and attention is quadratic in it): one request at a time.
@@ -76,8 +102,7 @@ class VitsModel(nn.Module):
         # Flows and decoder run on the requests packed end to end (no compute on padding),
         # time-major [frames, C]: the layout of their fast convs.
         packed, segments = self._pack(priors)
-        z = self.flow.reverse_packed(packed, gaps_between(segments), lanes)
-        return self.dec.decode_packed(z.t().unsqueeze(0), segments, lanes)
+        return self.flow.reverse_packed(packed, gaps_between(segments), lanes), segments
 
     def _prior(self, ids, lengths, generators, noise_scale, length_scale, noise_w,
                lanes: Lanes = SERIAL) -> list[torch.Tensor]:
