@@ -57,6 +57,9 @@ class Job:
     request: Any  # runtime.engine.SynthesisRequest
     deadline: float  # time.monotonic()
     after: "Job | None" = None
+    # Set for a stream's first sentence: called from the worker thread with the first piece of
+    # audio as soon as it exists (see Engine.synthesize_progressive); such a job runs alone.
+    on_first_piece: Callable[[Any], None] | None = None
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -114,9 +117,12 @@ class Scheduler:
         batches_ahead = max(1, math.ceil(self.depth / self.max_batch_size))
         return max(1, math.ceil(batches_ahead * self._batch_seconds))
 
-    def submit(self, voice: str, requests: list[Any], deadline: float, *, first_alone: bool = False) -> list[Job]:
+    def submit(self, voice: str, requests: list[Any], deadline: float, *, first_alone: bool = False,
+               on_first_piece: Callable[[Any], None] | None = None) -> list[Job]:
         """Queue one request's sentences, all or none. With first_alone the later
-        sentences wait until the first is done (streaming: early first byte)."""
+        sentences wait until the first is done (streaming: early first byte). With
+        on_first_piece the first sentence runs alone and hands out its first piece of audio
+        before the rest of it is decoded."""
         if not requests:
             return []
         with self._cond:
@@ -126,6 +132,7 @@ class Scheduler:
             if self._pending and len(self._pending) + len(requests) > self.queue_size:
                 raise QueueFull(self.retry_after())
             jobs = [Job(voice, req, deadline) for req in requests]
+            jobs[0].on_first_piece = on_first_piece
             if first_alone:
                 for job in jobs[1:]:
                     job.after = jobs[0]
@@ -207,8 +214,9 @@ class Scheduler:
                     break
                 self._cond.wait(IDLE_TICK_S)
             anchor = eligible[0]
-            # Wait a little for batch-mates, measured from the anchor's arrival.
-            fill_until = anchor.enqueued + self.max_wait
+            # Wait a little for batch-mates, measured from the anchor's arrival (a progressive
+            # job takes none: it is there for its first byte).
+            fill_until = anchor.enqueued + (0.0 if anchor.on_first_piece else self.max_wait)
             while not self._stop:
                 same = [j for j in self._pending if j.voice == anchor.voice and j.eligible()]
                 left = fill_until - time.monotonic()
@@ -220,8 +228,12 @@ class Scheduler:
             if not candidates:
                 return []
             anchor = candidates[0]
-            others = sorted(candidates[1:], key=lambda j: (abs(j.length - anchor.length), j.enqueued))
-            chosen = [anchor, *others[: self.max_batch_size - 1]]
+            if anchor.on_first_piece is not None:
+                chosen = [anchor]
+            else:
+                others = sorted((j for j in candidates[1:] if j.on_first_piece is None),
+                                key=lambda j: (abs(j.length - anchor.length), j.enqueued))
+                chosen = [anchor, *others[: self.max_batch_size - 1]]
             picked = set(map(id, chosen))
             self._pending = [j for j in self._pending if id(j) not in picked]
             return [j for j in chosen if j.future.set_running_or_notify_cancel()]
@@ -259,4 +271,6 @@ class Scheduler:
 
     def _synthesize(self, engine: Any, batch: list[Job]) -> list[Any]:
         # CUDA out-of-memory (halve and retry, CPU fallback) is handled inside the engine.
+        if len(batch) == 1 and batch[0].on_first_piece is not None:
+            return [engine.synthesize_progressive(batch[0].request, batch[0].on_first_piece)]
         return list(engine.synthesize_batch([job.request for job in batch]))

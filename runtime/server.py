@@ -233,6 +233,7 @@ class AccessLog:
         scope["tts.access"] = info
         state = {"status": 500}
         started = time.monotonic()
+        info["started"] = started
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
@@ -265,6 +266,7 @@ class AccessLog:
             "voice": info.get("voice"), "chars": info.get("chars"),
             "audio_s": round(info["audio_s"], 3) if info.get("audio_s") else None,
             "queue_ms": info.get("queue_ms"), "synth_ms": info.get("synth_ms"),
+            "first_audio_ms": info.get("first_audio_ms"), "first_piece_s": info.get("first_piece_s"),
             "total_ms": round(seconds * 1000, 1),
         }
         if info.get("error"):
@@ -332,9 +334,11 @@ async def _plan(runtime: Runtime, model: LoadedModel, text: str, param: str, **k
     return requests
 
 
-def _submit(runtime: Runtime, voice: str, requests: list, deadline: float, first_alone: bool = False) -> list[Job]:
+def _submit(runtime: Runtime, voice: str, requests: list, deadline: float, first_alone: bool = False,
+            on_first_piece=None) -> list[Job]:
     try:
-        return runtime.scheduler.submit(voice, requests, deadline, first_alone=first_alone)
+        return runtime.scheduler.submit(voice, requests, deadline, first_alone=first_alone,
+                                        on_first_piece=on_first_piece)
     except QueueFull as exc:
         raise ApiError(503, str(exc), "queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
     except WorkerStopped as exc:
@@ -352,10 +356,13 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
-async def _await_jobs(runtime: Runtime, request: Request | None, jobs: list[Job], deadline: float) -> list[np.ndarray]:
-    """Wait for jobs; cancel them if the client goes away or the deadline passes."""
+async def _await_jobs(runtime: Runtime, request: Request | None, jobs: list[Job], deadline: float,
+                      early: asyncio.Future | None = None) -> list[np.ndarray]:
+    """Wait for jobs; cancel them if the client goes away or the deadline passes. With
+    `early` (a stream's first piece), return [that piece] as soon as it comes, the jobs
+    running on."""
     gathered = asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs))
-    watchers = {gathered}
+    watchers = {gathered} if early is None else {gathered, early}
     gone = asyncio.ensure_future(_until_disconnect(request)) if request is not None else None
     if gone is not None:
         watchers.add(gone)
@@ -364,13 +371,17 @@ async def _await_jobs(runtime: Runtime, request: Request | None, jobs: list[Job]
                                      return_when=asyncio.FIRST_COMPLETED)
         if gathered in done:
             return gathered.result()
+        if early is not None and early in done:
+            return [early.result()]
         if gone is not None and gone in done:
             raise ClientGone()
         raise DeadlineExceeded("deadline passed")
     finally:
         if gone is not None:
             gone.cancel()
-        if not gathered.done():
+        if early is not None and early.done() and not gathered.done():
+            pass  # the first piece is out: the jobs keep running for the rest of the stream
+        elif not gathered.done():
             runtime.scheduler.cancel(jobs)
             gathered.cancel()
             try:
@@ -396,6 +407,12 @@ def _timings(info: dict[str, Any], jobs: list[Job]) -> None:
     info["synth_ms"] = round((max(ends) - min(starts)) * 1000, 1) if starts and ends else None
 
 
+def _first_audio(info: dict[str, Any], piece_s: float) -> None:
+    """Access-log fields of a stream: when its first audio went out and how much it held."""
+    info["first_audio_ms"] = round((time.monotonic() - info["started"]) * 1000, 1) if "started" in info else None
+    info["first_piece_s"] = round(piece_s, 3)
+
+
 def _wav_stream_header(rate: int) -> bytes:
     # Streaming WAV: the length is unknown up front; 0xFFFFFFFF is what players accept.
     return b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " + struct.pack(
@@ -419,12 +436,22 @@ async def _synthesize(
     out_rate = sample_rate or sr
     media_type = audio.SUPPORTED_FORMATS[fmt]
     headers = {"X-Voice": voice, "X-Voice-Version": model.snapshot.version, "X-Sample-Rate": str(out_rate)}
-    jobs = _submit(runtime, voice, requests, deadline, first_alone=stream)
+    # Streamed PCM at the voice's own rate starts before the first sentence is fully decoded;
+    # pieces that get resampled or MP3-encoded one by one would click where they join.
+    early = None
+    if stream and fmt in ("wav", "pcm") and out_rate == sr:
+        loop = asyncio.get_running_loop()
+        early = loop.create_future()
+
+        def on_first_piece(piece: np.ndarray) -> None:  # the worker thread
+            loop.call_soon_threadsafe(lambda: early.done() or early.set_result(piece))
+    jobs = _submit(runtime, voice, requests, deadline, first_alone=stream,
+                   on_first_piece=on_first_piece if early is not None else None)
     try:
         if not stream:
             waves = await _await_jobs(runtime, request, jobs, deadline)
         else:
-            waves = await _await_jobs(runtime, request, jobs[:1], deadline)
+            waves = await _await_jobs(runtime, request, jobs[:1], deadline, early)
     except ClientGone:
         runtime.scheduler.cancel(jobs)
         info.update(status_override=499, error="client disconnected", error_kind="client_gone")
@@ -451,11 +478,19 @@ async def _synthesize(
             piece_fmt = "pcm" if fmt in ("wav", "pcm") else fmt
             for i, job in enumerate(jobs):
                 wave = waves[0] if i == 0 else (await _await_jobs(runtime, None, [job], deadline))[0]
+                if i == 0 and early is not None and early.done() and wave is early.result():
+                    # only the first piece so far: send it, then the rest of the sentence
+                    yield await run_in_threadpool(audio.encode, wave, sr, piece_fmt, volume=volume)
+                    _first_audio(info, len(wave) / sr)
+                    produced += len(wave) / sr
+                    wave = (await _await_jobs(runtime, None, [job], deadline))[0][len(wave):]
                 if i < len(jobs) - 1:
                     wave = np.concatenate([wave, silence(sr)])
                 produced += len(wave) / sr
                 info["audio_s"] = produced
                 yield await run_in_threadpool(audio.encode, wave, sr, piece_fmt, target_rate=sample_rate, volume=volume)
+                if i == 0 and "first_audio_ms" not in info:
+                    _first_audio(info, len(wave) / sr)
                 done = i + 1
         except Exception as exc:  # the status line is gone already: end the stream early, say so in the log
             err = _job_error(exc)

@@ -264,6 +264,38 @@ def test_disconnected_client_cancels_its_work(server):
         assert c.get("/v1/status").json()["queue"]["depth"] == 0
 
 
+def _access_line(server, request_id, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # the line is written when the response has ended
+        for raw in server.log().splitlines():
+            if request_id in raw:
+                return json.loads(raw)
+        time.sleep(0.1)
+    raise AssertionError(f"no access log line for {request_id}")
+
+
+def test_stream_sends_its_first_piece_before_the_first_sentence_is_decoded(server):
+    # WAV/PCM at the voice's rate: the first ~0.5 s goes out on its own (Engine.synthesize_progressive);
+    # resampled streams wait for whole sentences (their pieces would click where they join).
+    text = "This first sentence is long enough to be split in two pieces. A second one follows."
+    with server.client() as c:
+        whole = _pcm(c.post("/v1/synthesize", json={"text": text, "seed": 4}).content)
+        first_sentence_s = len(_pcm(c.post("/v1/synthesize", json={"text": text.split(". ")[0] + ".",
+                                                                    "seed": 4}).content)) / 22050
+        for rid, extra in (("stream-native", {}), ("stream-16k", {"sample_rate": 16000})):
+            with c.stream("POST", "/v1/synthesize", headers={"x-request-id": rid},
+                          json={"text": text, "seed": 4, "stream": True, **extra}) as r:
+                assert r.status_code == 200
+                data = b"".join(r.iter_bytes())
+            if not extra:
+                streamed = np.frombuffer(data[44:], dtype="<i2").astype(np.int32)
+                assert streamed.shape == whole.shape and int(np.abs(streamed - whole).max()) <= 4
+    native, resampled = _access_line(server, "stream-native"), _access_line(server, "stream-16k")
+    assert 0.4 <= native["first_piece_s"] <= 0.6 < first_sentence_s
+    assert native["first_audio_ms"] <= native["total_ms"]
+    assert resampled["first_piece_s"] > first_sentence_s  # the whole first sentence (+ the pause)
+
+
 def test_access_log_fields_and_no_text(server):
     secret = "Confidential words never logged."
     with server.client() as c:
