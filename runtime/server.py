@@ -444,7 +444,10 @@ async def _synthesize(
         early = loop.create_future()
 
         def on_first_piece(piece: np.ndarray) -> None:  # the worker thread
-            loop.call_soon_threadsafe(lambda: early.done() or early.set_result(piece))
+            try:
+                loop.call_soon_threadsafe(lambda: early.done() or early.set_result(piece))
+            except RuntimeError:  # the loop has closed (shutdown): nobody is waiting for the piece
+                pass
     jobs = _submit(runtime, voice, requests, deadline, first_alone=stream,
                    on_first_piece=on_first_piece if early is not None else None)
     try:
