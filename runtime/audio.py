@@ -88,6 +88,25 @@ def resample(wave: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray
     return soxr.resample(wave, sample_rate, target_rate, quality="HQ").astype(np.float32, copy=False)
 
 
+class StreamResampler:
+    """Resamples a stream piece by piece through one soxr state, so the pieces join into exactly
+    what resampling the whole would give (resampled one by one they would click where they
+    meet). The identity when the rates are equal."""
+
+    def __init__(self, sample_rate: int, target_rate: int):
+        if target_rate not in SUPPORTED_RATES:
+            raise ValueError(f"unsupported sample rate {target_rate}; choose one of {list(SUPPORTED_RATES)}")
+        self._stream = (None if target_rate == sample_rate
+                        else soxr.ResampleStream(sample_rate, target_rate, 1, dtype="float32", quality="HQ"))
+
+    def __call__(self, piece: np.ndarray, last: bool = False) -> np.ndarray:
+        """The next piece; `last` flushes what the filter still holds."""
+        piece = _as_mono_float(piece)
+        if self._stream is None:
+            return piece
+        return self._stream.resample_chunk(piece, last=last).astype(np.float32, copy=False)
+
+
 def encode(wave: np.ndarray, sample_rate: int, fmt: str, target_rate: int | None = None, volume: float = 1.0) -> bytes:
     """Float waveform in [-1, 1] -> encoded bytes in `fmt` (see SUPPORTED_FORMATS).
 

@@ -436,10 +436,11 @@ async def _synthesize(
     out_rate = sample_rate or sr
     media_type = audio.SUPPORTED_FORMATS[fmt]
     headers = {"X-Voice": voice, "X-Voice-Version": model.snapshot.version, "X-Sample-Rate": str(out_rate)}
-    # Streamed PCM at the voice's own rate starts before the first sentence is fully decoded;
-    # pieces that get resampled or MP3-encoded one by one would click where they join.
+    # Streamed WAV/PCM starts before the first sentence is fully decoded (its pieces go through
+    # one resampler, so they join seamlessly); MP3/Opus pieces are separate encoder runs, which
+    # leave a gap where they meet, so those streams send whole sentences.
     early = None
-    if stream and fmt in ("wav", "pcm") and out_rate == sr:
+    if stream and fmt in ("wav", "pcm"):
         loop = asyncio.get_running_loop()
         early = loop.create_future()
 
@@ -478,12 +479,19 @@ async def _synthesize(
         try:
             if fmt == "wav":
                 yield _wav_stream_header(out_rate)
-            piece_fmt = "pcm" if fmt in ("wav", "pcm") else fmt
+            pcm = fmt in ("wav", "pcm")
+            resampler = audio.StreamResampler(sr, out_rate) if pcm else None
+
+            def encode_piece(wave: np.ndarray, last: bool) -> bytes:
+                if resampler is None:  # whole sentences, each its own encoder run
+                    return audio.encode(wave, sr, fmt, target_rate=sample_rate, volume=volume)
+                return audio.encode(resampler(wave, last), out_rate, "pcm", volume=volume)
+
             for i, job in enumerate(jobs):
                 wave = waves[0] if i == 0 else (await _await_jobs(runtime, None, [job], deadline))[0]
                 if i == 0 and early is not None and early.done() and wave is early.result():
                     # only the first piece so far: send it, then the rest of the sentence
-                    yield await run_in_threadpool(audio.encode, wave, sr, piece_fmt, volume=volume)
+                    yield await run_in_threadpool(encode_piece, wave, False)
                     _first_audio(info, len(wave) / sr)
                     produced += len(wave) / sr
                     wave = (await _await_jobs(runtime, None, [job], deadline))[0][len(wave):]
@@ -491,7 +499,7 @@ async def _synthesize(
                     wave = np.concatenate([wave, silence(sr)])
                 produced += len(wave) / sr
                 info["audio_s"] = produced
-                yield await run_in_threadpool(audio.encode, wave, sr, piece_fmt, target_rate=sample_rate, volume=volume)
+                yield await run_in_threadpool(encode_piece, wave, i == len(jobs) - 1)
                 if i == 0 and "first_audio_ms" not in info:
                     _first_audio(info, len(wave) / sr)
                 done = i + 1

@@ -11,6 +11,7 @@ import soundfile as sf
 from runtime.audio import (
     SUPPORTED_FORMATS,
     SUPPORTED_RATES,
+    StreamResampler,
     UnsupportedFormatError,
     encode,
     resample,
@@ -91,3 +92,19 @@ def test_speed_maps_to_length_scale():
     assert speed_to_length_scale(0.5, base_length_scale=1.2) == pytest.approx(2.4)
     with pytest.raises(ValueError, match="speed"):
         speed_to_length_scale(10)
+
+
+def test_stream_resampler_pieces_join_into_the_whole():
+    rng = np.random.default_rng(3)
+    wave = (rng.standard_normal(22050 * 2) * 0.2).astype(np.float32)
+    for target in (8000, 16000, 48000):
+        rs = StreamResampler(22050, target)
+        cuts = [0, 11008, 11009, 30000, len(wave)]
+        pieces = [rs(wave[a:b], last=(b == len(wave))) for a, b in zip(cuts, cuts[1:])]
+        joined = np.concatenate(pieces)
+        whole = resample(wave, 22050, target)
+        assert joined.shape == whole.shape, target
+        assert float(np.abs(joined - whole).max()) <= 1e-6, target
+    assert np.array_equal(StreamResampler(22050, 22050)(wave[:100]), wave[:100])
+    with pytest.raises(ValueError, match="unsupported sample rate 12345"):
+        StreamResampler(22050, 12345)

@@ -275,25 +275,30 @@ def _access_line(server, request_id, timeout=5.0):
 
 
 def test_stream_sends_its_first_piece_before_the_first_sentence_is_decoded(server):
-    # WAV/PCM at the voice's rate: the first ~0.5 s goes out on its own (Engine.synthesize_progressive);
-    # resampled streams wait for whole sentences (their pieces would click where they join).
+    # WAV/PCM (at any rate: one resampler for the whole stream) sends the first ~0.5 s on its own
+    # (Engine.synthesize_progressive); MP3 sends whole sentences (separately encoded pieces
+    # would leave gaps where they meet).
     text = "This first sentence is long enough to be split in two pieces. A second one follows."
     with server.client() as c:
-        whole = _pcm(c.post("/v1/synthesize", json={"text": text, "seed": 4}).content)
         first_sentence_s = len(_pcm(c.post("/v1/synthesize", json={"text": text.split(". ")[0] + ".",
                                                                     "seed": 4}).content)) / 22050
-        for rid, extra in (("stream-native", {}), ("stream-16k", {"sample_rate": 16000})):
+        for rid, extra in (("stream-native", {}), ("stream-16k", {"sample_rate": 16000}),
+                           ("stream-mp3", {"format": "mp3"})):
+            whole = c.post("/v1/synthesize", json={"text": text, "seed": 4, **extra}).content
             with c.stream("POST", "/v1/synthesize", headers={"x-request-id": rid},
                           json={"text": text, "seed": 4, "stream": True, **extra}) as r:
                 assert r.status_code == 200
                 data = b"".join(r.iter_bytes())
-            if not extra:
+            if "format" not in extra:
                 streamed = np.frombuffer(data[44:], dtype="<i2").astype(np.int32)
-                assert streamed.shape == whole.shape and int(np.abs(streamed - whole).max()) <= 4
-    native, resampled = _access_line(server, "stream-native"), _access_line(server, "stream-16k")
-    assert 0.4 <= native["first_piece_s"] <= 0.6 < first_sentence_s
-    assert native["first_audio_ms"] <= native["total_ms"]
-    assert resampled["first_piece_s"] > first_sentence_s  # the whole first sentence (+ the pause)
+                want, rate = sf.read(io.BytesIO(whole), dtype="int16")
+                assert rate == extra.get("sample_rate", 22050)
+                assert streamed.shape == want.shape and int(np.abs(streamed - want).max()) <= 4, rid
+    for rid in ("stream-native", "stream-16k"):
+        line = _access_line(server, rid)
+        assert 0.4 <= line["first_piece_s"] <= 0.6 < first_sentence_s, rid
+        assert line["first_audio_ms"] <= line["total_ms"]
+    assert _access_line(server, "stream-mp3")["first_piece_s"] > first_sentence_s  # the sentence and its pause
 
 
 def test_access_log_fields_and_no_text(server):
