@@ -111,6 +111,9 @@ def test_gate_waits_for_cache_then_serves_and_hot_swaps(tmp_path, tmp_path_facto
             long_text = " ".join(f"This is sentence number {i} of a rather long paragraph." for i in range(12))
             late = c.post("/v1/synthesize", json={"text": long_text})
             assert late.status_code == 504, late.text
+            # the batch the worker had started still runs to its end (queued sentences were
+            # dropped); wait for it, so the hot-swap requests below are not behind it
+            _wait(lambda: c.post("/v1/synthesize", json={"text": "Drained."}).status_code == 200, 30, "drain")
 
             # hot swap while requests keep flowing: none fails
             results: list[int] = []
