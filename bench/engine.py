@@ -38,7 +38,6 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 SENTENCES = [
@@ -244,7 +243,6 @@ def main() -> int:
                     help="rounds per figure; the minimum is kept (bursts on a shared box last seconds)")
     ap.add_argument("--bundle", type=Path, help="existing bundle dir (default: import the bundled voice into a temp dir)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.json")
-    ap.add_argument("--rtf-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     from runtime.engine import Engine
@@ -261,10 +259,6 @@ def main() -> int:
         import_s = time.perf_counter() - t0
 
     engine = Engine.load(bundle, device="cpu", threads=args.threads)
-    if args.rtf_only:
-        print(json.dumps(measure_rtf(engine, args.threads, args.repeats)))
-        return 0
-
     machine = _machine()
     load = measure_load(bundle, args.threads)
     rtf = measure_rtf(engine, args.threads, args.repeats)

@@ -379,9 +379,8 @@ async def _await_jobs(runtime: Runtime, request: Request | None, jobs: list[Job]
     finally:
         if gone is not None:
             gone.cancel()
-        if early is not None and early.done() and not gathered.done():
-            pass  # the first piece is out: the jobs keep running for the rest of the stream
-        elif not gathered.done():
+        first_piece_out = early is not None and early.done()  # then the jobs run on for the rest
+        if not gathered.done() and not first_piece_out:
             runtime.scheduler.cancel(jobs)
             gathered.cancel()
             try:

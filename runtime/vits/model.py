@@ -75,12 +75,10 @@ class VitsModel(nn.Module):
         z, segments = self.latents(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes)
         z = z.t().unsqueeze(0)
         n = segments[0][1]
-        if n <= first_frames:
-            audio = self.dec.decode_packed(z, segments, lanes)[0]
-            on_first(audio)
-            return audio
-        first = self.dec.decode_window(z, 0, first_frames, lanes)
+        first = self.dec.decode_window(z, 0, min(first_frames, n), lanes)
         on_first(first)
+        if n <= first_frames:
+            return first
         return torch.cat([first, self.dec.decode_window(z, first_frames, n, lanes)])
 
     def latents(self, ids, lengths, generators, noise_scale, length_scale, noise_w,
