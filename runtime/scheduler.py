@@ -13,11 +13,16 @@ Deadlines: a job whose deadline passed before it ran is failed with
 is skipped. A job may wait for another job (`after`) - streaming uses that to send its
 first sentence alone and the rest together. CUDA out-of-memory handling (halve the
 batch, CPU fallback) lives in the engine.
+
+Hold (fault drills and tests): while the file named by $TTS_RUNTIME_HOLD_FILE exists, the
+worker starts no batch. Requests queue, time out and are refused exactly as behind a
+stalled worker, whatever the machine's speed; the watchdog still sees a live worker.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -31,6 +36,7 @@ from .models import ModelHolder
 log = structlog.get_logger(__name__)
 
 IDLE_TICK_S = 0.5  # the worker wakes at least this often (heartbeat for the watchdog)
+HOLD_FILE_ENV = "TTS_RUNTIME_HOLD_FILE"
 
 
 class QueueFull(Exception):
@@ -92,8 +98,10 @@ class Scheduler:
         max_wait_ms: float = 10.0,
         queue_size: int = 64,
         on_batch: Callable[[str, int, float], None] | None = None,
+        hold_file: str | None = None,
     ):
         self.holder = holder
+        self.hold_file = hold_file if hold_file is not None else os.environ.get(HOLD_FILE_ENV) or None
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
@@ -185,6 +193,9 @@ class Scheduler:
             if batch:
                 self._execute(batch)
 
+    def held(self) -> bool:
+        return self.hold_file is not None and os.path.exists(self.hold_file)
+
     def _drop_dead(self, now: float) -> None:
         keep = []
         for job in self._pending:
@@ -210,7 +221,7 @@ class Scheduler:
                     return None
                 self._drop_dead(time.monotonic())
                 eligible = [j for j in self._pending if j.eligible()]
-                if eligible:
+                if eligible and not self.held():
                     break
                 self._cond.wait(IDLE_TICK_S)
             anchor = eligible[0]

@@ -205,6 +205,7 @@ class Runtime:
                 "capacity": s.queue_size,
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait * 1000,
+                "held": s.held(),  # $TTS_RUNTIME_HOLD_FILE exists: no batch starts (drills, tests)
             },
             "worker_alive": s.alive(),
             "batches_served": s.batches_served,

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,32 @@ class ServerProcess:
     socket: Path
     config: Path
     log_path: Path
+    hold_file: Path
+
+    @contextmanager
+    def held(self):
+        """Inside this block the inference worker starts no batch ($TTS_RUNTIME_HOLD_FILE):
+        requests are queued, refused and timed out as behind a stalled worker, by mechanism
+        rather than by hoping this machine is slow enough. Enter it with an idle worker."""
+        self.hold_file.touch()
+        try:
+            with self.client(5.0) as c:
+                assert c.get("/v1/status").json()["queue"]["held"] is True
+            yield
+        finally:
+            self.hold_file.unlink(missing_ok=True)
+
+    def metric(self, name: str, **labels) -> float:
+        """One sample of /metrics (0 when the series does not exist yet)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with self.client(10.0) as c:
+            text = c.get("/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
 
     def client(self, timeout: float = 60.0) -> httpx.Client:
         return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://tts",
@@ -150,11 +177,13 @@ def start_server(tmp: Path, cache: Path, *, extra_env: dict | None = None, **con
     values.update(config)
     cfg = write_config(tmp / "runtime.toml", **values)
     log_path = tmp / "runtime.log"
-    env = dict(os.environ, TTS_LOG_FORMAT="json", **(extra_env or {}))
+    hold = tmp / "hold"
+    hold.unlink(missing_ok=True)
+    env = dict(os.environ, TTS_LOG_FORMAT="json", TTS_RUNTIME_HOLD_FILE=str(hold), **(extra_env or {}))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([str(VENV_BIN / "tts-runtime"), "serve", "--config", str(cfg)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
-    return ServerProcess(proc, sock, cfg, log_path)
+    return ServerProcess(proc, sock, cfg, log_path, hold)
 
 
 @pytest.fixture(scope="session")

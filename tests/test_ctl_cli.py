@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import time
 
 import numpy as np
 import soundfile as sf
@@ -90,12 +91,23 @@ def test_batch_jsonl_csv_ids_failures_and_retries(server, tmp_path):
     assert [f["line"] for f in report] == [2, 3, 4]
     assert "unknown voice" in report[1]["error"] and "Traceback" not in r.stderr
 
-    # 40 lines at concurrency 40 against a queue of 32: 503s are retried (Retry-After) until done
+    # 40 lines at concurrency 40 against a queue of 32, the worker held: 8 requests must be
+    # refused with 503 (on any machine); tts-ctl retries them after Retry-After until done
     csv_path = tmp_path / "in.csv"
     csv_path.write_text("id,text\n" + "".join(f"row{i},Row number {i}.\n" for i in range(40)))
     out2 = tmp_path / "out2"
-    r = ctl("batch", csv_path, "--out-dir", out2, "--concurrency", 40, "--retries", 8, config=server.config)
-    assert r.returncode == 0, r.stderr
+    refused = server.metric("tts_requests_total", endpoint="/v1/synthesize", status="503")
+    with server.held():
+        proc = subprocess.Popen([str(VENV_BIN / "tts-ctl"), "--config", str(server.config), "batch", str(csv_path),
+                                 "--out-dir", str(out2), "--concurrency", "40", "--retries", "8"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(600):  # at most 60 s
+            if server.metric("tts_requests_total", endpoint="/v1/synthesize", status="503") >= refused + 8:
+                break
+            time.sleep(0.1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert server.metric("tts_requests_total", endpoint="/v1/synthesize", status="503") >= refused + 8
     assert len(list(out2.glob("row*.wav"))) == 40
     assert not (out2 / "failures.jsonl").exists()
 

@@ -229,9 +229,10 @@ def test_expired_presigned_url_is_presigned_again(env):
     files = model_files(6, {"model.safetensors": 3_000_000, "voice.json": 100, "card.md": 100})
     publish_raw(env["client"], env["bucket"], "joe", "2.0.0", files, env["keys"])
     port = int(env["s3"].endpoint.rsplit(":", 1)[1])
-    # Every connection is cut after 512 KiB at 512 KiB/s: aria2 reconnects with the same
-    # URL after more than a second, by which time the 1-second presigned URL has expired.
-    with CuttingProxy(port, cut_after=512 * 1024, rate=512 * 1024) as proxy:
+    # Every connection is cut after 512 KiB at 256 KiB/s: aria2 reconnects with the same
+    # URL at least 2 s after it was signed, so the 1-second presigned URL has expired on any
+    # machine (2 s, not 1: X-Amz-Date and servers' clocks count whole seconds).
+    with CuttingProxy(port, cut_after=512 * 1024, rate=256 * 1024) as proxy:
         mirror = dict(env["mirror"], endpoint=f"http://127.0.0.1:{proxy.port}")
         config = write_config(env["tmp"], [mirror], env["keys"], aria2="presign_expiry = 1\n")
         result = run_cli("sync", config=config, timeout=180)

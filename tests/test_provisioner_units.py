@@ -29,7 +29,7 @@ def test_prefix_hasher_matches_whole_file_hash(tmp_path):
 
 def test_notify_never_blocks_on_a_full_receiver(tmp_path, monkeypatch):
     import socket
-    import time
+    import threading
 
     from provisioner.notify import notify
 
@@ -40,11 +40,33 @@ def test_notify_never_blocks_on_a_full_receiver(tmp_path, monkeypatch):
     try:
         assert notify(READY=1)
         assert receiver.recv(4096) == b"READY=1"
-        start = time.monotonic()
-        results = [notify(STATUS="x" * 1000) for _ in range(2000)]  # nobody reads: queue fills
-        assert time.monotonic() - start < 5
+        # Nobody reads, so the queue fills: a blocking send would never return. Run the sends
+        # in a thread and require it to end (the 60 s join is only a safety net).
+        results: list[bool] = []
+        sender = threading.Thread(target=lambda: results.extend(notify(STATUS="x" * 1000) for _ in range(2000)),
+                                  daemon=True)
+        sender.start()
+        sender.join(timeout=60)
+        assert not sender.is_alive(), "notify() blocked on a full receiver"
         assert results[0] is True and results[-1] is False
     finally:
         receiver.close()
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert notify(READY=1) is False
+
+
+def test_watchdog_interval_is_half_of_watchdog_sec(monkeypatch):
+    import os
+
+    from provisioner.notify import watchdog_interval
+
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    assert watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    assert watchdog_interval() == 0.5
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # meant for another process
+    assert watchdog_interval() is None
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    monkeypatch.setenv("WATCHDOG_USEC", "junk")
+    assert watchdog_interval() is None

@@ -85,8 +85,10 @@ def test_gate_waits_for_cache_then_serves_and_hot_swaps(tmp_path, tmp_path_facto
     status.models["joe"] = ModelStatus(wanted_version="1.0.0", state="downloading", files_done=2, files_total=3)
     status.write(prov)
     notify = NotifyListener(tmp_path / "notify.sock")
+    # deadline_s stays at its default (60 s): every request here must succeed on any machine;
+    # the deadline itself is tested by mechanism in test_deadline_is_504_and_the_job_is_dropped.
     srv = start_server(tmp_path / "srv", cache, extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"},
-                       deadline_s=1.5, max_batch_size=4, queue_size=16)
+                       max_batch_size=4, queue_size=16)
     try:
         srv.wait_socket()
         assert stat.S_IMODE(srv.socket.stat().st_mode) == 0o660
@@ -99,21 +101,13 @@ def test_gate_waits_for_cache_then_serves_and_hot_swaps(tmp_path, tmp_path_facto
             assert c.get("/healthz").status_code == 200
             assert not any("READY=1" in m for m in notify.drain())
             # the watchdog pings while the worker is alive, ready or not
-            assert notify.wait_for("WATCHDOG=1", 5)
+            assert notify.wait_for("WATCHDOG=1", 30)
 
             # the provisioner finishes: the runtime notices by filesystem event, loads, says READY
             publish_to_cache(cache, "joe", "1.0.0", bundle)
-            srv.wait_ready(30)
-            assert notify.wait_for("READY=1", 5)
+            srv.wait_ready(90)
+            assert notify.wait_for("READY=1", 30)
             assert c.post("/v1/synthesize", json={"text": "Now it works."}).status_code == 200
-
-            # deadline: a long text cannot finish in 1.5 s on this machine -> 504, server fine
-            long_text = " ".join(f"This is sentence number {i} of a rather long paragraph." for i in range(12))
-            late = c.post("/v1/synthesize", json={"text": long_text})
-            assert late.status_code == 504, late.text
-            # the batch the worker had started still runs to its end (queued sentences were
-            # dropped); wait for it, so the hot-swap requests below are not behind it
-            _wait(lambda: c.post("/v1/synthesize", json={"text": "Drained."}).status_code == 200, 30, "drain")
 
             # hot swap while requests keep flowing: none fails
             results: list[int] = []
@@ -127,12 +121,15 @@ def test_gate_waits_for_cache_then_serves_and_hot_swaps(tmp_path, tmp_path_facto
             t = threading.Thread(target=hammer)
             t.start()
             try:
+                # requests flow before, during and after the swap, counted rather than timed
+                _wait(lambda: len(results) >= 1, 60, "a first request before the swap")
                 publish_to_cache(cache, "joe", "1.1.0", bundle)
-                _wait(lambda: c.get("/v1/status").json()["models"]["joe"]["version"] == "1.1.0", 30, "swap to 1.1.0")
-                time.sleep(0.5)
+                _wait(lambda: c.get("/v1/status").json()["models"]["joe"]["version"] == "1.1.0", 60, "swap to 1.1.0")
+                after_swap = len(results)
+                _wait(lambda: len(results) >= min(after_swap + 3, 200), 60, "requests after the swap")
             finally:
                 stop.set()
-                t.join(timeout=30)
+                t.join(timeout=60)
             assert results and set(results) == {200}, results
 
             # a version that fails to load keeps the old one serving, and says so
@@ -166,6 +163,30 @@ def test_gate_waits_for_cache_then_serves_and_hot_swaps(tmp_path, tmp_path_facto
     assert "Traceback" not in srv.log()
     assert notify.wait_for("STOPPING=1", 2)
     notify.close()
+
+
+def test_deadline_is_504_and_the_job_is_dropped(voice_cache, tmp_path):
+    """A request still queued at its deadline is answered 504 and never synthesized. The
+    worker is held (no batch starts), so no machine is fast enough to beat the deadline."""
+    srv = start_server(tmp_path / "srv", voice_cache, deadline_s=1, max_batch_size=4, queue_size=16)
+    try:
+        srv.wait_ready()
+        with srv.client() as c:
+            served = c.get("/v1/status").json()["sentences_served"]
+            with srv.held():
+                started = time.monotonic()
+                late = c.post("/v1/synthesize", json={"text": "This one is late. So is this."})
+                waited = time.monotonic() - started
+                assert late.status_code == 504, late.text
+                assert late.json()["detail"] == "synthesis did not finish within the deadline"
+                assert waited >= 1.0  # the deadline, not an early refusal
+            # released: the worker drops the dead jobs instead of synthesizing them
+            st = _wait(lambda: (s := c.get("/v1/status").json())["queue"]["depth"] == 0 and s, 30, "queue drained")
+            assert st["sentences_served"] == served and st["worker_alive"] and st["queue"]["held"] is False
+            assert c.get("/readyz").status_code == 200
+    finally:
+        assert srv.stop() == 0, srv.log()[-2000:]
+    assert "Traceback" not in srv.log()
 
 
 def test_socket_activation(voice_cache, tmp_path):
