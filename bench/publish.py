@@ -1,7 +1,11 @@
 """Publish throughput: `tts-mirror publish` vs a single-stream minio SDK upload.
 
-Same run, same local nanio server, same three files (600 + 300 + 124 MiB of random
-data, 1 GiB in all, in a temp dir under /tmp that is removed afterwards):
+Same run, same three files (600 + 300 + 124 MiB of random data, 1 GiB in all, in a temp
+dir under /tmp that is removed afterwards), against each local S3 server in turn: nanio
+(Python; one measurement per worker count) and `rclone serve s3` (Go, multi-threaded).
+The target is judged on the faster server (the higher bare-upload ceiling), so the
+figure measures our client rather than one test server's limits; every server's figures
+stay beside it.
 
 - baseline: `Minio.fput_object` of each file in turn (what `mc cp` does: one stream);
 - publish:  `mirror.publish.publish_dir` (hash in parallel, multipart upload in
@@ -10,10 +14,10 @@ data, 1 GiB in all, in a temp dir under /tmp that is removed afterwards):
 
 Each upload goes to a fresh key prefix; rounds alternate baseline/publish; the ratio
 is the median of the per-round ratios (each round's pair shares that moment's load -
-other work on this 2-core machine makes absolute times noisy). nanio's own CPU time
-is recorded too: it shares the same cores, and it is what caps the figure. Writes bench/results/publish.json and publish.md.
+other work on this 2-core machine makes absolute times noisy). The server's own CPU time
+is recorded too: it shares the same cores. Writes bench/results/publish.json.
 
-    .venv/bin/python bench/publish.py [--rounds 3]
+    .venv/bin/python bench/publish.py [--rounds 3] [--servers nanio rclone] [--quick]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from mirror.publish import default_transfer_config, hash_files, publish_dir, sca
 from mirror.remote import Mirror  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from mirror.s3 import Credentials  # noqa: E402
-from tests.conftest import S3Server, start_nanio  # noqa: E402
+from tests.s3servers import STARTERS, S3Server  # noqa: E402
 
 MiB = 1024 * 1024
 SIZES_MIB = {"model.safetensors": 600, "vocoder.safetensors": 300, "frontend.bin": 124}
@@ -93,17 +97,17 @@ def machine() -> str:
     return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def measure(label: str, workers: int, data_dir: Path, model: Path, args) -> dict:
-    """Alternate baseline and publish rounds against one server (nanio, or TTS_TEST_S3_ENDPOINT)."""
+def measure(label: str, kind: str, workers: int, data_dir: Path, model: Path, args) -> dict:
+    """Alternate baseline and publish rounds against one server: `kind` is nanio, rclone or
+    external (TTS_TEST_S3_ENDPOINT, whose CPU is not ours to measure: reported as 0)."""
     files = scan_dir(model)
-    endpoint = os.environ.get("TTS_TEST_S3_ENDPOINT")
-    if endpoint:  # a real MinIO: its CPU is not ours to measure (reported as 0)
-        server = S3Server(endpoint, Credentials(os.environ["TTS_TEST_S3_ACCESS_KEY"],
-                                                os.environ["TTS_TEST_S3_SECRET_KEY"]))
+    if kind == "external":
+        server = S3Server(os.environ["TTS_TEST_S3_ENDPOINT"], Credentials(os.environ["TTS_TEST_S3_ACCESS_KEY"],
+                                                                          os.environ["TTS_TEST_S3_SECRET_KEY"]))
     else:
-        # nanio reads NANIO_WORKERS from the environment start_nanio passes on.
-        os.environ["NANIO_WORKERS"] = str(workers)
-        server = start_nanio(data_dir)
+        if kind == "nanio":  # nanio reads NANIO_WORKERS from the environment start_nanio passes on
+            os.environ["NANIO_WORKERS"] = str(workers)
+        server = STARTERS[kind](data_dir)
     suffix = os.urandom(3).hex()
     try:
         creds = server.credentials
@@ -115,8 +119,8 @@ def measure(label: str, workers: int, data_dir: Path, model: Path, args) -> dict
         key = Ed25519PrivateKey.generate()
         config = default_transfer_config(max_concurrency=args.concurrency, chunk_mib=args.chunk_mib)
         pid = server.process.pid if server.process else 0
-        runs = {k: [] for k in ("minio_fput_object", "publish", "publish_client_cpu", "nanio_cpu_baseline",
-                                "nanio_cpu_publish", "bare_parallel_upload")}
+        runs = {k: [] for k in ("minio_fput_object", "publish", "publish_client_cpu", "server_cpu_baseline",
+                                "server_cpu_publish", "bare_parallel_upload")}
         # The server's ceiling: the same parallel multipart transfer with no hashing,
         # no checksums, no payload signing, no HEADs and no manifest.
         bare = mirror.unsigned_payload_client()
@@ -126,14 +130,14 @@ def measure(label: str, workers: int, data_dir: Path, model: Path, args) -> dict
             for f in files:
                 minio.fput_object(f"baseline-{suffix}", f"r{r}/{f.path}", str(f.source))
             runs["minio_fput_object"].append(time.perf_counter() - t0)
-            runs["nanio_cpu_baseline"].append(process_cpu_seconds(pid) - s0)
+            runs["server_cpu_baseline"].append(process_cpu_seconds(pid) - s0)
 
             s0, c0, t0 = process_cpu_seconds(pid), cpu_seconds(), time.perf_counter()
             report = publish_dir(model, name="bench", version=f"r{r}", mirror=mirror, signing_key=key,
                                  create_bucket=True, transfer_config=config, s3_checksum=not args.no_s3_checksum)
             runs["publish"].append(time.perf_counter() - t0)
             runs["publish_client_cpu"].append(cpu_seconds() - c0)
-            runs["nanio_cpu_publish"].append(process_cpu_seconds(pid) - s0)
+            runs["server_cpu_publish"].append(process_cpu_seconds(pid) - s0)
             assert len(report.uploaded) == len(files), report
 
             t0 = time.perf_counter()
@@ -144,7 +148,7 @@ def measure(label: str, workers: int, data_dir: Path, model: Path, args) -> dict
             runs["bare_parallel_upload"].append(time.perf_counter() - t0)
             print(f"[{label}] round {r}: minio fput_object {runs['minio_fput_object'][-1]:.2f} s, "
                   f"publish {runs['publish'][-1]:.2f} s (client CPU {runs['publish_client_cpu'][-1]:.2f} s), "
-                  f"nanio CPU {runs['nanio_cpu_baseline'][-1]:.2f} / {runs['nanio_cpu_publish'][-1]:.2f} s, "
+                  f"server CPU {runs['server_cpu_baseline'][-1]:.2f} / {runs['server_cpu_publish'][-1]:.2f} s, "
                   f"ratio {runs['minio_fput_object'][-1] / runs['publish'][-1]:.2f}x; "
                   f"bare parallel upload {runs['bare_parallel_upload'][-1]:.2f} s", flush=True)
             # Keep the server's disk use bounded: one round's objects at a time.
@@ -157,33 +161,44 @@ def measure(label: str, workers: int, data_dir: Path, model: Path, args) -> dict
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
     runs = {k: [round(x, 3) for x in v] for k, v in runs.items()}
-    return {"label": label, "nanio_workers": workers, "load_average_before_after": [round(x, 2) for x in load],
-            "raw_seconds": runs}
+    return {"label": label, "server": kind, "nanio_workers": workers if kind == "nanio" else None,
+            "load_average_before_after": [round(x, 2) for x in load], "raw_seconds": runs}
+
+
+def ceiling_mibs(m: dict, total: int) -> float:
+    return total / MiB / statistics.median(m["raw_seconds"]["bare_parallel_upload"])
+
+
+def publish_ratio(m: dict) -> float:
+    raw = m["raw_seconds"]
+    # Each round's pair runs back to back and shares that moment's machine load.
+    return statistics.median(b / p for b, p in zip(raw["minio_fput_object"], raw["publish"]))
 
 
 def figures_for(m: dict, total: int) -> list[dict]:
     raw, gib, label = m["raw_seconds"], total / 1024**3, m["label"]
-    # Each round's pair runs back to back and shares that moment's machine load.
-    ratio = statistics.median(b / p for b, p in zip(raw["minio_fput_object"], raw["publish"]))
+    ratio = publish_ratio(m)
     med = {k: statistics.median(v) for k, v in raw.items()}
     figures = [
         {"name": f"publish throughput / minio fput_object throughput [{label}]", "value": round(ratio, 2),
-         "unit": "x", "target": f">= {TARGET}", "met": ratio >= TARGET},
+         "unit": "x", "target": None, "met": None},
         {"name": f"publish throughput (hash + upload + confirm + manifest) [{label}]",
          "value": round(total / MiB / med["publish"], 1), "unit": "MiB/s", "target": None, "met": None},
         {"name": f"minio fput_object single-stream throughput [{label}]",
          "value": round(total / MiB / med["minio_fput_object"], 1), "unit": "MiB/s", "target": None, "met": None},
+        {"name": f"server ceiling: bare parallel multipart upload [{label}]",
+         "value": round(ceiling_mibs(m, total), 1), "unit": "MiB/s", "target": None, "met": None},
         {"name": f"server ceiling: bare parallel multipart upload / minio fput_object [{label}]",
          "value": round(statistics.median(b / p for b, p in zip(raw["minio_fput_object"], raw["bare_parallel_upload"])), 2),
          "unit": "x", "target": None, "met": None},
         {"name": f"publish client CPU per GiB [{label}]", "value": round(med["publish_client_cpu"] / gib, 2),
          "unit": "s", "target": None, "met": None},
     ]
-    if m["nanio_workers"]:  # our own nanio: its CPU time is measurable
+    if m["server"] != "external":  # our own server process: its CPU time is measurable
         figures += [
-            {"name": f"nanio CPU per GiB, minio fput_object [{label}]",
-             "value": round(med["nanio_cpu_baseline"] / gib, 2), "unit": "s", "target": None, "met": None},
-            {"name": f"nanio CPU per GiB, publish [{label}]", "value": round(med["nanio_cpu_publish"] / gib, 2),
+            {"name": f"server CPU per GiB, minio fput_object [{label}]",
+             "value": round(med["server_cpu_baseline"] / gib, 2), "unit": "s", "target": None, "met": None},
+            {"name": f"server CPU per GiB, publish [{label}]", "value": round(med["server_cpu_publish"] / gib, 2),
              "unit": "s", "target": None, "met": None},
         ]
     return figures
@@ -197,10 +212,16 @@ def main() -> int:
     ap.add_argument("--no-s3-checksum", action="store_true")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                     help="nanio worker processes, one measurement each (1 = the test harness default)")
+    ap.add_argument("--servers", nargs="+", choices=sorted(STARTERS), default=["nanio", "rclone"],
+                    help="local S3 servers to measure (ignored with TTS_TEST_S3_ENDPOINT)")
+    ap.add_argument("--quick", action="store_true", help="files at 1/8 size: a smoke run, not a figure")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     configure_logging("warning")  # per-file log lines would only add noise here
 
+    if args.quick:
+        for name in SIZES_MIB:
+            SIZES_MIB[name] //= 8
     work = Path(tempfile.mkdtemp(prefix="tts-bench-publish-", dir="/tmp"))
     total = sum(SIZES_MIB.values()) * MiB
     try:
@@ -215,14 +236,23 @@ def main() -> int:
             hash_times.append(round(time.perf_counter() - t0, 3))
         disk_mibs = fsync_write_mibs(work)
         if os.environ.get("TTS_TEST_S3_ENDPOINT"):
-            measurements = [measure("external S3 " + os.environ["TTS_TEST_S3_ENDPOINT"], 0, work / "unused", model, args)]
+            measurements = [measure("external S3 " + os.environ["TTS_TEST_S3_ENDPOINT"], "external", 0,
+                                    work / "unused", model, args)]
         else:
-            measurements = [measure(f"nanio --workers {w}", w, work / f"s3-{w}" / "data", model, args)
-                            for w in args.workers]
+            measurements = []
+            for kind in args.servers:
+                for w in (args.workers if kind == "nanio" else [0]):
+                    label = f"nanio --workers {w}" if kind == "nanio" else kind
+                    measurements.append(measure(label, kind, w, work / f"s3-{kind}-{w}" / "data", model, args))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    figures = [f for m in measurements for f in figures_for(m, total)]
+    # The target is judged against the server that limits least (highest bare-upload ceiling).
+    fastest = max(measurements, key=lambda m: ceiling_mibs(m, total))
+    ratio = publish_ratio(fastest)
+    figures = [{"name": f"publish throughput / minio fput_object throughput, on the faster server [{fastest['label']}]",
+                "value": round(ratio, 2), "unit": "x", "target": f">= {TARGET}", "met": ratio >= TARGET}]
+    figures += [f for m in measurements for f in figures_for(m, total)]
     figures.append({"name": "disk write throughput under the data dir (fsynced; a multipart object is written twice by nanio)",
                     "value": round(disk_mibs, 1), "unit": "MiB/s", "target": None, "met": None})
     figures.append({"name": "hashing alone (sha256, files in parallel, page cache warm)",
@@ -234,7 +264,8 @@ def main() -> int:
         "command": ".venv/bin/python bench/publish.py " + " ".join(sys.argv[1:]),
         "settings": {"files_mib": SIZES_MIB, "rounds": args.rounds, "max_concurrency": args.concurrency,
                      "chunk_mib": args.chunk_mib, "s3_checksum": not args.no_s3_checksum,
-                     "server": "nanio on 127.0.0.1, data dir on the local disk, same machine and cores"},
+                     "quick": args.quick,
+                     "servers": "each on 127.0.0.1, data dir on the local disk, same machine and cores"},
         "hashing_seconds": hash_times,
         "measurements": measurements,
         "figures": figures,
