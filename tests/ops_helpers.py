@@ -152,7 +152,7 @@ def namespace_unavailable() -> str | None:
               " && mount -t tmpfs tmpfs /run && echo ok")
     try:
         out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                             capture_output=True, text=True, timeout=20)
+                             capture_output=True, text=True, timeout=120)
         _NS_REASON = None if out.returncode == 0 and "ok" in out.stdout else (
             f"cannot build a mount-namespace sandbox here (unshare --mount + overlayfs on /etc + tmpfs on /run "
             f"exited {out.returncode}: {(out.stderr or out.stdout).strip()[:300]})")

@@ -274,7 +274,7 @@ def test_rollout_canary_then_fleet_and_rollback_on_failed_canary(tmp_path, s3_se
     hosts = [LocalHost(n, tmp_path / n) for n in ("node-a", "node-b")]
     variables = node_vars(s3_server, bucket, keys, tts_node_service_manager="none", tts_node_create_user=False,
                           tts_node_user="root", tts_node_group="root", tts_node_install_venv=False,
-                          tts_node_venv=str(VENV), tts_node_gate_timeout=60)
+                          tts_node_venv=str(VENV), tts_node_gate_timeout=300)  # safety net: a failed load ends the gate at once
     # Group vars in the inventory, as in production (extra vars would outrank the
     # playbook's own settings).
     (tmp_path / "vars.yml").write_text(yaml.safe_dump({}))

@@ -109,7 +109,7 @@ def test_lanes_map_keeps_order_waits_for_all_and_raises():
 
     # Both pieces must be in flight at once to pass the barrier: the caller and the pool thread
     # really run side by side (a serial run would time out here). A nested call runs inline.
-    barrier = threading.Barrier(2, timeout=10)
+    barrier = threading.Barrier(2, timeout=60)  # a safety net: a serial run never passes it
     threads_seen = set()
 
     def outer(x):

@@ -151,7 +151,7 @@ def test_socket_activated_runtime_waits_for_provisioner(tmp_path, s3_server, buc
         assert ready.observed == "1.0.0", "runtime READY before the cache was complete"
         assert ready.at >= prov_ready.at, "runtime READY before the provisioner's READY"
         assert _readyz(client) == 200
-        pings = rt_notify.wait_for("WATCHDOG", "1", timeout=10, count=2)
+        pings = rt_notify.wait_for("WATCHDOG", "1", timeout=30, count=2)
         assert pings
 
         r = client.post("/v1/audio/speech", json={"model": "tts-1", "input": "Socket activation works.",
@@ -173,6 +173,6 @@ def test_socket_activated_runtime_waits_for_provisioner(tmp_path, s3_server, buc
 
 def _readyz(client: httpx.Client) -> int | None:
     try:
-        return client.get("/readyz", timeout=5).status_code
+        return client.get("/readyz", timeout=30).status_code
     except httpx.HTTPError:
         return None
