@@ -1,8 +1,12 @@
 """Sync throughput, resume, incremental and memory: `tts-provisioner sync` vs its peers.
 
-One run measures the project and its peers side by side, on the same local nanio S3
-server, the same model (3 files of random data: 600 + 300 + 124 MiB = 1 GiB, written
-streamed under /tmp and removed at the end) and the same aria2 connection options:
+One run measures the project and its peers side by side, on the same model (3 files of
+random data: 600 + 300 + 124 MiB = 1 GiB, written streamed under /tmp and removed at the
+end) and the same aria2 connection options, against each local S3 server in turn (nanio,
+Python; `rclone serve s3`, Go). Scenarios 1 and 2 run on every server; the targets are
+judged on the faster server (the lower bare-aria2c loopback time: the peer is what the
+server allows), where resume and incremental (3, 4) also run. Every server's figures stay
+beside the headline ones.
 
 1. loopback: end-to-end `tts-provisioner sync` (a subprocess: start-up, plan, aria2
    download, sha256 of each file as soon as it lands, snapshot, fsync, atomic switch,
@@ -55,7 +59,7 @@ from mirror import layout  # noqa: E402
 from mirror.publish import publish_dir  # noqa: E402
 from mirror.remote import Mirror  # noqa: E402
 from mirror.s3 import make_client  # noqa: E402
-from tests.conftest import S3Server, free_port, start_nanio, wait_for_port  # noqa: E402
+from tests.s3servers import STARTERS, S3Server, free_port, wait_for_port  # noqa: E402
 from tests.provisioner_helpers import make_keys  # noqa: E402
 
 MiB = 1024 * 1024
@@ -167,11 +171,15 @@ def make_files(directory: Path, sizes: dict[str, int], only: set[str] | None = N
                 left -= n
 
 
-def setup(bench: Bench) -> dict[str, dict[str, str]]:
-    """Start nanio, publish v1 and v2 (v2 = v1 with CHANGED rewritten); {version: {path: sha}}."""
-    bench.server = start_nanio(bench.work / "s3" / "data")
+def setup(bench: Bench, kind: str) -> dict[str, dict[str, str]]:
+    """Start S3 server `kind` (stopping the previous one), publish v1 and v2 (v2 = v1 with
+    CHANGED rewritten); {version: {path: sha}}."""
+    if bench.server:
+        bench.server.stop()
+        shutil.rmtree(bench.server.data_dir, ignore_errors=True)
+    bench.server = STARTERS[kind](bench.work / f"s3-{kind}" / "data")
     bench.creds_file = bench.server.write_credentials(bench.work / "mirror.creds")
-    bench.keys = make_keys(bench.work)
+    bench.keys = bench.keys or make_keys(bench.work)
     mirror = Mirror.connect(bench.server.endpoint, bench.bucket, bench.server.credentials)
     src = bench.work / "src"
     make_files(src, bench.sizes)
@@ -679,11 +687,15 @@ def write_results(out: Path, doc: dict, args) -> None:
         f"| {f['name']} | {f['value']} {f['unit']} | {f['target'] or '-'} | "
         f"{'-' if f['met'] is None else ('yes' if f['met'] else '**no**')} |" for f in doc["figures"])
     m = doc["machine"]
+    phases = {k: v["loopback_phases_s"] for k, v in doc["extra"].items()
+              if isinstance(v, dict) and "loopback_phases_s" in v}
     md = f"""# bench/sync: provisioner sync vs its peers
 
 `{doc['command']}` on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, kernel {m['kernel']},
 {m['aria2c']}; {doc['date']}. Model: {doc['model_mib']} MiB in 3 files ({doc['files']}), random data,
-served by a local nanio S3 server (one uvicorn worker) on 127.0.0.1.
+served in turn by each local S3 server on 127.0.0.1 ({', '.join(doc['servers'])}: nanio with one uvicorn
+worker, `rclone serve s3`). Targets are judged on the faster server ({doc['extra'].get('faster_server')}, the lower
+bare-aria2c loopback time), where resume and incremental run too; every server's figures follow.
 
 What is measured (one run, peers side by side, timed pairs alternate, medians):
 
@@ -705,7 +717,7 @@ What is measured (one run, peers side by side, timed pairs alternate, medians):
 |---|---|---|---|
 {rows}
 
-Sync phases of the median loopback run (seconds since spawn): {doc['extra'].get('loopback_phases_s')}
+Sync phases of the median loopback run (seconds since spawn), per server: {phases}
 
 Notes:
 
@@ -720,6 +732,8 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--skip", action="append", default=[], choices=["loopback", "throttled", "resume"])
+    ap.add_argument("--servers", nargs="+", choices=sorted(STARTERS), default=["nanio", "rclone"],
+                    help="local S3 servers to measure, in this order")
     ap.add_argument("--out", type=Path, default=None, help="results dir (default bench/results; none with --quick)")
     ap.add_argument("--provisioner-src", type=Path, default=None,
                     help="run the provisioner from this source tree (a copy with a change to evaluate)")
@@ -740,13 +754,34 @@ def main() -> int:
     extra: dict = {}
     try:
         log(f"model {bench.total / MiB:.0f} MiB in {len(sizes)} files; work dir {bench.work}")
-        shas = setup(bench)
-        if "loopback" not in args.skip:
-            bench_loopback(bench, shas, rounds, figures, notes, extra)
-        if "throttled" not in args.skip:
-            bench_throttled(bench, shas, max(1, rounds - 1) if not args.quick else 1, figures, notes, extra)
+        per_server: dict[str, list[dict]] = {}
+        for kind in args.servers:
+            log(f"S3 server: {kind}")
+            shas = setup(bench, kind)
+            found: list[dict] = []
+            server_extra: dict = {}
+            if "loopback" not in args.skip:
+                bench_loopback(bench, shas, rounds, found, notes, server_extra)
+            if "throttled" not in args.skip:
+                bench_throttled(bench, shas, max(1, rounds - 1) if not args.quick else 1, found, notes,
+                                server_extra)
+            per_server[kind] = found
+            extra[kind] = server_extra
+        fastest = min(args.servers, key=lambda k: next(
+            (f["value"] for f in per_server[k] if f["name"] == "loopback bare aria2c wall time"), 0.0))
+        # Headline: the targeted figures of the faster server; then every server's, informational.
+        for f in per_server[fastest]:
+            if f["target"] is not None:
+                figures.append(dict(f, name=f"{f['name']} [faster server: {fastest}]"))
         if "resume" not in args.skip:
-            bench_resume_incremental(bench, shas, args.kills, seed, figures, notes, extra)
+            if bench.server.kind != fastest:
+                shas = setup(bench, fastest)
+            resume: list[dict] = []
+            bench_resume_incremental(bench, shas, args.kills, seed, resume, notes, extra)
+            figures += [dict(f, name=f"{f['name']} [{fastest}]") for f in resume]
+        for kind, found in per_server.items():
+            figures += [dict(f, name=f"{f['name']} [{kind}]", target=None, met=None) for f in found]
+        extra["faster_server"] = fastest
     finally:
         bench.close()
     elapsed = time.perf_counter() - started
@@ -755,7 +790,7 @@ def main() -> int:
         f"Load average at start {' '.join(load_start)}, at end {' '.join(open('/proc/loadavg').read().split()[:3])} "
         f"on {os.cpu_count()} cores: other work shared the machine, so absolute times are inflated and noisy; "
         "each ratio compares runs alternated within the same minutes (medians).",
-        "Loopback is CPU-bound: nanio (one uvicorn worker), aria2c and the provisioner's hashing share 2 cores; "
+        "Loopback is CPU-bound: the S3 server (nanio: one uvicorn worker; rclone: Go threads), aria2c and the provisioner's hashing share 2 cores; "
         "the per-connection cap, not the link, is what the throttled scenario adds.",
         "Sync phases are seconds since the process was spawned: startup_to_planned = interpreter + imports + "
         "aria2c start + channel/manifest/signature; last_file_downloaded = aria2 removed the last .aria2 control "
@@ -779,7 +814,8 @@ def main() -> int:
         return 0 if all(f["met"] is not False for f in figures) else 1
     doc = {
         "benchmark": "sync",
-        "command": ".venv/bin/python bench/sync.py" + (" --quick" if args.quick else ""),
+        "command": ".venv/bin/python bench/sync.py " + " ".join(sys.argv[1:]),
+        "servers": args.servers,
         "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_mib": bench.total // MiB,
