@@ -101,7 +101,7 @@ def _piper_voice(threads: int):
     import onnxruntime as ort
     from piper.voice import PiperVoice
 
-    from mirror.piper_import import bundled_voice_paths
+    from runtime.vits.piper_import import bundled_voice_paths
 
     onnx_path, json_path = bundled_voice_paths()
     voice = PiperVoice.load(onnx_path, json_path)
@@ -251,7 +251,7 @@ def main() -> int:
     bundle = args.bundle
     import_s = None
     if bundle is None:
-        from mirror.piper_import import bundled_voice_paths, import_piper
+        from runtime.vits.piper_import import bundled_voice_paths, import_piper
 
         tmp = tempfile.TemporaryDirectory(prefix="bench-engine-")
         t0 = time.perf_counter()

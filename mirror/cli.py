@@ -340,8 +340,10 @@ def import_piper_cmd(onnx, config_json, out_dir, bundled) -> None:
         raise click.UsageError("give either ONNX and JSON, or --bundled")
     if not bundled and not (onnx and config_json):
         raise click.UsageError("both ONNX and JSON are needed")
-    try:  # lazy: onnx is an optional dependency, needed only here
-        from .piper_import import PiperImportError, bundled_voice_paths, import_piper
+    # lazy: the importer lives beside the engine whose module names it targets (the only
+    # mirror -> runtime import, made at call time; see docs/mirror.md) and needs onnx
+    try:
+        from runtime.vits.piper_import import PiperImportError, bundled_voice_paths, import_piper
     except ImportError as exc:
         raise click.ClickException(
             f"import-piper is unavailable ({exc}); install the extra: pip install 'tts-fleet[import]'"
@@ -356,6 +358,10 @@ def import_piper_cmd(onnx, config_json, out_dir, bundled) -> None:
     shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
     click.echo(f"imported {Path(onnx).name} -> {report.out_dir}: {report.mapped} tensors mapped, "
                f"{len(unused)} initializers unused" + (f" ({shown})" if unused else ""))
+    shape = report.shape
+    click.echo(f"voice shape: quality {shape.get('quality')}, {shape.get('sample_rate')} Hz, "
+               f"{shape.get('num_speakers')} speaker(s), language {shape.get('language')}, "
+               f"phoneme type {shape.get('phoneme_type')}, resblock {shape.get('resblock')}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -66,6 +66,7 @@ class SynthesisRequest:
     length_scale: float | None = None  # None -> voice default
     noise_scale: float | None = None
     noise_w: float | None = None
+    speaker: int | None = None  # speaker id of a multi-speaker voice; None -> its default speaker
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ class _Resolved:
     length_scale: float
     noise_scale: float
     noise_w: float
+    speaker: int = 0
+
+
+class UnknownSpeakerError(ValueError):
+    """A speaker name or id the voice does not have (the API answers 404 with the valid ones)."""
 
 
 def _load_malloc_trim():
@@ -147,6 +153,10 @@ class Engine:
             "noise_w": float(inf.get("noise_w", 0.8)),
         }
         self.frontend = TextFrontend(voice, max_chars=max_chars)
+        self.num_speakers: int = int(model.cfg.n_speakers)
+        # name -> id (piper's speaker_id_map); a voice without names still takes ids
+        self.speakers: dict[str, int] = {str(k): int(v) for k, v in (voice.get("speaker_id_map") or {}).items()}
+        self.default_speaker: int = int(voice.get("default_speaker_id", 0)) if self.num_speakers > 1 else 0
         self.stats = {"batches": 0, "oom_splits": 0, "cpu_fallbacks": 0}
         self._lock = threading.Lock()
 
@@ -221,6 +231,34 @@ class Engine:
         return model
 
     # ---------------------------------------------------------------- properties
+    def speaker_id(self, speaker: int | str | None) -> int:
+        """A speaker name (speaker_id_map), an id (int or digits) or None (the default) -> id;
+        UnknownSpeakerError naming the valid ones otherwise."""
+        if speaker is None or speaker == "":
+            return self.default_speaker
+        if isinstance(speaker, bool):
+            raise UnknownSpeakerError(f"speaker must be a name or an integer id, got {speaker!r}")
+        if isinstance(speaker, str):
+            if speaker in self.speakers:
+                return self.speakers[speaker]
+            if not speaker.strip().isdigit():
+                raise UnknownSpeakerError(f"voice {self.voice_name!r} has no speaker {speaker!r}; "
+                                          f"{self.describe_speakers()}")
+            speaker = int(speaker)
+        if not isinstance(speaker, int) or not 0 <= speaker < self.num_speakers:
+            raise UnknownSpeakerError(f"voice {self.voice_name!r} has no speaker id {speaker!r}; "
+                                      f"{self.describe_speakers()}")
+        return speaker
+
+    def describe_speakers(self, limit: int = 20) -> str:
+        """The valid speakers in words, truncated for catalogs (libritts_r has 904)."""
+        if self.num_speakers <= 1:
+            return "it is a single-speaker voice (speaker 0 only)"
+        names = sorted(self.speakers, key=lambda n: self.speakers[n])
+        shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+        return (f"valid: ids 0..{self.num_speakers - 1}" + (f" or names {shown}" if names else "")
+                + " (see /v1/voices)")
+
     @property
     def device(self) -> str:
         return str(self._device)
@@ -248,7 +286,11 @@ class Engine:
                 raise ValueError(f"request {i}: {name} must be a finite number "
                                  f"{'> 0' if name == 'length_scale' else '>= 0'}, got {v}")
             vals[name] = v
-        return _Resolved(ids=ids, seed=int(req.seed), **vals)
+        try:
+            speaker = self.speaker_id(req.speaker)
+        except UnknownSpeakerError as exc:
+            raise UnknownSpeakerError(f"request {i}: {exc}") from None
+        return _Resolved(ids=ids, seed=int(req.seed), speaker=speaker, **vals)
 
     def synthesize_batch(self, requests: Sequence[SynthesisRequest]) -> list[np.ndarray]:
         """One float32 mono waveform per request, in request order."""
@@ -281,7 +323,8 @@ class Engine:
                 self.stats["batches"] += 1
                 inputs = self._inputs([req], self._device)
                 with torch.inference_mode():
-                    wave = model.infer_progressive(*inputs, first_frames, first, self._lanes).float().cpu().numpy()
+                    wave = model.infer_progressive(*inputs[:-1], first_frames, first, self._lanes,
+                                                   inputs[-1]).float().cpu().numpy()
             except torch.OutOfMemoryError:
                 if self._device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -324,12 +367,14 @@ class Engine:
     def _forward(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device) -> list[np.ndarray]:
         self.stats["batches"] += 1
         with torch.inference_mode():
-            out = model.infer(*self._inputs(reqs, dev), self._lanes)  # SERIAL unless a CPU engine
+            *inputs, speakers = self._inputs(reqs, dev)
+            out = model.infer(*inputs, self._lanes, speakers)  # lanes: SERIAL unless a CPU engine
             return [w.float().cpu().numpy() for w in out]
 
     @staticmethod
     def _inputs(reqs: list[_Resolved], dev: torch.device) -> tuple:
-        """VitsModel.infer's inputs: padded ids, lengths, one seeded CPU generator per request, scales."""
+        """VitsModel.infer's inputs: padded ids, lengths, one seeded CPU generator per request,
+        scales, speaker ids."""
         b, t = len(reqs), max(len(r.ids) for r in reqs)
         ids = torch.zeros(b, t, dtype=torch.long)
         for i, r in enumerate(reqs):
@@ -340,14 +385,18 @@ class Engine:
         def scale(name: str) -> torch.Tensor:
             return torch.tensor([getattr(r, name) for r in reqs], dtype=torch.float32, device=dev)
 
-        return (ids.to(dev), lengths.to(dev), gens, scale("noise_scale"), scale("length_scale"), scale("noise_w"))
+        speakers = torch.tensor([r.speaker for r in reqs], dtype=torch.long, device=dev)
+        return (ids.to(dev), lengths.to(dev), gens, scale("noise_scale"), scale("length_scale"), scale("noise_w"),
+                speakers)
 
     def synthesize_text(self, text: str, *, seed: int = 0, length_scale: float | None = None,
-                        noise_scale: float | None = None, noise_w: float | None = None) -> np.ndarray:
+                        noise_scale: float | None = None, noise_w: float | None = None,
+                        speaker: int | str | None = None) -> np.ndarray:
         """Front end + every sentence (sentence k uses seed + k), joined with a short pause."""
+        speaker_id = self.speaker_id(speaker)
         sentences = self.frontend.text_to_sentence_ids(text)
         reqs = [SynthesisRequest(ids, seed=seed + k, length_scale=length_scale, noise_scale=noise_scale,
-                                 noise_w=noise_w) for k, ids in enumerate(sentences)]
+                                 noise_w=noise_w, speaker=speaker_id) for k, ids in enumerate(sentences)]
         waves: list[np.ndarray] = []
         for start in range(0, len(reqs), TEXT_BATCH):
             waves.extend(self.synthesize_batch(reqs[start:start + TEXT_BATCH]))

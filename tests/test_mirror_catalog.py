@@ -150,7 +150,7 @@ def test_import_piper_usage_errors(tmp_path: Path) -> None:
 
 
 def test_import_piper_bad_onnx_is_a_clear_error(tmp_path: Path) -> None:
-    pytest.importorskip("mirror.piper_import")
+    pytest.importorskip("runtime.vits.piper_import")
     onnx, cfg = tmp_path / "v.onnx", tmp_path / "v.onnx.json"
     onnx.write_bytes(b"not an onnx graph")
     cfg.write_text("{}")
@@ -161,7 +161,7 @@ def test_import_piper_bad_onnx_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_import_piper_bundled_voice(tmp_path: Path) -> None:
-    piper_import = pytest.importorskip("mirror.piper_import")
+    piper_import = pytest.importorskip("runtime.vits.piper_import")
     try:
         piper_import.bundled_voice_paths()
     except piper_import.PiperImportError as exc:

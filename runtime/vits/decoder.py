@@ -1,4 +1,4 @@
-"""HiFi-GAN generator (resblock type "2") turning latent frames into a waveform.
+"""HiFi-GAN generator (resblock type "1" or "2") turning latent frames into a waveform.
 
 Batches are decoded packed end to end along time (see Generator.decode) rather than padded.
 """
@@ -64,6 +64,8 @@ class PolyphaseUpsample(nn.Module):
 
 
 class ResBlock2(nn.Module):
+    """Residual steps x + conv_d(lrelu(x)), one per dilation."""
+
     def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]):
         super().__init__()
         self.convs = nn.ModuleList(
@@ -71,10 +73,34 @@ class ResBlock2(nn.Module):
             for d in dilations
         )
 
+    def steps(self) -> list[tuple[nn.Conv1d, ...]]:
+        """Residual steps, each the convs applied in turn (leaky ReLU before each)."""
+        return [(c,) for c in self.convs]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv in self.convs:
-            x = x + conv(F.leaky_relu(x, _LRELU_SLOPE))
+        for step in self.steps():
+            y = x
+            for conv in step:
+                y = conv(F.leaky_relu(y, _LRELU_SLOPE))
+            x = x + y
         return x
+
+
+class ResBlock1(ResBlock2):
+    """Residual steps x + conv2(lrelu(conv1_d(lrelu(x)))): a dilated conv, then an undilated one."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]):
+        nn.Module.__init__(self)
+        self.convs1 = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=same_padding(kernel_size, d))
+            for d in dilations
+        )
+        self.convs2 = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel_size, padding=same_padding(kernel_size)) for _ in dilations
+        )
+
+    def steps(self) -> list[tuple[nn.Conv1d, ...]]:
+        return list(zip(self.convs1, self.convs2))
 
 
 class _Upsample:
@@ -105,13 +131,16 @@ class Generator(nn.Module):
         self.rates = cfg.upsample_rates
         ch = cfg.upsample_initial_channel
         self.conv_pre = nn.Conv1d(cfg.hidden_channels, ch, 7, padding=3)
+        # speaker conditioning added after conv_pre (multi-speaker voices only)
+        self.cond = nn.Conv1d(cfg.gin_channels, ch, 1) if cfg.gin_channels else None
+        block = ResBlock1 if cfg.resblock == "1" else ResBlock2
         self.ups = nn.ModuleList()
         self.resblocks = nn.ModuleList()
         for i, (rate, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)):
             cin, cout = ch // 2**i, ch // 2 ** (i + 1)
             self.ups.append(PolyphaseUpsample(cin, cout, k, rate))
             for rk, rd in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes):
-                self.resblocks.append(ResBlock2(cout, rk, rd))
+                self.resblocks.append(block(cout, rk, rd))
         self.conv_post = nn.Conv1d(ch // 2 ** len(cfg.upsample_rates), 1, 7, padding=3, bias=False)
         self._plan: dict | None = None
         # Activation elements (channels x time) per chunk of a stage on the fast path (0 = no
@@ -130,7 +159,7 @@ class Generator(nn.Module):
         halos = []
         for i, up in enumerate(self.ups):
             s = self.rates[i]
-            reach = max(sum(c.padding[0] for c in blk.convs)
+            reach = max(sum(c.padding[0] for step in blk.steps() for c in step)
                         for blk in self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels])
             if i == len(self.ups) - 1:
                 reach += self.conv_post.padding[0]
@@ -140,35 +169,48 @@ class Generator(nn.Module):
             "halo": halos,
             "pre": ChannelsLastConv.of(self.conv_pre),
             "ups": ups,
-            "res": [[ChannelsLastConv.of(c) for c in blk.convs] for blk in self.resblocks],
+            "res": [[[ChannelsLastConv.of(c) for c in step] for step in blk.steps()] for blk in self.resblocks],
             "post": ChannelsLastConv.of(self.conv_post, inv),
         }
 
     def unfuse(self) -> None:
         self._plan = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, T] latent frames, every row fully valid -> [B, 1, T*hop]."""
+    def forward(self, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, C, T] latent frames, every row fully valid; g: [B, gin] speaker embeddings
+        (multi-speaker) -> [B, 1, T*hop]."""
         if self._plan is None:
-            return self._reference(x)
-        return self._fast(x, [])
+            return self._reference(x, g)
+        if g is None:
+            return self._fast(x, [])
+        return torch.cat([self._fast(x[i:i + 1], [], cond=[(0, x.shape[2], self.speaker_bias(g[i]))])
+                          for i in range(x.shape[0])])
 
-    def decode_packed(self, z: torch.Tensor, segments: list[tuple[int, int]], lanes: Lanes = SERIAL) -> list[torch.Tensor]:
+    @torch.no_grad()
+    def speaker_bias(self, g: torch.Tensor) -> torch.Tensor:
+        """[gin] speaker embedding -> the [C] vector added to every frame after conv_pre."""
+        return self.cond.weight[:, :, 0] @ g + self.cond.bias
+
+    def decode_packed(self, z: torch.Tensor, segments: list[tuple[int, int]], lanes: Lanes = SERIAL,
+                      speaker: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Decode requests packed end to end along time: z [1, C, L], segments (start, frames).
 
         Frames between segments must be zero and at least `reach_frames() + 1` wide; they are
         re-zeroed after every conv, so each segment sees exactly the zero padding it would see
         alone (batch invariance) while no compute is spent on padding. `lanes` decode time
-        chunks of each stage in parallel.
+        chunks of each stage in parallel. `speaker`: one [gin] embedding per segment
+        (multi-speaker voices), so requests for different speakers share a batch.
         """
         if self._plan is None:
             self.fuse()
         gaps = gaps_between(segments)
-        audio = self._fast(z, gaps, lanes)[0, 0]
+        cond = None if speaker is None else [(s, n, self.speaker_bias(g)) for (s, n), g in zip(segments, speaker)]
+        audio = self._fast(z, gaps, lanes, cond)[0, 0]
         hop = self.hop
         return [audio[s * hop:(s + n) * hop] for s, n in segments]
 
-    def decode_window(self, z: torch.Tensor, a: int, b: int, lanes: Lanes = SERIAL) -> torch.Tensor:
+    def decode_window(self, z: torch.Tensor, a: int, b: int, lanes: Lanes = SERIAL,
+                      speaker: torch.Tensor | None = None) -> torch.Tensor:
         """The audio of latent frames [a, b) of one request z [1, C, n], decoded from frames
         a - R .. b + R only (R = `receptive_frames()`): the samples a whole decode gives there,
         so windows decoded one after another join into the whole (streaming)."""
@@ -176,7 +218,8 @@ class Generator(nn.Module):
             self.fuse()
         n, r, hop = z.shape[2], self.receptive_frames(), self.hop
         lo, hi = max(0, a - r), min(n, b + r)
-        audio = self._fast(z[:, :, lo:hi], [], lanes)[0, 0]
+        cond = None if speaker is None else [(0, hi - lo, self.speaker_bias(speaker))]
+        audio = self._fast(z[:, :, lo:hi], [], lanes, cond)[0, 0]
         return audio[(a - lo) * hop:(b - lo) * hop]
 
     def receptive_frames(self) -> int:
@@ -198,7 +241,7 @@ class Generator(nn.Module):
             reach = max(reach, math.ceil((up.kernel_size // up.stride) / scale))
             scale *= self.rates[i]
             for blk in self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]:
-                reach = max(reach, *(math.ceil(c.padding[0] / scale) for c in blk.convs))
+                reach = max(reach, *(math.ceil(c.padding[0] / scale) for step in blk.steps() for c in step))
         return reach
 
     @property
@@ -208,17 +251,21 @@ class Generator(nn.Module):
             n *= r
         return n
 
-    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+    def _reference(self, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         """Straightforward HiFi-GAN forward; the fast path must match it."""
         x = self.conv_pre(x)
+        if g is not None:
+            x = x + self.cond(g.unsqueeze(-1))
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, _LRELU_SLOPE))
             blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
             x = sum(blk(x) for blk in blocks) / self.num_kernels
         return torch.tanh(self.conv_post(F.leaky_relu(x)))
 
-    def _fast(self, x: torch.Tensor, gaps: list[tuple[int, int]], lanes: Lanes = SERIAL) -> torch.Tensor:
-        """Channels-last fast path; `gaps` are frame ranges forced to zero after every conv.
+    def _fast(self, x: torch.Tensor, gaps: list[tuple[int, int]], lanes: Lanes = SERIAL,
+              cond: list[tuple[int, int, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Channels-last fast path; `gaps` are frame ranges forced to zero after every conv;
+        `cond`: (start, frames, [C] speaker vector) added to those frames after conv_pre.
 
         Each upsampling stage (upsample + its resblocks, + the output conv for the last one) runs
         over time chunks of about `chunk_elements` activations with a halo wider than the
@@ -229,12 +276,16 @@ class Generator(nn.Module):
         """
         plan = self._plan
         h = plan["pre"](x.unsqueeze(2).contiguous(memory_format=torch.channels_last))  # [B, C, 1, T]
+        if cond:
+            tm = h.permute(0, 2, 3, 1)[:, 0]  # channels-last memory is time-major [B, T, C]
+            for start, n, vec in cond:
+                tm[:, start:start + n] += vec
         _clear(h, gaps, 1, 0)
         scale = 1
         for i in range(len(plan["ups"])):
             s = self.rates[i]
             t_in = h.shape[3]
-            c_out = plan["res"][i * self.num_kernels][0].weight.shape[0]
+            c_out = plan["res"][i * self.num_kernels][0][0].weight.shape[0]
             halo = plan["halo"][i]
             cache_chunks = math.ceil(t_in / max(1, self.chunk_elements // (c_out * s))) if self.chunk_elements else 1
             n_chunks = lanes.count(t_in, 2 * halo, at_least=cache_chunks)
@@ -261,12 +312,14 @@ class Generator(nn.Module):
         # channels-last memory is [B, T, S*Cout] with phase-major channels == [B, T*S, Cout]
         h = _clear(y.permute(0, 2, 3, 1).reshape(bsz, 1, t * s, -1).permute(0, 3, 1, 2), gaps, scale_out, off_out)
         acc = None
-        for convs in plan["res"][i * self.num_kernels:(i + 1) * self.num_kernels]:
+        for steps in plan["res"][i * self.num_kernels:(i + 1) * self.num_kernels]:
             r = h
-            for conv in convs:
+            for step in steps:
+                y = r
+                for conv in step:
+                    y = _clear(conv.on_padded(_leaky_relu_padded(y, conv.padding)), gaps, scale_out, off_out)
                 # (oneDNN's fused conv+add post-op measured ~10% slower than conv then add_)
-                y = conv.on_padded(_leaky_relu_padded(r, conv.padding))
-                r = _clear(y, gaps, scale_out, off_out).add_(r)
+                r = y.add_(r)
             acc = r if acc is None else acc.add_(r)
         h = acc  # the 1/num_kernels is folded into the next conv's weights
         if i == len(plan["ups"]) - 1:

@@ -205,6 +205,8 @@ class StochasticDurationPredictor(nn.Module):
         super().__init__()
         fc, k = cfg.dp_filter_channels, cfg.dp_kernel_size
         self.pre = nn.Conv1d(cfg.hidden_channels, fc, 1)
+        # speaker conditioning added after `pre` (multi-speaker voices only)
+        self.cond = nn.Conv1d(cfg.gin_channels, fc, 1) if cfg.gin_channels else None
         self.proj = nn.Conv1d(fc, fc, 1)
         self.convs = DilatedDepthSeparableConv(fc, k, 3)
         flows: list[nn.Module] = [ElementwiseAffine(2)]
@@ -224,11 +226,14 @@ class StochasticDurationPredictor(nn.Module):
             if isinstance(layer, ConvSplineFlow):
                 layer.fuse()
 
-    def reverse(self, x: torch.Tensor, x_mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x: encoder hidden [B,C,T]; noise: [B,2,T] already scaled by noise_w. Returns log-durations [B,1,T]."""
+    def reverse(self, x: torch.Tensor, x_mask: torch.Tensor, noise: torch.Tensor,
+                g: torch.Tensor | None = None) -> torch.Tensor:
+        """x: encoder hidden [B,C,T]; noise: [B,2,T] already scaled by noise_w; g: [B, gin]
+        speaker embeddings (multi-speaker). Returns log-durations [B,1,T]."""
+        cond = None if g is None else g @ self.cond.weight[:, :, 0].t() + self.cond.bias  # [B, fc]
         if self._fast is not None:
-            return self._reverse_time_major(x, x_mask, noise)
-        h = self.convs(self.pre(x), x_mask)
+            return self._reverse_time_major(x, x_mask, noise, cond)
+        h = self.convs(self.pre(x), x_mask, None if cond is None else cond.unsqueeze(-1))
         h = self.proj(h) * x_mask
         z = noise
         for spline in self._reverse_steps():
@@ -246,13 +251,14 @@ class StochasticDurationPredictor(nn.Module):
             elif idx != 1:
                 yield None
 
-    def _reverse_time_major(self, x: torch.Tensor, x_mask: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def _reverse_time_major(self, x: torch.Tensor, x_mask: torch.Tensor, noise: torch.Tensor,
+                            cond: torch.Tensor | None = None) -> torch.Tensor:
         """`reverse` with every tensor time-major [B, T, C]; no mask arithmetic when nothing is
         padded (a single request). The op overhead of the channel-first form (copies, slow
         few-frame convs) was ~15 ms per sentence for ~1 GFLOP of work."""
         pre, proj, convs = self._fast
         mask = x_mask.transpose(1, 2) if bool((x_mask == 0).any()) else None  # [B, T, 1]
-        h = convs(pre(x.transpose(1, 2)), mask)
+        h = convs(pre(x.transpose(1, 2)), mask, None if cond is None else cond.unsqueeze(1))
         h = proj(h)
         if mask is not None:
             h = h * mask

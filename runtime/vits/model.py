@@ -39,6 +39,16 @@ class VitsModel(nn.Module):
         self.dp = StochasticDurationPredictor(cfg)
         self.flow = CouplingFlow(cfg)
         self.dec = Generator(cfg)
+        if cfg.n_speakers > 1:
+            self.emb_g = nn.Embedding(cfg.n_speakers, cfg.gin_channels)
+
+    def speaker_embeddings(self, speakers: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """[B] speaker ids -> [B, gin] embeddings (None for a single-speaker voice)."""
+        if self.cfg.n_speakers <= 1:
+            return None
+        if speakers is None:
+            speakers = torch.zeros(batch, dtype=torch.long, device=self.emb_g.weight.device)
+        return self.emb_g(speakers.to(self.emb_g.weight.device))
 
     def fuse_for_inference(self) -> None:
         """One-off load-time rewrite of the encoder, duration predictor, flows and decoder into
@@ -57,34 +67,40 @@ class VitsModel(nn.Module):
         length_scale: torch.Tensor,
         noise_w: torch.Tensor,
         lanes: Lanes = SERIAL,
+        speakers: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """ids [B,T] long, lengths [B] long, scales [B] float (all on the model's device).
-        Returns one 1-D waveform per request. `lanes` (CPU) run requests' priors and time
-        chunks of the flows and decoder in parallel."""
-        z, segments = self.latents(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes)
-        return self.dec.decode_packed(z.t().unsqueeze(0), segments, lanes)
+        """ids [B,T] long, lengths [B] long, scales [B] float (all on the model's device),
+        speakers [B] long (multi-speaker voices; None: speaker 0). Returns one 1-D waveform per
+        request. `lanes` (CPU) run requests' priors and time chunks of the flows and decoder in
+        parallel. Requests for different speakers batch together: each one's speaker vector
+        conditions only its own frames."""
+        g = self.speaker_embeddings(speakers, ids.shape[0])
+        z, segments = self.latents(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes, g)
+        return self.dec.decode_packed(z.t().unsqueeze(0), segments, lanes, None if g is None else list(g))
 
     def infer_progressive(self, ids: torch.Tensor, lengths: torch.Tensor, generators: Sequence[torch.Generator],
                           noise_scale: torch.Tensor, length_scale: torch.Tensor, noise_w: torch.Tensor,
                           first_frames: int, on_first: Callable[[torch.Tensor], None],
-                          lanes: Lanes = SERIAL) -> torch.Tensor:
+                          lanes: Lanes = SERIAL, speakers: torch.Tensor | None = None) -> torch.Tensor:
         """`infer` for one request, handing its first `first_frames` latent frames of audio to
         `on_first` as soon as they are decoded (the whole waveform if it is no longer), then
         returning the whole waveform. Both pieces come from `Generator.decode_window`, so
         they join into the audio `infer` gives."""
-        z, segments = self.latents(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes)
+        g = self.speaker_embeddings(speakers, ids.shape[0])
+        z, segments = self.latents(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes, g)
         z = z.t().unsqueeze(0)
         n = segments[0][1]
-        first = self.dec.decode_window(z, 0, min(first_frames, n), lanes)
+        spk = None if g is None else g[0]
+        first = self.dec.decode_window(z, 0, min(first_frames, n), lanes, spk)
         on_first(first)
         if n <= first_frames:
             return first
-        return torch.cat([first, self.dec.decode_window(z, first_frames, n, lanes)])
+        return torch.cat([first, self.dec.decode_window(z, first_frames, n, lanes, spk)])
 
     def latents(self, ids, lengths, generators, noise_scale, length_scale, noise_w,
-                lanes: Lanes = SERIAL) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+                lanes: Lanes = SERIAL, g: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Everything before the decoder: the requests' latent frames packed end to end,
-        time-major [L, C], with (start, frames) per request."""
+        time-major [L, C], with (start, frames) per request. g: [B, gin] speaker embeddings."""
         dev = ids.device
         if dev.type == "cpu" and len(generators) > 1:
             # On CPU padding is pure waste (and attention is quadratic in it): one request at a time.
@@ -92,24 +108,25 @@ class VitsModel(nn.Module):
             def prior(i: int) -> torch.Tensor:
                 n, sl = int(lengths[i]), slice(i, i + 1)
                 return self._prior(ids[sl, :n], lengths[sl], generators[sl], noise_scale[sl], length_scale[sl],
-                                   noise_w[sl])[0]
+                                   noise_w[sl], g=None if g is None else g[sl])[0]
 
             priors = lanes.map(prior, range(len(generators)))
         else:
-            priors = self._prior(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes)
+            priors = self._prior(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes, g)
         # Flows and decoder run on the requests packed end to end (no compute on padding),
         # time-major [frames, C]: the layout of their fast convs.
         packed, segments = self._pack(priors)
-        return self.flow.reverse_packed(packed, gaps_between(segments), lanes), segments
+        speaker = None if g is None else [(s, n, gi) for (s, n), gi in zip(segments, g)]
+        return self.flow.reverse_packed(packed, gaps_between(segments), lanes, speaker), segments
 
     def _prior(self, ids, lengths, generators, noise_scale, length_scale, noise_w,
-               lanes: Lanes = SERIAL) -> list[torch.Tensor]:
+               lanes: Lanes = SERIAL, g: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Text encoder + durations + prior sample for a padded (sub)batch -> [C, frames_i] each."""
         dev = ids.device
         x, m_p, logs_p, x_mask = self.enc_p(ids, lengths, lanes)
 
         dp_noise = _padded_noise(generators, 2, lengths.tolist()).to(dev) * noise_w[:, None, None]
-        logw = self.dp.reverse(x, x_mask, dp_noise)
+        logw = self.dp.reverse(x, x_mask, dp_noise, g)
         w_ceil = torch.ceil(torch.exp(logw) * x_mask * length_scale[:, None, None])[:, 0]  # [B, Tx]
         cum = torch.cumsum(w_ceil, dim=1)
         y_lengths = cum[:, -1].clamp_min(1).long()
