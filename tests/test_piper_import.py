@@ -108,7 +108,7 @@ def test_unknown_extra_weight_is_refused(tmp_path):
     def edit(graph):
         graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((4, 192), dtype=np.float32), "emb_g.weight"))
 
-    with pytest.raises(PiperImportError, match="multi-speaker"):
+    with pytest.raises(PiperImportError, match=r"unrecognised weight.*'emb_g.weight' \[4, 192\].*no node"):
         import_piper(_tampered(tmp_path, edit), bundled_voice_paths()[1], tmp_path / "out")
 
 
@@ -127,5 +127,28 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     cfg = json.loads(json_path.read_text())
     cfg["num_speakers"] = 4
     bad_json.write_text(json.dumps(cfg))
-    with pytest.raises(PiperImportError, match="num_speakers"):
+    with pytest.raises(PiperImportError, match="num_speakers 4 but the graph's speaker embedding has 1"):
         import_piper(onnx_path, bad_json, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("ptype", ["pinyin", "japanese", "hebrew", "thai", "klingon"])
+def test_unsupported_phoneme_types_are_refused_at_import(tmp_path, ptype):
+    onnx_path, json_path = bundled_voice_paths()
+    cfg = json.loads(json_path.read_text())
+    cfg["phoneme_type"] = ptype
+    bad_json = tmp_path / "voice.json"
+    bad_json.write_text(json.dumps(cfg))
+    with pytest.raises(PiperImportError, match=f"phoneme_type.*{ptype}"):
+        import_piper(onnx_path, bad_json, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_node_reading_a_weight_the_module_lacks_is_named(tmp_path):
+    def edit(graph):
+        for node in graph.node:
+            if node.name == "/dec/conv_post/Conv":
+                node.name = "/dec/conv_last/Conv"  # a module this engine does not have
+
+    with pytest.raises(PiperImportError, match="node '/dec/conv_last/Conv' .* as 'dec.conv_last.weight'"):
+        import_piper(_tampered(tmp_path, edit), bundled_voice_paths()[1], tmp_path / "out")

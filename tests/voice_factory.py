@@ -6,16 +6,16 @@ many identical tensors that the exporter would merge; a trained voice has none),
 decoder's weight norm and export with `torch.onnx.export(..., dynamo=False, opset_version=15)`
 - the steps of piper's own export script, repeated here because importing it needs lightning.
 
-`build(shape, dir)` writes `<name>.onnx` + `<name>.onnx.json`; `voices(base)` builds every
-shape once per directory (the test session caches them under pytest's base temp dir).
+`build(shape, dir, small)` writes `<name>.onnx` + `<name>.onnx.json` (once per directory: the
+test session keeps them under pytest's base temp dir); `voices(base)` builds every shape.
 
-Shapes:
-  x_low   hidden 96, filter 384, 16 kHz, resblock "2"
-  medium  joe's shape, 22.05 kHz; exported graph rewritten to the torch-2.0 form (duration
-          predictor's Exp folded into `/dp/flows.0/Exp_output_0`); its LayerNorm tensors
-          are left unperturbed so the exporter shares them between nodes
-  high    resblock "1", 512 initial channels, upsampling 8,8,2,2
-  multi   4 speakers (gin 512 as piper's default), German espeak voice, 24 kHz
+Shapes (the real medium single-speaker voice, joe, has its own tests):
+  x_low   hidden 96, filter 384, 16 kHz, resblock "2"; torch 2.13's unfolded `Exp`
+  high    resblock "1", 512 initial channels, upsampling 8,8,2,2; exported graph rewritten to
+          the torch-2.0 form (duration predictor's Exp folded into `/dp/flows.0/Exp_output_0`,
+          as in joe) and its LayerNorm tensors left unperturbed, so the exporter shares them
+          between nodes (through Identity nodes)
+  multi   medium quality, 4 speakers (gin 512 as piper's default), German espeak voice, 24 kHz
 """
 
 from __future__ import annotations
@@ -26,14 +26,17 @@ from pathlib import Path
 SHAPES = {
     "x_low": dict(quality="x_low", sample_rate=16000, hidden=96, filter=384, resblock="2", speakers=1,
                   espeak="en-us", lang="en_US", seed=11),
-    "medium": dict(quality="medium", sample_rate=22050, hidden=192, filter=768, resblock="2", speakers=1,
-                   espeak="en-us", lang="en_US", seed=12, fold_exp=True, share_norms=True),
     "high": dict(quality="high", sample_rate=22050, hidden=192, filter=768, resblock="1", speakers=1,
-                 espeak="en-us", lang="en_US", seed=13),
+                 espeak="en-us", lang="en_US", seed=13, fold_exp=True, share_norms=True),
     "multi": dict(quality="medium", sample_rate=24000, hidden=192, filter=768, resblock="2", speakers=4,
                   espeak="de", lang="de_DE", seed=14),
 }
 SPEAKERS = ["anna", "bernd", "clara", "dieter"]
+# Test-suite sizes (build(..., small=True)): the structure of each shape - widths where they
+# define it (x_low's 96), resblock type, upsampling, kernels, speaker conditioning - with fewer
+# encoder layers and narrower decoders, so the suite builds all of them in seconds.
+# bench/engine.py builds the full sizes.
+SMALL = {"n_layers": 2, "filter": 256, "dec_scale": 4, "gin": 64}
 
 _AUDIO = {
     "2": dict(resblock_kernel_sizes=(3, 5, 7), resblock_dilation_sizes=((1, 2), (2, 6), (3, 12)),
@@ -67,17 +70,22 @@ def _voice_config(name: str, spec: dict) -> dict:
     return cfg
 
 
-def _model(spec: dict):
+def _model(spec: dict, small: bool):
     import torch
     from piper.train.vits.models import SynthesizerTrn
 
     torch.manual_seed(spec["seed"])
-    gin = 512 if spec["speakers"] > 1 else 0
+    gin = (SMALL["gin"] if small else 512) if spec["speakers"] > 1 else 0
+    audio = dict(_AUDIO[spec["resblock"]])
+    n_layers, filt = 6, spec["filter"]
+    if small:
+        n_layers, filt = SMALL["n_layers"], min(filt, SMALL["filter"])
+        audio["upsample_initial_channel"] //= SMALL["dec_scale"]
     model = SynthesizerTrn(
         n_vocab=256, spec_channels=513, segment_size=32, inter_channels=spec["hidden"],
-        hidden_channels=spec["hidden"], filter_channels=spec["filter"], n_heads=2, n_layers=6, kernel_size=3,
+        hidden_channels=spec["hidden"], filter_channels=filt, n_heads=2, n_layers=n_layers, kernel_size=3,
         p_dropout=0.0, resblock=spec["resblock"], n_speakers=spec["speakers"], gin_channels=gin, use_sdp=True,
-        **_AUDIO[spec["resblock"]],
+        **audio,
     )
     model.eval()
     gen = torch.Generator().manual_seed(spec["seed"] + 1000)
@@ -135,15 +143,15 @@ def fold_exp(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def build(shape: str, out_dir: Path) -> tuple[Path, Path]:
+def build(shape: str, out_dir: Path, small: bool = False) -> tuple[Path, Path]:
     spec = SHAPES[shape]
-    name = f"xx_TEST-{shape}-{spec['quality']}"
+    name = f"xx_TEST-{shape}{'_small' if small else ''}-{spec['quality']}"
     onnx_path, json_path = out_dir / f"{name}.onnx", out_dir / f"{name}.onnx.json"
     if onnx_path.is_file() and json_path.is_file():
         return onnx_path, json_path
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{name}.onnx"
-    _export(_model(spec), spec, tmp)
+    _export(_model(spec, small), spec, tmp)
     if spec.get("fold_exp"):
         fold_exp(tmp)
     json_path.write_text(json.dumps(_voice_config(name, spec), ensure_ascii=False, indent=1))
@@ -151,5 +159,5 @@ def build(shape: str, out_dir: Path) -> tuple[Path, Path]:
     return onnx_path, json_path
 
 
-def voices(base: Path) -> dict[str, tuple[Path, Path]]:
-    return {shape: build(shape, base) for shape in SHAPES}
+def voices(base: Path, small: bool = False) -> dict[str, tuple[Path, Path]]:
+    return {shape: build(shape, base, small) for shape in SHAPES}
