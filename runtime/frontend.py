@@ -43,9 +43,13 @@ class EmptyTextError(ValueError):
 
 class TextFrontend:
     def __init__(self, voice_config: dict[str, Any], max_chars: int = 5000):
+        self.phoneme_type: str = str(voice_config.get("phoneme_type") or "espeak")
+        if self.phoneme_type not in ("espeak", "text"):
+            raise ValueError(f"phoneme_type {self.phoneme_type!r} is not supported (espeak, text)")
         try:
             self.id_map: dict[str, list[int]] = dict(voice_config["phoneme_id_map"])
-            self.espeak_voice: str = voice_config.get("espeak_voice") or voice_config["espeak"]["voice"]
+            self.espeak_voice: str | None = (None if self.phoneme_type == "text" else
+                                             voice_config.get("espeak_voice") or voice_config["espeak"]["voice"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"voice config lacks {exc}: need phoneme_id_map and espeak_voice") from exc
         for sym in (PAD, BOS, EOS):
@@ -54,8 +58,12 @@ class TextFrontend:
         if max_chars <= 0:
             raise ValueError(f"max_chars must be positive, got {max_chars}")
         self.max_chars = max_chars
-        self.phoneme_map: dict[str, list[str]] = dict(voice_config.get("phoneme_map") or {})
+        # piper merges these vowel sequences into one phoneme (e.g. a + ɪ -> aɪ) when a voice
+        # was trained with them; `phoneme_map` is NOT applied: piper 1.8 does not read it
+        clusters = voice_config.get("vowel_clusters") or []
+        self.vowel_clusters = {tuple(vc) for vc in clusters} or None
         self._phonemizer = None
+        self._tashkeel = None
         # espeak-ng keeps global state: one phonemization at a time per process.
         self._lock = threading.Lock()
 
@@ -65,6 +73,15 @@ class TextFrontend:
 
             self._phonemizer = EspeakPhonemizer()
         return self._phonemizer
+
+    def _diacritize(self, text: str) -> str:
+        """Arabic: piper adds the short vowels with its bundled diacritizer before espeak (its
+        voices were trained so); used here as a library, as piper's defaults do."""
+        if self._tashkeel is None:
+            from piper.tashkeel import TashkeelDiacritizer
+
+            self._tashkeel = TashkeelDiacritizer()
+        return self._tashkeel(text, taskeen_threshold=0.8)
 
     def normalize(self, text: str) -> str:
         """NFC, typographic folding, unspeakable characters dropped, whitespace collapsed."""
@@ -100,8 +117,12 @@ class TextFrontend:
         return [s for s in out if any(ch.isalnum() for ch in s)]
 
     def phonemes(self, sentence: str) -> list[str]:
+        if self.phoneme_type == "text":
+            return list(unicodedata.normalize("NFD", sentence))  # piper: the codepoints are the phonemes
         with self._lock:
-            groups = self._espeak().phonemize(self.espeak_voice, sentence)
+            if self.espeak_voice == "ar":
+                sentence = self._diacritize(sentence)
+            groups = self._espeak().phonemize(self.espeak_voice, sentence, vowel_clusters=self.vowel_clusters)
         phonemes: list[str] = []
         for group in groups:  # espeak may split one sentence into several clauses
             if phonemes and group:
@@ -116,9 +137,7 @@ class TextFrontend:
         sentence = self.normalize(sentence)
         if not sentence:
             return []
-        phonemes: list[str] = []
-        for p in self.phonemes(sentence):
-            phonemes.extend(self.phoneme_map.get(p, [p]))
+        phonemes = self.phonemes(sentence)
         known = [p for p in phonemes if p in self.id_map]
         if len(known) != len(phonemes):
             unknown = sorted({p for p in phonemes if p not in self.id_map})
