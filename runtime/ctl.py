@@ -1,6 +1,6 @@
 """`tts-ctl`: how people use the runtime.
 
-    tts-ctl synth "Hello." -o hello.wav [--voice --format --rate --speed --seed --stream --local]
+    tts-ctl synth "Hello." -o hello.wav [--voice --speaker --format --rate --speed --seed --stream --local]
     tts-ctl batch lines.{txt,csv,jsonl} --out-dir out/ [--concurrency 4]
     tts-ctl status [--json]     tts-ctl voices [--json]     tts-ctl wait-ready --timeout 120
     tts-ctl cache ...           (the provisioner's CLI: snapshots, verify, rollback, gc)
@@ -101,11 +101,12 @@ def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None,
 
 def synth_local(config: RuntimeConfig, text: str, *, voice: str, fmt: str, rate: int | None, seed: int,
                 speed: float | None, length_scale: float | None, noise_scale: float | None,
-                noise_w: float | None, volume: float = 1.0) -> bytes:
+                noise_w: float | None, volume: float = 1.0, speaker: str | None = None) -> bytes:
     """The server's synthesis path, in-process: same planning, joining and encoding."""
     from provisioner.cache import CacheReader
 
     from . import audio
+    from .engine import UnknownSpeakerError
     from .gate import ReadinessGate
     from .models import join_sentences, load_engine, plan_requests, synthesize_local
 
@@ -118,8 +119,11 @@ def synth_local(config: RuntimeConfig, text: str, *, voice: str, fmt: str, rate:
         raise ApiError(f"{result.reason} (cache {config.cache_dir}; models there: {', '.join(known) or 'none'})")
     engine = load_engine(config, result.snapshot)
     try:
-        requests = plan_requests(engine, text, seed=seed, length_scale=length_scale, noise_scale=noise_scale,
-                                    noise_w=noise_w, speed=speed)
+        try:
+            requests = plan_requests(engine, text, seed=seed, length_scale=length_scale, noise_scale=noise_scale,
+                                     noise_w=noise_w, speed=speed, speaker=speaker)
+        except UnknownSpeakerError as exc:
+            raise ApiError(f"speaker: {exc}") from None
         wave = join_sentences(synthesize_local(engine, requests, config.max_batch_size), engine.sample_rate)
         return audio.encode(wave, engine.sample_rate, fmt, target_rate=rate, volume=volume)
     finally:
@@ -131,6 +135,7 @@ def synth_local(config: RuntimeConfig, text: str, *, voice: str, fmt: str, rate:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="output file ('-' for stdout)")
 @click.option("--voice", default=None, help="voice (default: the runtime's default)")
+@click.option("--speaker", default=None, help="speaker of a multi-speaker voice: name or id (tts-ctl voices)")
 @click.option("--format", "fmt", default=None, help="wav, mp3, flac, ogg, pcm... (default: from -o, else wav)")
 @click.option("--rate", type=int, default=None, help="output sample rate (resampled)")
 @click.option("--speed", type=float, default=None, help="speaking speed multiplier (2.0 = twice as fast)")
@@ -142,7 +147,7 @@ def synth_local(config: RuntimeConfig, text: str, *, voice: str, fmt: str, rate:
 @click.option("--local", is_flag=True, help="load the engine in-process from the cache; no daemon needed")
 @click.option("--timeout", type=float, default=300.0, show_default=True)
 @click.pass_obj
-def synth(obj: Ctx, text: str, output: Path, voice: str | None, fmt: str | None, rate: int | None,
+def synth(obj: Ctx, text: str, output: Path, voice: str | None, speaker: str | None, fmt: str | None, rate: int | None,
           speed: float | None, seed: int, length_scale: float | None, noise_scale: float | None,
           noise_w: float | None, stream: bool, local: bool, timeout: float) -> None:
     """Synthesize TEXT ('-' reads stdin) into a file."""
@@ -151,14 +156,14 @@ def synth(obj: Ctx, text: str, output: Path, voice: str | None, fmt: str | None,
     to_stdout = str(output) == "-"
     fmt = _format_for(None if to_stdout else output, fmt)
     params = dict(voice=voice, format=fmt, sample_rate=rate, speed=speed, seed=seed,
-                  length_scale=length_scale, noise_scale=noise_scale, noise_w=noise_w)
+                  length_scale=length_scale, noise_scale=noise_scale, noise_w=noise_w, speaker=speaker)
     try:
         if local:
             if stream:
                 raise click.UsageError("--stream needs the daemon; --local writes the whole file")
             data = synth_local(obj.config, text, voice=voice or obj.config.default_voice, fmt=fmt, rate=rate,
                                seed=seed, speed=speed, length_scale=length_scale, noise_scale=noise_scale,
-                               noise_w=noise_w)
+                               noise_w=noise_w, speaker=speaker)
         else:
             with obj.client(timeout) as client:
                 if stream and not to_stdout:
@@ -192,7 +197,7 @@ def synth(obj: Ctx, text: str, output: Path, voice: str | None, fmt: str | None,
 
 # -- batch -------------------------------------------------------------------------------
 
-ITEM_KEYS = {"id", "text", "voice", "seed", "speed", "length_scale", "noise_scale", "noise_w", "format", "sample_rate"}
+ITEM_KEYS = {"id", "text", "voice", "speaker", "seed", "speed", "length_scale", "noise_scale", "noise_w", "format", "sample_rate"}
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -353,6 +358,7 @@ async def _run_batch(obj: Ctx, items: list[Item], out_dir: Path, defaults: dict[
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True)
 @click.option("--voice", default=None)
+@click.option("--speaker", default=None, help="default speaker for lines without a 'speaker' field")
 @click.option("--format", "fmt", default="wav", show_default=True)
 @click.option("--rate", type=int, default=None, help="output sample rate")
 @click.option("--speed", type=float, default=None)
@@ -361,7 +367,8 @@ async def _run_batch(obj: Ctx, items: list[Item], out_dir: Path, defaults: dict[
               help="per line, on 503/5xx/timeouts/connection errors")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="per request, seconds")
 @click.pass_obj
-def batch(obj: Ctx, input_path: Path, out_dir: Path, concurrency: int, voice: str | None, fmt: str,
+def batch(obj: Ctx, input_path: Path, out_dir: Path, concurrency: int, voice: str | None, speaker: str | None,
+          fmt: str,
           rate: int | None, speed: float | None, seed: int | None, retries: int, timeout: float) -> None:
     """Synthesize every line of INPUT (.txt, .csv or .jsonl) into OUT_DIR; resumable."""
     from rich.console import Console
@@ -370,7 +377,8 @@ def batch(obj: Ctx, input_path: Path, out_dir: Path, concurrency: int, voice: st
 
     console = Console(stderr=True)
     items, failures = read_items(input_path)
-    defaults = {k: v for k, v in dict(voice=voice, format=fmt.lower(), sample_rate=rate, speed=speed, seed=seed).items()
+    defaults = {k: v for k, v in dict(voice=voice, speaker=speaker, format=fmt.lower(), sample_rate=rate, speed=speed,
+                                      seed=seed).items()
                 if v is not None}
     out_dir.mkdir(parents=True, exist_ok=True)
     todo, skipped = [], 0
@@ -481,10 +489,14 @@ def voices(obj: Ctx, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("voice", "default", "loaded", "version", "sample rate", "device")
+    table = Table("voice", "default", "loaded", "version", "language", "quality", "sample rate", "speakers", "device")
     for v in data.get("voices", []):
+        names = list(v.get("speakers") or {})
+        speakers = str(v.get("num_speakers") or "-") + (
+            f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else "")
         table.add_row(v["name"], "yes" if v.get("default") else "", "yes" if v.get("loaded") else "no",
-                      str(v.get("version") or "-"), str(v.get("sample_rate") or "-"), str(v.get("device") or "-"))
+                      str(v.get("version") or "-"), str(v.get("language") or "-"), str(v.get("quality") or "-"),
+                      str(v.get("sample_rate") or "-"), speakers, str(v.get("device") or "-"))
     Console().print(table)
 
 

@@ -259,6 +259,23 @@ class Engine:
         return (f"valid: ids 0..{self.num_speakers - 1}" + (f" or names {shown}" if names else "")
                 + " (see /v1/voices)")
 
+    def describe_voice(self) -> dict:
+        """The voice's shape for /v1/voices and /v1/status: language, quality, rate, speakers,
+        and the bytes its weights hold resident (per loaded voice)."""
+        lang = self._voice.get("language") or {}
+        model = self._model
+        weight_bytes = 0 if model is None else sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        return {
+            "language": lang.get("code") if isinstance(lang, dict) else lang,
+            "quality": self._voice.get("quality"),
+            "sample_rate": self.sample_rate,
+            "phoneme_type": self._voice.get("phoneme_type", "espeak"),
+            "num_speakers": self.num_speakers,
+            "speakers": dict(sorted(self.speakers.items(), key=lambda kv: kv[1])),
+            "default_speaker": self.default_speaker,
+            "weights_bytes": weight_bytes,
+        }
+
     @property
     def device(self) -> str:
         return str(self._device)

@@ -69,15 +69,17 @@ def plan_requests(
     noise_scale: float | None = None,
     noise_w: float | None = None,
     speed: float | None = None,
+    speaker: int | str | None = None,
 ) -> list[Any]:
     """One SynthesisRequest per sentence, seeded like Engine.synthesize_text (seed + k).
-    Raises the frontend's TextTooLongError / EmptyTextError."""
+    Raises the frontend's TextTooLongError / EmptyTextError, the engine's UnknownSpeakerError."""
     from .engine import SynthesisRequest
 
     scale = effective_length_scale(engine, length_scale, speed)
+    speaker_id = engine.speaker_id(speaker) if hasattr(engine, "speaker_id") else None
     return [
         SynthesisRequest(phoneme_ids=tuple(ids), seed=sentence_seed(seed, i), length_scale=scale,
-                         noise_scale=noise_scale, noise_w=noise_w)
+                         noise_scale=noise_scale, noise_w=noise_w, speaker=speaker_id)
         for i, ids in enumerate(engine.frontend.text_to_sentence_ids(text))
     ]
 
@@ -127,6 +129,7 @@ class LoadedModel:
             "sample_rate": getattr(self.engine, "sample_rate", None),
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
             "load_seconds": round(self.load_seconds, 3),
+            **(self.engine.describe_voice() if hasattr(self.engine, "describe_voice") else {}),
         }
 
 

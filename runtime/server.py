@@ -83,6 +83,7 @@ class SynthesizeBody(BaseModel):
 
     text: str
     voice: str | None = None
+    speaker: int | str | None = None  # multi-speaker voices: name (speaker_id_map) or id
     format: str = "wav"
     sample_rate: int | None = None
     length_scale: float | None = Field(None, gt=0.1, le=5.0)
@@ -321,11 +322,15 @@ def _require_voice(runtime: Runtime, voice: str, param: str) -> LoadedModel:
     return model
 
 
-async def _plan(runtime: Runtime, model: LoadedModel, text: str, param: str, **kwargs):
+async def _plan(runtime: Runtime, model: LoadedModel, text: str, param: str, speaker_param: str = "speaker",
+                **kwargs):
+    from .engine import UnknownSpeakerError
     from .frontend import EmptyTextError, TextTooLongError
 
     try:
         requests = await runtime.frontend(plan_requests, model.engine, text, **kwargs)
+    except UnknownSpeakerError as exc:
+        raise ApiError(404, f"{speaker_param}: {exc}", "unknown_speaker", speaker_param) from None
     except TextTooLongError as exc:
         raise ApiError(413, f"{param}: {exc}", "text_too_long", param) from None
     except EmptyTextError as exc:
@@ -422,7 +427,7 @@ def _wav_stream_header(rate: int) -> bytes:
 
 async def _synthesize(
     runtime: Runtime, request: Request, *, text: str, voice: str, fmt: str, param: str,
-    sample_rate: int | None, volume: float, stream: bool, **scales: Any,
+    sample_rate: int | None, volume: float, stream: bool, speaker_param: str = "speaker", **scales: Any,
 ) -> Response:
     info = request.scope.get("tts.access", {})
     info.update(voice=voice, chars=len(text), text=text)
@@ -430,7 +435,7 @@ async def _synthesize(
     model = _require_voice(runtime, voice, "voice")
     if stream and not _streamable(fmt):
         raise ApiError(422, f"format {fmt!r} cannot be streamed; use wav, pcm or mp3", "invalid_request_error", "format")
-    requests = await _plan(runtime, model, text, param, **scales)
+    requests = await _plan(runtime, model, text, param, speaker_param, **scales)
     deadline = time.monotonic() + runtime.config.deadline_s
     sr = model.engine.sample_rate
     out_rate = sample_rate or sr
@@ -584,18 +589,23 @@ def create_app(runtime: Runtime) -> FastAPI:
             runtime, request, text=body.text, voice=body.voice or config.default_voice, fmt=fmt, param="text",
             sample_rate=body.sample_rate, volume=body.volume, stream=body.stream, seed=body.seed,
             length_scale=body.length_scale, noise_scale=body.noise_scale, noise_w=body.noise_w, speed=body.speed,
+            speaker=body.speaker,
         )
 
     @app.post("/v1/audio/speech")
     async def speech(body: SpeechBody, request: Request):
         fmt = _supported_format(body.response_format, "response_format")
-        voice = body.voice
+        # `voice` is "<voice>", "<voice>:<speaker>" (name or id) or an OpenAI stock name
+        # (the default voice, or `model` when that names one, with its default speaker)
+        voice, speaker = body.voice, None
+        if voice not in config.models and ":" in voice:
+            voice, speaker = voice.rsplit(":", 1)
         if voice not in config.models and (voice.lower() in OPENAI_VOICES or body.model in config.models):
             voice = body.model if body.model in config.models else config.default_voice
         return await _synthesize(
             runtime, request, text=body.input, voice=voice, fmt=fmt, param="input",
             sample_rate=OPENAI_PCM_RATE if fmt == "pcm" else None, volume=1.0, stream=False,
-            seed=0, speed=body.speed,
+            speaker_param="voice", seed=0, speed=body.speed, speaker=speaker,
         )
 
     @app.get("/v1/voices")
@@ -607,6 +617,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             out.append({
                 "name": name, "default": name == config.default_voice, "loaded": d["loaded"],
                 "version": d.get("version"), "sample_rate": d.get("sample_rate"), "device": d.get("device"),
+                "language": d.get("language"), "quality": d.get("quality"), "num_speakers": d.get("num_speakers"),
+                "speakers": d.get("speakers"), "default_speaker": d.get("default_speaker"),
             })
         return {"voices": out, "default": config.default_voice, "openai_aliases": sorted(OPENAI_VOICES),
                 "formats": sorted(audio.SUPPORTED_FORMATS)}

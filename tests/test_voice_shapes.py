@@ -15,6 +15,7 @@ pytest.importorskip("piper.train.vits.models")
 
 from runtime.vits.piper_import import import_piper  # noqa: E402
 from tests import voice_factory  # noqa: E402
+from tests.runtime_helpers import voice_cache  # noqa: E402,F401  (fixture)
 
 SHAPES = list(voice_factory.SHAPES)
 TOL = 1e-4  # of full scale (1.0)
@@ -150,3 +151,63 @@ def test_streaming_pieces_join_for_a_speaker(shape_voices):
     whole = engine.synthesize_progressive(req, firsts.append)
     np.testing.assert_allclose(whole, engine.synthesize_batch([req])[0], atol=1e-6)
     assert len(firsts) == 1 and np.array_equal(whole[:len(firsts[0])], firsts[0])
+
+
+def test_server_serves_several_voices_and_their_speakers(shape_voices, voice_cache, tmp_path_factory):
+    """One runtime serving joe and the multi-speaker voice: speakers by name or id in the
+    native API, `voice:speaker` on the OpenAI endpoint, /v1/voices shapes, 404 naming the
+    valid speakers; a voice that cannot load does not stop the others."""
+    import io
+    import time
+
+    import httpx
+    import soundfile as sf
+
+    from tests.runtime_helpers import publish_to_cache, start_server
+
+    publish_to_cache(voice_cache, "multi", "1.0.0", shape_voices["multi"][2].out_dir)
+    engine = _engine(shape_voices["multi"][2].out_dir)
+    srv = start_server(tmp_path_factory.mktemp("srv-voices"), voice_cache, models=["joe", "multi", "absent"],
+                       max_batch_size=8, max_wait_ms=20, queue_size=32, max_chars=600)
+    try:
+        models = {}
+        with srv.client(5.0) as c:  # joe and multi load while 'absent' waits for the cache
+            deadline = time.monotonic() + 180  # safety net only: the loop ends when both loaded
+            while time.monotonic() < deadline and srv.process.poll() is None:
+                try:
+                    models = c.get("/v1/status").json()["models"]
+                except httpx.TransportError:  # socket not bound yet
+                    models = {}
+                if models and models["joe"]["loaded"] and models["multi"]["loaded"]:
+                    break
+                time.sleep(0.2)
+            assert models, srv.log()[-2000:]
+            assert models["joe"]["loaded"] and models["multi"]["loaded"] and not models["absent"]["loaded"]
+            assert models["multi"]["weights_bytes"] > 0
+        with srv.client(120.0) as c:
+            voices = {v["name"]: v for v in c.get("/v1/voices").json()["voices"]}
+            assert voices["multi"]["num_speakers"] == 4 and voices["multi"]["language"] == "de_DE"
+            assert voices["multi"]["speakers"] == {"anna": 0, "bernd": 1, "clara": 2, "dieter": 3}
+            assert voices["joe"]["num_speakers"] == 1 and voices["joe"]["quality"] == "medium"
+
+            def wav(resp):
+                assert resp.status_code == 200, resp.text
+                return sf.read(io.BytesIO(resp.content), dtype="float32")[0]
+
+            body = {"text": "Guten Tag.", "voice": "multi", "format": "wav", "noise_scale": 0, "noise_w": 0}
+            by_name = wav(c.post("/v1/synthesize", json=dict(body, speaker="clara")))
+            by_id = wav(c.post("/v1/synthesize", json=dict(body, speaker=2)))
+            other = wav(c.post("/v1/synthesize", json=dict(body, speaker="anna")))
+            assert np.array_equal(by_name, by_id) and not np.array_equal(by_name, other)
+            ref = engine.synthesize_text("Guten Tag.", noise_scale=0, noise_w=0, speaker=2)
+            assert len(by_name) == len(ref)
+            openai = wav(c.post("/v1/audio/speech", json={"model": "tts-1", "voice": "multi:clara",
+                                                          "input": "Guten Tag.", "response_format": "wav"}))
+            assert len(openai) > 0
+            bad = c.post("/v1/synthesize", json=dict(body, speaker="zoe"))
+            assert bad.status_code == 404 and "anna, bernd, clara, dieter" in bad.json()["error"]["message"]
+            bad = c.post("/v1/audio/speech", json={"voice": "multi:zoe", "input": "x"})
+            assert bad.status_code == 404 and bad.json()["error"]["param"] == "voice"
+            assert c.post("/v1/synthesize", json={"text": "Hello.", "voice": "joe"}).status_code == 200
+    finally:
+        srv.stop()
