@@ -14,6 +14,17 @@ Figures (bench/results/engine.json + engine.md):
     comes from (arithmetic saved per core vs cores kept busy).
   * Load time: Engine.load(bundle) to the end of the first synthesis (target <= 3 s).
   * GPU figures: only when CUDA is available (otherwise recorded as not measured).
+
+    .venv/bin/python bench/engine.py --shapes x_low,high,multi [--threads 2] [--repeats 3]
+
+measures the other Piper voice shapes (built full size by tests/voice_factory.py with piper's
+own model code, random weights) beside onnxruntime running piper's exported graph in the same
+run, and merges their figures into the same files (joe's figures are kept):
+  * CPU RTF ratio ours / onnxruntime (median over sentences, same ids, speaker 1 for the
+    multi-speaker voice), target <= 1.0;
+  * resident memory one loaded voice adds (RSS after load + first synthesis minus before),
+    beside onnxruntime's session for the same graph;
+  * load time to first synthesis (warm: torch imported), target <= 3 s.
 """
 
 from __future__ import annotations
@@ -236,14 +247,152 @@ def measure_gpu(bundle: Path) -> list[dict]:
     return figs
 
 
+SHAPE_SENTENCES = {
+    "en-us": ["Hello.", "The quick brown fox jumps over the lazy dog.",
+              "Please call me back when you have a minute to talk about the project.",
+              "It was a bright cold day in April, and the clocks were striking thirteen."],
+    "de": ["Hallo.", "Der schnelle braune Fuchs springt über den faulen Hund.",
+           "Bitte rufen Sie mich zurück, wenn Sie eine Minute Zeit haben.",
+           "Es war ein klarer, kalter Tag im April, und die Uhren schlugen dreizehn."],
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_shape(shape: str, base: Path, threads: int, repeats: int) -> list[dict]:
+    """One full-size voice of `shape`: RTF ratio vs onnxruntime, RSS per loaded voice, load time."""
+    import gc
+
+    import onnxruntime as ort
+    from piper.config import SynthesisConfig
+    from piper.voice import PiperVoice
+
+    from runtime.engine import Engine, SynthesisRequest, _release_freed_heap
+    from runtime.vits.piper_import import import_piper
+    from tests import voice_factory
+
+    onnx_path, json_path = voice_factory.build(shape, base / "onnx")
+    bundle = import_piper(onnx_path, json_path, base / shape).out_dir
+    spec = voice_factory.SHAPES[shape]
+    speaker = 1 if spec["speakers"] > 1 else None
+
+    gc.collect()
+    _release_freed_heap()
+    rss0, t0 = _rss_bytes(), time.perf_counter()
+    engine = Engine.load(bundle, device="cpu", threads=threads)
+    engine.synthesize_text("Hello.", speaker=speaker)
+    load_s = time.perf_counter() - t0
+    _release_freed_heap()
+    rss_ours = _rss_bytes() - rss0
+
+    rss1 = _rss_bytes()
+    piper = PiperVoice.load(onnx_path, json_path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    piper.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    cfg = SynthesisConfig(speaker_id=speaker)
+    piper.phoneme_ids_to_audio([1, 0, 20, 0, 2], cfg)
+    rss_ort = _rss_bytes() - rss1
+
+    rows = []
+    for k, text in enumerate(SHAPE_SENTENCES[spec["espeak"]]):
+        ids = [i for sent in engine.frontend.text_to_sentence_ids(text) for i in sent]
+        req = SynthesisRequest(ids, seed=k, speaker=speaker)
+        ours_audio = engine.synthesize_batch([req])[0]
+        piper_audio = piper.phoneme_ids_to_audio(ids, cfg)
+        t_ours, t_piper = [], []
+        for _ in range(repeats):
+            time.sleep(SETTLE_S)
+            t = time.perf_counter()
+            piper.phoneme_ids_to_audio(ids, cfg)
+            t_piper.append(time.perf_counter() - t)
+            time.sleep(SETTLE_S)
+            t = time.perf_counter()
+            engine.synthesize_batch([req])
+            t_ours.append(time.perf_counter() - t)
+        ours_rtf = min(t_ours) / (len(ours_audio) / engine.sample_rate)
+        piper_rtf = min(t_piper) / (len(piper_audio) / engine.sample_rate)
+        rows.append(ours_rtf / piper_rtf)
+    engine.close()
+    ratio = statistics.median(rows)
+    desc = (f"{spec['quality']}, resblock {spec['resblock']}, hidden {spec['hidden']}, {spec['sample_rate']} Hz, "
+            f"{spec['speakers']} speaker(s), {spec['espeak']}")
+    return [
+        _figure(f"shape_{shape}_cpu_rtf_ratio_ours_over_onnxruntime_median", round(ratio, 3), "x", 1.0, ratio <= 1.0,
+                threads=threads, sentences=len(rows), per_sentence=[round(r, 3) for r in rows], voice=desc),
+        _figure(f"shape_{shape}_rss_per_loaded_voice", round(rss_ours / 2**20, 1), "MiB", None, None,
+                onnxruntime_session_mib=round(rss_ort / 2**20, 1), voice=desc,
+                note="RSS after Engine.load + first synthesis minus before (onnxruntime: its session, same graph)"),
+        _figure(f"shape_{shape}_load_to_first_synthesis_cpu", round(load_s, 3), "s", 3.0, load_s <= 3.0, voice=desc,
+                note="Engine.load(bundle) + first synthesis, torch already imported"),
+    ]
+
+
+def _write(result: dict, out: Path) -> None:
+    machine, figures = result["machine"], result["figures"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    md = ["# Engine benchmark", "", f"{result['date']} on {machine['cpu']} ({machine['cores']} cores, {machine['isa']}), "
+          f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, OMP_WAIT_POLICY={machine['omp_wait_policy']}, "
+          f"load average {machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f}.", "",
+          "| figure | value | unit | target | met |", "|---|---|---|---|---|"]
+    for f in figures:
+        md.append(f"| {f['name']} | {f['value']} | {f['unit']} | {f['target'] if f['target'] is not None else ''} | "
+                  f"{'' if f['met'] is None else ('yes' if f['met'] else 'no')} |")
+    md += ["", f"Every timed call follows a {SETTLE_S * 1000:.0f} ms pause, so neither engine is timed while the other's "
+           "threads still spin (docs/engine.md, 'Measuring fairly').", ""]
+    shapes = result.get("shapes")
+    if shapes:
+        md += ["## Other voice shapes", "",
+               f"{shapes['date']}, load average {shapes['loadavg'][0]:.1f} -> {shapes['loadavg'][1]:.1f}: the machine is "
+               "shared with other jobs and was loaded, so absolute RTFs are noisy; the ratios are measured in the same "
+               "run, alternating calls, minimum of repeats. Voices: full-size random-weight voices built with piper's "
+               "SynthesizerTrn (tests/voice_factory.py); onnxruntime runs piper's exported graph of the same voice.", ""]
+        for f in figures:
+            if f["name"].startswith("shape_") and "voice" in f:
+                extra = f" (onnxruntime session {f['onnxruntime_session_mib']} MiB)" if "onnxruntime_session_mib" in f else ""
+                md.append(f"* `{f['name']}` = {f['value']} {f['unit']}{extra} - {f['voice']}")
+        md.append("")
+    md += ["Reproduce: `.venv/bin/python bench/engine.py` (joe) and `.venv/bin/python bench/engine.py --shapes "
+           "x_low,high,multi` (see docs/engine.md for what the figures mean).", ""]
+    out.with_suffix(".md").write_text("\n".join(md))
+
+
+def main_shapes(args) -> int:
+    shapes = [s for s in args.shapes.split(",") if s]
+    loadavg0 = list(os.getloadavg())
+    with tempfile.TemporaryDirectory(prefix="bench-shapes-") as tmp:
+        figures = [f for shape in shapes for f in measure_shape(shape, Path(tmp), args.threads, args.repeats)]
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {
+        "machine": _machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "figures": []}
+    result.setdefault("machine", _machine()).setdefault("loadavg_end", list(os.getloadavg()))
+    keep = [f for f in result["figures"] if not any(f["name"].startswith(f"shape_{s}_") for s in shapes)]
+    result["figures"] = keep + figures
+    result["shapes"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "loadavg": [loadavg0[0], os.getloadavg()[0]], "threads": args.threads,
+                        "repeats": args.repeats, "shapes": shapes}
+    _write(result, args.out)
+    for f in figures:
+        print(f"{f['name']:<64} {f['value']!s:>10} {f['unit']:<6} target {f['target']}  met {f['met']}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated voice shapes (x_low,high,multi): measure those and merge into --out")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5,
                     help="rounds per figure; the minimum is kept (bursts on a shared box last seconds)")
     ap.add_argument("--bundle", type=Path, help="existing bundle dir (default: import the bundled voice into a temp dir)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.json")
     args = ap.parse_args()
+    if args.shapes:
+        return main_shapes(args)
 
     from runtime.engine import Engine
 
@@ -294,19 +443,12 @@ def main() -> int:
     machine["loadavg_end"] = list(os.getloadavg())
     result = {"machine": machine, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "figures": figures, "per_sentence": rtf["rows"]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    md = ["# Engine benchmark", "", f"{result['date']} on {machine['cpu']} ({machine['cores']} cores, {machine['isa']}), "
-          f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, OMP_WAIT_POLICY={machine['omp_wait_policy']}, "
-          f"load average {machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f}.", "",
-          "| figure | value | unit | target | met |", "|---|---|---|---|---|"]
-    for f in figures:
-        md.append(f"| {f['name']} | {f['value']} | {f['unit']} | {f['target'] if f['target'] is not None else ''} | "
-                  f"{'' if f['met'] is None else ('yes' if f['met'] else 'no')} |")
-    md += ["", f"Every timed call follows a {SETTLE_S * 1000:.0f} ms pause, so neither engine is timed while the other's "
-           "threads still spin (docs/engine.md, 'Measuring fairly').",
-           "", "Reproduce: `.venv/bin/python bench/engine.py` (see docs/engine.md for what the figures mean).", ""]
-    args.out.with_suffix(".md").write_text("\n".join(md))
+    if args.out.is_file():  # keep the other shapes' figures from an earlier --shapes run
+        old = json.loads(args.out.read_text())
+        result["figures"] += [f for f in old.get("figures", []) if f["name"].startswith("shape_")]
+        if "shapes" in old:
+            result["shapes"] = old["shapes"]
+    _write(result, args.out)
     for f in figures:
         print(f"{f['name']:<48} {f['value']!s:>10} {f['unit']:<10} target {f['target']}  met {f['met']}")
     if tmp is not None:
