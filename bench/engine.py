@@ -279,6 +279,8 @@ def measure_shape(shape: str, base: Path, threads: int, repeats: int) -> list[di
     spec = voice_factory.SHAPES[shape]
     speaker = 1 if spec["speakers"] > 1 else None
 
+    # a first load pays this process's one-time costs (lazy imports, espeak start): not the voice's
+    Engine.load(bundle, device="cpu", threads=threads).close()
     gc.collect()
     _release_freed_heap()
     rss0, t0 = _rss_bytes(), time.perf_counter()

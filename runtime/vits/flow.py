@@ -83,6 +83,9 @@ class MeanOnlyCoupling(nn.Module):
         """Per-frame gate conditioning [hi - lo, 2C*layers] for packed frames lo..hi from
         (start, frames, [gin] embedding) segments; gap frames get zeros (they are re-zeroed)."""
         w, b = self.enc.cond_layer.weight[:, :, 0], self.enc.cond_layer.bias
+        for start, n, g in speaker:
+            if start <= lo and hi <= start + n:  # one request covers the chunk (no gaps): one row, broadcast
+                return (w @ g + b).unsqueeze(0)
         out = w.new_zeros(hi - lo, w.shape[0])
         for start, n, g in speaker:
             a, z = max(start, lo), min(start + n, hi)
