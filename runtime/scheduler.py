@@ -128,6 +128,9 @@ class Scheduler:
         self.batch_started: float | None = None
         self.batches_served = 0
         self.jobs_served = 0
+        # the largest work the engine has been given (status/metrics; tests check the bounds)
+        self.longest_utterance = 0
+        self.largest_batch_ids = 0
         self._batch_seconds = 0.5  # moving average, for Retry-After
 
     # -- client side (event loop) -------------------------------------------------
@@ -286,6 +289,9 @@ class Scheduler:
         return chosen
 
     def _execute(self, batch: list[Job]) -> None:
+        longest = max(job.length for job in batch)
+        self.longest_utterance = max(self.longest_utterance, longest)
+        self.largest_batch_ids = max(self.largest_batch_ids, longest * len(batch))
         now = time.monotonic()
         self.batch_started = now
         for job in batch:

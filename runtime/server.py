@@ -206,6 +206,8 @@ class Runtime:
                 "capacity": s.queue_size,
                 "max_batch_size": s.max_batch_size,
                 "max_batch_ids": s.max_batch_ids,
+                "largest_batch_ids": s.largest_batch_ids,  # since start: padded size of the largest batch
+                "longest_utterance_ids": s.longest_utterance,  # since start: longest utterance synthesized
                 "max_wait_ms": s.max_wait * 1000,
                 "held": s.held(),  # $TTS_RUNTIME_HOLD_FILE exists: no batch starts (drills, tests)
             },
