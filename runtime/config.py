@@ -10,7 +10,7 @@
     max_batch_size = 8
     max_batch_ids = 800                      # a batch's padded size: longest utterance x batch size
     max_utterance_ids = 400                  # longer sentences are cut (clause, word, anywhere)
-    max_request_ids = 25000                  # per request (all utterances), 413 past it
+    max_request_ids = 12500                  # per request (all utterances), 413 past it
     max_wait_ms = 10                         # how long the worker waits to fill a batch
     queue_size = 64                          # queued sentences beyond it get 503
     deadline_s = 60                          # per request, 504 past it
@@ -61,7 +61,7 @@ class RuntimeConfig(BaseModel):
     # Cost bounds, measured in bench/results/bounds.md (docs/runtime.md "Bounds").
     max_batch_ids: Annotated[int, Field(ge=32, le=1_000_000)] = 800
     max_utterance_ids: Annotated[int, Field(ge=32, le=100_000)] = 400
-    max_request_ids: Annotated[int, Field(ge=32, le=10_000_000)] = 25000
+    max_request_ids: Annotated[int, Field(ge=32, le=10_000_000)] = 12500
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 10.0
     queue_size: Annotated[int, Field(ge=1, le=100_000)] = 64
     deadline_s: Annotated[float, Field(gt=0, le=3600)] = 60.0

@@ -552,8 +552,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         log.info("SIGHUP: re-checking the model cache")
         runtime.manager.request_reload()
 
-    # Room for the longest allowed text in JSON (escapes can take 6 bytes a character).
-    app = FastAPI(title="tts-runtime", lifespan=lifespan, max_body_size=config.max_chars * 6 + 16384,
+    # Room for the longest allowed text in JSON: a character outside the BMP escapes as a
+    # surrogate pair, 12 bytes ("\ud83d\ude00"); max_chars counts it as one.
+    app = FastAPI(title="tts-runtime", lifespan=lifespan, max_body_size=config.max_chars * 12 + 16384,
                   docs_url=None, redoc_url=None)
     app.state.runtime = runtime
 
