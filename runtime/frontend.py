@@ -29,7 +29,8 @@ _SENTENCE_END = re.compile(
     r"([.!?…]+[\"'”’)\]]*)(\s+)|([。！？；｡।॥؟۔።፧]+[\"'”’)\]」』）]*)(\s*)"
 )
 # Clause ends inside a sentence: where an over-long sentence is cut first.
-_CLAUSE_END = re.compile(r"[,;:，、；：،؛]+[\"'”’)\]」』）]*\s*|\s+-\s+")
+# Latin marks need a following space, so "1,000" and "12:30" stay whole.
+_CLAUSE_END = re.compile(r"[,;:]+[\"'”’)\]]*\s+|[，、；：،؛]+[\"'”’)\]」』）]*\s*|\s+-\s+")
 # Longest utterance (phoneme ids, BOS/EOS included) the engine is given; the runtime's
 # `max_utterance_ids` (docs/runtime.md "Bounds" has the measurements behind the default:
 # memory grows with the square of an utterance, and one utterance is the least a short
