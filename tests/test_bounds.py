@@ -259,3 +259,13 @@ def test_server_bounds_a_worst_case_request(voice_cache, tmp_path):
             assert c.post("/v1/synthesize", json={"text": "Still serving."}).status_code == 200
     finally:
         srv.stop()
+
+
+def test_config_keeps_one_utterance_within_a_batch():
+    from runtime.config import RuntimeConfig
+
+    with pytest.raises(ValueError, match="max_batch_ids must be at least max_utterance_ids"):
+        RuntimeConfig(max_utterance_ids=500, max_batch_ids=400)
+    with pytest.raises(ValueError, match="max_request_ids"):
+        RuntimeConfig(max_utterance_ids=500, max_request_ids=400)
+    assert RuntimeConfig().max_batch_ids >= RuntimeConfig().max_utterance_ids
