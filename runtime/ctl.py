@@ -107,7 +107,7 @@ def synth_local(config: RuntimeConfig, text: str, *, voice: str, fmt: str, rate:
 
     from . import audio
     from .gate import ReadinessGate
-    from .models import join_sentences, load_engine, plan_requests, synthesize_local
+    from .models import join_sentences, load_engine, plan_utterances, synthesize_local
 
     if fmt not in audio.SUPPORTED_FORMATS:
         raise click.UsageError(f"unsupported format {fmt!r}; use one of {sorted(audio.SUPPORTED_FORMATS)}")
@@ -118,9 +118,9 @@ def synth_local(config: RuntimeConfig, text: str, *, voice: str, fmt: str, rate:
         raise ApiError(f"{result.reason} (cache {config.cache_dir}; models there: {', '.join(known) or 'none'})")
     engine = load_engine(config, result.snapshot)
     try:
-        requests = plan_requests(engine, text, seed=seed, length_scale=length_scale, noise_scale=noise_scale,
-                                    noise_w=noise_w, speed=speed)
-        wave = join_sentences(synthesize_local(engine, requests, config.max_batch_size), engine.sample_rate)
+        requests, pauses = plan_utterances(engine, text, seed=seed, length_scale=length_scale,
+                                           noise_scale=noise_scale, noise_w=noise_w, speed=speed)
+        wave = join_sentences(synthesize_local(engine, requests, config.max_batch_size), engine.sample_rate, pauses)
         return audio.encode(wave, engine.sample_rate, fmt, target_rate=rate, volume=volume)
     finally:
         engine.close()
