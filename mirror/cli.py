@@ -19,7 +19,6 @@ from .remote import Mirror, MirrorError, resolve_credentials
 from .s3 import CredentialsError
 from .signing import KeyFileError, SignatureError, generate_keypair, load_public_key
 from .torrents import TorrentError
-from .torrents import TorrentError
 
 ENV_ENDPOINT = "TTS_MIRROR_ENDPOINT"
 ENV_BUCKET = "TTS_MIRROR_BUCKET"

@@ -60,19 +60,9 @@ def default_length_scale(engine: Any) -> float:
     return float(getattr(engine, "defaults", {}).get("length_scale", 1.0))
 
 
-def plan_requests(
-    engine: Any,
-    text: str,
-    *,
-    seed: int = 0,
-    length_scale: float | None = None,
-    noise_scale: float | None = None,
-    noise_w: float | None = None,
-    speed: float | None = None,
-) -> list[Any]:
+def plan_requests(engine: Any, text: str, **options: Any) -> list[Any]:
     """One SynthesisRequest per utterance (plan_utterances without the pauses)."""
-    return plan_utterances(engine, text, seed=seed, length_scale=length_scale, noise_scale=noise_scale,
-                           noise_w=noise_w, speed=speed)[0]
+    return plan_utterances(engine, text, **options)[0]
 
 
 def plan_utterances(

@@ -26,7 +26,7 @@ from mirror.remote import Mirror
 from provisioner.cache import CacheReader
 from provisioner.p2p import rank
 from tests.cut_proxy import CuttingProxy
-from tests.provisioner_helpers import BIN, make_keys, write_config
+from tests.provisioner_helpers import BIN, make_keys, wait_status, write_config
 from tests.s3servers import free_port
 from tests.tracker_helpers import OPENTRACKER, run_tracker
 
@@ -59,21 +59,6 @@ def node_config(root: Path, s3_server, bucket, keys, proxy_port: int, tracker_ur
     return config
 
 
-def wait_status(path: Path, predicate, proc: subprocess.Popen, timeout: float = 180.0) -> dict:
-    deadline, last = time.monotonic() + timeout, {}
-    for _ in range(int(timeout * 10)):
-        try:
-            last = json.loads(path.read_text())
-            if predicate(last):
-                return last
-        except (OSError, ValueError):
-            pass
-        assert proc.poll() is None, f"daemon exited {proc.returncode}: {proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"status never matched within {timeout}s; last: {json.dumps(last)[:800]}"
-        time.sleep(0.1)
-    raise AssertionError("status never matched")
-
-
 def start_daemon(config: Path) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "tts-provisioner"), "--config", str(config), "run"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, TTS_LOG_FORMAT="json"))
@@ -94,6 +79,17 @@ def ready(proc: subprocess.Popen):
     return lambda s: s.get("pid") == proc.pid and s.get("ready")
 
 
+def run_until(config: Path, condition=None) -> tuple[dict, str]:
+    """Start a daemon, wait until it is ready (and `condition`), stop it: (status, stderr)."""
+    proc = start_daemon(config)
+    try:
+        status = wait_status(config.parent / "run/status.json",
+                             lambda s: ready(proc)(s) and (condition is None or condition(s)), 180, proc)
+    finally:
+        err = stop(proc)
+    return status, err
+
+
 def counting_proxy(s3_server) -> CuttingProxy:
     # Never cuts, no rate limit: it only counts the bytes the mirror sends this node.
     return CuttingProxy(urlparse(s3_server.endpoint).port, cut_after=1 << 62, rate=1e12)
@@ -112,7 +108,7 @@ def test_a_fleet_pulls_a_model_while_the_mirror_sends_it_once(tmp_path, s3_serve
                    for n in FLEET}
         procs = {n: start_daemon(configs[n]) for n in FLEET}
         try:
-            status = {n: wait_status(tmp_path / n / "run/status.json", ready(procs[n]), procs[n]) for n in FLEET}
+            status = {n: wait_status(tmp_path / n / "run/status.json", ready(procs[n]), 180, procs[n]) for n in FLEET}
             # Every node holds the model; what the seeds sent shows in the totals the
             # daemons refresh every few seconds: at least the two copies peers fetched.
             uploaded = 0
@@ -158,19 +154,10 @@ def test_seeding_resumes_after_a_restart_without_the_mirror(tmp_path, s3_server,
         tracker.allow(sorted(f.btih for f in files.values()))
         config = node_config(tmp_path / "solo", s3_server, bucket, keys, proxy.port, tracker.url, "solo", 0.5,
                              fleet=["solo"])
-        proc = start_daemon(config)
-        try:
-            wait_status(tmp_path / "solo/run/status.json", ready(proc), proc)
-        finally:
-            stop(proc)
+        run_until(config)
         fetched = proxy.bytes_down
         assert fetched >= sum(f.size for f in files.values())
-        proc = start_daemon(config)
-        try:
-            again = wait_status(tmp_path / "solo/run/status.json",
-                                lambda s: ready(proc)(s) and (s.get("p2p") or {}).get("seeding") == 2, proc)
-        finally:
-            stop(proc)
+        again, _ = run_until(config, lambda s: (s.get("p2p") or {}).get("seeding") == 2)
         # The torrents are kept in the cache: seeding again needed no model bytes.
         assert proxy.bytes_down - fetched < 64 * 1024
         assert again["p2p"]["seeding"] == 2
@@ -189,11 +176,7 @@ def test_with_no_peer_a_node_falls_back_to_the_mirror(tmp_path, s3_server, bucke
     with run_tracker() as tracker, counting_proxy(s3_server) as proxy:
         tracker.allow(sorted(f.btih for f in files.values()))
         config = node_config(tmp_path / node, s3_server, bucket, keys, proxy.port, tracker.url, node, 1.0, fleet)
-        proc = start_daemon(config)
-        try:
-            status = wait_status(tmp_path / node / "run/status.json", ready(proc), proc)
-        finally:
-            err = stop(proc)
+        status, err = run_until(config)
     assert "no progress from peers: adding the mirror" in err
     assert status["p2p"]["from_mirror"] > 0
     assert proxy.bytes_down >= big.size
@@ -210,11 +193,7 @@ def test_a_swapped_torrent_is_refused_and_the_file_comes_over_http(tmp_path, s3_
         tracker.allow(sorted(f.btih for f in files.values()))
         config = node_config(tmp_path / "solo", s3_server, bucket, keys, proxy.port, tracker.url, "solo", 0.5,
                              fleet=["solo"])
-        proc = start_daemon(config)
-        try:
-            status = wait_status(tmp_path / "solo/run/status.json", ready(proc), proc)
-        finally:
-            err = stop(proc)
+        status, err = run_until(config)
     assert "no usable torrent" in err and big.sha256 in err
     cache = CacheReader(tmp_path / "solo/cache")
     assert cache.check_snapshot(cache.current("joe"), full_hash=True) == []
