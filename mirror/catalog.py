@@ -16,6 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import layout
+from . import torrents as bt
 from .manifest import ManifestError, parse_channel
 from .publish import set_channel
 from .remote import Mirror, MirrorError, describe
@@ -124,6 +125,15 @@ def verify_version(
             return f"{entry.path}: size {size}, manifest says {entry.size}"
         if digest.hexdigest() != entry.sha256:
             return f"{entry.path}: sha256 {digest.hexdigest()}, manifest says {entry.sha256}"
+        if entry.btih:
+            key = layout.torrent_key(entry.sha256)
+            data = mirror.read(key, limit=bt.MAX_TORRENT_BYTES + 1)
+            if data is None:
+                return f"{entry.path}: its torrent {key} is missing on the mirror"
+            try:
+                bt.check(data, btih=entry.btih, sha256=entry.sha256, size=entry.size)
+            except bt.TorrentError as exc:
+                return f"{entry.path}: {exc}"
         return None
 
     with ThreadPoolExecutor(workers) as pool:
@@ -135,6 +145,21 @@ def verify_version(
             if on_file:
                 on_file(entry.path, problem)
     return result
+
+
+def info_hashes(mirror: Mirror) -> list[str]:
+    """Every info-hash a published manifest names: the tracker's whitelist."""
+    found: set[str] = set()
+    for name in mirror.list_prefixes(layout.MODELS_PREFIX):
+        for version in mirror.list_prefixes(f"{layout.MODELS_PREFIX}{name}/"):
+            try:
+                manifest = mirror.manifest(name, version)
+            except (MirrorError, ManifestError) as exc:
+                log.warning("whitelist.skip", model=name, version=version, error=str(exc))
+                continue
+            if manifest is not None:
+                found.update(f.btih for f in manifest[0].files if f.btih)
+    return sorted(found)
 
 
 def promote(

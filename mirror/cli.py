@@ -18,6 +18,7 @@ from .manifest import ManifestError
 from .remote import Mirror, MirrorError, resolve_credentials
 from .s3 import CredentialsError
 from .signing import KeyFileError, SignatureError, generate_keypair, load_public_key
+from .torrents import TorrentError
 
 ENV_ENDPOINT = "TTS_MIRROR_ENDPOINT"
 ENV_BUCKET = "TTS_MIRROR_BUCKET"
@@ -25,7 +26,7 @@ ENV_CREDENTIALS = "TTS_MIRROR_CREDENTIALS"
 ENV_SIGNING_KEY = "TTS_MIRROR_SIGNING_KEY"
 ENV_PUBLIC_KEY = "TTS_MIRROR_PUBLIC_KEY"
 
-OPERATIONAL_ERRORS = (MirrorError, ManifestError, CredentialsError, KeyFileError, SignatureError)
+OPERATIONAL_ERRORS = (MirrorError, ManifestError, CredentialsError, KeyFileError, SignatureError, TorrentError)
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -152,8 +153,12 @@ class RichEvents:
 @click.option("--s3-checksum/--no-s3-checksum", default=True, show_default=True,
               help="Send S3 additional checksums (SHA256) the server verifies per part; "
               "turn off for servers that reject them.")
+@click.option("--torrents/--no-torrents", default=True, show_default=True,
+              help="Also write each file's BitTorrent torrent and sign its info-hash into the manifest "
+              "(schema 2), for peer-to-peer fleets. --no-torrents writes a schema 1 manifest, which "
+              "provisioners older than peer-to-peer support can read.")
 def publish(directory, name, version, channel, endpoint, bucket, credentials, signing_key, create_bucket,
-            concurrency, chunk_mib, s3_checksum) -> None:
+            concurrency, chunk_mib, s3_checksum, torrents) -> None:
     """Hash and upload DIRECTORY as NAME/VERSION, then write its signed manifest.
 
     Files already on the mirror with the same sha256 and size are skipped, so a re-run
@@ -171,7 +176,7 @@ def publish(directory, name, version, channel, endpoint, bucket, credentials, si
         events = RichEvents() if sys.stderr.isatty() else LogEvents()
         report = publish_dir(
             directory, name=name, version=version, mirror=mirror, signing_key=key, channel=channel,
-            create_bucket=create_bucket, s3_checksum=s3_checksum, events=events,
+            create_bucket=create_bucket, s3_checksum=s3_checksum, events=events, torrents=torrents,
             transfer_config=default_transfer_config(max_concurrency=concurrency, chunk_mib=chunk_mib),
         )
     except OPERATIONAL_ERRORS as exc:
@@ -305,6 +310,41 @@ def verify(name, version, endpoint, bucket, credentials, public_keys) -> None:
         click.echo(f"{name} {version}: {len(result.mismatches)} problem(s) in {result.checked} files", err=True)
         sys.exit(1)
     click.echo(f"{name} {version}: {result.checked} files, {_human(result.bytes)}, all sha256 match{signer}")
+
+
+@main.command("tracker-whitelist")
+@mirror_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the list to this file (atomically: a tracker reloading it never sees half of it); "
+              "default: standard output.")
+def tracker_whitelist(endpoint, bucket, credentials, out) -> None:
+    """Print the info-hash of every file of every published version, one per line.
+
+    This is opentracker's `access.whitelist` format: a tracker fed this list serves the
+    fleet's torrents and nothing else. Re-run it after each publish and reload the
+    tracker (opentracker: SIGHUP).
+    """
+    from .catalog import info_hashes
+
+    try:
+        mirror = _connect(endpoint, bucket, credentials)
+        mirror.check_bucket()
+        hashes = info_hashes(mirror)
+    except OPERATIONAL_ERRORS as exc:
+        raise _fail(exc) from None
+    text = "".join(h + "\n" for h in hashes)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _fail(exc) from None
+    click.echo(f"{len(hashes)} info-hash(es) written to {out}", err=True)
 
 
 # --------------------------------------------------------------------------- keys and voices

@@ -12,6 +12,8 @@ import hashlib
 import threading
 from pathlib import Path
 
+from .torrents import PieceHasher
+
 CHUNK = 1024 * 1024
 
 
@@ -35,6 +37,27 @@ def sha256_file(path: Path, chunk: int = CHUNK) -> str:
         while _feed(digest, f, chunk, chunk):
             pass
     return digest.hexdigest()
+
+
+class _Both:
+    """sha256 and per-piece SHA-1 from one read of the bytes."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.pieces = PieceHasher()
+
+    def update(self, data) -> None:
+        self.sha256.update(data)
+        self.pieces.update(data)
+
+
+def hash_file(path: Path, chunk: int = CHUNK) -> tuple[str, bytes]:
+    """(sha256 hex, BitTorrent piece hashes) of a file, read once: what `publish` needs."""
+    both = _Both()
+    with open(path, "rb", buffering=0) as f:
+        while _feed(both, f, chunk, chunk):
+            pass
+    return both.sha256.hexdigest(), both.pieces.pieces()
 
 
 def complete_prefix_bytes(bitfield: str, piece_length: int, total: int) -> int:

@@ -4,14 +4,16 @@
     models/<name>/<version>/manifest.json       written last
     models/<name>/<version>/manifest.json.sig   ed25519 signature of the manifest bytes
     channels/<name>/<channel>.json              {"version": "..."}
+    torrents/<sha256>.torrent                   a file's BitTorrent metadata, by content
 """
 
 from __future__ import annotations
 
-from .manifest import MANIFEST_NAME, SIGNATURE_NAME, validate_name, validate_path
+from .manifest import _SHA256_RE, MANIFEST_NAME, SIGNATURE_NAME, ManifestError, validate_name, validate_path
 
 MODELS_PREFIX = "models/"
 CHANNELS_PREFIX = "channels/"
+TORRENTS_PREFIX = "torrents/"
 
 
 def version_prefix(name: str, version: str) -> str:
@@ -32,3 +34,9 @@ def signature_key(name: str, version: str) -> str:
 
 def channel_key(name: str, channel: str) -> str:
     return f"{CHANNELS_PREFIX}{validate_name(name, 'model name')}/{validate_name(channel, 'channel')}.json"
+
+
+def torrent_key(sha256: str) -> str:
+    if not _SHA256_RE.match(sha256):
+        raise ManifestError(f"not a sha256 hex digest: {sha256!r}")
+    return f"{TORRENTS_PREFIX}{sha256}.torrent"

@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-SCHEMA_VERSION = 1
+# Schema 2 adds each file's BitTorrent info-hash (`btih`); a manifest without any is
+# written as schema 1, so provisioners that predate peer-to-peer keep reading it.
+SCHEMA_VERSION = 2
+SCHEMAS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.json.sig"
 # Files the provisioner adds to a snapshot itself; a model may not ship its own.
@@ -26,6 +29,7 @@ RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME, "COMPLETE"})
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_BTIH_RE = re.compile(r"^[0-9a-f]{40}$")
 # Upper bound on one manifest's size: a manifest is a small JSON document.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
@@ -66,12 +70,14 @@ class FileEntry:
     path: str
     size: int
     sha256: str
+    btih: str | None = None  # info-hash (hex) of the file's torrent, see mirror/torrents.py
 
     @classmethod
-    def parse(cls, raw: Any, index: int) -> "FileEntry":
+    def parse(cls, raw: Any, index: int, schema: int = SCHEMA_VERSION) -> "FileEntry":
         if not isinstance(raw, dict):
             raise ManifestError(f"files[{index}] must be an object")
-        unknown = set(raw) - {"path", "size", "sha256"}
+        allowed = {"path", "size", "sha256"} | ({"btih"} if schema >= 2 else set())
+        unknown = set(raw) - allowed
         if unknown:
             raise ManifestError(f"files[{index}] has unknown keys: {sorted(unknown)}")
         try:
@@ -85,10 +91,18 @@ class FileEntry:
         digest = raw.get("sha256")
         if not isinstance(digest, str) or not _SHA256_RE.match(digest):
             raise ManifestError(f"files[{index}] ({path}): sha256 must be 64 lowercase hex digits, got {digest!r}")
-        return cls(path=path, size=size, sha256=digest)
+        btih = raw.get("btih")
+        if btih is not None and (not isinstance(btih, str) or not _BTIH_RE.match(btih)):
+            raise ManifestError(f"files[{index}] ({path}): btih must be 40 lowercase hex digits, got {btih!r}")
+        if btih is not None and size == 0:
+            raise ManifestError(f"files[{index}] ({path}): an empty file cannot have a torrent (btih)")
+        return cls(path=path, size=size, sha256=digest, btih=btih)
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+        doc: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
+        if self.btih is not None:
+            doc["btih"] = self.btih
+        return doc
 
 
 @dataclass(frozen=True)
@@ -107,7 +121,7 @@ class Manifest:
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
 
-    def file(self, path: str) -> FileEntry:
+    def file(self, path: str) -> "FileEntry":
         for entry in self.files:
             if entry.path == path:
                 return entry
@@ -137,12 +151,13 @@ class Manifest:
         unknown = set(raw) - {"schema", "name", "version", "created", "files"}
         if unknown:
             raise ManifestError(f"manifest has unknown keys: {sorted(unknown)}")
-        if raw.get("schema") != SCHEMA_VERSION:
-            raise ManifestError(f"unsupported manifest schema {raw.get('schema')!r} (expected {SCHEMA_VERSION})")
+        schema = raw.get("schema")
+        if isinstance(schema, bool) or schema not in SCHEMAS:
+            raise ManifestError(f"unsupported manifest schema {schema!r} (this version reads {list(SCHEMAS)})")
         files_raw = raw.get("files")
         if not isinstance(files_raw, list) or not files_raw:
             raise ManifestError("manifest 'files' must be a non-empty list")
-        files = tuple(FileEntry.parse(item, i) for i, item in enumerate(files_raw))
+        files = tuple(FileEntry.parse(item, i, schema) for i, item in enumerate(files_raw))
         created = raw.get("created", "")
         if not isinstance(created, str):
             raise ManifestError("manifest 'created' must be a string")
@@ -160,7 +175,7 @@ class Manifest:
     def to_bytes(self) -> bytes:
         """Canonical serialization: the exact bytes that get signed and published."""
         doc = {
-            "schema": SCHEMA_VERSION,
+            "schema": SCHEMA_VERSION if any(f.btih for f in self.files) else 1,
             "name": self.name,
             "version": self.version,
             "created": self.created,

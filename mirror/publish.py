@@ -13,6 +13,10 @@ The order is what makes a publish safe to interrupt and re-run:
 4. only then write `manifest.json`, then `manifest.json.sig`, then (if asked) the
    channel pointer.
 
+With torrents on (the default) the same read of each file also yields its BitTorrent
+piece hashes; its torrent (`torrents/<sha256>.torrent`, see torrents.py) is uploaded
+before the manifest, and the manifest records each file's info-hash (schema 2).
+
 A version whose manifest exists is immutable: different content is refused, identical
 content is a no-op (missing objects are restored, a missing signature is written).
 """
@@ -33,7 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from s3transfer.subscribers import BaseSubscriber
 
 from . import layout
-from .hashing import sha256_file
+from . import torrents as bt
+from .hashing import hash_file
 from .manifest import FileEntry, Manifest, ManifestError, channel_bytes, parse_channel, validate_name, validate_path
 from .remote import Mirror, MirrorError, describe
 from .signing import key_id, load_private_key, sign
@@ -83,6 +88,7 @@ class PublishReport:
     hash_seconds: float = 0.0
     seconds: float = 0.0
     uploaded_bytes: int = 0
+    torrents_written: int = 0
 
 
 class PublishEvents:
@@ -163,15 +169,21 @@ def _walk(root: Path, current: Path, prefix: str, out: list[LocalFile]) -> None:
         out.append(LocalFile(path=rel, source=source, size=st.st_size, mtime_ns=st.st_mtime_ns))
 
 
-def hash_files(files: list[LocalFile], workers: int = HASH_WORKERS) -> dict[str, str]:
-    """sha256 of every file, several at once (what `publish` does before uploading)."""
+@dataclass(frozen=True)
+class Hashes:
+    sha256: str
+    pieces: bytes  # BitTorrent v1 piece hashes (SHA-1 per torrents.PIECE_SIZE)
+
+
+def hash_files(files: list[LocalFile], workers: int = HASH_WORKERS) -> dict[str, Hashes]:
+    """Hashes of every file, several at once (what `publish` does before uploading)."""
     with ThreadPoolExecutor(workers) as pool:
         return dict(zip((f.path for f in files), pool.map(_hash_one, files)))
 
 
-def _hash_one(f: LocalFile) -> str:
+def _hash_one(f: LocalFile) -> Hashes:
     try:
-        return sha256_file(f.source)
+        return Hashes(*hash_file(f.source))
     except OSError as exc:
         raise MirrorError(f"cannot read {f.path}: {exc.strerror}") from None
 
@@ -206,6 +218,7 @@ def publish_dir(
     transfer_config: TransferConfig | None = None,
     s3_checksum: bool = True,
     events: PublishEvents | None = None,
+    torrents: bool = True,
 ) -> PublishReport:
     """Publish `directory` as `name`/`version`; see the module docstring for the order."""
     started = time.monotonic()
@@ -223,7 +236,7 @@ def publish_dir(
     )
     report.created_bucket = mirror.check_bucket(create=create_bucket)
 
-    known: dict[str, str] = {}
+    known: dict[str, Hashes] = {}
     existing = mirror.manifest(name, version)
     if existing is not None:
         # Immutable: compare everything before a single byte is uploaded.
@@ -236,11 +249,16 @@ def publish_dir(
     events.start(len(files), report.total_bytes)
     hashes = _hash_and_upload(files, known, name, version, mirror, transfer_config, s3_checksum, events, report)
     _confirm(files, hashes, name, version, mirror)
+    # An existing version keeps the info-hashes it was signed with (none, if it was
+    # published without torrents): only the torrents it names are restored.
+    wanted = {f.sha256 for f in existing[0].files if f.btih} if existing else None
+    btih = _put_torrents(files, hashes, mirror, report, only=wanted) if torrents or wanted else {}
 
     if existing is None:
         if mirror.head(layout.manifest_key(name, version)) is not None:
             raise MirrorError(f"{name} {version} was published by someone else meanwhile: not overwriting it")
-        manifest = Manifest.build(name, version, [FileEntry(f.path, f.size, hashes[f.path]) for f in files])
+        manifest = Manifest.build(name, version, [
+            FileEntry(f.path, f.size, hashes[f.path].sha256, btih.get(f.path)) for f in files])
         manifest_bytes = manifest.to_bytes()
         mirror.put(layout.manifest_key(name, version), manifest_bytes)
         mirror.put(layout.signature_key(name, version), sign(manifest_bytes, signing_key), "application/octet-stream")
@@ -276,9 +294,31 @@ def set_channel(mirror: Mirror, name: str, channel: str, version: str) -> str | 
     return previous
 
 
-def _refuse_if_different(manifest: Manifest, files: list[LocalFile], hashes: dict[str, str]) -> None:
+def _put_torrents(files: list[LocalFile], hashes: dict[str, Hashes], mirror: Mirror, report: PublishReport,
+                  only: set[str] | None = None) -> dict[str, str]:
+    """Upload each non-empty file's torrent unless the mirror has it; return path -> info-hash.
+    Torrents are content-addressed, so one already there is the same bytes."""
+    btih: dict[str, str] = {}
+
+    def one(f: LocalFile) -> bool:
+        digest = hashes[f.path]
+        data, btih[f.path] = bt.torrent_bytes(digest.sha256, f.size, digest.pieces)
+        key = layout.torrent_key(digest.sha256)
+        head = mirror.head(key)
+        if head is not None and head.get("ContentLength") == len(data):
+            return False
+        mirror.put(key, data, "application/x-bittorrent")
+        return True
+
+    chosen = [f for f in files if f.size > 0 and (only is None or hashes[f.path].sha256 in only)]
+    with ThreadPoolExecutor(HASH_WORKERS * 2) as pool:
+        report.torrents_written += sum(pool.map(one, chosen))
+    return btih
+
+
+def _refuse_if_different(manifest: Manifest, files: list[LocalFile], hashes: dict[str, Hashes]) -> None:
     published = {f.path: (f.size, f.sha256) for f in manifest.files}
-    local = {f.path: (f.size, hashes[f.path]) for f in files}
+    local = {f.path: (f.size, hashes[f.path].sha256) for f in files}
     if published == local:
         return
     differing = sorted(p for p in published.keys() | local.keys() if published.get(p) != local.get(p))
@@ -288,10 +328,10 @@ def _refuse_if_different(manifest: Manifest, files: list[LocalFile], hashes: dic
     )
 
 
-def _hash_and_upload(files, known, name, version, mirror, transfer_config, s3_checksum, events, report) -> dict[str, str]:
+def _hash_and_upload(files, known, name, version, mirror, transfer_config, s3_checksum, events, report) -> dict[str, Hashes]:
     """Hash files in parallel; upload each one that is missing as soon as its hash is known."""
     config = transfer_config or default_transfer_config()
-    hashes: dict[str, str] = {}
+    hashes: dict[str, Hashes] = {}
     failures: list[str] = []
     hash_started = time.monotonic()
     # Smallest first: the first uploads start after the shortest possible hashing time.
@@ -308,8 +348,8 @@ def _hash_and_upload(files, known, name, version, mirror, transfer_config, s3_ch
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 f = pending.pop(fut)
-                digest = fut.result()  # MirrorError on an unreadable file: aborts (and cancels uploads)
-                hashes[f.path] = digest
+                hashes[f.path] = fut.result()  # MirrorError on an unreadable file: aborts (and cancels uploads)
+                digest = hashes[f.path].sha256
                 events.hashed(f.path, f.size)
                 key = layout.object_key(name, version, f.path)
                 head = mirror.head(key)
@@ -353,13 +393,13 @@ def _matches(head: dict, size: int, digest: str) -> bool:
     return head.get("ContentLength") == size and meta.get(SHA256_META) == digest
 
 
-def _confirm(files: list[LocalFile], hashes: dict[str, str], name: str, version: str, mirror: Mirror) -> None:
+def _confirm(files: list[LocalFile], hashes: dict[str, Hashes], name: str, version: str, mirror: Mirror) -> None:
     """Every object is on the mirror with the right size and sha256, and no local file moved."""
     def check(f: LocalFile) -> str | None:
         head = mirror.head(layout.object_key(name, version, f.path))
         if head is None:
             return f"{f.path} is missing on the mirror after upload"
-        if not _matches(head, f.size, hashes[f.path]):
+        if not _matches(head, f.size, hashes[f.path].sha256):
             return f"{f.path} on the mirror does not match (size {head.get('ContentLength')}, expected {f.size})"
         try:
             st = f.source.stat()

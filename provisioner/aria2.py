@@ -10,6 +10,7 @@ presigned URLs, which must never reach a log.
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import shutil
@@ -23,7 +24,7 @@ import aria2p
 import requests.exceptions
 import structlog
 
-from .config import Aria2Config
+from .config import Aria2Config, P2PConfig
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +36,7 @@ ERR_HTTP_STATUS = 22  # includes 403 Forbidden (expired presigned URL)
 ERR_CHECKSUM = 32
 
 _STATUS_KEYS = ["gid", "status", "completedLength", "totalLength", "downloadSpeed", "errorCode", "errorMessage",
-                "files", "bitfield", "pieceLength"]
+                "files", "bitfield", "pieceLength", "uploadLength", "infoHash", "dir"]
 
 
 class Aria2Error(Exception):
@@ -54,6 +55,9 @@ class TaskStatus:
     used_uris: tuple[str, ...]
     bitfield: str = ""
     piece_length: int = 0
+    uploaded: int = 0
+    info_hash: str = ""  # BitTorrent tasks only
+    dir: str = ""
 
 
 def _free_port() -> int:
@@ -62,9 +66,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def bittorrent_args(p2p: P2PConfig) -> list[str]:
+    """aria2c's global BitTorrent settings for a fleet (docs/p2p.md): peers come from the
+    fleet's trackers only (no DHT, no local discovery), a fixed listen port the unit's
+    firewall admits, one upload limit for everything seeded, seeds that never stop by
+    ratio and take no download slot, no metadata files written beside the data."""
+    return [
+        f"--listen-port={p2p.listen_port}", "--enable-dht=false", "--enable-dht6=false", "--bt-enable-lpd=false",
+        f"--max-overall-upload-limit={p2p.upload_limit}", "--seed-ratio=0.0", "--bt-detach-seed-only=true",
+        "--rpc-save-upload-metadata=false", "--bt-save-metadata=false", "--bt-tracker-connect-timeout=10",
+        "--bt-tracker-timeout=10",
+    ]
+
+
 class Aria2Process:
-    def __init__(self, cfg: Aria2Config, work_dir: Path):
+    def __init__(self, cfg: Aria2Config, work_dir: Path, p2p: P2PConfig | None = None):
         self.cfg = cfg
+        self.p2p = p2p if p2p is not None and p2p.enabled else None
         self.work_dir = Path(work_dir)
         self.proc: subprocess.Popen | None = None
         self.client: aria2p.Client | None = None
@@ -101,6 +119,7 @@ class Aria2Process:
             "--stream-piece-selector=geom", "--disk-cache=0",
             f"--dir={self.work_dir}", "--quiet=true", "--summary-interval=0",
             "--disable-ipv6=false", "--max-download-result=1000",
+            *(bittorrent_args(self.p2p) if self.p2p else []),
         ]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
@@ -158,8 +177,29 @@ class Aria2Process:
         download = self.api.add_uris(uris, options={"dir": str(self.work_dir), "out": out})
         return download.gid
 
+    def add_torrent(self, torrent: bytes, uris: list[str], directory: Path, options: dict[str, str]) -> str:
+        """Queue a torrent (its file is `directory/<name in the torrent>`); `uris` are web seeds."""
+        return self.client.add_torrent(base64.b64encode(torrent).decode("ascii"), uris,
+                                       {"dir": str(directory), **options})
+
+    def set_web_seeds(self, gid: str, uris: list[str]) -> None:
+        """Replace a torrent task's web seeds (fresh presigned URLs)."""
+        current = [u["uri"] for u in self.client.get_uris(gid)]
+        self.client.change_uri(gid, 1, current, uris)
+
+    def torrent_tasks(self) -> list[TaskStatus]:
+        """Every BitTorrent task aria2 holds (downloads and seeds)."""
+        found = []
+        for raw in [*self.client.tell_active(_STATUS_KEYS), *self.client.tell_waiting(0, 1000, _STATUS_KEYS)]:
+            if raw.get("infoHash"):
+                found.append(self._status(raw["gid"], raw))
+        return found
+
     def status(self, gid: str) -> TaskStatus:
-        raw = self.client.tell_status(gid, _STATUS_KEYS)
+        return self._status(gid, self.client.tell_status(gid, _STATUS_KEYS))
+
+    @staticmethod
+    def _status(gid: str, raw: dict) -> TaskStatus:
         used = []
         for f in raw.get("files", []):
             used.extend(u["uri"] for u in f.get("uris", []) if u.get("status") == "used")
@@ -174,6 +214,9 @@ class Aria2Process:
             used_uris=tuple(used),
             bitfield=raw.get("bitfield", ""),
             piece_length=int(raw.get("pieceLength", 0) or 0),
+            uploaded=int(raw.get("uploadLength", 0) or 0),
+            info_hash=raw.get("infoHash", ""),
+            dir=raw.get("dir", ""),
         )
 
     def forget(self, gid: str) -> None:

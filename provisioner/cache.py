@@ -5,6 +5,7 @@
     <cache>/current/<name> -> ../snapshots/<name>/<version>    swapped atomically
     <cache>/partial/                            aria2 downloads, their .aria2 control files, staging
     <cache>/quarantine/                         bytes that failed verification, kept for inspection
+    <cache>/torrents/<hex>.torrent              a blob's torrent, checked against its manifest (p2p only)
 
 Invariants: a file enters `blobs/` only after its sha256 matched; a snapshot directory
 appears under `snapshots/` only complete (built in `partial/` and renamed in), with
@@ -90,6 +91,10 @@ class CacheReader:
         self.current_dir = self.root / "current"
         self.partial_dir = self.root / "partial"
         self.quarantine_dir = self.root / "quarantine"
+        self.torrents_dir = self.root / "torrents"
+
+    def torrent_path(self, sha256: str) -> Path:
+        return self.torrents_dir / f"{sha256}.torrent"
 
     def blob_path(self, sha256: str) -> Path:
         return self.blobs_dir / sha256
@@ -159,8 +164,17 @@ class CacheWriter(CacheReader):
 
     def __init__(self, root: Path):
         super().__init__(root)
-        for d in (self.blobs_dir, self.snapshots_dir, self.current_dir, self.partial_dir, self.quarantine_dir):
+        for d in (self.blobs_dir, self.snapshots_dir, self.current_dir, self.partial_dir, self.quarantine_dir,
+                  self.torrents_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+    def save_torrent(self, sha256: str, data: bytes) -> Path:
+        """Keep a checked torrent beside its blob, so seeding needs no mirror after a restart."""
+        dest = self.torrent_path(sha256)
+        tmp = self.partial_dir / f".torrent-{sha256}"
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+        return dest
 
     # -- blobs ---------------------------------------------------------------------
     def add_blob(self, src: Path, sha256: str) -> Path:
@@ -283,6 +297,10 @@ class CacheWriter(CacheReader):
                     freed += blob.stat().st_size
                     blob.unlink()
                     removed_blobs += 1
+        if self.torrents_dir.is_dir():
+            for torrent in self.torrents_dir.glob("*.torrent"):
+                if torrent.name.removesuffix(".torrent") not in referenced:
+                    torrent.unlink(missing_ok=True)
         return {"snapshots": removed_snapshots, "blobs": removed_blobs, "bytes": freed}
 
     def clean_partials(self) -> int:

@@ -181,6 +181,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     Console().print(table)
     if daemon:
         click.echo(f"daemon: {daemon.get('state')} - {daemon.get('message', '')} (updated {daemon.get('updated')})")
+        if p2p := daemon.get("p2p"):
+            click.echo(f"p2p: {human_bytes(p2p['from_peers'])} from peers, {human_bytes(p2p['from_mirror'])} "
+                       f"from the mirror (web seeds), {human_bytes(p2p['uploaded'])} uploaded, "
+                       f"seeding {p2p['seeding']} file(s)")
     else:
         click.echo("daemon: no status file (not running?)")
 

@@ -15,6 +15,16 @@
     max_download_limit = "0"                 # per download, aria2 syntax (0 = unlimited)
     socket_recv_buffer = "1M"                # per connection; caps bytes lost to a crash
 
+    [p2p]                                    # off by default: docs/p2p.md
+    enabled = false
+    trackers = ["http://tracker.internal:6969/announce"]
+    listen_port = 6881
+    upload_limit = "50M"                     # all seeds together, aria2 syntax
+    node_id = ""                             # default: the host name
+    fleet = []                               # node ids of the fleet (ranking, see below)
+    web_seed_nodes = 1                       # nodes per file that start on the mirror
+    stall_seconds = 5.0                      # others add the mirror after this without progress
+
     [[mirrors]]
     name = "primary"
     endpoint = "http://minio-a.internal:9000"
@@ -132,6 +142,42 @@ class Aria2Config(_Strict):
     presign_expiry: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
 
 
+class P2PConfig(_Strict):
+    """Peer-to-peer distribution (docs/p2p.md). Off: every file comes from the mirrors."""
+    enabled: bool = False
+    trackers: list[str] = []
+    listen_port: Annotated[int, Field(ge=1024, le=65535)] = 6881
+    upload_limit: str = "50M"
+    seed: bool = True
+    node_id: str = ""
+    fleet: list[str] = []
+    web_seed_nodes: Annotated[int, Field(ge=0, le=1000)] = 1
+    stall_seconds: Annotated[float, Field(gt=0, le=3600)] = 5.0
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("http://", "https://", "udp://")):
+                raise ValueError(f"tracker {url!r} must be an http://, https:// or udp:// announce URL")
+            if "," in url:
+                raise ValueError(f"tracker {url!r} contains a comma")
+        return v
+
+    @field_validator("stall_seconds", mode="before")
+    @classmethod
+    def _seconds(cls, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError("must be a number of seconds")
+        return float(v)
+
+    @model_validator(mode="after")
+    def _needs_a_tracker(self) -> "P2PConfig":
+        if self.enabled and not self.trackers:
+            raise ValueError("p2p is enabled but no trackers are configured")
+        return self
+
+
 class ProvisionerConfig(_Strict):
     cache_dir: Path = Path("/var/cache/tts-fleet")
     runtime_dir: Path = Path("/run/tts-provisioner")
@@ -142,6 +188,7 @@ class ProvisionerConfig(_Strict):
     disk_margin_mb: Annotated[int, Field(ge=0)] = 256
     log_level: LogLevel = "info"
     aria2: Aria2Config = Aria2Config()
+    p2p: P2PConfig = P2PConfig()
     mirrors: Annotated[list[MirrorConfig], Field(min_length=1)]
     models: Annotated[list[ModelConfig], Field(min_length=1)]
 

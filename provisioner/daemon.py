@@ -20,6 +20,7 @@ import requests.exceptions
 import structlog
 
 from .aria2 import Aria2Error, Aria2Process
+from .p2p import Seeder
 from .cache import CacheWriter, Snapshot
 from .config import ProvisionerConfig
 from .download import DownloadError
@@ -82,16 +83,19 @@ class Provisioner:
         self.cache: CacheWriter | None = None
         self.aria2: Aria2Process | None = None
         self.syncer: Syncer | None = None
+        self.seeder: Seeder | None = None
         self._heartbeat = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
         self.lock.acquire()
         self.cache = CacheWriter(self.config.cache_dir)
-        self.aria2 = Aria2Process(self.config.aria2, self.cache.partial_dir)
+        self.aria2 = Aria2Process(self.config.aria2, self.cache.partial_dir, self.config.p2p)
         self.aria2.start()
         self.syncer = Syncer(self.config, self.cache, make_mirror_set(self.config), self.aria2,
                              self.reporter, self.stop_event)
+        self.seeder = Seeder(self.syncer.p2p) if self.syncer.p2p else None
+        self.update_seeding()
         for model in self.config.models:
             cur = self.cache.current(model.name)
             self.status.model(model.name).current_version = cur.version if cur else None
@@ -115,6 +119,26 @@ class Provisioner:
         if not self.aria2.alive():
             log.warning("aria2c is not running; restarting it")
             self.aria2.start()
+            self.update_seeding()
+
+    def update_seeding(self, reconcile: bool = True) -> None:
+        """Seed what the kept snapshots reference (after start, each pass, each restart
+        of aria2c) and put the p2p totals into the status; between passes only the
+        totals are refreshed (reconcile=False), every few seconds."""
+        if self.seeder is None:
+            return
+        try:
+            seeding = self.seeder.reconcile() if reconcile else self.seeder.counts()
+        except (requests.exceptions.RequestException, Aria2Error, OSError) as exc:
+            log.warning("cannot update seeding", error=str(exc))
+            return
+        p2p = self.syncer.p2p
+        doc = {"from_peers": p2p.peer_bytes, "from_mirror": p2p.mirror_bytes,
+               "uploaded": p2p.uploaded_by_downloads + seeding["uploaded"], "seeding": seeding["seeding"]}
+        if doc != self.status.p2p:
+            self.status.p2p = doc
+            if not reconcile:
+                self.reporter.publish(self.status.message)
 
     # -- one pass --------------------------------------------------------------------
     def sync_once(self) -> dict:
@@ -134,6 +158,7 @@ class Provisioner:
                     self.aria2.stop()
                     self.aria2.start()
         self.status.syncs_completed += 1
+        self.update_seeding()
         failed = {k: v for k, v in results.items() if isinstance(v, Exception)}
         self.status.ready = self.all_current()
         self.status.state = "idle" if not failed else ("degraded" if self.status.ready else "error")
@@ -225,6 +250,8 @@ class Provisioner:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
+                    if not self.wake.is_set():
+                        self.update_seeding(reconcile=False)
                     if self.wake.wait(timeout=min(remaining, 5.0)):
                         self.wake.clear()
                         changed = watcher.take()

@@ -30,6 +30,7 @@ from .cache import CacheWriter
 from .config import Aria2Config
 from mirror.hashing import PrefixHasher, complete_prefix_bytes, sha256_file
 from .mirrors import MirrorSet
+from .p2p import PeerFetch, PeerToPeer
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +38,9 @@ POLL_SECONDS = 0.1
 # Hash a downloading file's completed prefix once this much new data is contiguous.
 PREFIX_STEP = 16 * 1024 * 1024
 MAX_REPRESIGNS = 6
+# A torrent task with its web seed that still makes no progress for this many
+# stall_seconds falls back to plain HTTP.
+HTTP_FALLBACK_STALLS = 12
 
 
 class DownloadError(Exception):
@@ -64,19 +68,34 @@ class _Job:
     one_mirror: bool = False  # after a mismatch from mixed mirrors: try them one at a time
     hasher: PrefixHasher | None = None
     prefix_task: Future | None = None
+    peers: PeerFetch | None = None  # fetched with BitTorrent (p2p.py)
+    torrent: bytes | None = None
+    http_only: bool = False  # after a mismatch of bytes that peers may have sent
 
 
 ProgressFn = Callable[[int, int, int], None]  # (bytes done, bytes total, files done)
 
 
+def _http_control_file(control) -> bool:
+    """Is this an HTTP download's .aria2 control file? (Its header's info-hash length,
+    bytes 6-9 big-endian, is 0; a torrent's holds 20.)"""
+    try:
+        with open(control, "rb") as f:
+            header = f.read(10)
+    except FileNotFoundError:
+        return False
+    return len(header) == 10 and int.from_bytes(header[6:10], "big") == 0
+
+
 class Downloader:
     def __init__(self, aria2: Aria2Process, cache: CacheWriter, mirrors: MirrorSet, cfg: Aria2Config,
-                 hash_workers: int = 2):
+                 hash_workers: int = 2, p2p: PeerToPeer | None = None):
         self.aria2 = aria2
         self.cache = cache
         self.mirrors = mirrors
         self.cfg = cfg
         self.hash_workers = hash_workers
+        self.p2p = p2p
 
     def fetch(self, name: str, version: str, entries: list[FileEntry], progress: ProgressFn | None = None,
               stop: threading.Event | None = None) -> None:
@@ -109,8 +128,62 @@ class Downloader:
                                     f"(excluded: {sorted(job.excluded)})")
             job.uri_mirror = {url: mirror for mirror, url in urls}
             job.hasher = PrefixHasher(data)
-            job.gid = self.aria2.add([url for _, url in urls], out=sha)
+            if self.p2p and not job.http_only and _http_control_file(control):
+                job.http_only = True  # an HTTP download resumes as one: its bytes are kept
+            torrent = self.p2p.torrent(job.entry) if self.p2p and not job.http_only else None
+            job.torrent = torrent
+            if torrent is not None:
+                # BitTorrent writes partial/<sha256> too (the torrent's name): resume,
+                # the prefix hasher and verification work as for HTTP.
+                # A resumed partial's bytes were fetched before: not counted again (an
+                # upper bound: aria2 allocates sparse files, so this is the size it reached).
+                resumed = data.stat().st_size if data.exists() and control.exists() else 0
+                job.peers = PeerFetch(self.p2p.web_seed_first(job.entry), time.monotonic(), resumed)
+                seeds = [url for _, url in urls] if job.peers.web_seeded else []
+                self.p2p.stop_seeding(job.entry.btih)  # a repair: the damaged blob's seed must go
+                job.gid = self.aria2.add_torrent(torrent, seeds, partial, self.p2p.task_options())
+                log.info("fetching from peers", file=job.entry.path, web_seed=job.peers.web_seeded)
+            else:
+                job.peers = None
+                job.gid = self.aria2.add([url for _, url in urls], out=sha)
             active[job.gid] = job
+
+        def watch_peers(job: _Job, st, now: float) -> None:
+            """Give a download the mirror when peers stall; HTTP when nothing helps."""
+            peers = job.peers
+            if st.completed > peers.last_completed:
+                peers.last_completed, peers.last_progress = st.completed, now
+                return
+            stalled = now - peers.last_progress
+            if stalled < self.p2p.cfg.stall_seconds:
+                return
+            if peers.web_seeded and stalled > HTTP_FALLBACK_STALLS * self.p2p.cfg.stall_seconds:
+                # Neither peers nor the web seed bring anything: plain HTTP, which
+                # reports mirror errors the way the rest of this loop handles them.
+                log.warning("no progress from peers or web seed: fetching over HTTP only",
+                            file=job.entry.path, stalled_s=round(stalled, 1))
+                self.aria2.forget(job.gid)
+                del active[job.gid]
+                for suffix in ("", ".aria2"):  # a torrent's control file does not resume over HTTP
+                    (partial / f"{job.entry.sha256}{suffix}").unlink(missing_ok=True)
+                job.http_only, job.peers, job.torrent = True, None, None
+                retry(job, 0.0)
+                return
+            # Peers brought nothing for stall_seconds: add the mirror as a web seed (or,
+            # on a long download, refresh its presigned URLs before they expire).
+            if peers.web_seeded and now - peers.web_seeded_at < self.cfg.presign_expiry / 2:
+                return
+            urls = self.mirrors.presigned_urls(name, version, job.entry.path, self.cfg.presign_expiry,
+                                               exclude=job.excluded)
+            if urls:
+                self.aria2.set_web_seeds(job.gid, [url for _, url in urls])
+                job.uri_mirror = {url: mirror for mirror, url in urls}
+            if not peers.web_seeded:
+                log.info("no progress from peers: adding the mirror", file=job.entry.path,
+                         stalled_s=round(stalled, 1))
+                peers.last_progress = now  # the mirror gets its own stall window
+                peers.completed_at_web_seed = st.completed
+            peers.web_seeded, peers.web_seeded_at = True, now
 
         def finish_hash(job: _Job) -> str:
             """Digest of the downloaded file: the prefix hasher's, re-checked from scratch
@@ -156,11 +229,17 @@ class Downloader:
                 for gid, job in list(active.items()):
                     st = self.aria2.status(gid)
                     job.completed = st.completed
+                    if job.peers is not None and st.status == "active":
+                        watch_peers(job, st, now)
+                        if gid not in active:
+                            continue
                     if st.status == "active" and job.hasher and (job.prefix_task is None or job.prefix_task.done()):
                         ready = complete_prefix_bytes(st.bitfield, st.piece_length, st.total)
                         if ready - job.hasher.offset >= PREFIX_STEP:
                             job.prefix_task = pool.submit(job.hasher.advance, ready)
                     if st.status == "complete":
+                        if job.peers is not None:
+                            self.p2p.finished(job.peers, job.entry.size, st.uploaded)
                         self.aria2.forget(gid)
                         del active[gid]
                         hashing[pool.submit(finish_hash, job)] = job
@@ -186,6 +265,8 @@ class Downloader:
                     if digest == job.entry.sha256 and size == job.entry.size:
                         self.cache.add_blob(data, digest)
                         (partial / f"{digest}.aria2").unlink(missing_ok=True)
+                        if job.torrent is not None and self.p2p.cfg.seed:
+                            self.p2p.seed(job.torrent)
                         done_bytes += job.entry.size
                         files_done += 1
                         job.completed = 0
@@ -199,7 +280,10 @@ class Downloader:
                     if job.failures > self.cfg.max_tries:
                         raise DownloadError(f"{name}/{version}: {job.entry.path}: checksum mismatch from "
                                             f"mirrors {used} after {job.failures} attempts")
-                    if len(used) == 1:
+                    if job.peers is not None:
+                        # Peers are unauthenticated: fetch it again over HTTP only.
+                        job.http_only, job.peers, job.torrent = True, None, None
+                    elif len(used) == 1:
                         job.excluded |= set(used)
                     else:
                         # Bytes came from several mirrors: find the bad one by trying each alone.

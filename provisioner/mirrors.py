@@ -165,6 +165,17 @@ class MirrorSet:
         except ManifestError as exc:
             raise ManifestRejected(f"malformed manifest: {exc}") from None
 
+    def fetch_torrent(self, sha256: str) -> bytes:
+        """A file's torrent from the first mirror that has it (checked by the caller)."""
+        errors = []
+        for source in self.sources:
+            try:
+                data, _ = source.get(layout.torrent_key(sha256))
+                return data
+            except MirrorError as exc:
+                errors.append(str(exc))
+        raise MirrorError(f"no mirror has the torrent of {sha256}: " + "; ".join(errors))
+
     def presigned_urls(self, name: str, version: str, path: str, expires: int,
                        exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
         """[(mirror name, presigned URL)] for one file, in priority order."""

@@ -85,7 +85,7 @@ class ProgressReporter:
             self._rate[model] = (now, done, rate)
         m.bytes_done, m.bytes_total, m.files_done = done, total, files_done
         m.rate_bps = round(rate, 1)
-        m.eta_s = round((total - done) / rate, 1) if rate > 0 else None
+        m.eta_s = round((total - done) / rate, 1) if rate >= 1 else None
         if self._bar and model in self._tasks:
             self._bar.update(self._tasks[model], completed=done)
         pct = 100.0 * done / total if total else 100.0

@@ -10,6 +10,11 @@ Written atomically (temp file + rename) to `<runtime_dir>/status.json`:
       "ready": true,                      # every tracked model has a complete current snapshot
       "syncs_completed": 3,               # increments after each sync pass
       "message": "...",                   # the same text as systemd's STATUS=
+      "p2p": null | {                     # [p2p] enabled: totals since the daemon started
+        "from_peers": 0, "from_mirror": 0,  # bytes fetched by BitTorrent; from_mirror: bytes that
+                                            # arrived while the mirror was a web seed (upper bound)
+        "uploaded": 0, "seeding": 0         # bytes sent to peers; blobs being seeded
+      },
       "models": {
         "<name>": {
           "current_version": "1.0.0" | null,
@@ -62,6 +67,7 @@ class ProvisionerStatus:
     syncs_completed: int = 0
     message: str = ""
     models: dict[str, ModelStatus] = field(default_factory=dict)
+    p2p: dict[str, int] | None = None
 
     def model(self, name: str) -> ModelStatus:
         return self.models.setdefault(name, ModelStatus())

@@ -24,6 +24,7 @@ from .download import DownloadError, Downloader
 from mirror.hashing import sha256_file
 from .hold import read_hold, release_hold
 from .mirrors import MirrorError, MirrorSet
+from .p2p import PeerToPeer
 from .progress import ProgressReporter, human_bytes
 
 log = structlog.get_logger(__name__)
@@ -91,7 +92,8 @@ class Syncer:
         self.aria2 = aria2
         self.reporter = reporter
         self.stop = stop or threading.Event()
-        self.downloader = Downloader(aria2, cache, mirrors, config.aria2)
+        self.p2p = PeerToPeer(config.p2p, cache, mirrors, aria2) if config.p2p.enabled else None
+        self.downloader = Downloader(aria2, cache, mirrors, config.aria2, p2p=self.p2p)
 
     def sync_all(self) -> dict[str, SyncResult | Exception]:
         results: dict[str, SyncResult | Exception] = {}

@@ -8,6 +8,9 @@
     cpu_fallback = true                      # CUDA unusable -> run on the CPU
     threads = 0                              # CPU cores per synthesis (engine lanes), 0 = one per core
     max_batch_size = 8
+    max_batch_ids = 800                      # a batch's padded size: longest utterance x batch size
+    max_utterance_ids = 400                  # longer sentences are cut (clause, word, anywhere)
+    max_request_ids = 12500                  # per request (all utterances), 413 past it
     max_wait_ms = 10                         # how long the worker waits to fill a batch
     queue_size = 64                          # queued sentences beyond it get 503
     deadline_s = 60                          # per request, 504 past it
@@ -55,6 +58,10 @@ class RuntimeConfig(BaseModel):
     cpu_fallback: bool = True
     threads: Annotated[int, Field(ge=0, le=256)] = 0
     max_batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    # Cost bounds, measured in bench/results/bounds.md (docs/runtime.md "Bounds").
+    max_batch_ids: Annotated[int, Field(ge=32, le=1_000_000)] = 800
+    max_utterance_ids: Annotated[int, Field(ge=32, le=100_000)] = 400
+    max_request_ids: Annotated[int, Field(ge=32, le=10_000_000)] = 12500
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 10.0
     queue_size: Annotated[int, Field(ge=1, le=100_000)] = 64
     deadline_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
@@ -108,6 +115,10 @@ class RuntimeConfig(BaseModel):
     def _batch_vs_queue(self) -> "RuntimeConfig":
         if self.queue_size < self.max_batch_size:
             raise ValueError("queue_size must be at least max_batch_size")
+        if self.max_batch_ids < self.max_utterance_ids:
+            raise ValueError("max_batch_ids must be at least max_utterance_ids (one utterance must fit a batch)")
+        if self.max_request_ids < self.max_utterance_ids:
+            raise ValueError("max_request_ids must be at least max_utterance_ids")
         return self
 
     @property

@@ -108,7 +108,7 @@ def synth_local(config: RuntimeConfig, text: str, *, voice: str, fmt: str, rate:
     from . import audio
     from .engine import UnknownSpeakerError
     from .gate import ReadinessGate
-    from .models import join_sentences, load_engine, plan_requests, synthesize_local
+    from .models import join_sentences, load_engine, plan_utterances, synthesize_local
 
     if fmt not in audio.SUPPORTED_FORMATS:
         raise click.UsageError(f"unsupported format {fmt!r}; use one of {sorted(audio.SUPPORTED_FORMATS)}")
@@ -120,11 +120,12 @@ def synth_local(config: RuntimeConfig, text: str, *, voice: str, fmt: str, rate:
     engine = load_engine(config, result.snapshot)
     try:
         try:
-            requests = plan_requests(engine, text, seed=seed, length_scale=length_scale, noise_scale=noise_scale,
-                                     noise_w=noise_w, speed=speed, speaker=speaker)
+            requests, pauses = plan_utterances(engine, text, seed=seed, length_scale=length_scale,
+                                               noise_scale=noise_scale, noise_w=noise_w, speed=speed,
+                                               speaker=speaker)
         except UnknownSpeakerError as exc:
             raise ApiError(f"speaker: {exc}") from None
-        wave = join_sentences(synthesize_local(engine, requests, config.max_batch_size), engine.sample_rate)
+        wave = join_sentences(synthesize_local(engine, requests, config.max_batch_size), engine.sample_rate, pauses)
         return audio.encode(wave, engine.sample_rate, fmt, target_rate=rate, volume=volume)
     finally:
         engine.close()

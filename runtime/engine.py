@@ -102,6 +102,15 @@ def _release_freed_heap() -> None:
         _MALLOC_TRIM(0)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA OOM, or the CPU allocator refusing (a RuntimeError, e.g. under MemoryMax=)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("DefaultCPUAllocator" in text or "not enough memory" in text
+                                              or "can't allocate memory" in text)
+
+
 def _resolve_device(device: str, cpu_fallback: bool) -> torch.device:
     if device == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -342,7 +351,9 @@ class Engine:
                 with torch.inference_mode():
                     wave = model.infer_progressive(*inputs[:-1], first_frames, first, self._lanes,
                                                    inputs[-1]).float().cpu().numpy()
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not _out_of_memory(exc):
+                    raise
                 if self._device.type == "cuda":
                     torch.cuda.empty_cache()
                 wave = self._run(model, [req], self._device)[0]  # CPU fallback / EngineOOMError as usual
@@ -360,7 +371,9 @@ class Engine:
     def _run(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device) -> list[np.ndarray]:
         try:
             return self._forward(model, reqs, dev)
-        except torch.OutOfMemoryError as exc:
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             if len(reqs) > 1:
@@ -409,18 +422,19 @@ class Engine:
     def synthesize_text(self, text: str, *, seed: int = 0, length_scale: float | None = None,
                         noise_scale: float | None = None, noise_w: float | None = None,
                         speaker: int | str | None = None) -> np.ndarray:
-        """Front end + every sentence (sentence k uses seed + k), joined with a short pause."""
+        """Front end + every utterance (utterance k uses seed + k), sentences joined with a short
+        pause, the pieces of a sentence cut for length with none."""
         speaker_id = self.speaker_id(speaker)
-        sentences = self.frontend.text_to_sentence_ids(text)
-        reqs = [SynthesisRequest(ids, seed=seed + k, length_scale=length_scale, noise_scale=noise_scale,
-                                 noise_w=noise_w, speaker=speaker_id) for k, ids in enumerate(sentences)]
+        utterances = self.frontend.text_to_utterances(text)
+        reqs = [SynthesisRequest(u.ids, seed=seed + k, length_scale=length_scale, noise_scale=noise_scale,
+                                 noise_w=noise_w, speaker=speaker_id) for k, u in enumerate(utterances)]
         waves: list[np.ndarray] = []
         for start in range(0, len(reqs), TEXT_BATCH):
             waves.extend(self.synthesize_batch(reqs[start:start + TEXT_BATCH]))
         pause = np.zeros(int(SENTENCE_PAUSE_S * self.sample_rate), dtype=np.float32)
         parts: list[np.ndarray] = []
         for k, w in enumerate(waves):
-            if k:
+            if k and utterances[k - 1].ends_sentence:
                 parts.append(pause)
             parts.append(w)
         return np.concatenate(parts).astype(np.float32, copy=False)

@@ -5,10 +5,11 @@ piper-tts is GPL; it is used here as a library only (EspeakPhonemizer, phonemes_
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import unicodedata
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -22,7 +23,20 @@ _ABBREVIATIONS = {
     "inc", "ltd", "co", "corp", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept",
     "oct", "nov", "dec", "approx", "dept", "fig", "gen", "gov", "lt", "col", "capt", "sgt",
 }
-_SENTENCE_END = re.compile(r"([.!?…]+[\"'”’)\]]*)(\s+)")
+# Latin sentence ends need a following space ("3.14", "e.g.x" stay whole); CJK, Devanagari,
+# Arabic/Urdu and Ethiopic ends stand alone (those scripts put no space after them).
+_SENTENCE_END = re.compile(
+    r"([.!?…]+[\"'”’)\]]*)(\s+)|([。！？；｡।॥؟۔።፧]+[\"'”’)\]」』）]*)(\s*)"
+)
+# Clause ends inside a sentence: where an over-long sentence is cut first.
+# Latin marks need a following space, so "1,000" and "12:30" stay whole.
+_CLAUSE_END = re.compile(r"[,;:]+[\"'”’)\]]*\s+|[，、；：،؛]+[\"'”’)\]」』）]*\s*|\s+-\s+")
+# Longest utterance (phoneme ids, BOS/EOS included) the engine is given; the runtime's
+# `max_utterance_ids` (docs/runtime.md "Bounds" has the measurements behind the default:
+# memory grows with the square of an utterance, and one utterance is the least a short
+# request may have to wait for). 400 ids are about 17 s of speech.
+DEFAULT_MAX_UTTERANCE_IDS = 400
+MIN_UTTERANCE_IDS = 32
 # Typographic variants folded to what espeak and the phoneme map know.
 _FOLD = str.maketrans({
     "\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": " - ",
@@ -41,8 +55,17 @@ class EmptyTextError(ValueError):
     """Nothing speakable was left after normalization."""
 
 
+class Utterance(NamedTuple):
+    """One piece of engine work: its ids, and whether a sentence ends with it (then the
+    sentence pause follows; a sentence cut for length joins its next piece with none)."""
+
+    ids: list[int]
+    ends_sentence: bool
+
+
 class TextFrontend:
-    def __init__(self, voice_config: dict[str, Any], max_chars: int = 5000):
+    def __init__(self, voice_config: dict[str, Any], max_chars: int = 5000,
+                 max_utterance_ids: int = DEFAULT_MAX_UTTERANCE_IDS):
         self.phoneme_type: str = str(voice_config.get("phoneme_type") or "espeak")
         if self.phoneme_type not in ("espeak", "text"):
             raise ValueError(f"phoneme_type {self.phoneme_type!r} is not supported (espeak, text)")
@@ -57,7 +80,10 @@ class TextFrontend:
                 raise ValueError(f"phoneme_id_map lacks the special symbol {sym!r}")
         if max_chars <= 0:
             raise ValueError(f"max_chars must be positive, got {max_chars}")
+        if max_utterance_ids < MIN_UTTERANCE_IDS:
+            raise ValueError(f"max_utterance_ids must be at least {MIN_UTTERANCE_IDS}, got {max_utterance_ids}")
         self.max_chars = max_chars
+        self.max_utterance_ids = max_utterance_ids
         # piper merges these vowel sequences into one phoneme (e.g. a + ɪ -> aɪ) when a voice
         # was trained with them; `phoneme_map` is NOT applied: piper 1.8 does not read it
         clusters = voice_config.get("vowel_clusters") or []
@@ -103,15 +129,20 @@ class TextFrontend:
         return re.sub(r"\s+", " ", "".join(kept)).strip()
 
     def sentences(self, text: str) -> list[str]:
-        """Split normalized text at . ! ? (not after common abbreviations or initials)."""
+        """Split normalized text at . ! ? (not after common abbreviations or initials) and at
+        the sentence ends of other scripts (。！？； । ؟ ۔ ...)."""
         text = self.normalize(text)
         out: list[str] = []
         start = 0
         for m in _SENTENCE_END.finditer(text):
-            before = text[start:m.start()].rsplit(" ", 1)[-1].lower().rstrip(".")
-            if m.group(1).startswith(".") and (before in _ABBREVIATIONS or (len(before) == 1 and before.isalpha())):
-                continue
-            out.append(text[start:m.end(1)].strip())
+            if m.group(1) is not None:
+                before = text[start:m.start()].rsplit(" ", 1)[-1].lower().rstrip(".")
+                if m.group(1).startswith(".") and (before in _ABBREVIATIONS or (len(before) == 1 and before.isalpha())):
+                    continue
+                end = m.end(1)
+            else:
+                end = m.end(3)
+            out.append(text[start:end].strip())
             start = m.end()
         out.append(text[start:].strip())
         return [s for s in out if any(ch.isalnum() for ch in s)]
@@ -147,8 +178,70 @@ class TextFrontend:
         return phonemes_to_ids(known, self.id_map)
 
     def text_to_sentence_ids(self, text: str) -> list[list[int]]:
-        """Whole text -> one id list per sentence; EmptyTextError when nothing is speakable."""
-        result = [ids for ids in (self.to_ids(s) for s in self.sentences(text)) if ids]
+        """Whole text -> one id list per utterance (see text_to_utterances)."""
+        return [u.ids for u in self.text_to_utterances(text)]
+
+    def text_to_utterances(self, text: str) -> list[Utterance]:
+        """Whole text -> utterances of at most max_utterance_ids ids each: one per sentence,
+        over-long sentences cut (bounded_ids). EmptyTextError when nothing is speakable."""
+        result: list[Utterance] = []
+        for sentence in self.sentences(text):
+            pieces = self.bounded_ids(sentence)
+            result.extend(Utterance(ids, k == len(pieces) - 1) for k, ids in enumerate(pieces))
         if not result:
             raise EmptyTextError("text contains nothing speakable")
         return result
+
+    def bounded_ids(self, sentence: str) -> list[list[int]]:
+        """A sentence's ids, cut into pieces of at most max_utterance_ids: at clause
+        punctuation, else between words, else anywhere (one long word, or a script written
+        without spaces). Pieces are as long as fits, so cuts are few; the attention of the
+        text encoder grows with the square of an utterance, which is what this bounds."""
+        limit = self.max_utterance_ids
+        ids = self.to_ids(sentence)
+        if len(ids) <= limit:
+            return [ids] if ids else []
+        pieces = _clauses(sentence)
+        joiner = " "
+        if len(pieces) < 2:
+            pieces = sentence.split(" ")
+        if len(pieces) < 2:
+            parts = math.ceil(len(ids) / (0.8 * limit))
+            size = math.ceil(len(sentence) / parts)
+            pieces, joiner = [sentence[i:i + size] for i in range(0, len(sentence), size)], ""
+            if len(pieces) < 2:  # a single character beyond the bound (never seen; a safety net)
+                return self._cut_ids(ids)
+        # Pack consecutive pieces up to ~80% of the bound by their share of characters; a
+        # group that still phonemizes too long is cut again (each step is strictly shorter).
+        budget = max(1.0, 0.8 * limit * len(sentence) / len(ids))
+        groups: list[list[str]] = [[]]
+        size = 0
+        for piece in pieces:
+            if groups[-1] and size + len(piece) > budget:
+                groups.append([])
+                size = 0
+            groups[-1].append(piece)
+            size += len(piece) + len(joiner)
+        if len(groups) == 1:  # the estimate said it fits but it did not: halve
+            groups = [pieces[: len(pieces) // 2], pieces[len(pieces) // 2:]]
+        out: list[list[int]] = []
+        for group in groups:
+            out.extend(self.bounded_ids(joiner.join(group).strip()))
+        return out
+
+    def _cut_ids(self, ids: list[int]) -> list[list[int]]:
+        bos, eos = ids[0], ids[-1]
+        inner = ids[1:-1]
+        step = (self.max_utterance_ids - 2) // 2 * 2  # whole (symbol, PAD) pairs
+        return [[bos, *inner[i:i + step], eos] for i in range(0, len(inner), step)]
+
+
+def _clauses(sentence: str) -> list[str]:
+    """A sentence cut after each clause mark (the mark stays with its clause)."""
+    out, start = [], 0
+    for m in _CLAUSE_END.finditer(sentence):
+        if m.end() < len(sentence) and sentence[start:m.end()].strip():
+            out.append(sentence[start:m.end()].strip())
+            start = m.end()
+    out.append(sentence[start:].strip())
+    return [p for p in out if p]

@@ -60,7 +60,12 @@ def default_length_scale(engine: Any) -> float:
     return float(getattr(engine, "defaults", {}).get("length_scale", 1.0))
 
 
-def plan_requests(
+def plan_requests(engine: Any, text: str, **options: Any) -> list[Any]:
+    """One SynthesisRequest per utterance (plan_utterances without the pauses)."""
+    return plan_utterances(engine, text, **options)[0]
+
+
+def plan_utterances(
     engine: Any,
     text: str,
     *,
@@ -70,18 +75,22 @@ def plan_requests(
     noise_w: float | None = None,
     speed: float | None = None,
     speaker: int | str | None = None,
-) -> list[Any]:
-    """One SynthesisRequest per sentence, seeded like Engine.synthesize_text (seed + k).
-    Raises the frontend's TextTooLongError / EmptyTextError, the engine's UnknownSpeakerError."""
+) -> tuple[list[Any], list[bool]]:
+    """One SynthesisRequest per utterance (a sentence, or a piece of one cut for length),
+    seeded like Engine.synthesize_text (seed + k), and for each whether the sentence pause
+    follows it (join_sentences). Raises the frontend's TextTooLongError / EmptyTextError, the
+    engine's UnknownSpeakerError."""
     from .engine import SynthesisRequest
 
     scale = effective_length_scale(engine, length_scale, speed)
     speaker_id = engine.speaker_id(speaker) if hasattr(engine, "speaker_id") else None
-    return [
-        SynthesisRequest(phoneme_ids=tuple(ids), seed=sentence_seed(seed, i), length_scale=scale,
+    utterances = engine.frontend.text_to_utterances(text)
+    requests = [
+        SynthesisRequest(phoneme_ids=tuple(u.ids), seed=sentence_seed(seed, i), length_scale=scale,
                          noise_scale=noise_scale, noise_w=noise_w, speaker=speaker_id)
-        for i, ids in enumerate(engine.frontend.text_to_sentence_ids(text))
+        for i, u in enumerate(utterances)
     ]
+    return requests, [u.ends_sentence for u in utterances]
 
 
 def silence(sample_rate: int) -> np.ndarray:
@@ -91,13 +100,15 @@ def silence(sample_rate: int) -> np.ndarray:
     return np.zeros(int(SENTENCE_PAUSE_S * sample_rate), dtype=np.float32)
 
 
-def join_sentences(waves: list[np.ndarray], sample_rate: int) -> np.ndarray:
+def join_sentences(waves: list[np.ndarray], sample_rate: int, pauses: list[bool] | None = None) -> np.ndarray:
+    """Utterances -> one waveform: the sentence pause after each utterance whose `pauses`
+    entry is true (all of them when None); pieces of one cut sentence join directly."""
     if not waves:
         return np.zeros(0, dtype=np.float32)
     gap = silence(sample_rate)
     parts: list[np.ndarray] = []
     for i, wave in enumerate(waves):
-        if i:
+        if i and (pauses is None or pauses[i - 1]):
             parts.append(gap)
         parts.append(np.asarray(wave, dtype=np.float32))
     return np.concatenate(parts)
@@ -136,10 +147,12 @@ class LoadedModel:
 def load_engine(config: RuntimeConfig, snapshot: Snapshot) -> Any:
     from .engine import Engine
 
-    return Engine.load(
+    engine = Engine.load(
         snapshot.path, device=config.device, cpu_fallback=config.cpu_fallback, threads=config.threads or None,
         max_chars=config.max_chars,
     )
+    engine.frontend.max_utterance_ids = config.max_utterance_ids
+    return engine
 
 
 class ModelHolder:

@@ -1,12 +1,20 @@
 """Bounded queue + one inference worker thread with dynamic batching.
 
-A job is one sentence of one request. Jobs wait in a bounded list; admission is
-all-or-nothing per request, and a full queue is `QueueFull` (503 + Retry-After), never
-an unbounded backlog. The worker thread (the only place engine calls happen) takes the
-oldest eligible job, waits up to `max_wait` for company, and fills the batch with jobs
-of the same voice whose lengths are closest to it (less padding). Each job carries its
-own seed; the engine is batch-invariant per seed, so batching never changes a
-request's audio, and results go back through each job's own future.
+A job is one utterance (a sentence, or a piece of a long one) of one request. Jobs wait
+in a bounded list; admission is all-or-nothing per request, and a full queue is
+`QueueFull` (503 + Retry-After), never an unbounded backlog. Each job carries its own
+seed; the engine is batch-invariant per seed, so batching never changes a request's
+audio, and results go back through each job's own future.
+
+Batches (the worker thread is the only place engine calls happen):
+* Turn-taking: the next batch is anchored at the request that has waited longest since
+  its last batch finished (or since it arrived), so a short request waits behind at most
+  about one batch of a long one, never behind all of it, and no request starves.
+* Cost bound: a batch's padded size (longest utterance x batch size) stays within
+  `max_batch_ids` - one utterance alone always runs, and the front end bounds that
+  (`max_utterance_ids`). Batch-mates are the same voice's jobs closest in length to the
+  anchor, never one that would pad the batch past `MATE_STRETCH` x the anchor's length,
+  so a long utterance never drags short ones into a huge tensor.
 
 Deadlines: a job whose deadline passed before it ran is failed with
 `DeadlineExceeded` and dropped; a cancelled job (client gone, or the handler gave up)
@@ -37,6 +45,7 @@ log = structlog.get_logger(__name__)
 
 IDLE_TICK_S = 0.5  # the worker wakes at least this often (heartbeat for the watchdog)
 HOLD_FILE_ENV = "TTS_RUNTIME_HOLD_FILE"
+MATE_STRETCH = 1.25  # a batch-mate may pad the anchor's batch to at most this x its length
 
 
 class QueueFull(Exception):
@@ -66,6 +75,7 @@ class Job:
     # Set for a stream's first sentence: called from the worker thread with the first piece of
     # audio as soon as it exists (see Engine.synthesize_progressive); such a job runs alone.
     on_first_piece: Callable[[Any], None] | None = None
+    group: int = 0  # the request it belongs to (turn-taking is per request)
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -95,6 +105,7 @@ class Scheduler:
         holder: ModelHolder,
         *,
         max_batch_size: int = 8,
+        max_batch_ids: int = 2400,
         max_wait_ms: float = 10.0,
         queue_size: int = 64,
         on_batch: Callable[[str, int, float], None] | None = None,
@@ -103,10 +114,13 @@ class Scheduler:
         self.holder = holder
         self.hold_file = hold_file if hold_file is not None else os.environ.get(HOLD_FILE_ENV) or None
         self.max_batch_size = max_batch_size
+        self.max_batch_ids = max_batch_ids
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
         self.on_batch = on_batch
         self._pending: list[Job] = []
+        self._groups = 0
+        self._last_turn: dict[int, float] = {}  # request -> when its last batch finished
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -114,6 +128,9 @@ class Scheduler:
         self.batch_started: float | None = None
         self.batches_served = 0
         self.jobs_served = 0
+        # the largest work the engine has been given (status/metrics; tests check the bounds)
+        self.longest_utterance = 0
+        self.largest_batch_ids = 0
         self._batch_seconds = 0.5  # moving average, for Retry-After
 
     # -- client side (event loop) -------------------------------------------------
@@ -139,7 +156,8 @@ class Scheduler:
             # A request longer than the whole queue is still admitted into an empty queue.
             if self._pending and len(self._pending) + len(requests) > self.queue_size:
                 raise QueueFull(self.retry_after())
-            jobs = [Job(voice, req, deadline) for req in requests]
+            self._groups += 1
+            jobs = [Job(voice, req, deadline, group=self._groups) for req in requests]
             jobs[0].on_first_piece = on_first_piece
             if first_alone:
                 for job in jobs[1:]:
@@ -224,7 +242,7 @@ class Scheduler:
                 if eligible and not self.held():
                     break
                 self._cond.wait(IDLE_TICK_S)
-            anchor = eligible[0]
+            anchor = self._anchor(eligible)
             # Wait a little for batch-mates, measured from the anchor's arrival (a progressive
             # job takes none: it is there for its first byte).
             fill_until = anchor.enqueued + (0.0 if anchor.on_first_piece else self.max_wait)
@@ -235,21 +253,45 @@ class Scheduler:
                     break
                 self._cond.wait(left)
             self._drop_dead(time.monotonic())
-            candidates = [j for j in self._pending if j.voice == anchor.voice and j.eligible()]
-            if not candidates:
+            eligible = [j for j in self._pending if j.eligible()]
+            if not eligible:
                 return []
-            anchor = candidates[0]
-            if anchor.on_first_piece is not None:
-                chosen = [anchor]
-            else:
-                others = sorted((j for j in candidates[1:] if j.on_first_piece is None),
-                                key=lambda j: (abs(j.length - anchor.length), j.enqueued))
-                chosen = [anchor, *others[: self.max_batch_size - 1]]
+            if not any(j is anchor for j in eligible):  # cancelled or expired meanwhile
+                anchor = self._anchor(eligible)
+            chosen = self._fill(anchor, [j for j in eligible if j.voice == anchor.voice])
             picked = set(map(id, chosen))
             self._pending = [j for j in self._pending if id(j) not in picked]
             return [j for j in chosen if j.future.set_running_or_notify_cancel()]
 
+    def _anchor(self, eligible: list[Job]) -> Job:
+        """The first job of the request whose turn it is: the one waiting longest since its
+        last batch finished (a new request: since it arrived)."""
+        def waited_since(job: Job) -> tuple[float, int]:
+            return (self._last_turn.get(job.group, job.enqueued), job.group)
+
+        return min(eligible, key=waited_since)  # min keeps the first of equals: queue order
+
+    def _fill(self, anchor: Job, candidates: list[Job]) -> list[Job]:
+        """The anchor plus batch-mates, within max_batch_size and max_batch_ids."""
+        if anchor.on_first_piece is not None:
+            return [anchor]
+        cap = max(anchor.length * MATE_STRETCH, anchor.length + 8)
+        others = sorted((j for j in candidates if j is not anchor and j.on_first_piece is None and j.length <= cap),
+                        key=lambda j: (abs(j.length - anchor.length), j.enqueued))
+        chosen, padded = [anchor], anchor.length
+        for job in others:
+            if len(chosen) >= self.max_batch_size:
+                break
+            width = max(padded, job.length)
+            if width * (len(chosen) + 1) <= self.max_batch_ids:
+                chosen.append(job)
+                padded = width
+        return chosen
+
     def _execute(self, batch: list[Job]) -> None:
+        longest = max(job.length for job in batch)
+        self.longest_utterance = max(self.longest_utterance, longest)
+        self.largest_batch_ids = max(self.largest_batch_ids, longest * len(batch))
         now = time.monotonic()
         self.batch_started = now
         for job in batch:
@@ -261,6 +303,7 @@ class Scheduler:
                     raise ModelUnavailable(f"voice {batch[0].voice!r} is not loaded")
                 waves = self._synthesize(model.engine, batch)
             finished = time.monotonic()
+            self._took_turn(batch, finished)
             for job, wave in zip(batch, waves):
                 job.finished = finished
                 job.future.set_result(wave)
@@ -271,6 +314,7 @@ class Scheduler:
             if self.on_batch:
                 self.on_batch(batch[0].voice, len(batch), elapsed)
         except Exception as exc:
+            self._took_turn(batch, time.monotonic())
             log.error("batch failed", voice=batch[0].voice, size=len(batch), error=f"{type(exc).__name__}: {exc}")
             for job in batch:
                 job.finished = time.monotonic()
@@ -279,6 +323,15 @@ class Scheduler:
         finally:
             self.batch_started = None
             self.heartbeat = time.monotonic()
+
+    def _took_turn(self, batch: list[Job], when: float) -> None:
+        with self._cond:
+            for job in batch:
+                self._last_turn[job.group] = when
+            # forget requests with nothing left queued (the table stays as small as the queue)
+            waiting = {j.group for j in self._pending}
+            for group in [g for g in self._last_turn if g not in waiting]:
+                del self._last_turn[group]
 
     def _synthesize(self, engine: Any, batch: list[Job]) -> list[Any]:
         # CUDA out-of-memory (halve and retry, CPU fallback) is handled inside the engine.

@@ -38,7 +38,7 @@ from provisioner.notify import notify, watchdog_interval
 
 from . import audio
 from .config import RuntimeConfig
-from .models import LoadedModel, ModelManager, join_sentences, plan_requests, silence
+from .models import LoadedModel, ModelManager, join_sentences, plan_utterances, silence
 from .scheduler import DeadlineExceeded, Job, ModelUnavailable, QueueFull, Scheduler, WorkerStopped
 
 log = structlog.get_logger(__name__)
@@ -153,6 +153,7 @@ class Runtime:
         self.scheduler = Scheduler(
             self.manager.holder,
             max_batch_size=config.max_batch_size,
+            max_batch_ids=config.max_batch_ids,
             max_wait_ms=config.max_wait_ms,
             queue_size=config.queue_size,
             on_batch=self.metrics.observe_batch,
@@ -205,6 +206,9 @@ class Runtime:
                 "depth": s.depth,
                 "capacity": s.queue_size,
                 "max_batch_size": s.max_batch_size,
+                "max_batch_ids": s.max_batch_ids,
+                "largest_batch_ids": s.largest_batch_ids,  # since start: padded size of the largest batch
+                "longest_utterance_ids": s.longest_utterance,  # since start: longest utterance synthesized
                 "max_wait_ms": s.max_wait * 1000,
                 "held": s.held(),  # $TTS_RUNTIME_HOLD_FILE exists: no batch starts (drills, tests)
             },
@@ -324,11 +328,12 @@ def _require_voice(runtime: Runtime, voice: str, param: str) -> LoadedModel:
 
 async def _plan(runtime: Runtime, model: LoadedModel, text: str, param: str, speaker_param: str = "speaker",
                 **kwargs):
+    """The request's utterances and, for each, whether a sentence pause follows it."""
     from .engine import UnknownSpeakerError
     from .frontend import EmptyTextError, TextTooLongError
 
     try:
-        requests = await runtime.frontend(plan_requests, model.engine, text, **kwargs)
+        requests, pauses = await runtime.frontend(plan_utterances, model.engine, text, **kwargs)
     except UnknownSpeakerError as exc:
         raise ApiError(404, f"{speaker_param}: {exc}", "unknown_speaker", speaker_param) from None
     except TextTooLongError as exc:
@@ -337,7 +342,12 @@ async def _plan(runtime: Runtime, model: LoadedModel, text: str, param: str, spe
         raise ApiError(422, f"{param}: {exc}", "invalid_request_error", param) from None
     if not requests:
         raise ApiError(422, f"{param}: nothing to speak in this text", "invalid_request_error", param)
-    return requests
+    total = sum(len(r.phoneme_ids) for r in requests)
+    limit = runtime.config.max_request_ids
+    if total > limit:  # its audio and its time on the worker grow with it: refuse before queueing
+        raise ApiError(413, f"{param}: text is {total} phoneme ids, over the limit of {limit} (max_request_ids)",
+                       "text_too_long", param, limit={"max_request_ids": limit, "phoneme_ids": total})
+    return requests, pauses
 
 
 def _submit(runtime: Runtime, voice: str, requests: list, deadline: float, first_alone: bool = False,
@@ -400,6 +410,11 @@ def _job_error(exc: BaseException) -> ApiError:
         return ApiError(504, "synthesis did not finish within the deadline", "deadline_exceeded")
     if isinstance(exc, (ModelUnavailable, WorkerStopped)):
         return ApiError(503, str(exc), "not_ready", headers={"Retry-After": "5"})
+    from .engine import EngineOOMError  # lazily: torch is loaded by then
+
+    if isinstance(exc, EngineOOMError):  # halving the batch did not help; the worker goes on
+        log.error("synthesis out of memory", error=str(exc))
+        return ApiError(503, f"insufficient memory: {exc}", "insufficient_memory", headers={"Retry-After": "10"})
     log.error("synthesis failed", error=f"{type(exc).__name__}: {exc}")
     return ApiError(500, f"synthesis failed: {type(exc).__name__}", "synthesis_error")
 
@@ -435,7 +450,7 @@ async def _synthesize(
     model = _require_voice(runtime, voice, "voice")
     if stream and not _streamable(fmt):
         raise ApiError(422, f"format {fmt!r} cannot be streamed; use wav, pcm or mp3", "invalid_request_error", "format")
-    requests = await _plan(runtime, model, text, param, speaker_param, **scales)
+    requests, pauses = await _plan(runtime, model, text, param, speaker_param, **scales)
     deadline = time.monotonic() + runtime.config.deadline_s
     sr = model.engine.sample_rate
     out_rate = sample_rate or sr
@@ -472,7 +487,7 @@ async def _synthesize(
         raise
     if not stream:
         _timings(info, jobs)
-        wave = join_sentences(waves, sr)
+        wave = join_sentences(waves, sr, pauses)
         info["audio_s"] = len(wave) / sr
         headers["X-Audio-Seconds"] = f"{len(wave) / sr:.3f}"
         data = await run_in_threadpool(audio.encode, wave, sr, fmt, target_rate=sample_rate, volume=volume)
@@ -500,7 +515,7 @@ async def _synthesize(
                     _first_audio(info, len(wave) / sr)
                     produced += len(wave) / sr
                     wave = (await _await_jobs(runtime, None, [job], deadline))[0][len(wave):]
-                if i < len(jobs) - 1:
+                if i < len(jobs) - 1 and pauses[i]:
                     wave = np.concatenate([wave, silence(sr)])
                 produced += len(wave) / sr
                 info["audio_s"] = produced
@@ -542,8 +557,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         log.info("SIGHUP: re-checking the model cache")
         runtime.manager.request_reload()
 
-    # Room for the longest allowed text in JSON (escapes can take 6 bytes a character).
-    app = FastAPI(title="tts-runtime", lifespan=lifespan, max_body_size=config.max_chars * 6 + 16384,
+    # Room for the longest allowed text in JSON: a character outside the BMP escapes as a
+    # surrogate pair, 12 bytes ("\ud83d\ude00"); max_chars counts it as one.
+    app = FastAPI(title="tts-runtime", lifespan=lifespan, max_body_size=config.max_chars * 12 + 16384,
                   docs_url=None, redoc_url=None)
     app.state.runtime = runtime
 

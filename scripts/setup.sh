@@ -11,11 +11,17 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # systemd-analyze/-socket-activate/-sysusers/-tmpfiles and `systemd --user` for the unit
 # tests (tests/test_systemd*.py, tests/test_ansible.py); systemd need not be PID 1.
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+# The fleet's BitTorrent tracker (tests/test_tracker.py; ansible role tts_tracker).
+command -v opentracker >/dev/null 2>&1 || need_apt+=(opentracker)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]} with apt-get" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    if [[ " ${need_apt[*]} " == *" opentracker "* ]] && [ -d /run/systemd/system ]; then
+        # Only the tests run it; Debian's package would leave a tracker running on :6969.
+        $SUDO systemctl disable --now opentracker.service >/dev/null 2>&1 || true
+    fi
 fi
 
 extras="${TTS_FLEET_EXTRAS:-dev}"

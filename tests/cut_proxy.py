@@ -16,6 +16,7 @@ class CuttingProxy:
         self.rate = rate  # bytes per second per connection
         self.port = 0
         self.cuts = 0
+        self.bytes_down = 0  # response bytes passed to clients, all connections
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -63,6 +64,7 @@ class CuttingProxy:
                 c_writer.write(data)
                 await c_writer.drain()
                 sent += len(data)
+                self.bytes_down += len(data)
                 await asyncio.sleep(max(0.0, start + sent / self.rate - time.monotonic()))
             if sent >= self.cut_after:
                 self.cuts += 1

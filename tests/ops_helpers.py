@@ -23,8 +23,9 @@ VENV = Path(sys.executable).parent.parent
 VENV_BIN = VENV / "bin"
 # Where sandboxed services see the test venv (sandbox_prelude bind-mounts it there).
 SANDBOX_VENV = Path("/opt/tts-test-venv")
-UNITS = ["tts-provisioner.service", "tts-runtime.socket", "tts-runtime.service"]
-SERVICES = ["tts-provisioner.service", "tts-runtime.service"]
+UNITS = ["tts-provisioner.service", "tts-runtime.socket", "tts-runtime.service",
+         "tts-tracker.service", "tts-tracker-whitelist.service", "tts-tracker-whitelist.timer"]
+SERVICES = ["tts-provisioner.service", "tts-runtime.service", "tts-tracker.service", "tts-tracker-whitelist.service"]
 # Where the ansible role installs the venv; the units' ExecStart= point into it.
 INSTALLED_VENV = Path("/opt/tts-fleet/venv")
 
@@ -48,7 +49,8 @@ def make_fake_root(root: Path, gpu: bool = False) -> Path:
         for src in Path("/lib/systemd/system").glob(pattern):
             if src.is_file():
                 shutil.copy(src, lib / src.name)
-    for stub in ("opt/tts-fleet/venv/bin/tts-provisioner", "opt/tts-fleet/venv/bin/tts-runtime"):
+    for stub in ("opt/tts-fleet/venv/bin/tts-provisioner", "opt/tts-fleet/venv/bin/tts-runtime",
+                 "opt/tts-fleet/venv/bin/tts-mirror", "usr/bin/opentracker", "bin/systemctl"):
         path = root / stub
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/bin/sh\nexit 0\n")

@@ -121,10 +121,41 @@ def test_unknown_keys_are_rejected() -> None:
         parse(doc([entry(mode=0o755)]))
 
 
-@pytest.mark.parametrize("schema", [0, 2, "1", None])
+@pytest.mark.parametrize("schema", [0, 3, "1", "2", None, True])
 def test_wrong_schema_is_rejected(schema) -> None:
     with pytest.raises(ManifestError, match="schema"):
         parse(doc(schema=schema))
+
+
+BTIH = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_info_hashes_make_a_schema_2_manifest_and_round_trip() -> None:
+    with_torrent = Manifest.build("joe", "1.0", [FileEntry("a.bin", 3, SHA, btih=BTIH), FileEntry("e", 0, SHA)])
+    raw = json.loads(with_torrent.to_bytes())
+    assert raw["schema"] == 2 and raw["files"][0]["btih"] == BTIH and "btih" not in raw["files"][1]
+    assert Manifest.parse(with_torrent.to_bytes()) == with_torrent
+    # Without any info-hash the manifest stays schema 1: provisioners that predate
+    # peer-to-peer read it exactly as before.
+    plain = Manifest.build("joe", "1.0", [FileEntry("a.bin", 3, SHA)])
+    assert json.loads(plain.to_bytes())["schema"] == 1
+
+
+@pytest.mark.parametrize("btih, schema, message", [
+    (BTIH, 1, "unknown keys"),  # schema 1 has no info-hashes
+    (BTIH.upper(), 2, "btih must be 40 lowercase hex"),
+    (BTIH[:-1], 2, "btih must be 40 lowercase hex"),
+    (12, 2, "btih must be 40 lowercase hex"),
+])
+def test_bad_info_hashes_are_refused_naming_the_file(btih, schema, message) -> None:
+    with pytest.raises(ManifestError, match=message) as err:
+        parse(doc([entry("model.bin", btih=btih)], schema=schema))
+    assert "files[0]" in str(err.value)
+
+
+def test_an_empty_file_has_no_info_hash() -> None:
+    with pytest.raises(ManifestError, match="empty file cannot have a torrent"):
+        parse(doc([entry("empty.bin", size=0, btih=BTIH)], schema=2))
 
 
 def test_missing_schema_is_rejected() -> None:

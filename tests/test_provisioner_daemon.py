@@ -12,23 +12,9 @@ from pathlib import Path
 import pytest
 
 from provisioner.cache import CacheReader
-from tests.provisioner_helpers import BIN, make_keys, model_files, publish_raw, run_cli, write_config
+from tests.provisioner_helpers import BIN, make_keys, model_files, publish_raw, run_cli, wait_status, write_config
 
 SIZES = {"model.safetensors": 2_000_000, "voice.json": 1_000, "card.md": 300}
-
-
-def wait_status(path: Path, predicate, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    last: dict = {}
-    while time.monotonic() < deadline:
-        try:
-            last = json.loads(path.read_text())
-            if predicate(last):
-                return last
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"status never matched within {timeout}s; last: {json.dumps(last)[:800]}")
 
 
 @pytest.fixture

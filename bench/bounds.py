@@ -1,0 +1,301 @@
+"""Bounds benchmark (issue 13): the worst texts the API admits, against a real server.
+
+    .venv/bin/python bench/bounds.py [--quick] [--peer]
+
+Starts `tts-runtime serve` with the default limits on a Unix socket and records, per
+worst-case text: status, seconds, and the server's peak RSS above idle (VmHWM, reset with
+/proc/PID/clear_refs before each request); time per character and per phoneme id across
+text sizes (linearity); and a short request's p95 latency idle and while long requests
+run (turn-taking). --peer also runs one long unpunctuated text on a server without the
+utterance bound (the behaviour before issue 13), for the memory ratio in the same run.
+Writes bench/results/bounds.json and bounds.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import httpx  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from runtime.config import RuntimeConfig  # noqa: E402
+from tests.runtime_helpers import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
+
+WORDS = ("hello world Привет мир γειά σου κόσμε مرحبا بالعالم नमस्ते दुनिया こんにちは 世界 "
+         "the quick brown fox").split()
+SHORT = "Hello there, how are you today?"
+RSS_TARGET = 1.5 * 2**30
+DEFAULTS = RuntimeConfig()
+LATENCY = {"max_utterance_ids": 200, "max_batch_ids": 200}
+
+
+def mixed(chars: int, seed: int = 1) -> str:
+    rng = random.Random(seed)
+    out = ""
+    while len(out) < chars:
+        out += rng.choice(WORDS) + " "
+    return out[:chars].strip()
+
+
+def vm(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(key)
+
+
+def reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := current RSS
+
+
+def admitted_prefix(frontend, text: str, limit_ids: int) -> str:
+    """The longest prefix of `text` (whole words) whose ids fit max_request_ids."""
+    lo, hi = 1, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        total = sum(len(u.ids) for u in frontend.text_to_utterances(text[:mid]))
+        lo, hi = (mid, hi) if total <= limit_ids else (lo, mid - 1)
+    return text[:lo].strip()
+
+
+def one(c: httpx.Client, pid: int, text: str, idle_rss: int, **extra) -> dict:
+    reset_peak(pid)
+    t0 = time.perf_counter()
+    r = c.post("/v1/synthesize", json={"text": text, **extra})
+    secs = time.perf_counter() - t0
+    peak = vm(pid, "VmHWM")
+    out = {"chars": len(text), "status": r.status_code, "seconds": round(secs, 2),
+           "peak_rss_above_idle_mib": round((peak - idle_rss) / 2**20, 1)}
+    if r.status_code == 200:
+        out["audio_s"] = float(r.headers["X-Audio-Seconds"])
+    else:
+        out["error"] = r.json().get("detail", "")[:160]
+    return out
+
+
+def short_p95(srv, c: httpx.Client, quick: bool) -> dict:
+    """A short request's latency idle, then while two clients loop long requests."""
+    shots = 10 if quick else 20
+    idle_lat = []
+    for _ in range(shots):
+        t0 = time.perf_counter()
+        c.post("/v1/synthesize", json={"text": SHORT}).raise_for_status()
+        idle_lat.append(time.perf_counter() - t0)
+    stop = threading.Event()
+    long_text = mixed(1000 if quick else 2000, seed=9)
+
+    def long_client(seed: int) -> None:
+        with srv.client(600.0) as lc:
+            while not stop.is_set():
+                lc.post("/v1/synthesize", json={"text": long_text, "seed": seed})
+
+    threads = [threading.Thread(target=long_client, args=(k,), daemon=True) for k in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(3.0)  # both long requests are queued and running
+    rng = random.Random(11)
+    load_lat = []
+    for _ in range(shots):
+        t0 = time.perf_counter()
+        c.post("/v1/synthesize", json={"text": SHORT}).raise_for_status()
+        load_lat.append(time.perf_counter() - t0)
+        time.sleep(rng.uniform(0.05, 0.4))  # land at varied points of a batch
+    stop.set()
+    for t in threads:
+        t.join(timeout=300)
+    out = {"text": SHORT, "requests": shots, "idle_p95_s": round(p95(idle_lat), 3),
+           "idle_median_s": round(statistics.median(idle_lat), 3),
+           "loaded_p95_s": round(p95(load_lat), 3), "loaded_median_s": round(statistics.median(load_lat), 3),
+           "long_load": f"2 clients looping {len(long_text)} chars of unpunctuated mixed scripts"}
+    out["p95_ratio"] = round(out["loaded_p95_s"] / out["idle_p95_s"], 2)
+    return out
+
+
+def p95(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--peer", action="store_true")
+    args = ap.parse_args()
+    from runtime.engine import Engine
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-bounds-"))
+    bundle = voice_bundle_dir(tmp)
+    cache = tmp / "cache"
+    publish_to_cache(cache, "joe", "1.0.0", bundle)
+    frontend = Engine.load(bundle, device="cpu").frontend  # same front end as the server's defaults
+    frontend.max_utterance_ids = DEFAULTS.max_utterance_ids
+    limit = DEFAULTS.max_request_ids
+    mixed_max = admitted_prefix(frontend, mixed(DEFAULTS.max_chars), limit)
+    cjk_max = admitted_prefix(frontend, "世" * DEFAULTS.max_chars, limit)
+    worst = {
+        "max_chars unpunctuated mixed scripts": mixed(DEFAULTS.max_chars),
+        "largest admitted unpunctuated mixed scripts": mixed_max,
+        "one 2000-char word": "a" * 2000,
+        "5000 chars of punctuation": ",.!?;" * 1000,
+        "5000 chars of words, no punctuation": ("the quick brown fox jumps over the lazy dog " * 120)[:5000],
+        "5000 chars of single letters and spaces": ("a b c d e f g " * 400)[:5000],
+        '"世" x max_chars': "世" * DEFAULTS.max_chars,
+        'largest admitted "世" run': cjk_max,
+    }
+    if args.quick:
+        worst = {k: v for k, v in worst.items() if "largest" not in k}
+    srv = start_server(tmp / "srv", cache, log_level="warning")
+    results: dict = {"worst": {}, "linearity": [], "short": {}}
+    try:
+        srv.wait_ready()
+        pid = srv.process.pid
+        with srv.client(600.0) as c:
+            for _ in range(3):
+                c.post("/v1/synthesize", json={"text": SHORT}).raise_for_status()
+            idle = vm(pid, "VmRSS")
+            results["idle_rss_mib"] = round(idle / 2**20, 1)
+            for name, text in worst.items():
+                results["worst"][name] = one(c, pid, text, idle)
+                print(name, results["worst"][name], flush=True)
+            # time per character / id across sizes: unpunctuated mixed scripts
+            sizes = [125, 250, 500, 1000] if args.quick else [125, 250, 500, 1000, len(mixed_max)]
+            for n in sizes:
+                text = mixed_max[:n].strip()
+                ids = sum(len(u.ids) for u in frontend.text_to_utterances(text))
+                row = one(c, pid, text, idle)
+                row.update(ids=ids, ms_per_char=round(1000 * row["seconds"] / n, 2),
+                           ms_per_id=round(1000 * row["seconds"] / ids, 3))
+                results["linearity"].append(row)
+                print("size", row, flush=True)
+            results["short"] = short_p95(srv, c, args.quick)
+            print("short", results["short"], flush=True)
+            results["status"] = c.get("/v1/status").json()["queue"]
+    finally:
+        srv.stop()
+    # the same short-request figure with smaller utterances and batches (the latency knob)
+    fast = start_server(tmp / "fast", cache, log_level="warning", **LATENCY)
+    try:
+        fast.wait_ready()
+        with fast.client(600.0) as c:
+            results["short_latency_config"] = {"config": LATENCY, **short_p95(fast, c, args.quick)}
+            print("short (latency config)", results["short_latency_config"], flush=True)
+    finally:
+        fast.stop()
+    if args.peer:  # the same text, one utterance however long (before issue 13)
+        peer = start_server(tmp / "peer", cache, log_level="warning", max_utterance_ids=100000,
+                            max_batch_ids=100000, max_request_ids=100000, deadline_s=600)
+        try:
+            peer.wait_ready()
+            with peer.client(600.0) as c:
+                c.post("/v1/synthesize", json={"text": SHORT}).raise_for_status()
+                pidle = vm(peer.process.pid, "VmRSS")
+                text = mixed(700, seed=3)
+                results["peer"] = {"unbounded": one(c, peer.process.pid, text, pidle)}
+        finally:
+            peer.stop()
+        srv2 = start_server(tmp / "srv2", cache, log_level="warning")
+        try:
+            srv2.wait_ready()
+            with srv2.client(600.0) as c:
+                c.post("/v1/synthesize", json={"text": SHORT}).raise_for_status()
+                idle2 = vm(srv2.process.pid, "VmRSS")
+                results["peer"]["bounded"] = one(c, srv2.process.pid, mixed(700, seed=3), idle2)
+        finally:
+            srv2.stop()
+        print("peer", results["peer"], flush=True)
+    write(results, args)
+
+
+def write(results: dict, args, date: str | None = None) -> None:
+    worst_rss = max(r["peak_rss_above_idle_mib"] for r in results["worst"].values())
+    rows = results["linearity"]
+    every = [*results["worst"].values(), *rows]
+    admitted = [r for r in every if r["status"] == 200]
+    per_char = [r["ms_per_char"] for r in rows if r["status"] == 200]
+    per_id = [r["ms_per_id"] for r in rows if r["status"] == 200]
+    # linear: time per id within 1.5x across sizes (the smallest size carries fixed overheads)
+    spread = max(per_id[1:]) / min(per_id[1:]) if len(per_id) > 2 else float("nan")
+    bad = [r for r in every if r["status"] >= 500]
+    figures = {
+        "peak_rss_above_idle_mib": {"value": worst_rss, "target": "<= 1536", "met": worst_rss <= 1536},
+        "time_per_id_spread": {"value": round(spread, 2), "target": "<= 1.5 (sizes >= 250 chars)",
+                               "met": spread <= 1.5},
+        "short_p95_ratio": {"value": results["short"]["p95_ratio"], "target": "<= 2.0",
+                            "met": results["short"]["p95_ratio"] <= 2.0},
+        "server_errors": {"value": len(bad), "target": "0 (no 5xx for any admitted-size text)", "met": not bad},
+        "longest_admitted_seconds": {"value": max((r["seconds"] for r in admitted), default=0),
+                                     "target": f"< deadline {DEFAULTS.deadline_s:.0f} s",
+                                     "met": all(r["seconds"] < DEFAULTS.deadline_s for r in every)},
+    }
+    lc = results["short_latency_config"]
+    figures["short_p95_ratio_latency_config"] = {"value": lc["p95_ratio"], "target": f"<= 2.0 with {lc['config']}",
+                                                 "met": lc["p95_ratio"] <= 2.0}
+    if "peer" in results:
+        p = results["peer"]
+        figures["peer_rss_ratio"] = {
+            "value": round(p["unbounded"]["peak_rss_above_idle_mib"] / max(1.0, p["bounded"]["peak_rss_above_idle_mib"]), 2),
+            "target": "informational: unbounded / bounded peak RSS above idle, same 700-char text", "met": None}
+    out = {
+        "benchmark": "bounds", "date": date or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "load_avg_at_end": os.getloadavg()},
+        "quick": args.quick,
+        "limits": {k: getattr(DEFAULTS, k) for k in ("max_chars", "max_utterance_ids", "max_batch_ids",
+                                                     "max_request_ids", "max_batch_size", "deadline_s")},
+        "figures": figures, **results,
+    }
+    res = REPO / "bench" / "results"
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "bounds.json").write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    lines = [
+        "# Bounds benchmark (issue 13)", "",
+        f"{out['date']}, {out['machine']['cpus']} CPUs, load average at the end {out['machine']['load_avg_at_end']} "
+        "(a shared machine: other jobs ran beside it; seconds are noisy, RSS is not).",
+        f"Command: `.venv/bin/python bench/bounds.py{' --quick' if args.quick else ''}{' --peer' if args.peer else ''}`; "
+        f"defaults {out['limits']}.", "",
+        "| figure | value | target | met |", "|---|---|---|---|",
+    ]
+    for k, f in figures.items():
+        lines.append(f"| {k} | {f['value']} | {f['target']} | {'-' if f['met'] is None else ('yes' if f['met'] else 'no')} |")
+    lines += ["", f"Idle server RSS {results['idle_rss_mib']} MiB.", "",
+              "| text | chars | status | seconds | audio s | peak RSS above idle MiB |", "|---|---|---|---|---|---|"]
+    for name, r in results["worst"].items():
+        lines.append(f"| {name} | {r['chars']} | {r['status']} | {r['seconds']} | {r.get('audio_s', '-')} | "
+                     f"{r['peak_rss_above_idle_mib']} |")
+    lines += ["", "Time against size (unpunctuated mixed scripts):", "",
+              "| chars | ids | status | seconds | ms/char | ms/id | peak RSS above idle MiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['chars']} | {r['ids']} | {r['status']} | {r['seconds']} | {r['ms_per_char']} | "
+                     f"{r['ms_per_id']} | {r['peak_rss_above_idle_mib']} |")
+    s = results["short"]
+    lines += ["", f"Short request ({s['text']!r}, {s['requests']} each): idle p95 {s['idle_p95_s']} s "
+              f"(median {s['idle_median_s']}), under load p95 {s['loaded_p95_s']} s (median {s['loaded_median_s']}); "
+              f"load: {s['long_load']}."]
+    s = results["short_latency_config"]
+    lines += ["", f"The same with {s['config']}: idle p95 {s['idle_p95_s']} s, under load p95 {s['loaded_p95_s']} s "
+              f"(median {s['loaded_median_s']}), ratio {s['p95_ratio']}."]
+    if "peer" in results:
+        p = results["peer"]
+        lines += ["", f"Peer (same run, 700 chars unpunctuated mixed, one utterance however long = before issue 13): "
+                  f"{p['unbounded']}; bounded: {p['bounded']}."]
+    (res / "bounds.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
