@@ -123,13 +123,19 @@ class Downloader:
             active[job.gid] = job
 
         def skip_known_bad(job: _Job, urls: list[tuple[str, str]]) -> list[tuple[str, str]]:
-            """Drop mirrors whose object already failed verification and has not changed
-            since (same etag, size, mtime): those bytes are known bad, not fetched again."""
+            """Drop mirrors that lack the object, or whose object already failed verification
+            and has not changed since (same etag, size, mtime): known bad, not fetched again."""
             job.identity = self.mirrors.identities(name, version, job.entry.path, [m for m, _ in urls])
             known = self.cache.known_bad()
             key = self.mirrors.object_key(name, version, job.entry.path)
             kept = []
             for mirror, url in urls:
+                if (job.identity.get(mirror) or {}).get("missing"):
+                    job.excluded.add(mirror)
+                    job.cause = f"{job.entry.path} is missing on mirror {mirror}"
+                    log.error("file missing on mirror", model=name, version=version, file=job.entry.path,
+                              mirrors=[mirror])
+                    continue
                 record = known.get(f"{mirror} {key}")
                 if record and record.get("expected_sha256") == job.entry.sha256:
                     ident = job.identity.get(mirror)

@@ -81,10 +81,16 @@ class MirrorSource:
         return resp["Body"].read(), resp.get("ETag")
 
     def identity(self, key: str) -> dict | None:
-        """The object's identity (etag, size, last_modified) from a HEAD; None if unknown."""
+        """The object's identity (etag, size, last_modified) from a HEAD; {"missing": True}
+        if the mirror says it does not exist; None if it cannot be told."""
         try:
             resp = self.client().head_object(Bucket=self.config.bucket, Key=key)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, CredentialsError) as exc:
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) in NOT_FOUND_CODES:
+                return {"missing": True}
+            log.warning("cannot read object identity", mirror=self.name, key=key, error=error_code(exc))
+            return None
+        except (botocore.exceptions.BotoCoreError, CredentialsError) as exc:
             log.warning("cannot read object identity", mirror=self.name, key=key, error=type(exc).__name__)
             return None
         modified = resp.get("LastModified")

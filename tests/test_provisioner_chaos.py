@@ -349,6 +349,7 @@ def test_rollback_repairs_a_damaged_target_or_refuses(env):
     result = run_cli("rollback", "joe", "1.0.0", config=env["config"])
     assert result.returncode == 1
     assert "rollback refused: snapshot joe/1.0.0 is damaged: model.safetensors: sha256" in result.stderr
+    assert "model.safetensors is missing on mirror primary" in result.stderr
     assert "current stays at 2.0.0" in result.stderr
     assert cache.current("joe").version == "2.0.0"
     assert not (env["tmp"] / "cache" / "holds" / "joe.json").exists()
