@@ -195,7 +195,9 @@ class Aria2Process:
             # and no write cache: the completed prefix grows early and is on disk when
             # reported, so it is hashed during the download. Measured on 1 GiB: geom
             # 1.34x bare aria2c, inorder 1.39x (but +12% bytes on the wire), default 1.57x.
-            "--stream-piece-selector=geom", "--disk-cache=0",
+            # A file resumed from its control file gets `resume_piece_selector` instead
+            # (per task, in add()): bench/sync.py's resume scenario measures why.
+            f"--stream-piece-selector={self.cfg.piece_selector}", "--disk-cache=0",
             f"--dir={self.work_dir}", "--quiet=true", "--summary-interval=0",
             "--disable-ipv6=false", "--max-download-result=1000",
         ]
@@ -255,9 +257,12 @@ class Aria2Process:
             return False
 
     # -- tasks ---------------------------------------------------------------------
-    def add(self, uris: list[str], out: str) -> str:
+    def add(self, uris: list[str], out: str, resume: bool = False) -> str:
         """Queue one file; `out` is its name in work_dir (resumes from out.aria2 if present)."""
-        download = self.api.add_uris(uris, options={"dir": str(self.work_dir), "out": out})
+        options = {"dir": str(self.work_dir), "out": out}
+        if resume:
+            options["stream-piece-selector"] = self.cfg.resume_piece_selector
+        download = self.api.add_uris(uris, options=options)
         return download.gid
 
     def status(self, gid: str) -> TaskStatus:

@@ -18,6 +18,8 @@
     max_concurrent_downloads = 4
     max_download_limit = "0"                 # per download, aria2 syntax (0 = unlimited)
     socket_recv_buffer = "1M"                # per connection; caps bytes lost to a crash
+    piece_selector = "geom"                  # fresh files: prefix first, hashed while downloading
+    resume_piece_selector = "default"        # resumed files: fewest bytes fetched twice
 
     [[mirrors]]
     name = "primary"
@@ -38,7 +40,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -154,6 +156,10 @@ class Aria2Config(_Strict):
     # download loses (loopback autotuning grows it to several MiB per connection);
     # throughput per connection is at most this / round-trip time. "0" = kernel default.
     socket_recv_buffer: str = "1M"
+    # aria2's --stream-piece-selector for a file started fresh, and for one resumed from
+    # its .aria2 control file (see provisioner/aria2.py for why they differ).
+    piece_selector: Literal["default", "inorder", "random", "geom"] = "geom"
+    resume_piece_selector: Literal["default", "inorder", "random", "geom"] = "default"
     max_tries: Annotated[int, Field(ge=1, le=100)] = 5
     # Seconds a presigned URL stays valid; expired URLs are re-presigned and resumed.
     presign_expiry: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600

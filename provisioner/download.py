@@ -119,7 +119,7 @@ class Downloader:
                                     f"(excluded: {sorted(job.excluded)})")
             job.uri_mirror = {url: mirror for mirror, url in urls}
             job.hasher = PrefixHasher(data)
-            job.gid = self.aria2.add([url for _, url in urls], out=sha)
+            job.gid = self.aria2.add([url for _, url in urls], out=sha, resume=control.exists())
             active[job.gid] = job
 
         def skip_known_bad(job: _Job, urls: list[tuple[str, str]]) -> list[tuple[str, str]]:
