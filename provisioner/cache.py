@@ -212,9 +212,11 @@ class CacheWriter(CacheReader):
     quarantine_max_bytes: int = 1024**3
     quarantine_max_age: float = 7 * 24 * 3600.0
 
-    def quarantine(self, src: Path, sha256: str) -> Path | None:
-        """Move bad bytes for the file `sha256` aside; returns where, None if not kept."""
-        dest = self.quarantine_dir / sha256
+    def quarantine(self, src: Path, sha256: str, kind: str = "") -> Path | None:
+        """Move bad bytes for the file `sha256` aside; returns where, None if not kept.
+        kind "damaged": a local blob that changed on disk (kept as evidence even after the
+        file is fetched again); "": bytes a mirror served (dropped once the file verifies)."""
+        dest = self.quarantine_dir / (f"{sha256}.{kind}" if kind else sha256)
         if src.stat().st_size > self.quarantine_max_bytes:
             src.unlink()
             return None

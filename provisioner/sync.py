@@ -222,7 +222,7 @@ class Syncer:
                 continue
             # The shared inode is damaged: take the blob out of service, fetch it again.
             if blob.exists():
-                self.cache.quarantine(blob, entry.sha256)
+                self.cache.quarantine(blob, entry.sha256, "damaged")
             to_fetch.append(entry)
         if to_fetch:
             self.downloader.fetch(snap.name, snap.version, to_fetch, stop=self.stop)
