@@ -233,7 +233,7 @@ def write_config(bench: Bench, root: Path, endpoint: str, version: str, aria2: d
         connections = {aria2['connections']}
         min_split_size = "{aria2['min_split_size']}"
         max_concurrent_downloads = {aria2['max_concurrent_downloads']}
-        resume_piece_selector = "{aria2.get('resume_piece_selector', 'default')}"
+        resume_piece_selector = "{aria2.get('resume_piece_selector', 'geom')}"
 
         [[mirrors]]
         name = "bench"
@@ -841,7 +841,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="102 MiB model, one round each: a fast check")
     ap.add_argument("--rounds", type=int, default=None, help="timed pairs per scenario (default 3, quick 1)")
     ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--resume-selectors", nargs="+", default=["default", "geom"],
+    ap.add_argument("--resume-selectors", nargs="+", default=["geom", "default"],
                     choices=["default", "inorder", "random", "geom"],
                     help="aria2 piece selector for resumed files, one resume pair (no throttle, "
                          f"{RESUME_RATE_MIB:.0f} MiB/s per connection) each; the first is judged")

@@ -19,7 +19,7 @@
     max_download_limit = "0"                 # per download, aria2 syntax (0 = unlimited)
     socket_recv_buffer = "1M"                # per connection; caps bytes lost to a crash
     piece_selector = "geom"                  # fresh files: prefix first, hashed while downloading
-    resume_piece_selector = "default"        # resumed files: fewest bytes fetched twice
+    resume_piece_selector = "geom"           # resumed files (bench/sync.py compares the selectors)
 
     [[mirrors]]
     name = "primary"
@@ -159,7 +159,7 @@ class Aria2Config(_Strict):
     # aria2's --stream-piece-selector for a file started fresh, and for one resumed from
     # its .aria2 control file (see provisioner/aria2.py for why they differ).
     piece_selector: Literal["default", "inorder", "random", "geom"] = "geom"
-    resume_piece_selector: Literal["default", "inorder", "random", "geom"] = "default"
+    resume_piece_selector: Literal["default", "inorder", "random", "geom"] = "geom"
     max_tries: Annotated[int, Field(ge=1, le=100)] = 5
     # Seconds a presigned URL stays valid; expired URLs are re-presigned and resumed.
     presign_expiry: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
