@@ -14,9 +14,14 @@ beside the headline ones.
    checksum; also boto3's transfer manager and a single-stream `requests` download;
 2. throttled: the same through bench/throttle_proxy.py (each TCP connection capped at
    40 MiB/s, 20 ms per round trip): sync vs bare aria2c (16 connections) vs one stream;
-3. resume: SIGKILL the provisioner at 5 random points of the download (progress read
-   from its cache), restart it each time, `tts-provisioner verify` at the end; bytes
-   counted by an unthrottled proxy (server -> client, HTTP headers included);
+3. resume: SIGKILL the provisioner at 20 points spread over the download (one random
+   point in each twentieth of 5-95 % of the model on disk in its cache), restart it each
+   time, `tts-provisioner verify` at the end; bytes counted by a proxy (server -> client,
+   HTTP headers included), once with no throttle and once at 4 MiB/s per connection;
+   for each piece selector of --resume-selectors (aria2's for resumed files; the first,
+   the provisioner's default, is judged), with bytes and connections per run; the peer
+   is a bare aria2c stopped (SIGTERM, as the provisioner's aria2c is when its parent
+   dies) at the same points;
 4. incremental: v2 shares 2 of its 3 files with v1; bytes fetched vs the changed file;
 5. provisioner RSS (VmRSS every 0.1 s, VmHWM) during the loopback sync; aria2c apart.
 
@@ -100,6 +105,9 @@ class Proxy:
 
     def down(self) -> int:
         return read_stats(self.stats_file)["down"]
+
+    def stats(self) -> dict[str, int]:
+        return read_stats(self.stats_file)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -225,6 +233,7 @@ def write_config(bench: Bench, root: Path, endpoint: str, version: str, aria2: d
         connections = {aria2['connections']}
         min_split_size = "{aria2['min_split_size']}"
         max_concurrent_downloads = {aria2['max_concurrent_downloads']}
+        resume_piece_selector = "{aria2.get('resume_piece_selector', 'geom')}"
 
         [[mirrors]]
         name = "bench"
@@ -251,17 +260,7 @@ def drop_dirty() -> None:
 
 def aria2_bare(bench: Bench, urls: list[tuple[str, str]], out: Path, opts: dict, check: bool = True) -> float:
     """aria2c with the provisioner's connection and resume options, no RPC, no checksum."""
-    out.mkdir(parents=True, exist_ok=True)
-    listing = out / ".input"
-    listing.write_text("".join(f"{u}\n  out={name}\n" for u, name in urls))
-    n = opts["connections"]
-    args = [ARIA2C, f"--input-file={listing}", f"--dir={out}",
-            "--auto-save-interval=1", "--continue=true", "--allow-overwrite=true", "--auto-file-renaming=false",
-            "--file-allocation=none", "--remote-time=false",
-            f"--max-connection-per-server={n}", f"--split={n}", f"--min-split-size={opts['min_split_size']}",
-            f"--max-concurrent-downloads={opts['max_concurrent_downloads']}",
-            "--max-tries=2", "--retry-wait=1", "--connect-timeout=10", "--timeout=30",
-            "--quiet=true", "--summary-interval=0", "--console-log-level=error", "--no-conf=true"]
+    args = aria2_bare_args(urls, out, opts)
     t0 = time.perf_counter()
     rc = subprocess.run(args, stdin=subprocess.DEVNULL, timeout=SYNC_TIMEOUT).returncode
     elapsed = time.perf_counter() - t0
@@ -270,6 +269,20 @@ def aria2_bare(bench: Bench, urls: list[tuple[str, str]], out: Path, opts: dict,
     if check:
         _check_sizes(bench, out)
     return elapsed
+
+
+def aria2_bare_args(urls: list[tuple[str, str]], out: Path, opts: dict) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    listing = out / ".input"
+    listing.write_text("".join(f"{u}\n  out={name}\n" for u, name in urls))
+    n = opts["connections"]
+    return [ARIA2C, f"--input-file={listing}", f"--dir={out}",
+            "--auto-save-interval=1", "--continue=true", "--allow-overwrite=true", "--auto-file-renaming=false",
+            "--file-allocation=none", "--remote-time=false",
+            f"--max-connection-per-server={n}", f"--split={n}", f"--min-split-size={opts['min_split_size']}",
+            f"--max-concurrent-downloads={opts['max_concurrent_downloads']}",
+            "--max-tries=2", "--retry-wait=1", "--connect-timeout=10", "--timeout=30",
+            "--quiet=true", "--summary-interval=0", "--console-log-level=error", "--no-conf=true"]
 
 
 def boto3_download(bench: Bench, endpoint: str, version: str, out: Path) -> float:
@@ -605,39 +618,134 @@ def bench_throttled(bench: Bench, shas, rounds: int, figures: list, notes: list,
         bench.stop_proxy(proxy)
 
 
+RESUME_RATE_MIB = 4.0  # the throttled resume variant: per connection, as a slow WAN flow would be
+
+
+def kill_points(rng: random.Random, kills: int) -> list[float]:
+    """Fractions of the model on disk at which to kill: one uniform draw in each of `kills`
+    equal slices of 5-95 %, so the kills spread over the whole download."""
+    return [0.05 + 0.9 * (i + rng.random()) / kills for i in range(kills)]
+
+
+def resume_run(bench: Bench, shas, kills: int, seed: int, rate_mib: float, selector: str, label: str) -> dict:
+    """SIGKILL `tts-provisioner sync` at `kills` points, restart each time, verify; bytes
+    and connections per run counted by the proxy (throttled per connection if rate_mib)."""
+    proxy = bench.start_proxy(rate_mib, 0)
+    try:
+        root = bench.work / f"resume-{label}"
+        config = write_config(bench, root, proxy.endpoint, "1",
+                              dict(LOOPBACK_ARIA2, resume_piece_selector=selector))
+        points = kill_points(random.Random(seed), kills)
+        drop_dirty()
+        start, conns0 = proxy.down(), proxy.stats()["connections"]
+        per_run = []
+        done_kills = []
+        t0 = time.perf_counter()
+        for frac in points:
+            before, c_before = proxy.down(), proxy.stats()["connections"]
+            r = run_sync(bench, config, shas["1"], kill_at=frac)
+            per_run.append({"kill_at": round(frac, 3), "bytes": proxy.down() - before,
+                            "connections": proxy.stats()["connections"] - c_before, "killed": r.killed})
+            if r.killed:
+                done_kills.append(round(frac, 3))
+            else:
+                log(f"resume {label}: sync finished before reaching {frac:.0%}")
+                break
+        before, c_before = proxy.down(), proxy.stats()["connections"]
+        final = run_sync(bench, config, shas["1"]) if len(done_kills) == len(points) else None
+        per_run.append({"kill_at": None, "bytes": proxy.down() - before,
+                        "connections": proxy.stats()["connections"] - c_before, "killed": False})
+        wall = time.perf_counter() - t0
+        fetched = proxy.down() - start
+        verify = subprocess.run([*PROVISIONER, "--config", str(config), "verify"], capture_output=True, text=True,
+                                timeout=SYNC_TIMEOUT, env=dict(os.environ, TTS_LOG_FORMAT="json"))
+        ok = verify.returncode == 0 and "ok (3 files)" in verify.stdout and final is not None
+        shutil.rmtree(root, ignore_errors=True)
+    finally:
+        bench.stop_proxy(proxy)
+    ratio = fetched / bench.total
+    print(f"resume {label}: {len(done_kills)} SIGKILLs, bytes fetched / model = {fetched / MiB:.1f} / "
+          f"{bench.total / MiB:.1f} MiB = {ratio:.3f}; {proxy_conns(per_run)} connections; "
+          f"verify: {'ok' if ok else 'FAILED ' + verify.stdout + verify.stderr}")
+    return {"label": label, "rate_mib_per_connection": rate_mib, "resume_piece_selector": selector,
+            "kills": len(done_kills), "kill_points_fraction_on_disk": done_kills, "bytes_fetched": fetched,
+            "model_bytes": bench.total, "ratio": ratio, "verified": ok, "wall_s": round(wall, 1),
+            "connections": proxy_conns(per_run), "per_run": per_run}
+
+
+def resume_bare(bench: Bench, kills: int, seed: int, rate_mib: float) -> dict:
+    """The peer: a bare aria2c (same options) stopped at the same points the way the
+    provisioner's aria2c is when the provisioner dies (SIGTERM: it saves its control
+    files), restarted each time; bytes counted by the same kind of proxy."""
+    proxy = bench.start_proxy(rate_mib, 0)
+    out = bench.work / "resume-bare"
+    try:
+        urls = presigned(bench, proxy.endpoint, "1")
+        args = aria2_bare_args(urls, out, LOOPBACK_ARIA2)
+        drop_dirty()
+        start = proxy.down()
+        stopped = 0
+        for frac in kill_points(random.Random(seed), kills):
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+            deadline = time.perf_counter() + SYNC_TIMEOUT
+            while proc.poll() is None and time.perf_counter() < deadline:
+                on_disk = sum((out / p).stat().st_blocks * 512 for p in bench.sizes if (out / p).exists())
+                if on_disk >= frac * bench.total:
+                    proc.terminate()
+                    stopped += 1
+                    break
+                time.sleep(0.1)
+            proc.wait(timeout=60)
+        subprocess.run(args, stdin=subprocess.DEVNULL, timeout=SYNC_TIMEOUT, check=True)
+        _check_sizes(bench, out)
+        fetched = proxy.down() - start
+    finally:
+        bench.stop_proxy(proxy)
+        shutil.rmtree(out, ignore_errors=True)
+    ratio = fetched / bench.total
+    print(f"resume bare aria2c ({rate_mib or 'no'} MiB/s throttle): {stopped} stops, bytes fetched / model = "
+          f"{ratio:.3f}")
+    return {"rate_mib_per_connection": rate_mib, "stops": stopped, "bytes_fetched": fetched, "ratio": ratio}
+
+
+def proxy_conns(per_run: list[dict]) -> int:
+    return sum(r["connections"] for r in per_run)
+
+
 def bench_resume_incremental(bench: Bench, shas, kills: int, seed: int, figures: list, notes: list,
-                             extra: dict) -> None:
+                             extra: dict, selectors: list[str]) -> None:
+    # The provisioner's setting first (it carries the targets), then each other selector
+    # for resumed files, same kill points: which setting the excess bytes come from.
+    runs = []
+    for selector in selectors:
+        for rate in (0.0, RESUME_RATE_MIB):
+            label = f"{'throttled' if rate else 'unthrottled'}-{selector}"
+            runs.append(resume_run(bench, shas, kills, seed, rate, selector, label))
+    bare = {rate: resume_bare(bench, kills, seed, rate) for rate in (0.0, RESUME_RATE_MIB)}
+    extra["resume"] = runs
+    extra["resume_bare_aria2c"] = list(bare.values())
+    for rate, b in bare.items():
+        link = f"{rate:.0f} MiB/s per connection" if rate else "no throttle"
+        figures.append(figure(f"resume peer: bare aria2c stopped (SIGTERM) at the same {kills} points ({link}): "
+                              "bytes fetched / model size", b["ratio"], "ratio", None, None))
+    for run in runs:
+        headline = run["resume_piece_selector"] == selectors[0]
+        link = (f"{run['rate_mib_per_connection']:.0f} MiB/s per connection" if run["rate_mib_per_connection"]
+                else "no throttle")
+        name = (f"resume after {kills} SIGKILLs ({link}, resumed files: {run['resume_piece_selector']} "
+                f"piece selector): bytes fetched / model size")
+        target = f"<= {TARGETS['resume']}" if headline else None
+        met = (run["ratio"] <= TARGETS["resume"] and run["verified"] and run["kills"] == kills) if headline else None
+        figures.append(figure(name, run["ratio"], "ratio", target, met))
+        if headline:
+            figures.append(figure(f"resume ({link}): verified snapshot after the last restart", run["verified"],
+                                  "bool", "true", run["verified"]))
+
     proxy = bench.start_proxy(0, 0)  # unthrottled: it only counts bytes server -> client
     try:
         root = bench.work / "resume"
         config = write_config(bench, root, proxy.endpoint, "1", LOOPBACK_ARIA2)
-        rng = random.Random(seed)
-        points = sorted(rng.uniform(0.05, 0.95) for _ in range(kills))
-        drop_dirty()
-        start = proxy.down()
-        done_kills = []
-        for frac in points:
-            r = run_sync(bench, config, shas["1"], kill_at=frac)
-            if r.killed:
-                done_kills.append(round(frac, 3))
-            else:
-                log(f"resume: sync finished before reaching {frac:.0%}")
-                break
-        final = run_sync(bench, config, shas["1"]) if len(done_kills) == len(points) else None
-        fetched = proxy.down() - start
-        verify = subprocess.run([*PROVISIONER, "--config", str(config), "verify"], capture_output=True, text=True,
-                                timeout=SYNC_TIMEOUT, env=dict(os.environ, TTS_LOG_FORMAT="json"))
-        ok = verify.returncode == 0 and "ok (3 files)" in verify.stdout
-        ratio = fetched / bench.total
-        print(f"resume: {len(done_kills)} SIGKILLs at {done_kills} of the model on disk; bytes fetched / model = "
-              f"{fetched / MiB:.1f} / {bench.total / MiB:.1f} MiB = {ratio:.3f} (target <= {TARGETS['resume']}); "
-              f"verify: {'ok' if ok else 'FAILED ' + verify.stdout + verify.stderr}")
-        figures.append(figure(f"resume after {kills} SIGKILLs: bytes fetched / model size", ratio, "ratio",
-                              f"<= {TARGETS['resume']}", ratio <= TARGETS["resume"] and ok and final is not None))
-        figures.append(figure("resume: verified snapshot after the last restart", ok, "bool", "true", ok))
-        extra["resume"] = {"kill_points_fraction_on_disk": done_kills, "bytes_fetched": fetched,
-                           "model_bytes": bench.total, "verify_stdout": verify.stdout.strip()}
-
+        run_sync(bench, config, shas["1"])
         # Incremental: v1 is current in this cache; v2 changes CHANGED only.
         config2 = write_config(bench, root, proxy.endpoint, "2", LOOPBACK_ARIA2)
         drop_dirty()
@@ -707,9 +815,12 @@ What is measured (one run, peers side by side, timed pairs alternate, medians):
 - **throttled**: the same through `bench/throttle_proxy.py` ({RATE_MIB:.0f} MiB/s per TCP connection and
   direction, {DELAY_MS:.0f} ms one way = {2 * DELAY_MS:.0f} ms per round trip, one round trip per connect),
   aria2 with {doc['throttled_aria2']}.
-- **resume**: SIGKILL of the provisioner at random points (fractions of the model on disk in its
-  cache), restart, `tts-provisioner verify`; bytes counted by an unthrottled proxy (server->client,
-  HTTP headers included).
+- **resume**: SIGKILL of the provisioner at 20 points spread over the download (fractions of the
+  model on disk in its cache, one random point per twentieth of 5-95 %), restart, `tts-provisioner
+  verify`; bytes counted by a proxy (server->client, HTTP headers included), with no throttle and
+  with {RESUME_RATE_MIB:.0f} MiB/s per connection; once per aria2 piece selector for resumed files
+  (the provisioner's default is the judged one); peer: bare aria2c stopped by SIGTERM at the same
+  points.
 - **incremental**: v2 shares 2 of 3 files with v1; bytes forwarded vs the changed file's size.
 - **RSS**: /proc VmRSS every 0.1 s and VmHWM of the provisioner process; aria2c separately.
 
@@ -729,7 +840,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="102 MiB model, one round each: a fast check")
     ap.add_argument("--rounds", type=int, default=None, help="timed pairs per scenario (default 3, quick 1)")
-    ap.add_argument("--kills", type=int, default=5)
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--resume-selectors", nargs="+", default=["geom", "default"],
+                    choices=["default", "inorder", "random", "geom"],
+                    help="aria2 piece selector for resumed files, one resume pair (no throttle, "
+                         f"{RESUME_RATE_MIB:.0f} MiB/s per connection) each; the first is judged")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--skip", action="append", default=[], choices=["loopback", "throttled", "resume"])
     ap.add_argument("--servers", nargs="+", choices=sorted(STARTERS), default=["nanio", "rclone"],
@@ -777,7 +892,7 @@ def main() -> int:
             if bench.server.kind != fastest:
                 shas = setup(bench, fastest)
             resume: list[dict] = []
-            bench_resume_incremental(bench, shas, args.kills, seed, resume, notes, extra)
+            bench_resume_incremental(bench, shas, args.kills, seed, resume, notes, extra, args.resume_selectors)
             figures += [dict(f, name=f"{f['name']} [{fastest}]") for f in resume]
         for kind, found in per_server.items():
             figures += [dict(f, name=f"{f['name']} [{kind}]", target=None, met=None) for f in found]
@@ -798,11 +913,14 @@ def main() -> int:
         "after snapshot fsync, current switch and gc; exit = process gone (includes stopping aria2c).",
         "What sync pays over bare aria2c: Python start-up before the first byte, hashing + fsync of the last file "
         "to finish (the 600 MiB one: cannot overlap any download), the poll interval, and stopping aria2c at exit.",
-        "Resume: bytes are counted by an unthrottled proxy (server->client, HTTP headers included). aria2c notices "
-        "its parent died (--stop-with-process) and halts gracefully, saving its control files; what is lost per "
-        "kill is data in flight: bytes the proxy already read from the server but aria2c never received (proxy "
-        "queues and loopback socket buffers of 8 connections; aria2c's own receive buffer is capped at 1 MiB per "
-        "connection by the provisioner's socket_recv_buffer).",
+        "Resume: bytes are counted by the proxy (server->client, HTTP headers included). When the provisioner is "
+        "SIGKILLed its aria2c gets SIGTERM at once (parent-death signal) and halts gracefully, saving its control "
+        "files; the next run waits until it is gone (partial/.aria2c.pid). What is lost per kill is data in flight "
+        "(proxy queues and socket buffers of 8 connections per file; aria2c's receive buffer is capped at 1 MiB per "
+        "connection) and, with the geom piece selector on a resumed file, the ranges new connections read past a "
+        "piece another connection already finished: per_run in sync.json has bytes and connections of every run. "
+        "Kill points are read every 0.1 s: on loopback a run can pass several points at once, and a run that "
+        "starts beyond its point is killed during start-up (0 bytes).",
         "Incremental: the plan is exact (2 files reused from blobs/, only the changed file fetched); the wire "
         "count adds HTTP headers and the bytes aria2 over-reads when split segments meet (the bare aria2c peer "
         "over-reads too, by less: see its figure; both vary run to run).",

@@ -6,7 +6,8 @@ own multipart checksums are not whole-file hashes, so this is the source of trut
 
 Parsing is strict: anything a hostile or broken mirror could use to write outside the
 snapshot (absolute paths, `..`, odd separators), duplicate or clashing paths, bad
-hashes and negative sizes are rejected with a message naming the offending entry.
+hashes, negative sizes and sizes over the limits (`SizeLimits`: 256 GiB per file, 1 TiB
+per model by default) are rejected with a message naming the offending entry.
 """
 
 from __future__ import annotations
@@ -32,6 +33,19 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _BTIH_RE = re.compile(r"^[0-9a-f]{40}$")
 # Upper bound on one manifest's size: a manifest is a small JSON document.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# Sizes no real model has: refused at parse time so the outcome never depends on the
+# disk a server happens to have (the provisioner's config can change both).
+DEFAULT_MAX_FILE_SIZE = 256 * 1024**3
+DEFAULT_MAX_MODEL_SIZE = 1024**4
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    max_model_size: int = DEFAULT_MAX_MODEL_SIZE
+
+
+DEFAULT_LIMITS = SizeLimits()
 
 
 class ManifestError(ValueError):
@@ -73,7 +87,7 @@ class FileEntry:
     btih: str | None = None  # info-hash (hex) of the file's torrent, see mirror/torrents.py
 
     @classmethod
-    def parse(cls, raw: Any, index: int, schema: int = SCHEMA_VERSION) -> "FileEntry":
+    def parse(cls, raw: Any, index: int, max_size: int | None = None, schema: int = SCHEMA_VERSION) -> "FileEntry":
         if not isinstance(raw, dict):
             raise ManifestError(f"files[{index}] must be an object")
         allowed = {"path", "size", "sha256"} | ({"btih"} if schema >= 2 else set())
@@ -88,6 +102,9 @@ class FileEntry:
         # bool is an int subclass in Python; a size of `true` is not a size.
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ManifestError(f"files[{index}] ({path}): size must be a non-negative integer, got {size!r}")
+        if max_size is not None and size > max_size:
+            raise ManifestError(f"files[{index}] ({path}): size {size} is over the {max_size} byte limit "
+                                "for one file (max_file_size)")
         digest = raw.get("sha256")
         if not isinstance(digest, str) or not _SHA256_RE.match(digest):
             raise ManifestError(f"files[{index}] ({path}): sha256 must be 64 lowercase hex digits, got {digest!r}")
@@ -134,7 +151,8 @@ class Manifest:
         return cls(name=name, version=version, files=ordered, created=created)
 
     @classmethod
-    def parse(cls, data: bytes | str) -> "Manifest":
+    def parse(cls, data: bytes | str, limits: SizeLimits | None = DEFAULT_LIMITS) -> "Manifest":
+        """Strict parse. `limits=None` only for manifests accepted before (a kept snapshot's)."""
         if isinstance(data, bytes):
             if len(data) > MAX_MANIFEST_BYTES:
                 raise ManifestError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} byte limit")
@@ -157,17 +175,26 @@ class Manifest:
         files_raw = raw.get("files")
         if not isinstance(files_raw, list) or not files_raw:
             raise ManifestError("manifest 'files' must be a non-empty list")
-        files = tuple(FileEntry.parse(item, i, schema) for i, item in enumerate(files_raw))
+        max_file = limits.max_file_size if limits else None
+        files = tuple(FileEntry.parse(item, i, max_file, schema) for i, item in enumerate(files_raw))
+        if limits is not None:
+            total = 0
+            for i, entry in enumerate(files):
+                total += entry.size
+                if total > limits.max_model_size:
+                    raise ManifestError(f"files[{i}] ({entry.path}): the files up to here add up to {total} bytes, "
+                                        f"over the {limits.max_model_size} byte limit for one model (max_model_size)")
         created = raw.get("created", "")
         if not isinstance(created, str):
             raise ManifestError("manifest 'created' must be a string")
         return cls(name=raw.get("name"), version=raw.get("version"), files=files, created=created)
 
     @classmethod
-    def parse_for(cls, data: bytes, name: str, version: str) -> "Manifest":
+    def parse_for(cls, data: bytes, name: str, version: str,
+                  limits: SizeLimits = DEFAULT_LIMITS) -> "Manifest":
         """Parse a manifest fetched as NAME/VERSION and check it says so (a manifest
         copied to another version's key must not be accepted there)."""
-        manifest = cls.parse(data)
+        manifest = cls.parse(data, limits)
         if (manifest.name, manifest.version) != (name, version):
             raise ManifestError(f"manifest is for {manifest.name}/{manifest.version}, expected {name}/{version}")
         return manifest

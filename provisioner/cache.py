@@ -4,7 +4,8 @@
     <cache>/snapshots/<name>/<version>/         hardlinks to blobs + manifest.json (+ .sig) + COMPLETE
     <cache>/current/<name> -> ../snapshots/<name>/<version>    swapped atomically
     <cache>/partial/                            aria2 downloads, their .aria2 control files, staging
-    <cache>/quarantine/                         bytes that failed verification, kept for inspection
+    <cache>/quarantine/<sha256>                 bytes that failed verification (one copy per file, bounded)
+    <cache>/quarantine/known-bad.json           mirror objects known to serve those bytes
     <cache>/torrents/<hex>.torrent              a blob's torrent, checked against its manifest (p2p only)
 
 Invariants: a file enters `blobs/` only after its sha256 matched; a snapshot directory
@@ -18,6 +19,7 @@ points at a complete snapshot.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,10 +32,21 @@ from mirror.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, ManifestErr
 from mirror.hashing import sha256_file
 
 COMPLETE_MARKER = "COMPLETE"
+KNOWN_BAD_FILE = "known-bad.json"
+STAGING_PREFIX = "staging-"
+ARIA2_PID_RECORD = ".aria2c.pid"  # partial/: which aria2c writes here (provisioner/aria2.py)
 
 
 class CacheError(Exception):
     """The cache is not in the state an operation needs."""
+
+
+class DamagedSnapshotError(CacheError):
+    """A kept snapshot's files do not match its manifest."""
+
+    def __init__(self, snap: "Snapshot", problems: list["FileProblem"]):
+        self.snap, self.problems = snap, problems
+        super().__init__(f"snapshot {snap.name}/{snap.version} is damaged: {', '.join(map(str, problems))}")
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,8 @@ class Snapshot:
 
     def manifest(self) -> Manifest:
         try:
-            return Manifest.parse((self.path / MANIFEST_NAME).read_bytes())
+            # Accepted (within the configured size limits) when it was fetched.
+            return Manifest.parse((self.path / MANIFEST_NAME).read_bytes(), limits=None)
         except OSError as exc:
             raise CacheError(f"snapshot {self.name}/{self.version} has no readable manifest: {exc.strerror}") from None
 
@@ -63,6 +77,17 @@ class FileProblem:
 
     def __str__(self) -> str:
         return f"{self.path}: {self.problem}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -193,10 +218,93 @@ class CacheWriter(CacheReader):
         os.link(source, tmp)
         os.replace(tmp, self.blob_path(sha256))
 
-    def quarantine(self, src: Path, label: str) -> Path:
-        dest = self.quarantine_dir / f"{int(time.time())}-{label}"
+    # -- quarantine ------------------------------------------------------------------
+    # Bytes that failed verification are kept for inspection, bounded: one copy per
+    # file (named by the sha256 it should have had; a later copy replaces it), at most
+    # `max_bytes` in all (oldest dropped first; a copy larger than that is not kept),
+    # none older than `max_age`. A copy goes as soon as its file verifies.
+    quarantine_max_bytes: int = 1024**3
+    quarantine_max_age: float = 7 * 24 * 3600.0
+
+    def quarantine(self, src: Path, sha256: str, kind: str = "") -> Path | None:
+        """Move bad bytes for the file `sha256` aside; returns where, None if not kept.
+        kind "damaged": a local blob that changed on disk (kept as evidence even after the
+        file is fetched again); "": bytes a mirror served (dropped once the file verifies)."""
+        dest = self.quarantine_dir / (f"{sha256}.{kind}" if kind else sha256)
+        if src.stat().st_size > self.quarantine_max_bytes:
+            src.unlink()
+            return None
         os.replace(src, dest)
+        os.utime(dest)  # age counts from quarantining, not from the download's mtime
+        self.trim_quarantine(keep=dest)
         return dest
+
+    def _quarantined(self) -> list[Path]:
+        return [p for p in self.quarantine_dir.iterdir() if p.name != KNOWN_BAD_FILE and not p.name.startswith(".")]
+
+    def trim_quarantine(self, keep: Path | None = None) -> int:
+        """Drop copies older than max_age, then the oldest until under max_bytes."""
+        removed = 0
+        now = time.time()
+        entries = []
+        for path in self._quarantined():
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            if path != keep and now - st.st_mtime > self.quarantine_max_age:
+                _remove(path)
+                removed += 1
+            else:
+                entries.append((st.st_mtime, path, st.st_size if not path.is_dir() else _tree_size(path)))
+        total = sum(size for _, _, size in entries)
+        for _, path, size in sorted(entries, key=lambda e: (e[1] == keep, e[0])):
+            if total <= self.quarantine_max_bytes:
+                break
+            _remove(path)
+            total -= size
+            removed += 1
+        state = self.known_bad()
+        fresh = {k: v for k, v in state.items() if now - v.get("at", 0) <= self.quarantine_max_age}
+        if fresh != state:
+            self._write_known_bad(fresh)
+        return removed
+
+    def known_bad(self) -> dict[str, dict]:
+        """`<mirror> <object key>` -> what was wrong with the object and its identity
+        (etag, size, last_modified) when it was; an unchanged object is not fetched again."""
+        try:
+            doc = json.loads((self.quarantine_dir / KNOWN_BAD_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _write_known_bad(self, state: dict[str, dict]) -> None:
+        path = self.quarantine_dir / KNOWN_BAD_FILE
+        if not state:
+            path.unlink(missing_ok=True)
+            return
+        tmp = self.quarantine_dir / f".{KNOWN_BAD_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    def mark_known_bad(self, mirror: str, key: str, record: dict) -> None:
+        state = self.known_bad()
+        state[f"{mirror} {key}"] = dict(record, at=time.time())
+        self._write_known_bad(state)
+
+    def forget_known_bad(self, mirror: str, key: str) -> None:
+        state = self.known_bad()
+        if state.pop(f"{mirror} {key}", None) is not None:
+            self._write_known_bad(state)
+
+    def file_verified(self, sha256: str) -> None:
+        """The file now verified: its quarantined copy and known-bad records go."""
+        (self.quarantine_dir / sha256).unlink(missing_ok=True)
+        state = self.known_bad()
+        fresh = {k: v for k, v in state.items() if v.get("expected_sha256") != sha256}
+        if fresh != state:
+            self._write_known_bad(fresh)
 
     # -- snapshots -----------------------------------------------------------------
     def build_snapshot(self, manifest: Manifest, manifest_bytes: bytes, signature: bytes | None) -> Snapshot:
@@ -205,14 +313,38 @@ class CacheWriter(CacheReader):
         existing = self.snapshot(manifest.name, manifest.version)
         if existing and existing.complete:
             return existing
-        staging = self.partial_dir / f"staging-{manifest.name}-{manifest.version}-{os.getpid()}"
+        staging = self.partial_dir / f"{STAGING_PREFIX}{manifest.name}-{manifest.version}-{os.getpid()}"
+        try:
+            return self._assemble(manifest, manifest_bytes, signature, staging, final)
+        except OSError as exc:
+            # Disk full (or any I/O error) mid-assembly: nothing half-built stays behind.
+            shutil.rmtree(staging, ignore_errors=True)
+            what = "disk full" if exc.errno == errno.ENOSPC else "I/O error"
+            raise CacheError(f"cannot assemble snapshot {manifest.name}/{manifest.version} in {self.partial_dir}: "
+                             f"{what} ({exc.strerror}); the staging directory was removed, the current snapshot "
+                             "is untouched") from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def clean_staging(self) -> int:
+        """Remove staging directories a crashed or failed run left in partial/."""
+        removed = 0
+        if self.partial_dir.is_dir():
+            for entry in self.partial_dir.iterdir():
+                if entry.name.startswith(STAGING_PREFIX) or entry.name.startswith(".relink-"):
+                    _remove(entry)
+                    removed += 1
+        return removed
+
+    def _assemble(self, manifest: Manifest, manifest_bytes: bytes, signature: bytes | None, staging: Path,
+                  final: Path) -> Snapshot:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         dirs = {staging}
         for entry in manifest.files:
             blob = self.blob_path(entry.sha256)
             if not self.has_blob(entry.sha256, entry.size):
-                shutil.rmtree(staging, ignore_errors=True)
                 raise CacheError(f"blob for {entry.path} ({entry.sha256[:12]}) is missing; cannot build snapshot")
             dest = staging / entry.path
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -261,9 +393,10 @@ class CacheWriter(CacheReader):
         if snap is None or not snap.complete:
             kept = ", ".join(s.version for s in self.snapshots(name)) or "none"
             raise CacheError(f"no complete snapshot {name}/{version} is kept (kept: {kept})")
-        problems = self.check_snapshot(snap)
+        # Full sha256: a same-size edit must not be switched to (see Syncer.rollback for repair).
+        problems = self.check_snapshot(snap, full_hash=True)
         if problems:
-            raise CacheError(f"snapshot {name}/{version} is damaged: {', '.join(map(str, problems))}")
+            raise DamagedSnapshotError(snap, problems)
         self.set_current(name, version)
         return snap
 
@@ -309,6 +442,8 @@ class CacheWriter(CacheReader):
         if not self.partial_dir.is_dir():
             return 0
         for entry in self.partial_dir.iterdir():
+            if entry.name == ARIA2_PID_RECORD:  # kept: the next start must still find that aria2c
+                continue
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -20,7 +20,7 @@ from mirror.s3 import CredentialsError
 from mirror.signing import KeyFileError
 
 from .aria2 import Aria2Error
-from .cache import CacheError, CacheReader, CacheWriter
+from .cache import CacheError, CacheReader, CacheWriter, DamagedSnapshotError
 from .config import DEFAULT_CONFIG_PATH, ConfigError, ProvisionerConfig, load_config
 from .daemon import CacheLockedError, Provisioner
 from .hold import Hold, read_hold, release_hold, write_hold
@@ -261,7 +261,19 @@ def rollback(ctx: click.Context, name: str, version: str, release: bool) -> None
         pid = exc.pid or _daemon_pid(config)
         sys.exit(_follow_daemon(config, pid, 120, f"roll {name} back to {version}") if pid else 1)
     try:
-        CacheWriter(config.cache_dir).rollback(name, version)
+        try:
+            CacheWriter(config.cache_dir).rollback(name, version)
+        except DamagedSnapshotError as exc:
+            click.echo(f"{exc}; repairing it first", err=True)
+            prov.open()  # aria2c, in case the mirror must supply the bytes
+            try:
+                prov.syncer.rollback(name, version)
+            finally:
+                prov.aria2.stop()
+    except CacheError as exc:
+        release_hold(config.cache_dir, name)
+        where = current.version if current else "nothing"
+        _fail(f"rollback refused: {exc}; current stays at {where}")
     finally:
         prov.lock.release()
     click.echo(f"{name}: current -> {version} (held until the channel moves; --release to undo)")

@@ -7,6 +7,10 @@
     require_signature = true
     public_keys = ["/etc/tts-fleet/keys/mirror.pub"]
     disk_margin_mb = 256
+    max_file_size = "256G"                   # manifests over these are refused at parse time
+    max_model_size = "1T"                    # (bytes, or a number with K/M/G/T, powers of 1024)
+    quarantine_max_bytes = "1G"              # quarantine/ in all (one copy per file, oldest go first)
+    quarantine_max_age = 604800              # seconds a quarantined copy is kept
 
     [aria2]                                  # all optional
     connections = 8                          # per server (-x) and split (-s)
@@ -14,6 +18,8 @@
     max_concurrent_downloads = 4
     max_download_limit = "0"                 # per download, aria2 syntax (0 = unlimited)
     socket_recv_buffer = "1M"                # per connection; caps bytes lost to a crash
+    piece_selector = "geom"                  # fresh files: prefix first, hashed while downloading
+    resume_piece_selector = "geom"           # resumed files (bench/sync.py compares the selectors)
 
     [p2p]                                    # off by default: docs/p2p.md
     enabled = false
@@ -44,11 +50,11 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mirror.manifest import ManifestError, validate_name
+from mirror.manifest import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_MODEL_SIZE, ManifestError, SizeLimits, validate_name
 
 DEFAULT_CONFIG_PATH = Path(os.environ.get("TTS_PROVISIONER_CONFIG", "/etc/tts-fleet/provisioner.toml"))
 
@@ -65,6 +71,29 @@ def _log_level(v: str) -> str:
 
 # Shared by every daemon's config.
 LogLevel = Annotated[str, AfterValidator(_log_level)]
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_byte_size(v) -> int:
+    """An int (bytes) or a string like "256G" (binary units) -> bytes."""
+    if isinstance(v, bool):
+        raise ValueError("must be a byte count or a string like \"256G\"")
+    if isinstance(v, int):
+        if v < 0:
+            raise ValueError("must not be negative")
+        return v
+    if isinstance(v, str):
+        text = v.strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1:] if text[-1:] in _UNITS else ""
+        number = text[:-1] if unit else text
+        if number.isdigit():
+            return int(number) * _UNITS[unit]
+    raise ValueError(f"must be a byte count or a string like \"256G\", got {v!r}")
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 
 
 class _Strict(BaseModel):
@@ -137,6 +166,10 @@ class Aria2Config(_Strict):
     # download loses (loopback autotuning grows it to several MiB per connection);
     # throughput per connection is at most this / round-trip time. "0" = kernel default.
     socket_recv_buffer: str = "1M"
+    # aria2's --stream-piece-selector for a file started fresh, and for one resumed from
+    # its .aria2 control file (see provisioner/aria2.py for why they differ).
+    piece_selector: Literal["default", "inorder", "random", "geom"] = "geom"
+    resume_piece_selector: Literal["default", "inorder", "random", "geom"] = "geom"
     max_tries: Annotated[int, Field(ge=1, le=100)] = 5
     # Seconds a presigned URL stays valid; expired URLs are re-presigned and resumed.
     presign_expiry: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
@@ -187,6 +220,13 @@ class ProvisionerConfig(_Strict):
     public_keys: list[Path] = []
     disk_margin_mb: Annotated[int, Field(ge=0)] = 256
     log_level: LogLevel = "info"
+    max_file_size: Annotated[ByteSize, Field(ge=1)] = DEFAULT_MAX_FILE_SIZE
+    max_model_size: Annotated[ByteSize, Field(ge=1)] = DEFAULT_MAX_MODEL_SIZE
+    # quarantine/ (bytes that failed verification, kept for inspection) is bounded: one
+    # copy per file, this many bytes in all (a copy larger than this is not kept), each
+    # copy at most quarantine_max_age seconds.
+    quarantine_max_bytes: ByteSize = 1024**3
+    quarantine_max_age: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
     aria2: Aria2Config = Aria2Config()
     p2p: P2PConfig = P2PConfig()
     mirrors: Annotated[list[MirrorConfig], Field(min_length=1)]
@@ -206,7 +246,11 @@ class ProvisionerConfig(_Strict):
             raise ValueError("must be a list of path strings")
         return [Path(x) for x in v]
 
-    @field_validator("poll_interval", mode="before")
+    @property
+    def size_limits(self) -> SizeLimits:
+        return SizeLimits(self.max_file_size, self.max_model_size)
+
+    @field_validator("poll_interval", "quarantine_max_age", mode="before")
     @classmethod
     def _number(cls, v):
         if isinstance(v, bool) or not isinstance(v, (int, float)):

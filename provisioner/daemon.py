@@ -88,8 +88,15 @@ class Provisioner:
 
     # -- lifecycle -------------------------------------------------------------------
     def open(self) -> None:
-        self.lock.acquire()
+        if self.lock._fd is None:  # a command may hold the lock already (rollback)
+            self.lock.acquire()
         self.cache = CacheWriter(self.config.cache_dir)
+        self.cache.quarantine_max_bytes = self.config.quarantine_max_bytes
+        self.cache.quarantine_max_age = self.config.quarantine_max_age
+        # Leftovers of a run that crashed or failed: never visible, never kept.
+        if stale := self.cache.clean_staging():
+            log.info("removed stale staging directories", count=stale)
+        self.cache.trim_quarantine()
         self.aria2 = Aria2Process(self.config.aria2, self.cache.partial_dir, self.config.p2p)
         self.aria2.start()
         self.syncer = Syncer(self.config, self.cache, make_mirror_set(self.config), self.aria2,
@@ -157,9 +164,12 @@ class Provisioner:
                 if attempt == 1 and not self.stop_event.is_set():
                     self.aria2.stop()
                     self.aria2.start()
+        failed = {k: v for k, v in results.items() if isinstance(v, Exception)}
+        for name, exc in failed.items():
+            if isinstance(exc, (requests.exceptions.RequestException, Aria2Error)):
+                self.syncer.record_failure(name, exc)  # sync_all did not get to say so
         self.status.syncs_completed += 1
         self.update_seeding()
-        failed = {k: v for k, v in results.items() if isinstance(v, Exception)}
         self.status.ready = self.all_current()
         self.status.state = "idle" if not failed else ("degraded" if self.status.ready else "error")
         self.reporter.publish(self._summary(failed))

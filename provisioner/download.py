@@ -71,6 +71,13 @@ class _Job:
     peers: PeerFetch | None = None  # fetched with BitTorrent (p2p.py)
     torrent: bytes | None = None
     http_only: bool = False  # after a mismatch of bytes that peers may have sent
+    cause: str | None = None  # why the last mirror was given up on: the error the operator sees
+    identity: dict[str, dict | None] = field(default_factory=dict)  # mirror -> object's etag/size/mtime
+
+
+def mismatch_text(mirror: str, entry: FileEntry, got_sha256: str, got_size: int) -> str:
+    return (f"checksum mismatch on mirror {mirror} for file {entry.path} (expected sha256 {entry.sha256}, "
+            f"{entry.size} bytes; got sha256 {got_sha256}, {got_size} bytes)")
 
 
 ProgressFn = Callable[[int, int, int], None]  # (bytes done, bytes total, files done)
@@ -121,9 +128,12 @@ class Downloader:
                 data.unlink()
             urls = self.mirrors.presigned_urls(name, version, job.entry.path, self.cfg.presign_expiry,
                                                exclude=job.excluded)
+            urls = skip_known_bad(job, urls)
             if job.one_mirror:
                 urls = urls[:1]
             if not urls:
+                if job.cause:
+                    raise DownloadError(f"{name}/{version}: {job.cause}; no other mirror to try")
                 raise DownloadError(f"{name}/{version}: {job.entry.path}: no mirror left to try "
                                     f"(excluded: {sorted(job.excluded)})")
             job.uri_mirror = {url: mirror for mirror, url in urls}
@@ -145,7 +155,7 @@ class Downloader:
                 log.info("fetching from peers", file=job.entry.path, web_seed=job.peers.web_seeded)
             else:
                 job.peers = None
-                job.gid = self.aria2.add([url for _, url in urls], out=sha)
+                job.gid = self.aria2.add([url for _, url in urls], out=sha, resume=control.exists())
             active[job.gid] = job
 
         def watch_peers(job: _Job, st, now: float) -> None:
@@ -184,6 +194,36 @@ class Downloader:
                 peers.last_progress = now  # the mirror gets its own stall window
                 peers.completed_at_web_seed = st.completed
             peers.web_seeded, peers.web_seeded_at = True, now
+
+
+        def skip_known_bad(job: _Job, urls: list[tuple[str, str]]) -> list[tuple[str, str]]:
+            """Drop mirrors that lack the object, or whose object already failed verification
+            and has not changed since (same etag, size, mtime): known bad, not fetched again."""
+            job.identity = self.mirrors.identities(name, version, job.entry.path, [m for m, _ in urls])
+            known = self.cache.known_bad()
+            key = self.mirrors.object_key(name, version, job.entry.path)
+            kept = []
+            for mirror, url in urls:
+                if (job.identity.get(mirror) or {}).get("missing"):
+                    job.excluded.add(mirror)
+                    job.cause = f"{job.entry.path} is missing on mirror {mirror}"
+                    log.error("file missing on mirror", model=name, version=version, file=job.entry.path,
+                              mirrors=[mirror])
+                    continue
+                record = known.get(f"{mirror} {key}")
+                if record and record.get("expected_sha256") == job.entry.sha256:
+                    ident = job.identity.get(mirror)
+                    if ident is not None and ident == record.get("object"):
+                        job.excluded.add(mirror)
+                        job.cause = (f"{record['error']}, first seen {record.get('seen', '?')}; the object is "
+                                     f"unchanged (ETag {ident.get('etag')}), so it is not fetched again")
+                        log.warning("mirror object known bad, not fetched again", model=name, version=version,
+                                    file=job.entry.path, mirror=mirror, etag=ident.get("etag"))
+                        continue
+                    # The object changed on the mirror (or cannot be identified): try it again.
+                    self.cache.forget_known_bad(mirror, key)
+                kept.append((mirror, url))
+            return kept
 
         def finish_hash(job: _Job) -> str:
             """Digest of the downloaded file: the prefix hasher's, re-checked from scratch
@@ -265,21 +305,31 @@ class Downloader:
                     if digest == job.entry.sha256 and size == job.entry.size:
                         self.cache.add_blob(data, digest)
                         (partial / f"{digest}.aria2").unlink(missing_ok=True)
+                        self.cache.file_verified(digest)
                         if job.torrent is not None and self.p2p.cfg.seed:
                             self.p2p.seed(job.torrent)
                         done_bytes += job.entry.size
                         files_done += 1
                         job.completed = 0
                         continue
-                    used = sorted(set(job.uri_mirror.values()))
-                    where = self.cache.quarantine(data, f"{name}-{version}-{job.entry.sha256[:16]}")
+                    used = sorted(set(job.uri_mirror.values())) if job.peers is None or job.peers.web_seeded else []
+                    where = self.cache.quarantine(data, job.entry.sha256)
+                    (partial / f"{job.entry.sha256}.aria2").unlink(missing_ok=True)
+                    job.cause = mismatch_text(",".join(used + (["peers"] if job.peers else [])), job.entry, digest, size)
                     log.error("checksum mismatch: bytes quarantined", model=name, version=version,
                               file=job.entry.path, mirrors=used, got_sha256=digest, got_size=size,
-                              expected_sha256=job.entry.sha256, quarantined=str(where))
+                              expected_sha256=job.entry.sha256,
+                              quarantined=str(where) if where else "not kept (over quarantine_max_bytes)")
+                    # Only bytes a mirror alone sent make its object known bad (peers may have sent these).
+                    if job.peers is None and len(used) == 1 and job.identity.get(used[0]) is not None:
+                        self.cache.mark_known_bad(used[0], self.mirrors.object_key(name, version, job.entry.path), {
+                            "error": job.cause, "object": job.identity[used[0]], "model": name,
+                            "version": version, "file": job.entry.path, "expected_sha256": job.entry.sha256,
+                            "got_sha256": digest, "got_size": size,
+                            "seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
                     job.failures += 1
                     if job.failures > self.cfg.max_tries:
-                        raise DownloadError(f"{name}/{version}: {job.entry.path}: checksum mismatch from "
-                                            f"mirrors {used} after {job.failures} attempts")
+                        raise DownloadError(f"{name}/{version}: {job.cause} (after {job.failures} attempts)")
                     if job.peers is not None:
                         # Peers are unauthenticated: fetch it again over HTTP only.
                         job.http_only, job.peers, job.torrent = True, None, None

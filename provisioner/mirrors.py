@@ -14,7 +14,7 @@ import botocore.exceptions
 import structlog
 
 from mirror import layout
-from mirror.manifest import Manifest, ManifestError, parse_channel
+from mirror.manifest import DEFAULT_LIMITS, Manifest, ManifestError, SizeLimits, parse_channel
 from mirror.remote import NOT_FOUND_CODES, describe, error_code
 from mirror.s3 import Credentials, CredentialsError, make_client
 from mirror.signing import SignatureError, verify
@@ -80,6 +80,23 @@ class MirrorSource:
             raise MirrorError(f"mirror {self.name}: {exc}") from None
         return resp["Body"].read(), resp.get("ETag")
 
+    def identity(self, key: str) -> dict | None:
+        """The object's identity (etag, size, last_modified) from a HEAD; {"missing": True}
+        if the mirror says it does not exist; None if it cannot be told."""
+        try:
+            resp = self.client().head_object(Bucket=self.config.bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) in NOT_FOUND_CODES:
+                return {"missing": True}
+            log.warning("cannot read object identity", mirror=self.name, key=key, error=error_code(exc))
+            return None
+        except (botocore.exceptions.BotoCoreError, CredentialsError) as exc:
+            log.warning("cannot read object identity", mirror=self.name, key=key, error=type(exc).__name__)
+            return None
+        modified = resp.get("LastModified")
+        return {"etag": resp.get("ETag"), "size": resp.get("ContentLength"),
+                "last_modified": modified.isoformat() if modified else None}
+
     def presign(self, key: str, expires: int) -> str:
         return self.client().generate_presigned_url(
             "get_object", Params={"Bucket": self.config.bucket, "Key": key}, ExpiresIn=expires
@@ -87,7 +104,9 @@ class MirrorSource:
 
 
 class MirrorSet:
-    def __init__(self, configs: list[MirrorConfig], trusted_keys: list, require_signature: bool):
+    def __init__(self, configs: list[MirrorConfig], trusted_keys: list, require_signature: bool,
+                 limits: SizeLimits = DEFAULT_LIMITS):
+        self.limits = limits
         self.sources = [MirrorSource(c) for c in sorted(configs, key=lambda m: (m.priority, m.name))]
         self.trusted_keys = trusted_keys
         self.require_signature = require_signature
@@ -161,7 +180,7 @@ class MirrorSet:
             except SignatureError as exc:
                 log.warning("manifest signature does not verify (require_signature=false)", error=str(exc))
         try:
-            return Manifest.parse_for(data, name, version)
+            return Manifest.parse_for(data, name, version, self.limits)
         except ManifestError as exc:
             raise ManifestRejected(f"malformed manifest: {exc}") from None
 
@@ -175,6 +194,14 @@ class MirrorSet:
             except MirrorError as exc:
                 errors.append(str(exc))
         raise MirrorError(f"no mirror has the torrent of {sha256}: " + "; ".join(errors))
+
+    @staticmethod
+    def object_key(name: str, version: str, path: str) -> str:
+        return layout.object_key(name, version, path)
+
+    def identities(self, name: str, version: str, path: str, mirrors: list[str]) -> dict[str, dict | None]:
+        key = layout.object_key(name, version, path)
+        return {s.name: s.identity(key) for s in self.sources if s.name in mirrors}
 
     def presigned_urls(self, name: str, version: str, path: str, expires: int,
                        exclude: set[str] = frozenset()) -> list[tuple[str, str]]:

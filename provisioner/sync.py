@@ -12,13 +12,14 @@ import shutil
 import threading
 from dataclasses import dataclass
 
+import requests.exceptions
 import structlog
 
 from mirror.manifest import FileEntry, Manifest
 from mirror.signing import load_public_key
 
-from .aria2 import Aria2Process
-from .cache import CacheError, CacheWriter, Snapshot
+from .aria2 import Aria2Error, Aria2Process
+from .cache import CacheError, CacheWriter, DamagedSnapshotError, Snapshot
 from .config import ModelConfig, ProvisionerConfig
 from .download import DownloadError, Downloader
 from mirror.hashing import sha256_file
@@ -80,7 +81,7 @@ def make_mirror_set(config: ProvisionerConfig) -> MirrorSet:
     keys = [load_public_key(p) for p in config.public_keys]
     if not config.require_signature:
         log.warning("manifest signatures are NOT required (require_signature = false)")
-    return MirrorSet(config.mirrors, keys, config.require_signature)
+    return MirrorSet(config.mirrors, keys, config.require_signature, config.size_limits)
 
 
 class Syncer:
@@ -100,15 +101,22 @@ class Syncer:
         for model in self.config.models:
             try:
                 results[model.name] = self.sync_model(model)
-            except (SyncError, MirrorError, DownloadError, CacheError) as exc:
-                cur = self.cache.current(model.name)
-                self.reporter.finish(model.name, cur.version if cur else None, error=str(exc))
-                log.error("sync failed", model=model.name, error=str(exc),
-                          serving=cur.version if cur else None)
+            except (Aria2Error, requests.exceptions.RequestException):
+                raise  # aria2c itself failed: the caller restarts it and runs the pass again
+            except Exception as exc:  # every other failure: a true status and one log line
+                self.record_failure(model.name, exc)
                 results[model.name] = exc
             if self.stop.is_set():
                 break
         return results
+
+    def record_failure(self, name: str, exc: Exception) -> None:
+        error = str(exc) if isinstance(exc, (SyncError, MirrorError, DownloadError, CacheError)) else \
+            f"{type(exc).__name__}: {exc}"
+        cur = self.cache.current(name)
+        self.reporter.finish(name, cur.version if cur else None, error=error)
+        log.error("sync failed", model=name, error=error, serving=cur.version if cur else None,
+                  exc_info=not isinstance(exc, (SyncError, MirrorError, DownloadError, CacheError, OSError)))
 
     def sync_model(self, model: ModelConfig) -> SyncResult:
         version, source = self.mirrors.resolve_version(model)
@@ -118,7 +126,13 @@ class Syncer:
             if hold.channel_version in (None, version):
                 # An operator rolled back: stay there until the channel moves on.
                 if (cur := self.cache.current(model.name)) is None or cur.version != hold.version:
-                    self.cache.rollback(model.name, hold.version)
+                    try:
+                        self.rollback(model.name, hold.version)
+                    except (CacheError, DownloadError) as exc:
+                        # Cannot serve the held version: drop the hold, keep what serves now.
+                        release_hold(self.config.cache_dir, model.name)
+                        raise SyncError(f"rollback to {model.name}/{hold.version} refused, hold released: "
+                                        f"{exc}") from None
                 status.wanted_version = hold.version
                 self.reporter.finish(model.name, hold.version)
                 log.info("model held by rollback", model=model.name, held=hold.version, channel=version)
@@ -170,6 +184,24 @@ class Syncer:
                 f"not enough disk space in {self.cache.root}: need {human_bytes(needed)} "
                 f"(download + {self.config.disk_margin_mb} MiB margin), {human_bytes(free)} free")
 
+    # -- rollback --------------------------------------------------------------------
+    def rollback(self, name: str, version: str) -> Snapshot:
+        """Switch to a kept snapshot after a full sha256 check; a damaged one is repaired
+        first (from an intact blob, else the mirror) or refused."""
+        try:
+            return self.cache.rollback(name, version)
+        except DamagedSnapshotError as exc:
+            log.warning("rollback target damaged, repairing it first", model=name, version=version,
+                        problems=[str(p) for p in exc.problems])
+            try:
+                self.repair_snapshot(exc.snap)
+            except (DownloadError, MirrorError, OSError) as repair_exc:
+                raise CacheError(f"{exc}; repair failed ({repair_exc}); not switched") from None
+        try:
+            return self.cache.rollback(name, version)
+        except DamagedSnapshotError as exc:
+            raise CacheError(f"{exc} (still, after repair); not switched") from None
+
     # -- repair ----------------------------------------------------------------------
     def repair_snapshot(self, snap: Snapshot) -> list[str]:
         """Re-verify a snapshot; restore each bad file from an intact copy or the mirror."""
@@ -192,7 +224,7 @@ class Syncer:
                 continue
             # The shared inode is damaged: take the blob out of service, fetch it again.
             if blob.exists():
-                self.cache.quarantine(blob, f"damaged-{entry.sha256[:16]}")
+                self.cache.quarantine(blob, entry.sha256, "damaged")
             to_fetch.append(entry)
         if to_fetch:
             self.downloader.fetch(snap.name, snap.version, to_fetch, stop=self.stop)

@@ -1,6 +1,7 @@
 """A loopback TCP proxy for fault tests: slows each connection down and cuts it after
 a number of response bytes, so the client must reconnect (and send a new request)
-later - which is how an expired presigned URL shows up mid-download."""
+later - which is how an expired presigned URL shows up mid-download. It also counts
+connections and response bytes, so a test can tell what a run fetched."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ class CuttingProxy:
         self.rate = rate  # bytes per second per connection
         self.port = 0
         self.cuts = 0
-        self.bytes_down = 0  # response bytes passed to clients, all connections
+        self.connections = 0
+        self.bytes_down = 0  # server -> client, all connections
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -47,6 +49,7 @@ class CuttingProxy:
         server.close()
 
     async def _handle(self, c_reader, c_writer) -> None:
+        self.connections += 1
         try:
             s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:

@@ -8,12 +8,14 @@ import pytest
 
 from mirror import layout
 from mirror.manifest import (
+    DEFAULT_MAX_FILE_SIZE,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     SIGNATURE_NAME,
     FileEntry,
     Manifest,
     ManifestError,
+    SizeLimits,
     channel_bytes,
     parse_channel,
     validate_name,
@@ -243,3 +245,27 @@ def test_layout_keys() -> None:
         layout.object_key("joe", "1.0", "../x")
     with pytest.raises(ManifestError):
         layout.channel_key("joe", "../stable")
+
+
+def test_default_size_limits_refuse_sizes_no_model_has() -> None:
+    # The chaos run's values: 2^63-1 and 10^20 bytes passed the parser before.
+    for size in (2**63 - 1, 10**20, DEFAULT_MAX_FILE_SIZE + 1):
+        with pytest.raises(ManifestError, match=r"files\[1\] \(b.bin\): size .* over .*max_file_size"):
+            parse(doc([entry("a.bin"), entry("b.bin", size=size)]))
+    assert parse(doc([entry(size=DEFAULT_MAX_FILE_SIZE)])).files[0].size == DEFAULT_MAX_FILE_SIZE
+
+
+def test_model_size_limit_names_the_entry_that_crosses_it() -> None:
+    limits = SizeLimits(max_file_size=100, max_model_size=250)
+    files = [entry("a.bin", size=100), entry("b.bin", size=100), entry("c.bin", size=100)]
+    with pytest.raises(ManifestError, match=r"files\[2\] \(c.bin\): .* 300 bytes, over the 250 .*max_model_size"):
+        Manifest.parse(json.dumps(doc(files)).encode(), limits)
+    assert len(Manifest.parse(json.dumps(doc(files[:2])).encode(), limits).files) == 2
+    with pytest.raises(ManifestError, match="max_file_size"):
+        Manifest.parse(json.dumps(doc([entry(size=101)])).encode(), limits)
+    # Default limits: 1 TiB per model, even when each file is within its own limit.
+    big = [entry(f"f{i}.bin", size=DEFAULT_MAX_FILE_SIZE) for i in range(5)]
+    with pytest.raises(ManifestError, match=r"files\[4\] \(f4.bin\).*max_model_size"):
+        parse(doc(big))
+    # A kept snapshot's manifest (accepted before) is read without limits.
+    assert len(Manifest.parse(json.dumps(doc(big)).encode(), limits=None).files) == 5
