@@ -123,6 +123,7 @@ BAD = {
     "silent": ("a model that loads but is silent", "not speech: silent"),
     "noise": ("a model that loads but is noise", "not speech:"),
     "unreachable": ("the canary cannot reach the mirror", "sync"),
+    "missing": ("-e version= naming a version that is not on the mirror", "9.9.9"),
 }
 
 
@@ -130,8 +131,9 @@ BAD = {
 def test_bad_version_rolls_the_canary_back_and_touches_nobody_else(fleet, kind):
     f = fleet.fleet
     canary, others = f.nodes[0], f.nodes[1:]
-    version = {"broken": "2.0.1", "silent": "2.0.2", "noise": "2.0.3", "unreachable": "2.0.4"}[kind]
-    fr.publish(f, fleet.bucket, fleet.keys, version, "good" if kind == "unreachable" else kind)
+    version = {"broken": "2.0.1", "silent": "2.0.2", "noise": "2.0.3", "unreachable": "2.0.4", "missing": "9.9.9"}[kind]
+    if kind != "missing":
+        fr.publish(f, fleet.bucket, fleet.keys, version, "good" if kind == "unreachable" else kind)
     before = {n.name: n.path("/etc/tts-fleet/provisioner.toml").read_text() for n in others}
     if kind == "unreachable":
         f.mirror.block(canary)
@@ -212,3 +214,27 @@ def test_rollback_whole_fleet_with_traffic(fleet):
     print(f"rollback.yml {took:.0f}s; {summary}")
     assert all(s["failed"] == 0 and "1.1.0" in s["versions"] for s in summary.values()), summary
     assert [fr.serving(n) for n in f.nodes] == ["1.1.0"] * NODES
+
+
+def test_unreachable_inventory_host_is_named_and_does_not_hang(fleet):
+    """A host in the inventory that does not answer (an address on the bridge nobody has)
+    as the canary: reported UNREACHABLE by name within ansible.cfg's timeouts, the rollout
+    stops there, the real nodes are not touched."""
+    f = fleet.fleet
+    ghost = f"{f.subnet}.250"
+    inventory = f.work / "inventory-ghost.yml"
+    import yaml
+
+    data = yaml.safe_load(f.inventory({}, path=inventory).read_text())
+    real = yaml.safe_load((f.work / "inventory.yml").read_text())["tts_nodes"]
+    data["tts_nodes"]["vars"] = real["vars"]
+    data["tts_nodes"]["hosts"] = {"ghost": {"ansible_host": ghost}, **real["hosts"]}
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    before = {n.name: n.path("/etc/tts-fleet/provisioner.toml").read_text() for n in f.nodes}
+    out = f.playbook("rollout-model.yml", "-e", f"model={fr.MODEL}", "-e", "version=1.2.0", inventory=inventory,
+                     log="rollout-ghost.log", timeout=300)
+    assert out.returncode != 0
+    assert re.search(r"\[ghost\]: UNREACHABLE", out.stdout), out.stdout[-3000:]
+    assert fr.recap(out.stdout)["ghost"]["unreachable"] == 1
+    for node in f.nodes:
+        assert node.path("/etc/tts-fleet/provisioner.toml").read_text() == before[node.name]
