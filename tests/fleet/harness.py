@@ -219,8 +219,10 @@ for i in $(seq 1 300); do [ -S /run/systemd/private ] && break; sleep 0.1; done
 # to it); services with User=tts need the mode a system manager gives it.
 chmod 0777 /run/systemd/notify
 # "Boot": start what is enabled (units are WantedBy=multi-user.target, which a user
-# manager has no equivalent of).
-for unit in /etc/systemd/user/*.target.wants/*; do
+# manager has no equivalent of). `systemctl --user enable` links them in the manager's
+# $XDG_CONFIG_HOME/systemd/user (/var/lib here, so they survive a node's kill), sockets first.
+for unit in /var/lib/systemd/user/sockets.target.wants/* /var/lib/systemd/user/*.target.wants/* \
+            /etc/systemd/user/*.target.wants/*; do
   [ -e "$unit" ] && systemctl --user start --no-block "$(basename "$unit")" || true
 done
 exec {sshd} -D -e -f /etc/ssh/sshd_config
