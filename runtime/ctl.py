@@ -196,6 +196,47 @@ def synth(obj: Ctx, text: str, output: Path, voice: str | None, speaker: str | N
         click.echo(str(output))
 
 
+# -- check (the rollout's health gate) ----------------------------------------------------
+
+@main.command()
+@click.argument("text", default="Health check.")
+@click.option("--voice", default=None, help="voice (default: the runtime's default)")
+@click.option("--expect-version", default=None, help="fail unless this version answered (X-Voice-Version)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also keep the WAV here")
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.pass_obj
+def check(obj: Ctx, text: str, voice: str | None, expect_version: str | None, output: Path | None,
+          timeout: float) -> None:
+    """Synthesize TEXT through the daemon and check that the audio is plausibly speech for it
+    (duration, silence, clipping, speech-band energy, noise: runtime/speechcheck.py). Exit 1
+    with one line saying what is wrong; the ansible health gate runs this."""
+    import soundfile
+
+    from .speechcheck import check_speech
+
+    try:
+        with obj.client(timeout) as client:
+            # Inside the package: the response's headers say which version answered.
+            response = client._request("POST", "/v1/synthesize", json={"text": text, "voice": voice, "format": "wav"})
+    except ApiError as exc:
+        _fail(str(exc))
+    served = response.headers.get("x-voice-version", "?")
+    name = response.headers.get("x-voice", voice or "?")
+    if expect_version is not None and served != expect_version:
+        _fail(f"{name} {served} answered, expected {expect_version}")
+    try:
+        wave, rate = soundfile.read(io.BytesIO(response.content), dtype="float32")
+    except RuntimeError as exc:
+        _fail(f"{name} {served}: the answer is not a readable WAV ({exc})")
+    if output is not None:
+        _write_atomic(output, response.content)
+    verdict = check_speech(wave, rate, text)
+    if not verdict.ok:
+        _fail(f"{name} {served}: {verdict.line()}")
+    click.echo(f"{name} {served}: {verdict.line()}")
+
+
 # -- batch -------------------------------------------------------------------------------
 
 ITEM_KEYS = {"id", "text", "voice", "speaker", "seed", "speed", "length_scale", "noise_scale", "noise_w", "format", "sample_rate"}

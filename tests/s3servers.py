@@ -77,15 +77,16 @@ def _tool(name: str) -> str:
     return path
 
 
-def _start(kind: str, cmd: list[str], env: dict, data_dir: Path, port: int, creds: Credentials) -> S3Server:
+def _start(kind: str, cmd: list[str], env: dict, data_dir: Path, port: int, creds: Credentials,
+           host: str = "127.0.0.1", wrap: tuple[str, ...] = (), preexec_fn=None) -> S3Server:
     log = open(data_dir.parent / f"{kind}-{port}.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([*wrap, *cmd], env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     try:
-        wait_for_port("127.0.0.1", port)
+        wait_for_port(host, port)
     except TimeoutError:
         proc.kill()
         raise
-    return S3Server(endpoint=f"http://127.0.0.1:{port}", credentials=creds, kind=kind, process=proc,
+    return S3Server(endpoint=f"http://{host}:{port}", credentials=creds, kind=kind, process=proc,
                     data_dir=data_dir)
 
 
@@ -93,26 +94,30 @@ def _new_credentials() -> Credentials:
     return Credentials(access_key="tts" + secrets.token_hex(4), secret_key=secrets.token_hex(16))
 
 
-def start_nanio(data_dir: Path, port: int | None = None) -> S3Server:
+def start_nanio(data_dir: Path, port: int | None = None, host: str = "127.0.0.1", wrap: tuple[str, ...] = (),
+                preexec_fn=None) -> S3Server:
+    """`host`/`wrap`: the fleet harness runs the server in a network namespace
+    (wrap = nsenter ...) on that namespace's address."""
     port = port or free_port()
     creds = _new_credentials()
     env = dict(os.environ, NANIO_ACCESS_KEY=creds.access_key, NANIO_SECRET_KEY=creds.secret_key)
     data_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [_tool("nanio"), "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
+    cmd = [_tool("nanio"), "serve", "--host", host, "--port", str(port), "--data-dir", str(data_dir),
            "--no-access-log", "--log-level", "warning"]
-    return _start("nanio", cmd, env, data_dir, port, creds)
+    return _start("nanio", cmd, env, data_dir, port, creds, host, wrap, preexec_fn)
 
 
-def start_rclone(data_dir: Path, port: int | None = None) -> S3Server:
+def start_rclone(data_dir: Path, port: int | None = None, host: str = "127.0.0.1", wrap: tuple[str, ...] = (),
+                 preexec_fn=None) -> S3Server:
     """`rclone serve s3` over a plain directory (each top-level folder is a bucket). The key
     pair goes in through the environment, not argv, so `ps` does not show the secret."""
     port = port or free_port()
     creds = _new_credentials()
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, RCLONE_AUTH_KEY=f'"{creds.access_key},{creds.secret_key}"', RCLONE_CONFIG="/dev/null")
-    cmd = [_tool("rclone"), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--log-level", "ERROR",
+    cmd = [_tool("rclone"), "serve", "s3", "--addr", f"{host}:{port}", "--log-level", "ERROR",
            str(data_dir)]
-    return _start("rclone", cmd, env, data_dir, port, creds)
+    return _start("rclone", cmd, env, data_dir, port, creds, host, wrap, preexec_fn)
 
 
 STARTERS = {"nanio": start_nanio, "rclone": start_rclone}

@@ -1,0 +1,631 @@
+"""A simulated fleet: N nodes that ansible reaches over SSH, plus the mirror, on one machine.
+
+Each node is, as far as ansible can tell, a host of its own:
+
+- a network namespace (`ip netns`) with one veth on a Linux bridge and its own address;
+- a mount namespace (`unshare --mount --uts`) with overlays on /etc, /opt and /var (upper
+  dirs under the node's work dir, so a node keeps its state across a "reboot"), tmpfs on
+  /run, /tmp and /root, and its own hostname;
+- its own `sshd` (Debian's openssh-server) on the node's address, with a host key generated
+  for it; the controller logs in as root with a generated client key and a known_hosts file
+  holding every node's host key (host key checking stays on);
+- its own service manager: a `systemd --user` manager of root, started inside the node's
+  namespaces in a cgroup of its own (systemd is not PID 1 here, so a system manager is
+  impossible; the user manager still applies User=, the units' namespaces, seccomp filters,
+  sd_notify, socket activation and the watchdog). The role runs with
+  `tts_node_service_manager: user`.
+
+Shared between nodes, read-only, and why: `/usr` (the host's Debian: aria2c, python3,
+systemd, sshd, sudo) and the checkout's venv (torch and the other wheels, ~1 GB: ten copies
+would cost ten times the disk and the page cache). The venv is bind-mounted read-only at
+its own path and at /opt/tts-test-venv; the role still builds each node's own venv at
+/opt/tts-fleet/venv from a wheel of this checkout and reaches the shared site-packages
+through a .pth file (tts_node_venv_extra_site_dirs). The interpreter the venv was built
+from (pyenv under /root on these machines) is bind-mounted read-only over the node's
+private /root.
+
+The mirror (nanio or `rclone serve s3`) runs in a network namespace of its own; an
+iptables rule in that namespace counts the bytes it sends (mirror egress, measured at the
+mirror's side).
+
+Every process of a node lives in the node's cgroup, so "node down" is a SIGKILL of that
+cgroup's processes and teardown can prove nothing is left. Teardown (`Fleet.close`) always
+runs: processes, cgroups, namespaces, veths, the bridge; a fleet left behind by a killed
+test run is removed by the next `Fleet` (state files in /run/tts-fleet-harness).
+
+No pytest here: tests/test_fleet.py and bench/fleet.py both use it (and the P2P work).
+Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+VENV = Path(sys.executable).parent.parent
+SANDBOX_VENV = Path("/opt/tts-test-venv")
+STATE_DIR = Path("/run/tts-fleet-harness")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+MIRROR_PORT = 9000
+TOOLS = ["ip", "nsenter", "unshare", "iptables", "ssh", "ssh-keygen", "systemd", "sudo"]
+SSHD = "/usr/sbin/sshd"
+
+
+def run(cmd: list[str], timeout: float = 60, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {out.returncode}: {(out.stderr or out.stdout).strip()[:500]}")
+    return out
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} not reached within {timeout:.0f}s")
+        time.sleep(interval)
+
+
+# -- can it run here? ------------------------------------------------------------------------
+
+def unavailable() -> str | None:
+    """None when a fleet can be built on this machine, else the reason (for a skip)."""
+    if os.geteuid() != 0:
+        return "the fleet harness needs root (network namespaces, bridge, mounts)"
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    if not os.access(SSHD, os.X_OK):
+        missing.append("sshd (Debian package openssh-server)")
+    if missing:
+        return f"missing tools for the fleet harness: {', '.join(missing)} (scripts/setup.sh installs them)"
+    if not _cgroup_hierarchies():
+        return "no writable cgroup hierarchy for the nodes' service managers"
+    name = f"tfprobe{os.getpid() % 100000}"
+    try:
+        run(["ip", "netns", "add", name], timeout=30)
+        run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], timeout=30)
+        run(["ip", "link", "add", f"{name}b", "type", "bridge"], timeout=30)
+        run(["ip", "link", "del", f"{name}b"], timeout=30)
+        run(["unshare", "--mount", "--uts", "--propagation", "private", "true"], timeout=30)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        return f"network/mount namespaces unavailable here: {exc}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    return None
+
+
+def _cgroup_hierarchies() -> list[Path]:
+    """Where node cgroups go: on a hybrid host the name=systemd v1 hierarchy (where a user
+    manager tracks its units), the unified one (where systemd looks up its own cgroup: a
+    manager left in the root there moves its whole cgroup to /init.scope and escapes the
+    node) and cpuacct (CPU time); on a pure v2 host the unified root."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        roots = [CGROUP_ROOT]
+    else:
+        roots = [CGROUP_ROOT / "systemd", CGROUP_ROOT / "unified", CGROUP_ROOT / "cpuacct"]
+    return [r for r in roots if r.is_dir() and os.access(r, os.W_OK)]
+
+
+class Cgroup:
+    """One cgroup per member (node, mirror) in every hierarchy we use."""
+
+    def __init__(self, relpath: str):
+        self.dirs = [root / relpath for root in _cgroup_hierarchies()]
+        for d in self.dirs:
+            d.mkdir(parents=True, exist_ok=True)
+
+    def join(self, pid: int | None = None) -> None:
+        for d in self.dirs:
+            (d / "cgroup.procs").write_text(str(pid or os.getpid()))
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for d in self.dirs[:1]:
+            for procs in d.rglob("cgroup.procs"):
+                try:
+                    found |= {int(p) for p in procs.read_text().split()}
+                except OSError:
+                    pass
+        return found
+
+    def kill(self, timeout: float = 30) -> None:
+        """SIGKILL every process in the subtree until it is empty (new ones may fork)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes survive SIGKILL in {self.dirs[0]}: {sorted(pids)}")
+            time.sleep(0.1)
+
+    def cpu_seconds(self) -> float:
+        for d in self.dirs:
+            if (d / "cpuacct.usage").exists():
+                return int((d / "cpuacct.usage").read_text()) / 1e9
+            if (d / "cpu.stat").exists():
+                for line in (d / "cpu.stat").read_text().splitlines():
+                    if line.startswith("usage_usec"):
+                        return int(line.split()[1]) / 1e6
+        return 0.0
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
+    def remove(self, timeout: float = 10) -> None:
+        """rmdir the subtree, leaves first; a just-killed process keeps its cgroup busy
+        until it is reaped, hence the short bounded retry."""
+        deadline = time.monotonic() + timeout
+        for d in self.dirs:
+            while d.exists():
+                for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                    try:
+                        sub.rmdir()
+                    except OSError:
+                        pass
+                try:
+                    d.rmdir()
+                except OSError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+
+
+# -- the fleet ---------------------------------------------------------------------------------
+
+NODE_SCRIPT = r"""
+set -eu
+mount --make-rprivate /
+{overlays}
+mount -t tmpfs -o mode=0755 tmpfs /run
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o mode=0700 tmpfs /root
+{shared}
+hostname {name}
+mkdir -p /run/sshd /run/systemd/system /etc/systemd/user /var/tmp /var/log
+chmod 0755 /run/sshd
+export XDG_RUNTIME_DIR=/run XDG_CACHE_HOME=/var/cache XDG_CONFIG_HOME=/var/lib
+cd /
+systemd --user >/var/log/fleet-manager.log 2>&1 &
+for i in $(seq 1 300); do [ -S /run/systemd/private ] && break; sleep 0.1; done
+[ -S /run/systemd/private ] || {{ echo "the user manager did not start" >&2; exit 1; }}
+# A user manager creates its notify socket 0755 (only its own user is expected to talk
+# to it); services with User=tts need the mode a system manager gives it.
+chmod 0777 /run/systemd/notify
+# "Boot": start what is enabled (units are WantedBy=multi-user.target, which a user
+# manager has no equivalent of). `systemctl --user enable` links them in the manager's
+# $XDG_CONFIG_HOME/systemd/user (/var/lib here, so they survive a node's kill), sockets first.
+for unit in /var/lib/systemd/user/sockets.target.wants/* /var/lib/systemd/user/*.target.wants/* \
+            /etc/systemd/user/*.target.wants/*; do
+  [ -e "$unit" ] && systemctl --user start --no-block "$(basename "$unit")" || true
+done
+exec {sshd} -D -e -f /etc/ssh/sshd_config
+"""
+
+SSHD_CONFIG = """\
+# Written by tests/fleet/harness.py for node {name}.
+ListenAddress {address}
+Port 22
+HostKey /etc/ssh/ssh_host_ed25519_key
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+AuthorizedKeysFile /etc/ssh/authorized_keys/%u
+PidFile /run/sshd.pid
+Subsystem sftp /usr/lib/openssh/sftp-server
+UseDNS no
+LogLevel ERROR
+MaxStartups 100
+MaxSessions 100
+ClientAliveInterval 10
+ClientAliveCountMax 3
+"""
+
+
+@dataclass
+class Node:
+    fleet: "Fleet"
+    index: int
+    name: str
+    address: str
+    netns: str
+    dir: Path
+    cgroup: Cgroup
+    process: subprocess.Popen | None = None
+    host_key: str = ""
+
+    @property
+    def pid(self) -> int:
+        if not self.process or self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} is down")
+        return self.process.pid
+
+    @property
+    def up(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def path(self, inside: str) -> Path:
+        """Where a file of the node's /etc, /opt or /var lies on the host (its upper dir)."""
+        tree, _, rest = inside.strip("/").partition("/")
+        return self.dir / f"{tree}-upper" / rest
+
+    def _nsenter(self) -> list[str]:
+        return ["nsenter", "-t", str(self.pid), "-m", "-n", "-u", "--wd=/"]
+
+    def _join(self) -> None:  # preexec: the child joins the node's cgroup before exec
+        self.cgroup.join()
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        """A process inside the node (its namespaces and its cgroup)."""
+        env = dict(kw.pop("env", None) or os.environ, XDG_RUNTIME_DIR="/run")
+        return subprocess.Popen([*self._nsenter(), *argv], preexec_fn=self._join, env=env, **kw)
+
+    def sh(self, script: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        proc = self.popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=10)
+            raise
+        out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"{self.name}: `{script}` exited {out.returncode}: {(stderr or stdout).strip()[-800:]}")
+        return out
+
+    def start(self) -> None:
+        """Boot the node: namespaces, mounts, the user manager (which starts the enabled
+        units), sshd. Returns once sshd accepts connections."""
+        if self.up:
+            return
+        overlays = []
+        for tree in ("etc", "opt", "var"):
+            upper, work = self.dir / f"{tree}-upper", self.dir / f"{tree}-work"
+            upper.mkdir(parents=True, exist_ok=True)
+            work.mkdir(parents=True, exist_ok=True)
+            overlays.append(f"mount -t overlay overlay -o lowerdir=/{tree},upperdir={upper},workdir={work} /{tree}")
+        shared = [f"mount --bind {VENV} {VENV} && mount -o remount,bind,ro {VENV}",
+                  f"mkdir -p {SANDBOX_VENV} && mount --bind {VENV} {SANDBOX_VENV} && mount -o remount,bind,ro {SANDBOX_VENV}"]
+        # The venv's interpreter may live under /root or /tmp (pyenv), which the node hides
+        # behind tmpfs: bind it aside before, move it back after.
+        base = Path(sys.base_prefix).resolve()
+        if any(str(base).startswith(h + "/") for h in ("/root", "/tmp")):
+            overlays.append(f"mkdir -p /opt/.fleet-python && mount --bind {base} /opt/.fleet-python")
+            shared.append(f"mkdir -p {base} && mount --move /opt/.fleet-python {base} && mount -o remount,bind,ro {base}")
+        script = NODE_SCRIPT.format(overlays="\n".join(overlays), shared="\n".join(shared), name=self.name, sshd=SSHD)
+        log = (self.dir / "node.log").open("ab")
+        self.process = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts", "--propagation", "private",
+             "bash", "-c", script],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=self._join,
+            env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+        try:
+            wait_until(lambda: self.process.poll() is not None or _port_open(self.address, 22), 120,
+                       what=f"sshd on {self.name}")
+        except TimeoutError:
+            self.kill()
+            raise
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} failed to boot: {(self.dir / 'node.log').read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        """The node goes down hard: every process in its cgroup gets SIGKILL (its mount
+        namespace goes with them; its disk - the upper dirs - stays)."""
+        self.cgroup.kill()
+        if self.process:
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def systemctl(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        return self.sh("systemctl --user " + " ".join(args), timeout=timeout, check=check)
+
+
+def _port_open(host: str, port: int) -> bool:
+    import socket
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Mirror:
+    server: object  # tests.s3servers.S3Server
+    netns: str
+    address: str
+    cgroup: Cgroup
+
+    def egress_bytes(self) -> int:
+        """Bytes the S3 server sent (TCP payload + headers from its port), counted by an
+        iptables rule in the mirror's own namespace."""
+        out = run(["ip", "netns", "exec", self.netns, "iptables", "-L", "OUTPUT", "-v", "-x", "-n"], timeout=30)
+        for line in out.stdout.splitlines():
+            if f"spt:{MIRROR_PORT}" in line:
+                return int(line.split()[1])
+        raise RuntimeError(f"no egress counter in {self.netns}: {out.stdout}")
+
+    def block(self, node: "Node", blocked: bool = True) -> None:
+        """Make the mirror unreachable from one node (inside that node's namespace)."""
+        action = "-I" if blocked else "-D"
+        run(["ip", "netns", "exec", node.netns, "iptables", action, "OUTPUT", "-d", self.address, "-j", "REJECT"],
+            timeout=30)
+
+
+@dataclass
+class Fleet:
+    """`with Fleet(work, 3) as fleet:` - nodes booted, mirror up; torn down on exit."""
+
+    work: Path
+    size: int
+    mirror_kind: str = "nanio"
+    tag: str = field(default_factory=lambda: f"{random.randrange(16**4):04x}")
+    nodes: list[Node] = field(default_factory=list)
+    mirror: Mirror | None = None
+
+    def __post_init__(self) -> None:
+        self.work = Path(self.work)
+        self.bridge = f"tf{self.tag}br"
+        self.subnet = None
+        self._netns: list[str] = []
+        self._cgroups: list[Cgroup] = []
+        self._closed = False
+
+    # -- lifecycle
+    def __enter__(self) -> "Fleet":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        cleanup_stale()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.subnet = _free_subnet()
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        (STATE_DIR / self.tag).write_text(json.dumps({"owner": os.getpid(), "bridge": self.bridge}))
+        run(["ip", "link", "add", self.bridge, "type", "bridge"])
+        run(["ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge])
+        run(["ip", "link", "set", self.bridge, "up"])
+        self._ssh_keys()
+        self._start_mirror()
+        for i in range(1, self.size + 1):
+            self.nodes.append(self._make_node(i))
+        self._write_known_hosts()
+        # Boot in parallel: each waits for its own sshd.
+        for node in self.nodes:
+            node.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        errors = []
+        for node in self.nodes:
+            try:
+                node.kill()
+            except Exception as exc:  # keep tearing down the rest
+                errors.append(f"{node.name}: {exc}")
+        if self.mirror:
+            try:
+                self.mirror.server.stop()
+                self.mirror.cgroup.kill()
+            except Exception as exc:
+                errors.append(f"mirror: {exc}")
+        _teardown(self.tag, self._netns, self.bridge, self._cgroups)
+        if errors:
+            raise RuntimeError("fleet teardown: " + "; ".join(errors))
+
+    # -- parts
+    def _ssh_keys(self) -> None:
+        self.ssh_dir = self.work / "ssh"
+        self.ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        self.client_key = self.ssh_dir / "id_ed25519"
+        if not self.client_key.exists():
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleet-controller", "-f", str(self.client_key)])
+        self.known_hosts = self.ssh_dir / "known_hosts"
+
+    def _netns_add(self, name: str, address: str) -> str:
+        ns = f"tf{self.tag}-{name}"
+        run(["ip", "netns", "add", ns])
+        self._netns.append(ns)
+        host_if, peer = f"tf{self.tag}{name}"[:15], f"tp{self.tag}{name}"[:15]
+        run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer])
+        run(["ip", "link", "set", peer, "netns", ns])
+        run(["ip", "link", "set", host_if, "master", self.bridge])
+        run(["ip", "link", "set", host_if, "up"])
+        for cmd in (["ip", "link", "set", "lo", "up"],
+                    ["ip", "link", "set", peer, "name", "eth0"],
+                    ["ip", "addr", "add", f"{address}/24", "dev", "eth0"],
+                    ["ip", "link", "set", "eth0", "up"]):
+            run(["ip", "netns", "exec", ns, *cmd])
+        return ns
+
+    def _start_mirror(self) -> None:
+        from tests.s3servers import STARTERS
+
+        address = f"{self.subnet}.2"
+        ns = self._netns_add("mirror", address)
+        cgroup = Cgroup(f"tts-fleet-{self.tag}/mirror")
+        self._cgroups.append(cgroup)
+        run(["ip", "netns", "exec", ns, "iptables", "-A", "OUTPUT", "-o", "eth0", "-p", "tcp", "--sport",
+             str(MIRROR_PORT)])
+        server = STARTERS[self.mirror_kind](self.work / "mirror" / "data", port=MIRROR_PORT, host=address,
+                                            wrap=("nsenter", f"--net=/run/netns/{ns}"), preexec_fn=cgroup.join)
+        self.mirror = Mirror(server, ns, address, cgroup)
+
+    def _make_node(self, i: int) -> Node:
+        name = f"node{i:02d}"
+        address = f"{self.subnet}.{10 + i}"
+        ns = self._netns_add(name, address)
+        cgroup = Cgroup(f"tts-fleet-{self.tag}/{name}")
+        self._cgroups.append(cgroup)
+        node = Node(self, i, name, address, ns, self.work / name, cgroup)
+        ssh = node.path("/etc/ssh")
+        (ssh / "authorized_keys").mkdir(parents=True, exist_ok=True)
+        key = ssh / "ssh_host_ed25519_key"
+        if not key.exists():
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", str(key)])
+        node.host_key = (ssh / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+        (ssh / "sshd_config").write_text(SSHD_CONFIG.format(name=name, address=address))
+        auth = ssh / "authorized_keys" / "root"
+        auth.write_text(self.client_key.with_suffix(".pub").read_text())
+        auth.chmod(0o644)
+        return node
+
+    def _write_known_hosts(self) -> None:
+        self.known_hosts.write_text("".join(f"{n.address} {' '.join(n.host_key)}\n" for n in self.nodes))
+
+    # -- ansible
+    def inventory(self, group_vars: dict, path: Path | None = None, hosts: list[Node] | None = None) -> Path:
+        """An ordinary YAML inventory: group tts_nodes, one host per node, SSH settings."""
+        path = path or self.work / "inventory.yml"
+        ssh_args = f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes"
+        inventory = {"tts_nodes": {
+            "hosts": {n.name: {"ansible_host": n.address} for n in (hosts or self.nodes)},
+            "vars": {"ansible_user": "root", "ansible_ssh_private_key_file": str(self.client_key),
+                     "ansible_ssh_common_args": ssh_args, "ansible_python_interpreter": "/usr/bin/python3",
+                     **group_vars}}}
+        path.write_text("# Written by tests/fleet/harness.py\n" + yaml.safe_dump(inventory, sort_keys=False))
+        return path
+
+    def ansible_env(self) -> dict:
+        env = dict(os.environ)
+        env.update(ANSIBLE_CONFIG=str(REPO / "ansible/ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+                   ANSIBLE_LOCAL_TEMP=str(self.work / "ansible-local"),
+                   ANSIBLE_SSH_CONTROL_PATH_DIR=str(self.work / "cp"),
+                   PATH=f"{VENV / 'bin'}:{os.environ.get('PATH', '')}")
+        return env
+
+    def playbook(self, playbook: str, *args: str, inventory: Path | None = None, timeout: float = 900,
+                 log: str | None = None) -> subprocess.CompletedProcess:
+        cmd = [str(VENV / "bin/ansible-playbook"), "-i", str(inventory or self.work / "inventory.yml"), playbook, *args]
+        try:
+            out = subprocess.run(cmd, cwd=REPO / "ansible", capture_output=True, text=True, timeout=timeout,
+                                 env=self.ansible_env())
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"{playbook} timed out after {timeout}s:\n"
+                                 f"{(exc.stdout or b'').decode(errors='replace')[-5000:]}") from None
+        if log:
+            (self.work / log).write_text(out.stdout + "\n--- stderr\n" + out.stderr)
+        return out
+
+    def cpu_seconds(self) -> float:
+        return sum(c.cpu_seconds() for c in self._cgroups)
+
+    def rss_bytes(self) -> int:
+        return sum(c.rss_bytes() for c in self._cgroups)
+
+
+def _free_subnet() -> str:
+    used = run(["ip", "-4", "-o", "addr"], timeout=30).stdout
+    for _ in range(200):
+        subnet = f"10.231.{random.randrange(1, 250)}"
+        if f" {subnet}." not in used:
+            return subnet
+    raise RuntimeError("no free 10.231.x.0/24 subnet for the fleet bridge")
+
+
+def _pids_in_netns(netns: str) -> list[int]:
+    try:
+        ino = os.stat(f"/run/netns/{netns}").st_ino
+    except OSError:
+        return []
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.stat(proc / "ns/net").st_ino == ino:
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _teardown(tag: str, netns: list[str], bridge: str, cgroups: list[Cgroup]) -> None:
+    for cg in cgroups:
+        try:
+            cg.kill()
+        except RuntimeError:
+            pass
+    # Safety net: anything still in a fleet namespace (whatever its cgroup) goes too, or
+    # the namespace and its veth would outlive the fleet.
+    for ns in netns:
+        for pid in _pids_in_netns(ns):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for cg in cgroups:
+        cg.remove()
+    for ns in netns:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
+    for root in _cgroup_hierarchies():
+        try:
+            (root / f"tts-fleet-{tag}").rmdir()
+        except OSError:
+            pass
+    (STATE_DIR / tag).unlink(missing_ok=True)
+
+
+def cleanup_stale() -> list[str]:
+    """Remove fleets whose owning process is gone (a test run killed mid-way)."""
+    removed = []
+    if not STATE_DIR.is_dir():
+        return removed
+    for state in STATE_DIR.iterdir():
+        try:
+            info = json.loads(state.read_text())
+            os.kill(int(info["owner"]), 0)
+            continue  # still running: someone else's fleet
+        except ProcessLookupError:
+            pass
+        except (ValueError, KeyError, OSError):
+            pass
+        tag = state.name
+        netns = [ns.split()[0] for ns in run(["ip", "netns", "list"], timeout=30).stdout.splitlines()
+                 if ns.startswith(f"tf{tag}-")]
+        cgroups = []
+        for root in _cgroup_hierarchies():
+            base = root / f"tts-fleet-{tag}"
+            if base.is_dir():
+                cgroups += [Cgroup(f"tts-fleet-{tag}/{d.name}") for d in base.iterdir() if d.is_dir()]
+        _teardown(tag, netns, f"tf{tag}br", cgroups)
+        removed.append(tag)
+    return removed
