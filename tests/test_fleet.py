@@ -21,6 +21,7 @@ is for a condition (recap lines, versions served, counted requests), bounded as 
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -127,7 +128,17 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("kind", list(BAD))
+# CI runs the two cases nothing else covers end to end (the audio gate, a node cut off
+# from the mirror) to keep the suite under its 20 minutes; a model that fails to load is
+# also the canary case of test_ansible.py, noise is in test_speechcheck.py. All five:
+# TTS_TEST_FLEET_ALL=1.
+ALL_BAD = os.environ.get("TTS_TEST_FLEET_ALL") == "1"
+IN_CI = {"silent", "unreachable"}
+
+
+@pytest.mark.parametrize("kind", [
+    k if k in IN_CI else pytest.param(k, marks=pytest.mark.skipif(not ALL_BAD, reason="TTS_TEST_FLEET_ALL=1 runs it"))
+    for k in BAD])
 def test_bad_version_rolls_the_canary_back_and_touches_nobody_else(fleet, kind):
     f = fleet.fleet
     canary, others = f.nodes[0], f.nodes[1:]
