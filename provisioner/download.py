@@ -165,7 +165,7 @@ class Downloader:
                 peers.last_completed, peers.last_progress = st.completed, now
                 return
             stalled = now - peers.last_progress
-            if stalled < self.p2p.cfg.stall_seconds:
+            if stalled < (self.p2p.cfg.stall_seconds if peers.web_seeded else self.p2p.stall_window(job.entry)):
                 return
             if peers.web_seeded and stalled > HTTP_FALLBACK_STALLS * self.p2p.cfg.stall_seconds:
                 # Neither peers nor the web seed bring anything: plain HTTP, which
@@ -179,7 +179,7 @@ class Downloader:
                 job.http_only, job.peers, job.torrent = True, None, None
                 retry(job, 0.0)
                 return
-            # Peers brought nothing for stall_seconds: add the mirror as a web seed (or,
+            # Peers brought nothing for this node's stall window: add the mirror as a web seed (or,
             # on a long download, refresh its presigned URLs before they expire).
             if peers.web_seeded and now - peers.web_seeded_at < self.cfg.presign_expiry / 2:
                 return

@@ -8,7 +8,9 @@ What this module decides, and the download loop does not:
 - when a node may use the mirror for a file: aria2 has no "prefer peers" setting, so
   a deterministic ranking of the fleet per file picks `web_seed_nodes` nodes that get
   the presigned URLs as web seeds at once; every other node starts on peers only and
-  adds the mirror when peers bring no byte for `stall_seconds`;
+  adds the mirror when peers bring no byte for a while: `stall_seconds` times its place
+  after the web-seeding nodes, so when the first node dies the next one takes over as
+  the fleet's web seed and the rest keep fetching from peers;
 - what is seeded: every blob a kept snapshot references, from `blobs/sha256/`
   (verified by our sha256 before it got there), re-added whenever aria2 (re)starts.
 """
@@ -101,6 +103,12 @@ class PeerToPeer:
 
     def web_seed_first(self, entry: FileEntry) -> bool:
         return rank(self.node, self.cfg.fleet, entry.sha256) < self.cfg.web_seed_nodes
+
+    def stall_window(self, entry: FileEntry) -> float:
+        """Seconds without progress before this node adds the mirror: staggered by rank,
+        so the fleet's fallback is one node at a time, not all at once."""
+        place = rank(self.node, self.cfg.fleet, entry.sha256) - self.cfg.web_seed_nodes + 1
+        return self.cfg.stall_seconds * max(1, place)
 
     def torrent(self, entry: FileEntry) -> bytes | None:
         """The file's checked torrent, or None (then the file comes over HTTP only)."""
