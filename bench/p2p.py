@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.fleet import pct  # noqa: E402
 from mirror.publish import publish_dir  # noqa: E402
 from mirror.remote import Mirror  # noqa: E402
 from provisioner.p2p import rank  # noqa: E402
@@ -48,15 +48,6 @@ from tests.tracker_helpers import OPENTRACKER, render_config  # noqa: E402
 TRACKER_PORT = 6969
 MiB = 1024 * 1024
 EGRESS_TARGET = 1.3
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return round(values[lo] + (values[hi] - values[lo]) * (k - lo), 2)
 
 
 def start_tracker(fleet: harness.Fleet, work: Path, hashes: list[str]) -> subprocess.Popen:

@@ -52,6 +52,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.ops_helpers import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent
 SANDBOX_VENV = Path("/opt/tts-test-venv")
@@ -68,19 +70,6 @@ def run(cmd: list[str], timeout: float = 60, check: bool = True, **kw) -> subpro
         raise RuntimeError(f"{' '.join(map(str, cmd))} exited {out.returncode}: {(out.stderr or out.stdout).strip()[:500]}")
     return out
 
-
-def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what} not reached within {timeout:.0f}s")
-        time.sleep(interval)
-
-
-# -- can it run here? ------------------------------------------------------------------------
 
 def unavailable() -> str | None:
     """None when a fleet can be built on this machine, else the reason (for a skip)."""
@@ -330,7 +319,7 @@ class Node:
         try:
             wait_until(lambda: self.process.poll() is not None or _port_open(self.address, 22), 120,
                        what=f"sshd on {self.name}")
-        except TimeoutError:
+        except AssertionError:  # wait_until's timeout
             self.kill()
             raise
         if self.process.poll() is not None:
