@@ -301,14 +301,21 @@ class Node:
             upper.mkdir(parents=True, exist_ok=True)
             work.mkdir(parents=True, exist_ok=True)
             overlays.append(f"mount -t overlay overlay -o lowerdir=/{tree},upperdir={upper},workdir={work} /{tree}")
-        shared = [f"mount --bind {VENV} {VENV} && mount -o remount,bind,ro {VENV}",
-                  f"mkdir -p {SANDBOX_VENV} && mount --bind {VENV} {SANDBOX_VENV} && mount -o remount,bind,ro {SANDBOX_VENV}"]
-        # The venv's interpreter may live under /root or /tmp (pyenv), which the node hides
-        # behind tmpfs: bind it aside before, move it back after.
-        base = Path(sys.base_prefix).resolve()
-        if any(str(base).startswith(h + "/") for h in ("/root", "/tmp")):
-            overlays.append(f"mkdir -p /opt/.fleet-python && mount --bind {base} /opt/.fleet-python")
-            shared.append(f"mkdir -p {base} && mount --move /opt/.fleet-python {base} && mount -o remount,bind,ro {base}")
+        # What nodes run from the host - the checkout (tests/fleet/client.py), its venv and
+        # the venv's interpreter (pyenv) - may live under /tmp, /root or /run (a CI clone
+        # in /tmp), which the node hides behind tmpfs: bind each aside before, move it back
+        # after, read-only.
+        kept: list[Path] = []
+        for path in sorted({REPO.resolve(), VENV.resolve(), Path(sys.base_prefix).resolve()}, key=lambda p: len(p.parts)):
+            if any(path.is_relative_to(h) for h in ("/root", "/tmp", "/run")) and not any(
+                    path.is_relative_to(k) for k in kept):
+                kept.append(path)
+        shared = []
+        for i, path in enumerate(kept):
+            overlays.append(f"mkdir -p /opt/.fleet-keep/{i} && mount --bind {path} /opt/.fleet-keep/{i}")
+            shared.append(f"mkdir -p {path} && mount --move /opt/.fleet-keep/{i} {path} && mount -o remount,bind,ro {path}")
+        shared += [f"mount --bind {VENV} {VENV} && mount -o remount,bind,ro {VENV}",
+                   f"mkdir -p {SANDBOX_VENV} && mount --bind {VENV} {SANDBOX_VENV} && mount -o remount,bind,ro {SANDBOX_VENV}"]
         script = NODE_SCRIPT.format(overlays="\n".join(overlays), shared="\n".join(shared), name=self.name, sshd=SSHD)
         log = (self.dir / "node.log").open("ab")
         self.process = subprocess.Popen(
