@@ -34,8 +34,11 @@ def render_config(rootdir: Path, port: int) -> str:
 
 
 def announce(port: int, btih: str) -> bytes:
+    # Percent-encode every byte, as BitTorrent clients do: urlencode's quote_plus would
+    # send a 0x20 byte of the info-hash as "+", which the tracker takes literally.
     query = urllib.parse.urlencode({"info_hash": bytes.fromhex(btih), "peer_id": b"-AR1360-tts-fleet-01",
-                                    "port": 6881, "uploaded": 0, "downloaded": 0, "left": 1, "compact": 1})
+                                    "port": 6881, "uploaded": 0, "downloaded": 0, "left": 1, "compact": 1},
+                                   quote_via=urllib.parse.quote, safe="")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/announce?{query}", timeout=10) as response:
         return response.read()
 
