@@ -123,6 +123,29 @@ def _piper_voice(threads: int):
     return voice
 
 
+def _rtf_pair(engine, piper, cfg, req, repeats: int):
+    """(our audio, our RTF, onnxruntime's RTF) for one request: both warmed up, then
+    timed alternately, the best of `repeats` each."""
+    ours_audio = engine.synthesize_batch([req])[0]
+    piper_audio = piper.phoneme_ids_to_audio(list(req.phoneme_ids), cfg)
+    t_ours, t_piper = [], []
+    for _ in range(repeats):
+        # A short pause before each timed call lets the other side's threads park first:
+        # onnxruntime's pool spins for a while after a run and took our cores otherwise
+        # (measured: a one-word sentence 60 ms alone, 82 ms right after piper).
+        time.sleep(SETTLE_S)
+        t0 = time.perf_counter()
+        piper.phoneme_ids_to_audio(list(req.phoneme_ids), cfg)
+        t_piper.append(time.perf_counter() - t0)
+        time.sleep(SETTLE_S)
+        t0 = time.perf_counter()
+        engine.synthesize_batch([req])
+        t_ours.append(time.perf_counter() - t0)
+    ours_rtf = min(t_ours) / (len(ours_audio) / engine.sample_rate)
+    piper_rtf = min(t_piper) / (len(piper_audio) / engine.sample_rate)
+    return ours_audio, ours_rtf, piper_rtf
+
+
 def measure_rtf(engine, threads: int, repeats: int) -> dict:
     from piper.config import SynthesisConfig
 
@@ -133,24 +156,7 @@ def measure_rtf(engine, threads: int, repeats: int) -> dict:
     rows = []
     for k, text in enumerate(SENTENCES):
         ids = [i for sent in engine.frontend.text_to_sentence_ids(text) for i in sent]
-        req = SynthesisRequest(ids, seed=k)
-        ours_audio = engine.synthesize_batch([req])[0]
-        piper_audio = piper.phoneme_ids_to_audio(ids, cfg)  # warm-up both
-        t_ours, t_piper = [], []
-        for _ in range(repeats):
-            # A short pause before each timed call lets the other side's threads park first:
-            # onnxruntime's pool spins for a while after a run and took our cores otherwise
-            # (measured: a one-word sentence 60 ms alone, 82 ms right after piper).
-            time.sleep(SETTLE_S)
-            t0 = time.perf_counter()
-            piper.phoneme_ids_to_audio(ids, cfg)
-            t_piper.append(time.perf_counter() - t0)
-            time.sleep(SETTLE_S)
-            t0 = time.perf_counter()
-            engine.synthesize_batch([req])
-            t_ours.append(time.perf_counter() - t0)
-        ours_rtf = min(t_ours) / (len(ours_audio) / engine.sample_rate)
-        piper_rtf = min(t_piper) / (len(piper_audio) / engine.sample_rate)
+        ours_audio, ours_rtf, piper_rtf = _rtf_pair(engine, piper, cfg, SynthesisRequest(ids, seed=k), repeats)
         rows.append({"ids": len(ids), "audio_s": round(len(ours_audio) / engine.sample_rate, 3),
                      "ours_rtf": round(ours_rtf, 4), "piper_rtf": round(piper_rtf, 4),
                      "ratio": round(ours_rtf / piper_rtf, 3)})
@@ -303,21 +309,7 @@ def measure_shape(shape: str, base: Path, threads: int, repeats: int) -> list[di
     rows = []
     for k, text in enumerate(SHAPE_SENTENCES[spec["espeak"]]):
         ids = [i for sent in engine.frontend.text_to_sentence_ids(text) for i in sent]
-        req = SynthesisRequest(ids, seed=k, speaker=speaker)
-        ours_audio = engine.synthesize_batch([req])[0]
-        piper_audio = piper.phoneme_ids_to_audio(ids, cfg)
-        t_ours, t_piper = [], []
-        for _ in range(repeats):
-            time.sleep(SETTLE_S)
-            t = time.perf_counter()
-            piper.phoneme_ids_to_audio(ids, cfg)
-            t_piper.append(time.perf_counter() - t)
-            time.sleep(SETTLE_S)
-            t = time.perf_counter()
-            engine.synthesize_batch([req])
-            t_ours.append(time.perf_counter() - t)
-        ours_rtf = min(t_ours) / (len(ours_audio) / engine.sample_rate)
-        piper_rtf = min(t_piper) / (len(piper_audio) / engine.sample_rate)
+        _, ours_rtf, piper_rtf = _rtf_pair(engine, piper, cfg, SynthesisRequest(ids, seed=k, speaker=speaker), repeats)
         rows.append(ours_rtf / piper_rtf)
     engine.close()
     ratio = statistics.median(rows)
