@@ -34,22 +34,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from runtime.config import RuntimeConfig  # noqa: E402
+from tests.runtime_helpers import mixed_scripts as mixed  # noqa: E402
 from tests.runtime_helpers import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
 
-WORDS = ("hello world Привет мир γειά σου κόσμε مرحبا بالعالم नमस्ते दुनिया こんにちは 世界 "
-         "the quick brown fox").split()
 SHORT = "Hello there, how are you today?"
 RSS_TARGET = 1.5 * 2**30
 DEFAULTS = RuntimeConfig()
 LATENCY = {"max_utterance_ids": 200, "max_batch_ids": 200}
 
 
-def mixed(chars: int, seed: int = 1) -> str:
-    rng = random.Random(seed)
-    out = ""
-    while len(out) < chars:
-        out += rng.choice(WORDS) + " "
-    return out[:chars].strip()
 
 
 def vm(pid: int, key: str) -> int:
@@ -226,7 +219,6 @@ def write(results: dict, args, date: str | None = None) -> None:
     rows = results["linearity"]
     every = [*results["worst"].values(), *rows]
     admitted = [r for r in every if r["status"] == 200]
-    per_char = [r["ms_per_char"] for r in rows if r["status"] == 200]
     per_id = [r["ms_per_id"] for r in rows if r["status"] == 200]
     # linear: time per id within 1.5x across sizes (the smallest size carries fixed overheads)
     spread = max(per_id[1:]) / min(per_id[1:]) if len(per_id) > 2 else float("nan")

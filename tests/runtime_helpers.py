@@ -206,3 +206,19 @@ def server(voice_cache, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+MIXED_WORDS = ("hello world Привет мир γειά σου κόσμε مرحبا بالعالم नमस्ते दुनिया こんにちは 世界 "
+               "the quick brown fox").split()
+
+
+def mixed_scripts(chars: int, seed: int = 1) -> str:
+    """Mixed scripts, no punctuation at all: one sentence as far as the text goes (the
+    worst text the API admits, for the bounds tests and bench/bounds.py)."""
+    import random
+
+    rng = random.Random(seed)
+    out = ""
+    while len(out) < chars:
+        out += rng.choice(MIXED_WORDS) + " "
+    return out[:chars].strip()

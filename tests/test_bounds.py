@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 from pathlib import Path
 
@@ -22,20 +21,12 @@ from runtime.vits.piper_import import bundled_voice_paths
 from runtime.frontend import TextFrontend
 from runtime.models import LoadedModel, ModelHolder, join_sentences
 from runtime.scheduler import Scheduler
+from tests.runtime_helpers import mixed_scripts as mixed
 from tests.runtime_helpers import start_server, voice_cache  # noqa: F401
 
 LIMIT = 200
-WORDS = ("hello world Привет мир γειά σου κόσμε مرحبا بالعالم नमस्ते दुनिया こんにちは 世界 "
-         "the quick brown fox").split()
 
 
-def mixed(chars: int, seed: int = 1) -> str:
-    """Mixed scripts, no punctuation at all: one sentence as far as the text goes."""
-    rng = random.Random(seed)
-    out = ""
-    while len(out) < chars:
-        out += rng.choice(WORDS) + " "
-    return out[:chars].strip()
 
 
 @pytest.fixture(scope="module")
