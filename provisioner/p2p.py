@@ -166,7 +166,7 @@ class Seeder:
     def reconcile(self) -> dict[str, int]:
         """Add missing seeds, drop seeds of blobs gone; returns {"seeding", "uploaded"}."""
         if not self.cfg.seed:
-            return {"seeding": 0, "uploaded": self.uploaded()}
+            return self.counts()
         wanted = self.wanted()
         seeding = self.p2p.seeding()
         for btih, gid in seeding.items():
@@ -177,10 +177,11 @@ class Seeder:
             if btih not in seeding:
                 self.p2p.seed(torrent)
                 log.info("seeding", sha256=sha256, btih=btih)
-        return {"seeding": len(wanted), "uploaded": self.uploaded()}
+        return self.counts()
 
     def counts(self) -> dict[str, int]:
-        return {"seeding": len(self.p2p.seeding()) if self.cfg.seed else 0, "uploaded": self.uploaded()}
-
-    def uploaded(self) -> int:
-        return sum(t.uploaded for t in self.aria2.torrent_tasks())
+        """Blobs seeded and bytes uploaded by every torrent task, from one listing."""
+        tasks = self.aria2.torrent_tasks()
+        blobs = str(self.cache.blobs_dir)
+        return {"seeding": sum(t.dir == blobs for t in tasks) if self.cfg.seed else 0,
+                "uploaded": sum(t.uploaded for t in tasks)}
