@@ -1,7 +1,7 @@
 """Waveform post-processing and encoding: volume, resampling (soxr), container/codec encoding.
 
-Speed is not a post-process: it is applied in the model by dividing the duration predictor's
-length_scale (see `speed_to_length_scale`), so pitch and timbre stay natural.
+Speed is not a post-process: the model places its frames 1/speed apart (VitsModel._prior),
+so pitch and timbre stay natural.
 
 Formats are probed against the installed libsndfile at import time; SUPPORTED_FORMATS only
 lists what actually encodes here.
@@ -21,7 +21,6 @@ log = structlog.get_logger(__name__)
 SUPPORTED_RATES: tuple[int, ...] = (8000, 16000, 22050, 24000, 44100, 48000)
 OPUS_RATES: tuple[int, ...] = (8000, 12000, 16000, 24000, 48000)
 MAX_VOLUME = 10.0
-MIN_SPEED, MAX_SPEED = 0.25, 4.0
 
 # format -> (libsndfile container, subtype, mime); "pcm" is raw s16le and needs no libsndfile
 _CANDIDATES: dict[str, tuple[str, str, str]] = {
@@ -55,13 +54,6 @@ def _probe() -> dict[str, str]:
 
 
 SUPPORTED_FORMATS: dict[str, str] = _probe()
-
-
-def speed_to_length_scale(speed: float, base_length_scale: float = 1.0) -> float:
-    """speed 2.0 = twice as fast: durations are scaled by 1/speed."""
-    if not (MIN_SPEED <= float(speed) <= MAX_SPEED):
-        raise ValueError(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {speed}")
-    return float(base_length_scale) / float(speed)
 
 
 def _as_mono_float(wave: np.ndarray) -> np.ndarray:
@@ -107,6 +99,98 @@ class StreamResampler:
         return self._stream.resample_chunk(piece, last=last).astype(np.float32, copy=False)
 
 
+def output_rate(fmt: str, rate: int) -> int:
+    """The sample rate `fmt` carries for audio at `rate`: Opus only encodes at 8/12/16/24/48
+    kHz, so other rates go to the next supported rate up (22050 -> 24000)."""
+    if fmt.lower() == "opus" and rate not in OPUS_RATES:
+        return next((r for r in OPUS_RATES if r >= rate), OPUS_RATES[-1])
+    return rate
+
+
+def _prepare(wave: np.ndarray, rate: int, fmt: str, volume: float) -> tuple[np.ndarray, int]:
+    """Volume, clipping and Opus's rate (see output_rate)."""
+    if not (0.0 <= float(volume) <= MAX_VOLUME):
+        raise ValueError(f"volume must be between 0 and {MAX_VOLUME}, got {volume}")
+    wave = _as_mono_float(wave)
+    out = output_rate(fmt, rate)
+    if out != rate:
+        wave = soxr.resample(wave, rate, out, quality="HQ").astype(np.float32, copy=False)
+    if volume != 1.0:
+        wave = wave * np.float32(volume)
+    return np.clip(wave, -1.0, 1.0), out
+
+
+class _AppendOnly(io.RawIOBase):
+    """A write-only sink for libsndfile that hands out what was written since the last
+    take(). Writes at an earlier position (a header rewrite at close) are dropped: those
+    bytes have left already."""
+
+    def __init__(self) -> None:
+        self._sent = 0
+        self._new = bytearray()
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if self._pos == self._sent + len(self._new):
+            self._new += data
+        self._pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        end = self._sent + len(self._new)
+        self._pos = offset if whence == io.SEEK_SET else (self._pos + offset if whence == io.SEEK_CUR else end + offset)
+        return self._pos
+
+    def take(self) -> bytes:
+        out = bytes(self._new)
+        self._sent += len(out)
+        self._new.clear()
+        return out
+
+
+class StreamEncoder:
+    """One encoder run fed piece by piece: the pieces' bytes join into one valid stream with
+    no gap where pieces meet. Only for containers whose bytes never need rewriting at the end
+    (STREAM_ENCODED: Ogg Opus and Vorbis). MP3 is not among them: libsndfile rewrites its
+    first (Xing) frame at close, and without that rewrite decoders stop early."""
+
+    def __init__(self, fmt: str, sample_rate: int, volume: float = 1.0):
+        fmt = fmt.lower()
+        if fmt not in STREAM_ENCODED or fmt not in SUPPORTED_FORMATS:
+            raise UnsupportedFormatError(f"format {fmt!r} cannot be encoded as one stream here")
+        self.fmt, self.volume, self.in_rate = fmt, volume, int(sample_rate)
+        self.rate = output_rate(fmt, self.in_rate)
+        self._resampler = StreamResampler(self.in_rate, self.rate) if self.rate != self.in_rate else None
+        container, subtype, _ = _CANDIDATES[fmt]
+        self._sink = _AppendOnly()
+        self._file = sf.SoundFile(self._sink, "w", self.rate, 1, format=container, subtype=subtype)
+
+    def __call__(self, piece: np.ndarray, last: bool = False) -> bytes:
+        """Encode the next piece; `last` finishes the stream. Returns the bytes ready to send."""
+        wave = _as_mono_float(piece)
+        if self._resampler is not None:
+            wave = self._resampler(wave, last)
+        wave, _ = _prepare(wave, self.rate, self.fmt, self.volume)
+        if wave.size:
+            self._file.write(wave)
+        if last:
+            self._file.close()
+        return self._sink.take()
+
+
+STREAM_ENCODED = frozenset({"opus", "ogg"})
+
+
 def encode(wave: np.ndarray, sample_rate: int, fmt: str, target_rate: int | None = None, volume: float = 1.0) -> bytes:
     """Float waveform in [-1, 1] -> encoded bytes in `fmt` (see SUPPORTED_FORMATS).
 
@@ -124,13 +208,7 @@ def encode(wave: np.ndarray, sample_rate: int, fmt: str, target_rate: int | None
     rate = int(sample_rate)
     if target_rate is not None and int(target_rate) != rate:
         wave, rate = resample(wave, rate, int(target_rate)), int(target_rate)
-    if fmt == "opus" and rate not in OPUS_RATES:
-        up = next((r for r in OPUS_RATES if r >= rate), OPUS_RATES[-1])
-        wave = soxr.resample(wave, rate, up, quality="HQ").astype(np.float32, copy=False)
-        rate = up
-    if volume != 1.0:
-        wave = wave * np.float32(volume)
-    wave = np.clip(wave, -1.0, 1.0)
+    wave, rate = _prepare(wave, rate, fmt, volume)
 
     if fmt == "pcm":
         return (wave * 32767.0).round().astype("<i2").tobytes()

@@ -133,6 +133,9 @@ def tcp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+KEEP_ALIVE_S = 65
+
+
 def serve_runtime(config: RuntimeConfig, loader=None) -> None:
     import uvicorn
 
@@ -166,7 +169,9 @@ def serve_runtime(config: RuntimeConfig, loader=None) -> None:
         lifespan="on",
         log_config=None,
         access_log=False,  # our own access log carries the TTS fields
-        timeout_keep_alive=5,
+        # Longer than clients keep idle connections (httpx and the OpenAI SDK: 5 s), so a client
+        # drops an idle connection before the server does and never reuses one as it closes.
+        timeout_keep_alive=KEEP_ALIVE_S,
         timeout_graceful_shutdown=10,
         backlog=2048,
     )

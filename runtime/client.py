@@ -18,6 +18,10 @@ BASE_URL = "http://tts-runtime"  # the host part is ignored on a Unix socket
 SOCKET_ENV = "TTS_RUNTIME_SOCKET"
 
 
+# What a connection closed under a request looks like (not a refused connect, not a timeout).
+RESET_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
 def default_socket() -> Path:
     return Path(os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET_PATH)
 
@@ -93,7 +97,12 @@ class RuntimeClient:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._http.request(method, path, **kwargs)
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except RESET_ERRORS:
+                # A kept-alive connection closed by the server just as it was reused: every
+                # request of this API is idempotent (synthesis is seeded), so send it again once.
+                response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.socket_path) from None
         if response.status_code >= 400:

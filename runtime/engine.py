@@ -67,6 +67,7 @@ class SynthesisRequest:
     noise_scale: float | None = None
     noise_w: float | None = None
     speaker: int | None = None  # speaker id of a multi-speaker voice; None -> its default speaker
+    speed: float = 1.0  # 2.0 = half the duration (VitsModel._prior); on top of length_scale
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class _Resolved:
     noise_scale: float
     noise_w: float
     speaker: int = 0
+    speed: float = 1.0
 
 
 class UnknownSpeakerError(ValueError):
@@ -312,11 +314,14 @@ class Engine:
                 raise ValueError(f"request {i}: {name} must be a finite number "
                                  f"{'> 0' if name == 'length_scale' else '>= 0'}, got {v}")
             vals[name] = v
+        speed = float(req.speed)
+        if not math.isfinite(speed) or speed <= 0:
+            raise ValueError(f"request {i}: speed must be a finite number > 0, got {speed}")
         try:
             speaker = self.speaker_id(req.speaker)
         except UnknownSpeakerError as exc:
             raise UnknownSpeakerError(f"request {i}: {exc}") from None
-        return _Resolved(ids=ids, seed=int(req.seed), speaker=speaker, **vals)
+        return _Resolved(ids=ids, seed=int(req.seed), speaker=speaker, speed=speed, **vals)
 
     def synthesize_batch(self, requests: Sequence[SynthesisRequest]) -> list[np.ndarray]:
         """One float32 mono waveform per request, in request order."""
@@ -347,10 +352,10 @@ class Engine:
             first_frames = max(1, round(FIRST_PIECE_S * self.sample_rate / model.dec.hop))
             try:
                 self.stats["batches"] += 1
-                inputs = self._inputs([req], self._device)
+                inputs, conditions = self._inputs([req], self._device)
                 with torch.inference_mode():
-                    wave = model.infer_progressive(*inputs[:-1], first_frames, first, self._lanes,
-                                                   inputs[-1]).float().cpu().numpy()
+                    wave = model.infer_progressive(*inputs, first_frames, first, self._lanes,
+                                                   **conditions).float().cpu().numpy()
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not _out_of_memory(exc):
                     raise
@@ -397,14 +402,14 @@ class Engine:
     def _forward(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device) -> list[np.ndarray]:
         self.stats["batches"] += 1
         with torch.inference_mode():
-            *inputs, speakers = self._inputs(reqs, dev)
-            out = model.infer(*inputs, self._lanes, speakers)  # lanes: SERIAL unless a CPU engine
+            inputs, conditions = self._inputs(reqs, dev)
+            out = model.infer(*inputs, self._lanes, **conditions)  # lanes: SERIAL unless a CPU engine
             return [w.float().cpu().numpy() for w in out]
 
     @staticmethod
-    def _inputs(reqs: list[_Resolved], dev: torch.device) -> tuple:
-        """VitsModel.infer's inputs: padded ids, lengths, one seeded CPU generator per request,
-        scales, speaker ids."""
+    def _inputs(reqs: list[_Resolved], dev: torch.device) -> tuple[tuple, dict]:
+        """VitsModel.infer's inputs: (padded ids, lengths, one seeded CPU generator per request,
+        scales) and its keyword conditions (speaker ids, speeds)."""
         b, t = len(reqs), max(len(r.ids) for r in reqs)
         ids = torch.zeros(b, t, dtype=torch.long)
         for i, r in enumerate(reqs):
@@ -416,8 +421,9 @@ class Engine:
             return torch.tensor([getattr(r, name) for r in reqs], dtype=torch.float32, device=dev)
 
         speakers = torch.tensor([r.speaker for r in reqs], dtype=torch.long, device=dev)
-        return (ids.to(dev), lengths.to(dev), gens, scale("noise_scale"), scale("length_scale"), scale("noise_w"),
-                speakers)
+        speed = scale("speed") if any(r.speed != 1.0 for r in reqs) else None
+        return ((ids.to(dev), lengths.to(dev), gens, scale("noise_scale"), scale("length_scale"), scale("noise_w")),
+                {"speakers": speakers, "speed": speed})
 
     def synthesize_text(self, text: str, *, seed: int = 0, length_scale: float | None = None,
                         noise_scale: float | None = None, noise_w: float | None = None,

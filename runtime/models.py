@@ -46,20 +46,6 @@ def sentence_seed(seed: int, index: int) -> int:
     return (seed + index) % SEED_LIMIT
 
 
-def effective_length_scale(engine: Any, length_scale: float | None, speed: float | None) -> float | None:
-    """speed is the OpenAI-style multiplier: 2.0 = twice as fast = half the length scale."""
-    from .audio import speed_to_length_scale
-
-    if speed is None or speed == 1.0:
-        return length_scale
-    base = length_scale if length_scale is not None else default_length_scale(engine)
-    return speed_to_length_scale(speed, base)
-
-
-def default_length_scale(engine: Any) -> float:
-    return float(getattr(engine, "defaults", {}).get("length_scale", 1.0))
-
-
 def plan_requests(engine: Any, text: str, **options: Any) -> list[Any]:
     """One SynthesisRequest per utterance (plan_utterances without the pauses)."""
     return plan_utterances(engine, text, **options)[0]
@@ -77,39 +63,41 @@ def plan_utterances(
     speaker: int | str | None = None,
 ) -> tuple[list[Any], list[bool]]:
     """One SynthesisRequest per utterance (a sentence, or a piece of one cut for length),
-    seeded like Engine.synthesize_text (seed + k), and for each whether the sentence pause
-    follows it (join_sentences). Raises the frontend's TextTooLongError / EmptyTextError, the
-    engine's UnknownSpeakerError."""
-    from .engine import SynthesisRequest
+    seeded like Engine.synthesize_text (seed + k), and for each the seconds of silence that
+    follow it (join_sentences): the sentence pause, scaled like the speech by 1/speed, or 0
+    between the pieces of one cut sentence. Raises the frontend's TextTooLongError /
+    EmptyTextError, the engine's UnknownSpeakerError."""
+    from .engine import SENTENCE_PAUSE_S, SynthesisRequest
 
-    scale = effective_length_scale(engine, length_scale, speed)
+    speed = 1.0 if speed is None else float(speed)
     speaker_id = engine.speaker_id(speaker) if hasattr(engine, "speaker_id") else None
     utterances = engine.frontend.text_to_utterances(text)
     requests = [
-        SynthesisRequest(phoneme_ids=tuple(u.ids), seed=sentence_seed(seed, i), length_scale=scale,
-                         noise_scale=noise_scale, noise_w=noise_w, speaker=speaker_id)
+        SynthesisRequest(phoneme_ids=tuple(u.ids), seed=sentence_seed(seed, i), length_scale=length_scale,
+                         noise_scale=noise_scale, noise_w=noise_w, speaker=speaker_id, speed=speed)
         for i, u in enumerate(utterances)
     ]
-    return requests, [u.ends_sentence for u in utterances]
+    return requests, [SENTENCE_PAUSE_S / speed if u.ends_sentence else 0.0 for u in utterances]
 
 
-def silence(sample_rate: int) -> np.ndarray:
+def silence(sample_rate: int, seconds: float | None = None) -> np.ndarray:
     from .engine import SENTENCE_PAUSE_S
 
-    # the engine's own pause, so joined audio equals Engine.synthesize_text's
-    return np.zeros(int(SENTENCE_PAUSE_S * sample_rate), dtype=np.float32)
+    # the engine's own pause by default, so joined audio equals Engine.synthesize_text's
+    seconds = SENTENCE_PAUSE_S if seconds is None else seconds
+    return np.zeros(int(round(seconds * sample_rate)), dtype=np.float32)
 
 
-def join_sentences(waves: list[np.ndarray], sample_rate: int, pauses: list[bool] | None = None) -> np.ndarray:
-    """Utterances -> one waveform: the sentence pause after each utterance whose `pauses`
-    entry is true (all of them when None); pieces of one cut sentence join directly."""
+def join_sentences(waves: list[np.ndarray], sample_rate: int, pauses: list[float] | None = None) -> np.ndarray:
+    """Utterances -> one waveform: after each utterance, the seconds of silence its `pauses`
+    entry gives (plan_utterances; None: the sentence pause after every one); pieces of one cut
+    sentence have 0 and join directly."""
     if not waves:
         return np.zeros(0, dtype=np.float32)
-    gap = silence(sample_rate)
     parts: list[np.ndarray] = []
     for i, wave in enumerate(waves):
-        if i and (pauses is None or pauses[i - 1]):
-            parts.append(gap)
+        if i:
+            parts.append(silence(sample_rate, None if pauses is None else pauses[i - 1]))
         parts.append(np.asarray(wave, dtype=np.float32))
     return np.concatenate(parts)
 

@@ -78,6 +78,17 @@ def _loc(loc: tuple) -> str:
 
 # -- request bodies --------------------------------------------------------------------
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_lone_surrogates(text: str) -> str:
+    # JSON's "\ud800" escape decodes to a lone surrogate: not a character anyone can speak
+    found = _SURROGATE.search(text)
+    if found:
+        raise ValueError(f"contains a lone UTF-16 surrogate (U+{ord(found.group()):04X}) at character {found.start()}")
+    return text
+
+
 class SynthesizeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -93,6 +104,8 @@ class SynthesizeBody(BaseModel):
     volume: float = Field(1.0, ge=0.0, le=4.0)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     stream: bool = False
+
+    _text = field_validator("text")(_no_lone_surrogates)
 
     @field_validator("sample_rate")
     @classmethod
@@ -112,6 +125,8 @@ class SpeechBody(BaseModel):
     voice: str
     response_format: str = "mp3"
     speed: float = Field(1.0, ge=0.25, le=4.0)
+
+    _input = field_validator("input")(_no_lone_surrogates)
 
 
 # -- metrics ---------------------------------------------------------------------------
@@ -222,19 +237,37 @@ class Runtime:
 
 # -- access log + request metrics (plain ASGI, so streaming and disconnects pass through) --
 
+def _utf8_error(body: bytes) -> str | None:
+    """Why a request body is not UTF-8, or None. Strict: an encoded lone surrogate (ED A0 80),
+    which Python's JSON reader would let through, is invalid UTF-8 like any other bad byte."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"the request body is not valid UTF-8 (byte {exc.start}: {exc.reason})"
+    return None
+
+
 class AccessLog:
+    """The outermost layer: request id, access log, metrics, and the body-size limit (here
+    rather than FastAPI's, whose refusal is a plain-text 413 that skips the JSON error shape)."""
+
     def __init__(self, app, runtime: Runtime):
         self.app = app
         self.runtime = runtime
+        # Room for the longest allowed text in JSON: a character outside the BMP escapes as a
+        # surrogate pair, 12 bytes ("\ud83d\ude00"); max_chars counts it as one.
+        self.max_body = runtime.config.max_chars * 12 + 16384
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = None
+        rid, declared = None, None
         for key, value in scope.get("headers", []):
             if key == b"x-request-id":
                 candidate = value.decode("latin-1")
                 rid = candidate if _REQUEST_ID.match(candidate) else None
+            elif key == b"content-length" and value.isdigit():
+                declared = int(value)
         info: dict[str, Any] = {"id": rid or uuid.uuid4().hex[:16]}
         scope["tts.access"] = info
         state = {"status": 500}
@@ -248,8 +281,35 @@ class AccessLog:
                 message["headers"] = [*message["headers"], (b"x-request-id", info["id"].encode())]
             await send(message)
 
+        # The whole body is read here (it is small: max_body at most) so an oversized one, with or
+        # without Content-Length, is refused before the app sees it.
+        body, size, too_large = [], 0, declared is not None and declared > self.max_body
+        while not too_large:
+            message = await receive()
+            body.append(message)
+            if message["type"] != "http.request":
+                break  # a disconnect: the app sees it
+            size += len(message.get("body", b""))
+            too_large = size > self.max_body
+            if not message.get("more_body", False):
+                break
+        bad_utf8 = None if too_large else _utf8_error(b"".join(m.get("body", b"") for m in body))
+
+        async def replay():
+            return body.pop(0) if body else await receive()
+
         try:
-            await self.app(scope, receive, send_wrapper)
+            if too_large:
+                message = (f"request body is over the limit of {self.max_body} bytes "
+                           f"(max_chars {self.runtime.config.max_chars} characters of text)")
+                info.update(error=message, error_kind="body_too_large")
+                response = _error_response(413, message, "body_too_large", headers={"Connection": "close"})
+                await response(scope, receive, send_wrapper)
+            elif bad_utf8:
+                info.update(error=bad_utf8, error_kind="bad_request")
+                await _error_response(400, bad_utf8, "bad_request")(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, replay, send_wrapper)
         finally:
             self._record(scope, info, state["status"], time.monotonic() - started)
 
@@ -303,8 +363,13 @@ def _supported_format(fmt: str, param: str) -> str:
 
 
 def _streamable(fmt: str) -> bool:
-    # Formats whose per-sentence pieces concatenate into one valid stream.
+    # Formats that can go out piece by piece as one valid stream.
     return fmt in {"wav", "pcm", "mp3", "ogg", "opus"}
+
+
+# Streamed formats whose pieces go through one resampler and one encoder run (raw samples, or
+# audio.StreamEncoder), so a stream can start with part of its first sentence.
+PROGRESSIVE_FORMATS = frozenset({"wav", "pcm"} | (audio.STREAM_ENCODED & set(audio.SUPPORTED_FORMATS)))
 
 
 def _check_text(runtime: Runtime, text: str, param: str) -> None:
@@ -449,18 +514,21 @@ async def _synthesize(
     _check_text(runtime, text, param)
     model = _require_voice(runtime, voice, "voice")
     if stream and not _streamable(fmt):
-        raise ApiError(422, f"format {fmt!r} cannot be streamed; use wav, pcm or mp3", "invalid_request_error", "format")
+        raise ApiError(422, f"format {fmt!r} cannot be streamed; use wav, pcm, mp3, ogg or opus",
+                       "invalid_request_error", "format")
     requests, pauses = await _plan(runtime, model, text, param, speaker_param, **scales)
     deadline = time.monotonic() + runtime.config.deadline_s
     sr = model.engine.sample_rate
     out_rate = sample_rate or sr
     media_type = audio.SUPPORTED_FORMATS[fmt]
-    headers = {"X-Voice": voice, "X-Voice-Version": model.snapshot.version, "X-Sample-Rate": str(out_rate)}
-    # Streamed WAV/PCM starts before the first sentence is fully decoded (its pieces go through
-    # one resampler, so they join seamlessly); MP3/Opus pieces are separate encoder runs, which
-    # leave a gap where they meet, so those streams send whole sentences.
+    headers = {"X-Voice": voice, "X-Voice-Version": model.snapshot.version,
+               "X-Sample-Rate": str(audio.output_rate(fmt, out_rate))}
+    # Streamed WAV/PCM/Opus starts before the first sentence is fully decoded: their pieces go
+    # through one resampler and one encoder run, so they join seamlessly. MP3 pieces are
+    # separate encoder runs (see audio.StreamEncoder), which leave a gap where they meet, so
+    # MP3 streams send whole sentences.
     early = None
-    if stream and fmt in ("wav", "pcm"):
+    if stream and fmt in PROGRESSIVE_FORMATS:
         loop = asyncio.get_running_loop()
         early = loop.create_future()
 
@@ -499,12 +567,15 @@ async def _synthesize(
         try:
             if fmt == "wav":
                 yield _wav_stream_header(out_rate)
-            pcm = fmt in ("wav", "pcm")
-            resampler = audio.StreamResampler(sr, out_rate) if pcm else None
+            one_run = fmt in PROGRESSIVE_FORMATS
+            resampler = audio.StreamResampler(sr, out_rate) if one_run else None
+            encoder = audio.StreamEncoder(fmt, out_rate, volume) if fmt in audio.STREAM_ENCODED else None
 
             def encode_piece(wave: np.ndarray, last: bool) -> bytes:
                 if resampler is None:  # whole sentences, each its own encoder run
                     return audio.encode(wave, sr, fmt, target_rate=sample_rate, volume=volume)
+                if encoder is not None:
+                    return encoder(resampler(wave, last), last)
                 return audio.encode(resampler(wave, last), out_rate, "pcm", volume=volume)
 
             for i, job in enumerate(jobs):
@@ -516,7 +587,7 @@ async def _synthesize(
                     produced += len(wave) / sr
                     wave = (await _await_jobs(runtime, None, [job], deadline))[0][len(wave):]
                 if i < len(jobs) - 1 and pauses[i]:
-                    wave = np.concatenate([wave, silence(sr)])
+                    wave = np.concatenate([wave, silence(sr, pauses[i])])
                 produced += len(wave) / sr
                 info["audio_s"] = produced
                 yield await run_in_threadpool(encode_piece, wave, i == len(jobs) - 1)
@@ -557,10 +628,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         log.info("SIGHUP: re-checking the model cache")
         runtime.manager.request_reload()
 
-    # Room for the longest allowed text in JSON: a character outside the BMP escapes as a
-    # surrogate pair, 12 bytes ("\ud83d\ude00"); max_chars counts it as one.
-    app = FastAPI(title="tts-runtime", lifespan=lifespan, max_body_size=config.max_chars * 12 + 16384,
-                  docs_url=None, redoc_url=None)
+    # (the body-size limit is AccessLog's, outside the app)
+    app = FastAPI(title="tts-runtime", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
 
     @app.exception_handler(ApiError)
@@ -618,9 +687,11 @@ def create_app(runtime: Runtime) -> FastAPI:
             voice, speaker = voice.rsplit(":", 1)
         if voice not in config.models and (voice.lower() in OPENAI_VOICES or body.model in config.models):
             voice = body.model if body.model in config.models else config.default_voice
+        # Streamed like OpenAI's own endpoint (chunked, first sentence first) where the format
+        # allows; flac is sent whole.
         return await _synthesize(
             runtime, request, text=body.input, voice=voice, fmt=fmt, param="input",
-            sample_rate=OPENAI_PCM_RATE if fmt == "pcm" else None, volume=1.0, stream=False,
+            sample_rate=OPENAI_PCM_RATE if fmt == "pcm" else None, volume=1.0, stream=_streamable(fmt),
             speaker_param="voice", seed=0, speed=body.speed, speaker=speaker,
         )
 

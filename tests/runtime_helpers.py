@@ -196,11 +196,14 @@ def voice_cache(tmp_path_factory) -> Path:
     return cache
 
 
+SERVER_MAX_CHARS = 600  # the `server` fixture's max_chars
+
+
 @pytest.fixture(scope="module")
 def server(voice_cache, tmp_path_factory):
     """A running, ready runtime on a temp Unix socket (one per test module)."""
     srv = start_server(tmp_path_factory.mktemp("srv"), voice_cache, max_batch_size=8, max_wait_ms=20,
-                       queue_size=32, max_chars=600, request_timeout_s=2)
+                       queue_size=32, max_chars=SERVER_MAX_CHARS, request_timeout_s=2)
     try:
         srv.wait_ready()
         yield srv

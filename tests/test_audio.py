@@ -15,7 +15,6 @@ from runtime.audio import (
     UnsupportedFormatError,
     encode,
     resample,
-    speed_to_length_scale,
 )
 
 RATE = 22050
@@ -85,13 +84,6 @@ def test_bad_input_raises():
         encode(np.array([np.nan], dtype=np.float32), RATE, "wav")
     with pytest.raises(ValueError, match="float"):
         encode(np.zeros(10, dtype=np.int16), RATE, "wav")
-
-
-def test_speed_maps_to_length_scale():
-    assert speed_to_length_scale(2.0) == 0.5
-    assert speed_to_length_scale(0.5, base_length_scale=1.2) == pytest.approx(2.4)
-    with pytest.raises(ValueError, match="speed"):
-        speed_to_length_scale(10)
 
 
 def test_stream_resampler_pieces_join_into_the_whole():

@@ -81,7 +81,7 @@ def test_sentence_ends_of_other_scripts(frontend):
 
 def test_joins_pause_only_between_sentences():
     waves = [np.ones(3, np.float32)] * 3
-    joined = join_sentences(waves, 100, [False, True, True])  # piece, piece | sentence
+    joined = join_sentences(waves, 100, [0.0, 0.2, 0.2])  # piece, piece | sentence
     assert len(joined) == 9 + 20  # one 0.2 s pause at 100 Hz, after the cut sentence
     assert np.all(joined[:6] == 1) and np.all(joined[6:26] == 0)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.runtime_helpers import server, shared_engine, voice_cache  # noqa: F401  (fixtures)
+from tests.runtime_helpers import SERVER_MAX_CHARS, server, shared_engine, voice_cache  # noqa: F401  (fixtures)
 
 TEXTS = [
     "The quick brown fox jumps.",
@@ -104,9 +104,25 @@ def test_formats_rates_and_speed(server):
         assert mp3.status_code == 200 and mp3.headers["content-type"] == "audio/mpeg"
         r16 = c.post("/v1/synthesize", json={"text": "Format test.", "sample_rate": 16000})
         assert sf.info(io.BytesIO(r16.content)).samplerate == 16000
-        slow = c.post("/v1/synthesize", json={"text": "Format test.", "speed": 0.5})
-        fast = c.post("/v1/synthesize", json={"text": "Format test.", "speed": 2.0})
-        assert sf.info(io.BytesIO(slow.content)).frames > 2 * sf.info(io.BytesIO(fast.content)).frames
+
+
+def test_speed_scales_duration_as_one_over_speed(server):
+    # Two sentences: the speech and the pause between them both scale. Each utterance's end
+    # is rounded to a whole latent frame (256 samples), the pause to a sample.
+    text = "Speed test, first sentence. And the second one."
+    with server.client() as c:
+        def frames(endpoint: str, speed: float) -> int:
+            body = ({"text": text, "speed": speed} if endpoint == "/v1/synthesize" else
+                    {"input": text, "voice": "joe", "response_format": "wav", "speed": speed})
+            r = c.post(endpoint, json=body)
+            assert r.status_code == 200, r.text
+            return sf.info(io.BytesIO(r.content)).frames
+
+        for endpoint in ("/v1/synthesize", "/v1/audio/speech"):
+            base = frames(endpoint, 1.0)
+            for speed in (0.25, 0.5, 1.5, 2.0, 4.0):
+                got = frames(endpoint, speed)
+                assert abs(got - base / speed) <= 2 * 256 + 2, (endpoint, speed, got, base / speed)
 
 
 def test_openai_client_unchanged(server):
@@ -184,6 +200,82 @@ def test_malformed_json_invalid_utf8_and_huge_body(server):
                       headers={"content-type": "application/json"})
         assert huge.status_code == 413
         assert c.post("/v1/synthesize", json={"text": "Still serving."}).status_code == 200
+
+
+def test_oversized_body_is_a_json_413_with_or_without_content_length(server):
+    limit = SERVER_MAX_CHARS * 12 + 16384  # runtime.server.AccessLog's room for max_chars
+    payload = b'{"text": "' + b"a" * (limit + 10) + b'"}'
+
+    def chunked():
+        for i in range(0, len(payload), 4096):
+            yield payload[i:i + 4096]
+
+    with server.client() as c:
+        for content in (payload, chunked()):
+            r = c.post("/v1/synthesize", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == 413, r.text
+            assert r.headers["content-type"] == "application/json"
+            assert r.json()["error"]["type"] == "body_too_large" and str(limit) in r.json()["detail"]
+        assert c.post("/v1/synthesize", json={"text": "Still serving."}).status_code == 200
+
+
+def test_max_chars_of_escaped_emoji_fit_the_body_limit(server):
+    # json.dumps escapes each emoji as a 12-byte surrogate pair: max_chars of them must reach the
+    # text checks (this voice finds nothing to speak in emoji: 422), never the body limit.
+    text = "\U0001F600" * SERVER_MAX_CHARS
+    body = json.dumps({"text": text}).encode()
+    assert len(body) > SERVER_MAX_CHARS * 12
+    with server.client() as c:
+        r = c.post("/v1/synthesize", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "nothing speakable" in r.json()["detail"], r.text
+        over = c.post("/v1/synthesize", content=json.dumps({"text": text + "\U0001F600"}).encode(),
+                      headers={"content-type": "application/json"})
+        assert over.status_code == 413 and over.json()["error"]["type"] == "text_too_long", over.text
+
+
+def test_lone_surrogates_are_refused(server):
+    with server.client() as c:
+        encoded = c.post("/v1/synthesize", content=b'{"text": "a\xed\xa0\x80b"}',
+                         headers={"content-type": "application/json"})
+        assert encoded.status_code == 400 and "UTF-8" in encoded.json()["detail"], encoded.text
+        escaped = c.post("/v1/synthesize", content=b'{"text": "a\\ud800b"}',
+                         headers={"content-type": "application/json"})
+        assert escaped.status_code == 422 and "surrogate" in escaped.json()["detail"], escaped.text
+        speech = c.post("/v1/audio/speech", content=b'{"input": "a\\udfffb", "voice": "joe"}',
+                        headers={"content-type": "application/json"})
+        assert speech.status_code == 422 and speech.json()["error"]["param"] == "input", speech.text
+
+
+def test_openai_speech_is_streamed_and_matches_the_whole(server):
+    text = "First sentence of the speech. And a second one."
+    with server.client() as c:
+        whole = c.post("/v1/synthesize", json={"text": text})
+        with c.stream("POST", "/v1/audio/speech",
+                      json={"input": text, "voice": "joe", "response_format": "wav"}) as r:
+            assert r.status_code == 200
+            assert r.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.headers
+            data = b"".join(r.iter_bytes())
+        streamed = np.frombuffer(data[44:], dtype="<i2").astype(np.int32)
+        assert _close(streamed, _pcm(whole.content))
+        flac = c.post("/v1/audio/speech", json={"input": text, "voice": "joe", "response_format": "flac"})
+        assert flac.status_code == 200 and "content-length" in flac.headers  # flac goes whole
+
+
+def test_opus_says_its_real_rate_and_streams_as_one_encoder_run(server):
+    text = "Opus runs at twenty four kilohertz. This is the second sentence."
+    with server.client() as c:
+        whole = c.post("/v1/synthesize", json={"text": text, "format": "opus"})
+        assert whole.status_code == 200
+        info = sf.info(io.BytesIO(whole.content))
+        assert whole.headers["x-sample-rate"] == str(info.samplerate) == "24000"
+        with c.stream("POST", "/v1/synthesize", json={"text": text, "format": "opus", "stream": True}) as r:
+            assert r.headers["x-sample-rate"] == "24000"
+            data = b"".join(r.iter_bytes())
+    # one Ogg stream (one header), as long as the whole: per-sentence runs would each add a header
+    assert data.count(b"OpusHead") == 1
+    streamed, rate = sf.read(io.BytesIO(data))
+    reference, _ = sf.read(io.BytesIO(whole.content))
+    assert rate == 24000 and abs(len(streamed) - len(reference)) <= 960  # one 20 ms Opus frame
 
 
 def test_half_request_is_timed_out(server):

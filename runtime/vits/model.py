@@ -68,26 +68,28 @@ class VitsModel(nn.Module):
         noise_w: torch.Tensor,
         lanes: Lanes = SERIAL,
         speakers: torch.Tensor | None = None,
+        speed: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """ids [B,T] long, lengths [B] long, scales [B] float (all on the model's device),
-        speakers [B] long (multi-speaker voices; None: speaker 0). Returns one 1-D waveform per
-        request. `lanes` (CPU) run requests' priors and time chunks of the flows and decoder in
-        parallel. Requests for different speakers batch together: each one's speaker vector
-        conditions only its own frames."""
+        speakers [B] long (multi-speaker voices; None: speaker 0), speed [B] float (None: 1).
+        Returns one 1-D waveform per request. `lanes` (CPU) run requests' priors and time
+        chunks of the flows and decoder in parallel. Requests for different speakers batch
+        together: each one's speaker vector conditions only its own frames."""
         g = self.speaker_embeddings(speakers, ids.shape[0])
-        z, segments = self.latents(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes, g)
+        z, segments = self.latents(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes, g, speed)
         return self.dec.decode_packed(z.t().unsqueeze(0), segments, lanes, None if g is None else list(g))
 
     def infer_progressive(self, ids: torch.Tensor, lengths: torch.Tensor, generators: Sequence[torch.Generator],
                           noise_scale: torch.Tensor, length_scale: torch.Tensor, noise_w: torch.Tensor,
                           first_frames: int, on_first: Callable[[torch.Tensor], None],
-                          lanes: Lanes = SERIAL, speakers: torch.Tensor | None = None) -> torch.Tensor:
+                          lanes: Lanes = SERIAL, speakers: torch.Tensor | None = None,
+                          speed: torch.Tensor | None = None) -> torch.Tensor:
         """`infer` for one request, handing its first `first_frames` latent frames of audio to
         `on_first` as soon as they are decoded (the whole waveform if it is no longer), then
         returning the whole waveform. Both pieces come from `Generator.decode_window`, so
         they join into the audio `infer` gives."""
         g = self.speaker_embeddings(speakers, ids.shape[0])
-        z, segments = self.latents(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes, g)
+        z, segments = self.latents(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes, g, speed)
         z = z.t().unsqueeze(0)
         n = segments[0][1]
         spk = None if g is None else g[0]
@@ -98,7 +100,8 @@ class VitsModel(nn.Module):
         return torch.cat([first, self.dec.decode_window(z, first_frames, n, lanes, spk)])
 
     def latents(self, ids, lengths, generators, noise_scale, length_scale, noise_w,
-                lanes: Lanes = SERIAL, g: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+                lanes: Lanes = SERIAL, g: torch.Tensor | None = None,
+                speed: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Everything before the decoder: the requests' latent frames packed end to end,
         time-major [L, C], with (start, frames) per request. g: [B, gin] speaker embeddings."""
         dev = ids.device
@@ -108,11 +111,12 @@ class VitsModel(nn.Module):
             def prior(i: int) -> torch.Tensor:
                 n, sl = int(lengths[i]), slice(i, i + 1)
                 return self._prior(ids[sl, :n], lengths[sl], generators[sl], noise_scale[sl], length_scale[sl],
-                                   noise_w[sl], g=None if g is None else g[sl])[0]
+                                   noise_w[sl], g=None if g is None else g[sl],
+                                   speed=None if speed is None else speed[sl])[0]
 
             priors = lanes.map(prior, range(len(generators)))
         else:
-            priors = self._prior(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes, g)
+            priors = self._prior(ids, lengths, generators, noise_scale, length_scale, noise_w, lanes, g, speed)
         # Flows and decoder run on the requests packed end to end (no compute on padding),
         # time-major [frames, C]: the layout of their fast convs.
         packed, segments = self._pack(priors)
@@ -120,8 +124,15 @@ class VitsModel(nn.Module):
         return self.flow.reverse_packed(packed, gaps_between(segments), lanes, speaker), segments
 
     def _prior(self, ids, lengths, generators, noise_scale, length_scale, noise_w,
-               lanes: Lanes = SERIAL, g: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Text encoder + durations + prior sample for a padded (sub)batch -> [C, frames_i] each."""
+               lanes: Lanes = SERIAL, g: torch.Tensor | None = None,
+               speed: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Text encoder + durations + prior sample for a padded (sub)batch -> [C, frames_i] each.
+
+        `speed` s rescales the phonemes' frame boundaries (the cumulative durations) by 1/s and
+        rounds them, so the utterance lasts 1/s of its speed-1 length to within a frame, however
+        short the phonemes get: a phoneme whose span rounds to nothing is skipped (fast), none
+        is stretched past its share (slow). Scaling length_scale instead (piper's knob) cannot
+        do that: each phoneme's ceil() keeps at least one frame and rounds every one up."""
         dev = ids.device
         x, m_p, logs_p, x_mask = self.enc_p(ids, lengths, lanes)
 
@@ -129,6 +140,8 @@ class VitsModel(nn.Module):
         logw = self.dp.reverse(x, x_mask, dp_noise, g)
         w_ceil = torch.ceil(torch.exp(logw) * x_mask * length_scale[:, None, None])[:, 0]  # [B, Tx]
         cum = torch.cumsum(w_ceil, dim=1)
+        if speed is not None and bool((speed != 1).any()):
+            cum = torch.round(cum / speed[:, None])
         y_lengths = cum[:, -1].clamp_min(1).long()
         t_y = int(y_lengths.max())
 
