@@ -11,6 +11,7 @@
     max_batch_ids = 800                      # a batch's padded size: longest utterance x batch size
     max_utterance_ids = 400                  # longer sentences are cut (clause, word, anywhere)
     max_request_ids = 12500                  # per request (all utterances), 413 past it
+    express_max_ids = 240                    # requests up to this many ids overtake a long batch (CPU); 0 = off
     max_wait_ms = 10                         # how long the worker waits to fill a batch
     queue_size = 64                          # queued sentences beyond it get 503
     deadline_s = 60                          # per request, 504 past it
@@ -62,6 +63,8 @@ class RuntimeConfig(BaseModel):
     max_batch_ids: Annotated[int, Field(ge=32, le=1_000_000)] = 800
     max_utterance_ids: Annotated[int, Field(ge=32, le=100_000)] = 400
     max_request_ids: Annotated[int, Field(ge=32, le=10_000_000)] = 12500
+    # Short requests overtake a long batch in progress (runtime/scheduler.py, docs/runtime.md).
+    express_max_ids: Annotated[int, Field(ge=0, le=100_000)] = 240
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 10.0
     queue_size: Annotated[int, Field(ge=1, le=100_000)] = 64
     deadline_s: Annotated[float, Field(gt=0, le=3600)] = 60.0

@@ -24,9 +24,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import structlog
@@ -149,6 +150,10 @@ class Engine:
                  lanes: Lanes = SERIAL):
         self._model: VitsModel | None = model
         self._lanes = lanes if device.type == "cpu" else SERIAL
+        # Lanes of their own for short requests that overtake a long batch: the long batch's
+        # lanes are paused meanwhile (Lanes.paused), so the short one has the cores to itself.
+        self._express_lanes = Lanes(lanes.n) if device.type == "cpu" else None
+        self._express_lock = threading.Lock()
         self._cpu_model: VitsModel | None = model if device.type == "cpu" else None
         self._voice = voice
         self._device = device
@@ -323,25 +328,44 @@ class Engine:
             raise UnknownSpeakerError(f"request {i}: {exc}") from None
         return _Resolved(ids=ids, seed=int(req.seed), speaker=speaker, speed=speed, **vals)
 
-    def synthesize_batch(self, requests: Sequence[SynthesisRequest]) -> list[np.ndarray]:
-        """One float32 mono waveform per request, in request order."""
+    @property
+    def can_overtake(self) -> bool:
+        """Whether `express=True` work pauses a batch in progress (CPU engines) instead of
+        waiting for it."""
+        return self._express_lanes is not None
+
+    @contextmanager
+    def _session(self, express: bool) -> Iterator[Lanes]:
+        """The lanes one synthesis runs on, under its lock. Express work (at most one at a
+        time) pauses the ordinary lanes while it runs; the ordinary batch then goes on with
+        exactly the computation it had, so no request's audio changes."""
+        if not express or self._express_lanes is None:
+            with self._lock:
+                yield self._lanes
+            return
+        with self._express_lock, self._lanes.paused():
+            yield self._express_lanes
+
+    def synthesize_batch(self, requests: Sequence[SynthesisRequest], express: bool = False) -> list[np.ndarray]:
+        """One float32 mono waveform per request, in request order. `express`: see _session."""
         resolved = [self._resolve(i, r) for i, r in enumerate(requests)]
         if not resolved:
             return []
-        with self._lock:
+        with self._session(express) as lanes:
             model = self._check_open()
             try:
-                return self._run(model, resolved, self._device)
+                return self._run(model, resolved, self._device, lanes)
             finally:
                 _release_freed_heap()
 
-    def synthesize_progressive(self, request: SynthesisRequest, on_first_piece: Callable[[np.ndarray], None]) -> np.ndarray:
+    def synthesize_progressive(self, request: SynthesisRequest, on_first_piece: Callable[[np.ndarray], None],
+                               express: bool = False) -> np.ndarray:
         """One request, for streaming: `on_first_piece` gets the first ~FIRST_PIECE_S of audio
         (the whole waveform if it is shorter) as soon as it is decoded, exactly once; the whole
         waveform is returned. It starts with that piece and is the audio `synthesize_batch`
         gives for the request (the decoder windows overlap by its receptive field)."""
         req = self._resolve(0, request)
-        with self._lock:
+        with self._session(express) as lanes:
             model = self._check_open()
             delivered: list[np.ndarray] = []
 
@@ -354,14 +378,14 @@ class Engine:
                 self.stats["batches"] += 1
                 inputs, conditions = self._inputs([req], self._device)
                 with torch.inference_mode():
-                    wave = model.infer_progressive(*inputs, first_frames, first, self._lanes,
+                    wave = model.infer_progressive(*inputs, first_frames, first, lanes,
                                                    **conditions).float().cpu().numpy()
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not _out_of_memory(exc):
                     raise
                 if self._device.type == "cuda":
                     torch.cuda.empty_cache()
-                wave = self._run(model, [req], self._device)[0]  # CPU fallback / EngineOOMError as usual
+                wave = self._run(model, [req], self._device, lanes)[0]  # CPU fallback / EngineOOMError as usual
                 if not delivered:
                     on_first_piece(wave)
             finally:
@@ -373,9 +397,9 @@ class Engine:
         """CPU cores one synthesis runs on (1 on a GPU)."""
         return self._lanes.n
 
-    def _run(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device) -> list[np.ndarray]:
+    def _run(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device, lanes: Lanes) -> list[np.ndarray]:
         try:
-            return self._forward(model, reqs, dev)
+            return self._forward(model, reqs, dev, lanes)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not _out_of_memory(exc):
                 raise
@@ -385,11 +409,11 @@ class Engine:
                 half = len(reqs) // 2
                 self.stats["oom_splits"] += 1
                 log.warning("engine.oom_split_batch", device=str(dev), batch=len(reqs), into=[half, len(reqs) - half])
-                return self._run(model, reqs[:half], dev) + self._run(model, reqs[half:], dev)
+                return self._run(model, reqs[:half], dev, lanes) + self._run(model, reqs[half:], dev, lanes)
             if dev.type != "cpu" and self.cpu_fallback:
                 self.stats["cpu_fallbacks"] += 1
                 log.warning("engine.oom_cpu_fallback", device=str(dev), phonemes=len(reqs[0].ids))
-                return self._forward(self._cpu_replica(), reqs, torch.device("cpu"))
+                return self._forward(self._cpu_replica(), reqs, torch.device("cpu"), SERIAL)
             raise EngineOOMError(f"out of memory on {dev} for a single request of {len(reqs[0].ids)} "
                                  f"phoneme ids (cpu_fallback={self.cpu_fallback})") from exc
 
@@ -399,11 +423,11 @@ class Engine:
             self._cpu_model = self._build(self._check_open().cfg, state, Path("<device model>"))
         return self._cpu_model
 
-    def _forward(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device) -> list[np.ndarray]:
+    def _forward(self, model: VitsModel, reqs: list[_Resolved], dev: torch.device, lanes: Lanes) -> list[np.ndarray]:
         self.stats["batches"] += 1
         with torch.inference_mode():
             inputs, conditions = self._inputs(reqs, dev)
-            out = model.infer(*inputs, self._lanes, **conditions)  # lanes: SERIAL unless a CPU engine
+            out = model.infer(*inputs, lanes, **conditions)  # lanes: SERIAL unless a CPU engine
             return [w.float().cpu().numpy() for w in out]
 
     @staticmethod
@@ -446,11 +470,13 @@ class Engine:
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._express_lock:
             on_cuda = self._device.type == "cuda"
             self._model = None
             self._cpu_model = None
             self._lanes.close()
+            if self._express_lanes is not None:
+                self._express_lanes.close()
         if on_cuda:
             torch.cuda.empty_cache()
         log.info("engine.closed", voice=self.voice_name)

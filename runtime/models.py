@@ -1,7 +1,8 @@
 """Which engine serves each voice, how it gets there, and how text becomes engine work.
 
 `ModelHolder` keeps one loaded engine per voice. The inference worker holds
-`holder.lock` for the duration of a batch; `install()` loads the new engine beside the
+`holder.lock` for the duration of a batch (the express worker `holder.express_lock`);
+`install()` loads the new engine beside the
 old one *without* the lock, then swaps the reference under it (so the swap lands
 between batches), and only then closes the old engine. A load that fails leaves the old
 engine serving.
@@ -146,6 +147,7 @@ def load_engine(config: RuntimeConfig, snapshot: Snapshot) -> Any:
 class ModelHolder:
     def __init__(self) -> None:
         self.lock = threading.Lock()  # held by the worker for a whole batch
+        self.express_lock = threading.Lock()  # likewise by the express worker (scheduler: overtaking)
         self._models: dict[str, LoadedModel] = {}
 
     def get(self, name: str) -> LoadedModel | None:
@@ -160,7 +162,7 @@ class ModelHolder:
         started = time.monotonic()
         engine = loader(snapshot)
         new = LoadedModel(name, engine, snapshot, load_seconds=time.monotonic() - started)
-        with self.lock:
+        with self.lock, self.express_lock:
             old = self._models.get(name)
             self._models[name] = new
         if old is not None:
@@ -168,7 +170,7 @@ class ModelHolder:
         return new
 
     def close_all(self) -> None:
-        with self.lock:
+        with self.lock, self.express_lock:
             models, self._models = list(self._models.values()), {}
         for model in models:
             _close(model.engine)

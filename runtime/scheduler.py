@@ -16,6 +16,14 @@ Batches (the worker thread is the only place engine calls happen):
   anchor, never one that would pad the batch past `MATE_STRETCH` x the anchor's length,
   so a long utterance never drags short ones into a huge tensor.
 
+Overtaking (CPU engines): a request of at most `express_max_ids` phoneme ids in all does not
+wait for a long batch in progress. A second thread runs it at once on lanes of its own while
+the long batch's lanes stand paused at their next checkpoint (Engine.synthesize_batch with
+express=True), then the long batch goes on exactly where it stopped - the same computation,
+so nobody's audio changes. Overtaking may take at most half of the worker's time during one
+batch (a stream of short requests cannot starve a long one), and both batches stay within
+`max_batch_ids`, so memory is at most two bounded batches.
+
 Deadlines: a job whose deadline passed before it ran is failed with
 `DeadlineExceeded` and dropped; a cancelled job (client gone, or the handler gave up)
 is skipped. A job may wait for another job (`after`) - streaming uses that to send its
@@ -76,6 +84,7 @@ class Job:
     # audio as soon as it exists (see Engine.synthesize_progressive); such a job runs alone.
     on_first_piece: Callable[[Any], None] | None = None
     group: int = 0  # the request it belongs to (turn-taking is per request)
+    request_ids: int = 0  # phoneme ids of that whole request (which requests may overtake)
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -108,10 +117,12 @@ class Scheduler:
         max_batch_ids: int = 2400,
         max_wait_ms: float = 10.0,
         queue_size: int = 64,
+        express_max_ids: int = 0,
         on_batch: Callable[[str, int, float], None] | None = None,
         hold_file: str | None = None,
     ):
         self.holder = holder
+        self.express_max_ids = express_max_ids
         self.hold_file = hold_file if hold_file is not None else os.environ.get(HOLD_FILE_ENV) or None
         self.max_batch_size = max_batch_size
         self.max_batch_ids = max_batch_ids
@@ -124,8 +135,12 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._express_thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
         self.batch_started: float | None = None
+        self.express_started: float | None = None
+        self._express_spent = 0.0  # overtaking time during the batch in progress
+        self.overtakes = 0  # express batches run (status)
         self.batches_served = 0
         self.jobs_served = 0
         # the largest work the engine has been given (status/metrics; tests check the bounds)
@@ -157,13 +172,14 @@ class Scheduler:
             if self._pending and len(self._pending) + len(requests) > self.queue_size:
                 raise QueueFull(self.retry_after())
             self._groups += 1
-            jobs = [Job(voice, req, deadline, group=self._groups) for req in requests]
+            total = sum(len(req.phoneme_ids) for req in requests)
+            jobs = [Job(voice, req, deadline, group=self._groups, request_ids=total) for req in requests]
             jobs[0].on_first_piece = on_first_piece
             if first_alone:
                 for job in jobs[1:]:
                     job.after = jobs[0]
             self._pending.extend(jobs)
-            self._cond.notify()
+            self._cond.notify_all()  # the worker, and the express worker if a batch is running
         return jobs
 
     def cancel(self, jobs: list[Job]) -> None:
@@ -181,6 +197,9 @@ class Scheduler:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
         self._thread.start()
+        if self.express_max_ids > 0:
+            self._express_thread = threading.Thread(target=self._run_express, name="express-worker", daemon=True)
+            self._express_thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cond:
@@ -190,13 +209,16 @@ class Scheduler:
         for job in leftover:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(WorkerStopped("the runtime is shutting down"))
-        if self._thread:
-            self._thread.join(timeout=timeout)
+        for thread in (self._thread, self._express_thread):
+            if thread:
+                thread.join(timeout=timeout)
 
     def alive(self, stuck_after: float = 300.0) -> bool:
         """The worker thread runs and is either idle-ticking or inside a batch that has
         not been running for an absurd time."""
         if self._thread is None or not self._thread.is_alive():
+            return False
+        if self._express_thread is not None and not self._express_thread.is_alive():
             return False
         started = self.batch_started
         if started is not None:
@@ -288,29 +310,39 @@ class Scheduler:
                 padded = width
         return chosen
 
-    def _execute(self, batch: list[Job]) -> None:
+    def _execute(self, batch: list[Job], express: bool = False) -> None:
         longest = max(job.length for job in batch)
         self.longest_utterance = max(self.longest_utterance, longest)
         self.largest_batch_ids = max(self.largest_batch_ids, longest * len(batch))
         now = time.monotonic()
-        self.batch_started = now
+        with self._cond:
+            if express:
+                self.express_started = now
+            else:
+                self.batch_started, self._express_spent = now, 0.0
+                self._cond.notify_all()  # a short request already queued may overtake now
         for job in batch:
             job.started = now
         try:
-            with self.holder.lock:
+            with (self.holder.express_lock if express else self.holder.lock):
                 model = self.holder.get(batch[0].voice)
                 if model is None:
                     raise ModelUnavailable(f"voice {batch[0].voice!r} is not loaded")
-                waves = self._synthesize(model.engine, batch)
+                waves = self._synthesize(model.engine, batch, express)
             finished = time.monotonic()
             self._took_turn(batch, finished)
             for job, wave in zip(batch, waves):
                 job.finished = finished
                 job.future.set_result(wave)
             elapsed = finished - now
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
-            self.batches_served += 1
-            self.jobs_served += len(batch)
+            with self._cond:
+                if express:
+                    self._express_spent += elapsed
+                    self.overtakes += 1
+                else:
+                    self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+                self.batches_served += 1
+                self.jobs_served += len(batch)
             if self.on_batch:
                 self.on_batch(batch[0].voice, len(batch), elapsed)
         except Exception as exc:
@@ -321,8 +353,13 @@ class Scheduler:
                 if not job.future.done():
                     job.future.set_exception(exc)
         finally:
-            self.batch_started = None
+            if express:
+                self.express_started = None
+            else:
+                self.batch_started = None
             self.heartbeat = time.monotonic()
+            with self._cond:
+                self._cond.notify_all()  # the express worker watches batches start and end
 
     def _took_turn(self, batch: list[Job], when: float) -> None:
         with self._cond:
@@ -333,8 +370,54 @@ class Scheduler:
             for group in [g for g in self._last_turn if g not in waiting]:
                 del self._last_turn[group]
 
-    def _synthesize(self, engine: Any, batch: list[Job]) -> list[Any]:
+    def _synthesize(self, engine: Any, batch: list[Job], express: bool = False) -> list[Any]:
         # CUDA out-of-memory (halve and retry, CPU fallback) is handled inside the engine.
+        extra = {"express": True} if express else {}
         if len(batch) == 1 and batch[0].on_first_piece is not None:
-            return [engine.synthesize_progressive(batch[0].request, batch[0].on_first_piece)]
-        return list(engine.synthesize_batch([job.request for job in batch]))
+            return [engine.synthesize_progressive(batch[0].request, batch[0].on_first_piece, **extra)]
+        return list(engine.synthesize_batch([job.request for job in batch], **extra))
+
+    # -- overtaking ---------------------------------------------------------------------
+    def _run_express(self) -> None:
+        while True:
+            batch = self._next_express()
+            if batch is None:
+                return
+            if batch:
+                self._execute(batch, express=True)
+
+    def express_allowed(self, now: float) -> bool:
+        """A batch is in progress and overtaking has had at most half of the time since it
+        started (so a flood of short requests slows a long one by at most 2x)."""
+        started = self.batch_started
+        return started is not None and 2 * self._express_spent <= now - started
+
+    def _can_overtake(self, job: Job) -> bool:
+        if job.request_ids > self.express_max_ids or not job.eligible():
+            return False
+        model = self.holder.get(job.voice)
+        return model is not None and getattr(model.engine, "can_overtake", False)
+
+    def _next_express(self) -> list[Job] | None:
+        with self._cond:
+            while True:
+                if self._stop:
+                    return None
+                now = time.monotonic()
+                wait = IDLE_TICK_S
+                started = self.batch_started
+                short = [j for j in self._pending if self._can_overtake(j)] if not self.held() else []
+                if short and started is not None:
+                    if self.express_allowed(now):
+                        self._drop_dead(now)
+                        short = [j for j in self._pending if self._can_overtake(j)]
+                        if short:
+                            break
+                    else:  # the long batch's share first: until it has run as long as overtaking has
+                        wait = min(wait, max(0.001, 2 * self._express_spent - (now - started)))
+                self._cond.wait(wait)
+            anchor = self._anchor(short)
+            chosen = self._fill(anchor, [j for j in short if j.voice == anchor.voice])
+            picked = set(map(id, chosen))
+            self._pending = [j for j in self._pending if id(j) not in picked]
+            return [j for j in chosen if j.future.set_running_or_notify_cancel()]

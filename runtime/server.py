@@ -169,6 +169,7 @@ class Runtime:
             self.manager.holder,
             max_batch_size=config.max_batch_size,
             max_batch_ids=config.max_batch_ids,
+            express_max_ids=config.express_max_ids,
             max_wait_ms=config.max_wait_ms,
             queue_size=config.queue_size,
             on_batch=self.metrics.observe_batch,
@@ -226,6 +227,8 @@ class Runtime:
                 "longest_utterance_ids": s.longest_utterance,  # since start: longest utterance synthesized
                 "max_wait_ms": s.max_wait * 1000,
                 "held": s.held(),  # $TTS_RUNTIME_HOLD_FILE exists: no batch starts (drills, tests)
+                "express_max_ids": s.express_max_ids,
+                "overtakes": s.overtakes,  # short requests that ran while a long batch was paused
             },
             "worker_alive": s.alive(),
             "batches_served": s.batches_served,

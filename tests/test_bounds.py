@@ -184,18 +184,18 @@ def test_cpu_allocation_failure_halves_then_refuses(monkeypatch):
     real = engine._forward
     seen = []
 
-    def forward(model, reqs, dev):
+    def forward(model, reqs, dev, lanes):
         seen.append(len(reqs))
         if len(reqs) > 1:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: "
                                "you tried to allocate 31415217800 bytes. Error code 12 (Cannot allocate memory)")
-        return real(model, reqs, dev)
+        return real(model, reqs, dev, lanes)
 
     monkeypatch.setattr(engine, "_forward", forward)
     waves = engine.synthesize_batch([SynthesisRequest(ids, seed=1), SynthesisRequest(ids, seed=2)])
     assert len(waves) == 2 and seen == [2, 1, 1]
 
-    def always(model, reqs, dev):
+    def always(model, reqs, dev, lanes):
         raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB")
 
     monkeypatch.setattr(engine, "_forward", always)
@@ -204,7 +204,7 @@ def test_cpu_allocation_failure_halves_then_refuses(monkeypatch):
     err = _job_error(caught.value)
     assert err.status == 503 and err.kind == "insufficient_memory" and err.headers["Retry-After"]
 
-    def other(model, reqs, dev):
+    def other(model, reqs, dev, lanes):
         raise RuntimeError("shape mismatch")  # not memory: not retried, not 503
 
     monkeypatch.setattr(engine, "_forward", other)

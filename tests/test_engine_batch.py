@@ -88,11 +88,11 @@ class _SmallMemoryEngine(Engine):
     limit = 2
     sizes: list[int]
 
-    def _forward(self, model, reqs, dev):
+    def _forward(self, model, reqs, dev, lanes):
         self.sizes.append(len(reqs))
         if len(reqs) > self.limit:
             raise torch.OutOfMemoryError("simulated: batch too large")
-        return super()._forward(model, reqs, dev)
+        return super()._forward(model, reqs, dev, lanes)
 
 
 def test_oom_halves_the_batch_and_keeps_results(bundle_dir, engine):

@@ -18,7 +18,8 @@ import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -34,6 +35,12 @@ class Lanes:
     a two-piece step costs one hand-off. With n == 1, a single item, or a call from inside a
     lane (nested work), everything runs inline. Pool threads run under torch.inference_mode,
     which is thread-local and would not carry over from the caller.
+
+    Pausing (`paused()`): every item starts at a checkpoint, so while a pause is held, work
+    on these lanes stops at its next item (a few milliseconds of compute at most: items are
+    chunks of one layer or stage) and goes on where it stopped once the last pause ends. The
+    work itself is unchanged, so its results are the same bits. The runtime pauses a long
+    batch this way while a short request runs on other lanes (runtime/scheduler.py).
     """
 
     def __init__(self, n: int):
@@ -42,11 +49,18 @@ class Lanes:
         self.n = n
         self._pool = ThreadPoolExecutor(n - 1, thread_name_prefix="vits-lane") if n > 1 else None
         self._lock = threading.Lock()
+        self._gate = threading.Condition()
+        self._pauses = 0
+        self.waiting = 0  # threads stopped at a checkpoint right now (status, tests)
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         items = list(items)
         if self._pool is None or len(items) <= 1 or getattr(_in_lane, "active", False):
-            return [fn(x) for x in items]
+            inline = []
+            for x in items:
+                self.checkpoint()
+                inline.append(fn(x))
+            return inline
         results: list = [None] * len(items)
         counter = itertools.count()
 
@@ -54,6 +68,7 @@ class Lanes:
             _in_lane.active = True
             try:
                 while (i := next(counter)) < len(items):
+                    self.checkpoint()
                     results[i] = fn(items[i])
             finally:
                 _in_lane.active = False
@@ -72,6 +87,29 @@ class Lanes:
             for f in futures:
                 f.result()
         return results
+
+    def checkpoint(self) -> None:
+        """Wait here while a pause is held (costs one attribute read when none is)."""
+        if self._pauses:
+            with self._gate:
+                self.waiting += 1
+                try:
+                    self._gate.wait_for(lambda: self._pauses == 0)
+                finally:
+                    self.waiting -= 1
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold a pause for the block (pauses nest and count)."""
+        with self._gate:
+            self._pauses += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._pauses -= 1
+                if self._pauses == 0:
+                    self._gate.notify_all()
 
     def count(self, length: int, min_piece: int, at_least: int = 1) -> int:
         """How many pieces to cut `length` into: `at_least` (what the caller needs anyway, e.g.

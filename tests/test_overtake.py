@@ -1,0 +1,113 @@
+"""Short requests overtake a long batch in progress (runtime/scheduler.py "Overtaking").
+
+No verdict depends on speed: the long batch is held at its lanes' next checkpoint by a
+pause this test holds itself (Lanes.paused, the mechanism the express worker uses), so
+"the short request finished while the long batch was still running" is a fact the test
+makes, not a race it hopes to win. The real voice and engine; audio compared bit for bit
+with each request synthesized alone.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.engine import SynthesisRequest
+from runtime.models import LoadedModel, ModelHolder
+from runtime.scheduler import Scheduler
+from tests.runtime_helpers import shared_engine
+
+
+def _until(condition, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout  # a safety net: the condition is made by the test
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return shared_engine(tmp_path_factory.getbasetemp())
+
+
+def _scheduler(engine, **kw) -> Scheduler:
+    holder = ModelHolder()
+    holder._models["joe"] = LoadedModel("joe", engine, None)  # type: ignore[arg-type]
+    sched = Scheduler(holder, max_wait_ms=0, queue_size=100, max_batch_size=8, max_batch_ids=800, **kw)
+    sched.start()
+    return sched
+
+
+def test_a_short_request_overtakes_a_paused_long_batch_and_no_audio_changes(engine):
+    long_ids = engine.frontend.to_ids(" ".join(["overtaking"] * 30))
+    short_ids = engine.frontend.to_ids("Hello there.")
+    long_req = SynthesisRequest(long_ids, seed=3)
+    short_req = SynthesisRequest(short_ids, seed=4)
+    alone_long, alone_short = engine.synthesize_batch([long_req])[0], engine.synthesize_batch([short_req])[0]
+    assert engine.can_overtake and len(long_ids) > 240 >= len(short_ids)
+
+    sched = _scheduler(engine, express_max_ids=240)
+    try:
+        deadline = time.monotonic() + 600
+        with engine._lanes.paused():  # the long batch will stop at its first checkpoint
+            (long_job,) = sched.submit("joe", [long_req], deadline)
+            _until(lambda: sched.batch_started is not None and engine._lanes.waiting > 0,
+                   "the long batch to start and stop at a checkpoint")
+            (short_job,) = sched.submit("joe", [short_req], deadline)
+            short_wave = short_job.future.result(timeout=120)
+            assert not long_job.future.done()  # it is still held: the short one overtook it
+            assert sched.overtakes == 1
+        long_wave = long_job.future.result(timeout=120)
+    finally:
+        sched.stop()
+    assert np.array_equal(short_wave, alone_short)
+    assert np.array_equal(long_wave, alone_long)
+
+
+def test_without_overtaking_the_short_request_waits(engine):
+    ids = engine.frontend.to_ids(" ".join(["waiting"] * 30))
+    sched = _scheduler(engine, express_max_ids=0)
+    try:
+        deadline = time.monotonic() + 600
+        with engine._lanes.paused():
+            (long_job,) = sched.submit("joe", [SynthesisRequest(ids, seed=1)], deadline)
+            _until(lambda: engine._lanes.waiting > 0, "the long batch to stop at a checkpoint")
+            (short_job,) = sched.submit("joe", [SynthesisRequest(engine.frontend.to_ids("Hi."), seed=2)], deadline)
+            # nothing else can run it: it is still queued behind the held batch
+            assert not short_job.future.done() and short_job.started is None and sched.depth == 1
+        long_job.future.result(timeout=120)
+        short_job.future.result(timeout=120)
+    finally:
+        sched.stop()
+    assert sched.overtakes == 0
+
+
+def test_long_requests_do_not_overtake(engine):
+    ids = engine.frontend.to_ids(" ".join(["patience"] * 30))
+    sched = _scheduler(engine, express_max_ids=240)
+    try:
+        deadline = time.monotonic() + 600
+        with engine._lanes.paused():
+            (first,) = sched.submit("joe", [SynthesisRequest(ids, seed=1)], deadline)
+            _until(lambda: engine._lanes.waiting > 0, "the first batch to stop at a checkpoint")
+            (second,) = sched.submit("joe", [SynthesisRequest(ids, seed=2)], deadline)
+            assert second.started is None and sched.depth == 1  # over express_max_ids: it queues
+        first.future.result(timeout=120)
+        second.future.result(timeout=120)
+    finally:
+        sched.stop()
+    assert sched.overtakes == 0
+
+
+def test_overtaking_takes_at_most_half_of_a_batch(engine):
+    sched = Scheduler(ModelHolder(), express_max_ids=240)
+    assert not sched.express_allowed(100.0)  # no batch in progress: nothing to overtake
+    sched.batch_started, sched._express_spent = 100.0, 0.0
+    assert sched.express_allowed(100.0)
+    sched._express_spent = 3.0
+    assert not sched.express_allowed(105.0)  # 3 s of 5: the long batch's turn
+    assert sched.express_allowed(106.0)  # 3 s of 6: even
