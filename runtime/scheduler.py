@@ -198,7 +198,8 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
         self._thread.start()
         if self.express_max_ids > 0:
-            self._express_thread = threading.Thread(target=self._run_express, name="express-worker", daemon=True)
+            self._express_thread = threading.Thread(target=self._run, args=(True,), name="express-worker",
+                                                    daemon=True)
             self._express_thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -225,13 +226,14 @@ class Scheduler:
             return time.monotonic() - started < stuck_after
         return time.monotonic() - self.heartbeat < max(10 * IDLE_TICK_S, 5.0)
 
-    def _run(self) -> None:
+    def _run(self, express: bool = False) -> None:
+        next_batch = self._next_express if express else self._next_batch
         while True:
-            batch = self._next_batch()
+            batch = next_batch()
             if batch is None:
                 return
             if batch:
-                self._execute(batch)
+                self._execute(batch, express)
 
     def held(self) -> bool:
         return self.hold_file is not None and os.path.exists(self.hold_file)
@@ -378,14 +380,6 @@ class Scheduler:
         return list(engine.synthesize_batch([job.request for job in batch], **extra))
 
     # -- overtaking ---------------------------------------------------------------------
-    def _run_express(self) -> None:
-        while True:
-            batch = self._next_express()
-            if batch is None:
-                return
-            if batch:
-                self._execute(batch, express=True)
-
     def express_allowed(self, now: float) -> bool:
         """A batch is in progress and overtaking has had at most half of the time since it
         started (so a flood of short requests slows a long one by at most 2x)."""

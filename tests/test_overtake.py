@@ -68,39 +68,24 @@ def test_a_short_request_overtakes_a_paused_long_batch_and_no_audio_changes(engi
     assert np.array_equal(long_wave, alone_long)
 
 
-def test_without_overtaking_the_short_request_waits(engine):
-    ids = engine.frontend.to_ids(" ".join(["waiting"] * 30))
-    sched = _scheduler(engine, express_max_ids=0)
-    try:
-        deadline = time.monotonic() + 600
-        with engine._lanes.paused():
-            (long_job,) = sched.submit("joe", [SynthesisRequest(ids, seed=1)], deadline)
-            _until(lambda: engine._lanes.waiting > 0, "the long batch to stop at a checkpoint")
-            (short_job,) = sched.submit("joe", [SynthesisRequest(engine.frontend.to_ids("Hi."), seed=2)], deadline)
-            # nothing else can run it: it is still queued behind the held batch
-            assert not short_job.future.done() and short_job.started is None and sched.depth == 1
-        long_job.future.result(timeout=120)
-        short_job.future.result(timeout=120)
-    finally:
-        sched.stop()
-    assert sched.overtakes == 0
-
-
-def test_long_requests_do_not_overtake(engine):
+@pytest.mark.parametrize("express_max_ids,words", [(0, 1), (240, 30)], ids=["overtaking-off", "long-request"])
+def test_no_overtaking_when_off_or_for_a_long_request(engine, express_max_ids, words):
     ids = engine.frontend.to_ids(" ".join(["patience"] * 30))
-    sched = _scheduler(engine, express_max_ids=240)
+    second_ids = engine.frontend.to_ids(" ".join(["waiting"] * words))
+    sched = _scheduler(engine, express_max_ids=express_max_ids)
     try:
         deadline = time.monotonic() + 600
         with engine._lanes.paused():
             (first,) = sched.submit("joe", [SynthesisRequest(ids, seed=1)], deadline)
             _until(lambda: engine._lanes.waiting > 0, "the first batch to stop at a checkpoint")
-            (second,) = sched.submit("joe", [SynthesisRequest(ids, seed=2)], deadline)
-            assert second.started is None and sched.depth == 1  # over express_max_ids: it queues
+            (second,) = sched.submit("joe", [SynthesisRequest(second_ids, seed=2)], deadline)
+            # nothing else may run it: it is still queued behind the held batch
+            assert second.started is None and sched.depth == 1
         first.future.result(timeout=120)
         second.future.result(timeout=120)
     finally:
         sched.stop()
-    assert sched.overtakes == 0
+    assert sched.overtakes == 0  # had it overtaken the held batch, this would count it
 
 
 def test_overtaking_takes_at_most_half_of_a_batch(engine):
