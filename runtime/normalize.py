@@ -112,7 +112,7 @@ class EnglishNormalizer:
     """English rules. `region` decides slash dates: US month/day/year, elsewhere day/month/year."""
 
     def __init__(self, region: str = "US"):
-        self.month_first = region in ("US", "")
+        self.month_first = self.american = region in ("US", "")
         self.language = f"en_{region}" if region else "en"
         units = "|".join(re.escape(u) for u in sorted((u for u, v in _UNITS.items() if v), key=len, reverse=True))
         self._steps: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
@@ -135,9 +135,9 @@ class EnglishNormalizer:
                         r"mid|spring|summer|autumn|fall|winter|born|died)|" + _MONTH_RE[1:-1] + r")\s+(\d{4})\b(?![.,]?\w)"),
              self._year_after_word),
             (re.compile(r"\b(\d{4})\s?(AD|BC|BCE|CE)\b"), self._year_era),
+            (re.compile(r"(?<![\w.,-])-(?=\d)"), lambda m: "minus "),
             (re.compile(r"(?<![\w.,])(" + _NUM + r")(?:\.(\d+))?\s?(" + units + r")(?![\w/])"), self._unit),
             (re.compile(r"(?<![\w.,])(\d+)-(\d+)(?![.,]?\w)"), self._range),
-            (re.compile(r"(?<![\w.,-])-(?=\d)"), lambda m: "minus "),
             (re.compile(r"(?<![\w.,])(" + _NUM + r")(?:\.(\d+))?(?![.,]?\w)"), self._number),
         ]
 
@@ -150,33 +150,36 @@ class EnglishNormalizer:
         return re.sub(r"[ \t]{2,}", " ", text)
 
     # -- numbers ------------------------------------------------------------------------
-    @staticmethod
-    def cardinal(digits: str) -> str:
+    def _n(self, n: int, **kwargs) -> str:
+        words = _words(n, **kwargs)
+        # num2words writes British "one hundred and five"; American English says no "and"
+        return words.replace(" and ", " ") if self.american else words
+
+    def cardinal(self, digits: str) -> str:
         digits = digits.replace(",", "")
         if len(digits) > MAX_CARDINAL_DIGITS or (len(digits) > 1 and digits.startswith("0")):
             return _digits(digits)  # an identifier, not an amount
-        return _words(int(digits))
+        return self._n(int(digits))
 
     def decimal(self, whole: str, frac: str | None) -> str:
         out = self.cardinal(whole)
         return f"{out} point {_digits(frac)}" if frac else out
 
-    @staticmethod
-    def year(y: str) -> str:
+    def year(self, y: str) -> str:
         n = int(y)
-        if 2000 <= n <= 2009:  # "two thousand five": num2words adds a British "and"
-            return _words(n).replace(" and ", " ")
-        return _words(n, to="year")
+        if 2000 <= n <= 2009:  # "two thousand five", not "twenty oh-five"
+            return self._n(n)
+        return self._n(n, to="year")
 
     # -- rules -------------------------------------------------------------------------
     def _date(self, year: str | None, month: int, day: int, comma: str = ",") -> str | None:
         if not 1 <= month <= 12 or not 1 <= day <= 31:
             return None
-        head = (f"{_MONTHS[month - 1]} {_words(day, to='ordinal')}" if self.month_first
-                else f"the {_words(day, to='ordinal')} of {_MONTHS[month - 1]}")
+        head = (f"{_MONTHS[month - 1]} {self._n(day, to='ordinal')}" if self.month_first
+                else f"the {self._n(day, to='ordinal')} of {_MONTHS[month - 1]}")
         if year is None:
             return head
-        return f"{head}{comma} {self.year(year) if len(year) == 4 else _words(int(year))}"
+        return f"{head}{comma} {self.year(year) if len(year) == 4 else self._n(int(year))}"
 
     def _iso_date(self, m: re.Match) -> str:
         return self._date(m.group(1), int(m.group(2)), int(m.group(3))) or m.group(0)
@@ -194,14 +197,14 @@ class EnglishNormalizer:
         month, day = self._month_index(m.group(1)), int(m.group(2))
         if not 1 <= day <= 31:
             return m.group(0)
-        out = f"{_MONTHS[month - 1]} {_words(day, to='ordinal')}"
+        out = f"{_MONTHS[month - 1]} {self._n(day, to='ordinal')}"
         return f"{out}, {self.year(m.group(4))}" if m.group(4) else out
 
     def _day_month(self, m: re.Match) -> str:
         day, month = int(m.group(1)), self._month_index(m.group(2))
         if not 1 <= day <= 31:
             return m.group(0)
-        out = f"the {_words(day, to='ordinal')} of {_MONTHS[month - 1]}"
+        out = f"the {self._n(day, to='ordinal')} of {_MONTHS[month - 1]}"
         return f"{out}, {self.year(m.group(4))}" if m.group(4) else out
 
     @staticmethod
@@ -218,18 +221,18 @@ class EnglishNormalizer:
             return m.group(0)
         suffix = self._ampm(m.group(3), m.group(4), m)
         if mins == 0:
-            words = _words(h) + ("" if suffix else " o'clock" if 1 <= h <= 12 else " hundred")
+            words = self._n(h) + ("" if suffix else " o'clock" if 1 <= h <= 12 else " hundred")
         elif mins < 10:
-            words = f"{_words(h)} oh {_words(mins)}"
+            words = f"{self._n(h)} oh {self._n(mins)}"
         else:
-            words = f"{_words(h)} {_words(mins)}"
+            words = f"{self._n(h)} {self._n(mins)}"
         return words + suffix
 
     def _hour_ampm(self, m: re.Match) -> str:
         h = int(m.group(1))
         if not 1 <= h <= 12:
             return m.group(0)
-        return _words(h) + self._ampm(m.group(2), m.group(3), m)
+        return self._n(h) + self._ampm(m.group(2), m.group(3), m)
 
     def _money(self, m: re.Match) -> str:
         one, many, cent, cents = _CURRENCIES[m.group(1)]
@@ -244,7 +247,7 @@ class EnglishNormalizer:
         if units or not hundredths:
             parts.append(f"{self.cardinal(whole)} {one if units == 1 else many}")
         if hundredths:
-            parts.append(f"{_words(hundredths)} {cent if hundredths == 1 else cents}")
+            parts.append(f"{self._n(hundredths)} {cent if hundredths == 1 else cents}")
         return " and ".join(parts)
 
     def _percent(self, m: re.Match) -> str:
@@ -255,14 +258,13 @@ class EnglishNormalizer:
         groups = [g for g in m.groups() if g]
         return ", ".join(_digits(g) for g in groups)
 
-    @staticmethod
-    def _ordinal(m: re.Match) -> str:
-        return _words(int(m.group(1)), to="ordinal")
+    def _ordinal(self, m: re.Match) -> str:
+        return self._n(int(m.group(1)), to="ordinal")
 
     def _decade(self, m: re.Match) -> str:
         # 1990s -> nineteen nineties, '80s / 80s -> eighties, 2000s -> two thousands
         head = m.group(2)
-        spoken = self.year(head + "0") if len(head) == 3 else _words(int(head + "0"))
+        spoken = self.year(head + "0") if len(head) == 3 else self._n(int(head + "0"))
         rest, _, last = spoken.rpartition(" ")
         plural = last[:-1] + "ies" if last.endswith("y") else last + "s"
         return f"{rest} {plural}".strip()
