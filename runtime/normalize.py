@@ -18,6 +18,10 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
+import structlog
+
+log = structlog.get_logger(__name__)
+
 # The runtime's default for every voice (runtime.toml `normalize_text`, docs/runtime.md).
 DEFAULT_NORMALIZE_TEXT = True
 # Integers longer than this (without thousands separators) are read digit by digit, as a
@@ -146,7 +150,7 @@ class EnglishNormalizer:
         text = self._abbreviations(text)
         if any(c.isdigit() for c in text):
             for pattern, fn in self._steps:
-                text = pattern.sub(fn, text)
+                text = pattern.sub(_guarded(fn), text)
         return re.sub(r"[ \t]{2,}", " ", text)
 
     # -- numbers ------------------------------------------------------------------------
@@ -220,6 +224,8 @@ class EnglishNormalizer:
         if h > 23 or mins > 59:
             return m.group(0)
         suffix = self._ampm(m.group(3), m.group(4), m)
+        if suffix and (h == 0 or h > 12):
+            return m.group(0)  # "0:30 am", "13:00 pm": not a 12-hour time
         if mins == 0:
             words = self._n(h) + ("" if suffix else " o'clock" if 1 <= h <= 12 else " hundred")
         elif mins < 10:
@@ -259,6 +265,8 @@ class EnglishNormalizer:
         return ", ".join(_digits(g) for g in groups)
 
     def _ordinal(self, m: re.Match) -> str:
+        if len(m.group(1)) > MAX_CARDINAL_DIGITS:
+            return m.group(0)
         return self._n(int(m.group(1)), to="ordinal")
 
     def _decade(self, m: re.Match) -> str:
@@ -329,6 +337,19 @@ class EnglishNormalizer:
                 return spoken
             text = pattern.sub(latin, text)
         return _ABBREVIATION.sub(self._abbreviation, text)
+
+
+def _guarded(fn: Callable[[re.Match], str]) -> Callable[[re.Match], str]:
+    """A rule that fails on some odd input leaves that match as written (espeak reads it):
+    normalization must never fail a request."""
+    def run(m: re.Match) -> str:
+        try:
+            return fn(m)
+        except Exception as exc:  # noqa: BLE001 - num2words raises various types on odd input
+            log.debug("normalize.rule_failed", rule=getattr(fn, "__name__", "?"), text=m.group(0)[:40],
+                      error=f"{type(exc).__name__}: {exc}")
+            return m.group(0)
+    return run
 
 
 _PREV_WORD = re.compile(r"(\S+)\s+$")

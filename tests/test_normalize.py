@@ -150,6 +150,19 @@ def test_config_per_voice(tmp_path):
         load_config(cfg)
 
 
+def test_odd_input_never_fails():
+    """Random mixes of digits and the characters the rules look at: always a string back."""
+    import random
+
+    rng = random.Random(14)
+    alphabet = "0123456789" * 3 + "$£€%:/-.,'#° apmstndrhkAPMSTDrJanDec"
+    n = normalizer_for("en_US")
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        assert isinstance(n(text), str)
+    assert n("1" * 40 + "th") == "1" * 40 + "th"  # too long for an ordinal: left to espeak
+
+
 def test_not_a_date_is_not_read_as_one():
     assert "December" not in normalizer_for("en_US")("2026-13-45 and 13/13/2026")
 
