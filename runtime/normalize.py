@@ -176,14 +176,14 @@ class EnglishNormalizer:
         return self._n(n, to="year")
 
     # -- rules -------------------------------------------------------------------------
-    def _date(self, year: str | None, month: int, day: int, comma: str = ",") -> str | None:
+    def _date(self, year: str | None, month: int, day: int) -> str | None:
         if not 1 <= month <= 12 or not 1 <= day <= 31:
             return None
         head = (f"{_MONTHS[month - 1]} {self._n(day, to='ordinal')}" if self.month_first
                 else f"the {self._n(day, to='ordinal')} of {_MONTHS[month - 1]}")
         if year is None:
             return head
-        return f"{head}{comma} {self.year(year) if len(year) == 4 else self._n(int(year))}"
+        return f"{head}, {self.year(year) if len(year) == 4 else self._n(int(year))}"
 
     def _iso_date(self, m: re.Match) -> str:
         return self._date(m.group(1), int(m.group(2)), int(m.group(3))) or m.group(0)
@@ -314,7 +314,8 @@ class EnglishNormalizer:
         abbr, text = m.group(1), m.string
         prev = _PREV_WORD.search(text, max(0, m.start() - 40), m.start())
         before = prev.group(1) if prev else ""
-        follows_name = before[:1].isupper() or before[:1].isdigit()
+        # "Elm St.", "5th St." - but not "... Tom. Dr. Smith", where a sentence ended before
+        follows_name = (before[:1].isupper() or before[:1].isdigit()) and not before.endswith((".", "!", "?"))
         name_next = _NAME_NEXT.match(text, m.end()) is not None
         # the period of "Elm St." may also end the sentence: then it stays
         end = "." if _ENDS_SENTENCE.match(text, m.end()) else ""

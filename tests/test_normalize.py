@@ -40,6 +40,7 @@ US = [
     ("I live on Elm St. It is nice.", "I live on Elm Street. It is nice."),
     ("St. Patrick's Day", "Saint Patrick's Day"),
     ("Dr. Smith lives on Mulholland Dr. now.", "Doctor Smith lives on Mulholland Drive now."),
+    ("I met Tom. Dr. Smith came.", "I met Tom. Doctor Smith came."),
     ("Mr. and Mrs. Smith", "Mister and Missus Smith"),
     ("apples, etc. Then we left.", "apples, et cetera. Then we left."),
     ("apples, etc. and pears", "apples, et cetera and pears"),
