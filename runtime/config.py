@@ -16,6 +16,8 @@
     queue_size = 64                          # queued sentences beyond it get 503
     deadline_s = 60                          # per request, 504 past it
     max_chars = 5000                         # per request, 413 past it
+    normalize_text = true                    # read numbers, dates, abbreviations out; or per voice:
+                                             # [normalize_text] joe = false (others: true)
     request_timeout_s = 10                   # a client must send its whole request within it
     verify_full_hash = false                 # re-hash every file before loading (slow)
     tcp_listen = ""                          # e.g. "127.0.0.1:8088"; off when empty
@@ -35,6 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mirror.manifest import ManifestError, validate_name
 from provisioner.config import ConfigError, LogLevel, load_toml
+
+from .normalize import DEFAULT_NORMALIZE_TEXT
 
 DEFAULT_CONFIG_PATH = Path(os.environ.get("TTS_RUNTIME_CONFIG", "/etc/tts-fleet/runtime.toml"))
 DEFAULT_SOCKET_PATH = Path("/run/tts/runtime.sock")
@@ -69,6 +73,8 @@ class RuntimeConfig(BaseModel):
     queue_size: Annotated[int, Field(ge=1, le=100_000)] = 64
     deadline_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     max_chars: Annotated[int, Field(ge=1, le=1_000_000)] = 5000
+    # runtime/normalize.py; a language without rules passes through whatever this says
+    normalize_text: bool | dict[str, bool] = DEFAULT_NORMALIZE_TEXT
     request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     verify_full_hash: bool = False
     tcp_listen: str = ""
@@ -122,7 +128,17 @@ class RuntimeConfig(BaseModel):
             raise ValueError("max_batch_ids must be at least max_utterance_ids (one utterance must fit a batch)")
         if self.max_request_ids < self.max_utterance_ids:
             raise ValueError("max_request_ids must be at least max_utterance_ids")
+        if isinstance(self.normalize_text, dict):
+            unknown = sorted(set(self.normalize_text) - set(self.models))
+            if unknown:
+                raise ValueError(f"normalize_text names voices not in models: {', '.join(unknown)}")
         return self
+
+    def normalizes(self, voice: str) -> bool:
+        """Whether `voice` reads numbers, dates and abbreviations out (normalize_text)."""
+        if isinstance(self.normalize_text, bool):
+            return self.normalize_text
+        return self.normalize_text.get(voice, DEFAULT_NORMALIZE_TEXT)
 
     @property
     def default_voice(self) -> str:

@@ -1,4 +1,5 @@
-"""Text front end: normalize, split into sentences, phonemize (piper's espeak-ng build), map to ids.
+"""Text front end: clean, read numbers/dates/abbreviations out (runtime/normalize.py), split
+into sentences, phonemize (piper's espeak-ng build), map to ids.
 
 piper-tts is GPL; it is used here as a library only (EspeakPhonemizer, phonemes_to_ids).
 """
@@ -12,6 +13,8 @@ import unicodedata
 from typing import Any, NamedTuple
 
 import structlog
+
+from .normalize import DEFAULT_NORMALIZE_TEXT, language_of, normalizer_for
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +68,7 @@ class Utterance(NamedTuple):
 
 class TextFrontend:
     def __init__(self, voice_config: dict[str, Any], max_chars: int = 5000,
-                 max_utterance_ids: int = DEFAULT_MAX_UTTERANCE_IDS):
+                 max_utterance_ids: int = DEFAULT_MAX_UTTERANCE_IDS, normalize_text: bool = DEFAULT_NORMALIZE_TEXT):
         self.phoneme_type: str = str(voice_config.get("phoneme_type") or "espeak")
         if self.phoneme_type not in ("espeak", "text"):
             raise ValueError(f"phoneme_type {self.phoneme_type!r} is not supported (espeak, text)")
@@ -88,6 +91,12 @@ class TextFrontend:
         # was trained with them; `phoneme_map` is NOT applied: piper 1.8 does not read it
         clusters = voice_config.get("vowel_clusters") or []
         self.vowel_clusters = {tuple(vc) for vc in clusters} or None
+        # numbers, dates, abbreviations read out (runtime/normalize.py); None for a language
+        # without rules, whose text then reaches espeak unchanged. Per voice: runtime.toml
+        # `normalize_text` (set by runtime.models.load_engine).
+        self.language = language_of(voice_config)
+        self.normalizer = normalizer_for(self.language)
+        self.normalize_text = normalize_text
         self._phonemizer = None
         self._tashkeel = None
         # espeak-ng keeps global state: one phonemization at a time per process.
@@ -110,12 +119,28 @@ class TextFrontend:
         return self._tashkeel(text, taskeen_threshold=0.8)
 
     def normalize(self, text: str) -> str:
-        """NFC, typographic folding, unspeakable characters dropped, whitespace collapsed."""
+        """NFC, typographic folding, unspeakable characters dropped, whitespace collapsed
+        (numbers and abbreviations stay as written: see spoken_sentences)."""
+        return self._clean(self._checked(text))
+
+    def _checked(self, text: str) -> str:
+        # max_chars is a limit on what the client sent, never on the read-out text
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
         if len(text) > self.max_chars:
             raise TextTooLongError(f"text is {len(text)} characters; the limit is {self.max_chars}")
+        return text
+
+    @property
+    def expands(self) -> bool:
+        """Whether this voice reads numbers, dates and abbreviations out."""
+        return self.normalize_text and self.normalizer is not None
+
+    def _clean(self, text: str, expand: bool = False) -> str:
         text = unicodedata.normalize("NFC", text).translate(_FOLD)
+        if expand and self.expands:
+            # before unspeakable characters are dropped: "°" (a symbol, So) is read as "degrees"
+            text = self.normalizer(text)  # type: ignore[misc]
         kept, dropped = [], []
         for ch in text:
             if ch in "\n\r\t":
@@ -130,8 +155,18 @@ class TextFrontend:
 
     def sentences(self, text: str) -> list[str]:
         """Split normalized text at . ! ? (not after common abbreviations or initials) and at
-        the sentence ends of other scripts (。！？； । ؟ ۔ ...)."""
-        text = self.normalize(text)
+        the sentence ends of other scripts (。！？； । ؟ ۔ ...). Numbers and abbreviations
+        stay as written (piper's sentences); spoken_sentences reads them out."""
+        return self._split(self.normalize(text))
+
+    def spoken_sentences(self, text: str) -> list[str]:
+        """The sentences as they are phonemized: numbers, money, dates, times and
+        abbreviations read out where the voice's language has rules and its setting is on
+        (runtime/normalize.py), then split as sentences() does. The whole text is read out
+        before splitting, so "Dr." or "p.m." no longer decide where a sentence ends."""
+        return self._split(self._clean(self._checked(text), expand=True))
+
+    def _split(self, text: str) -> list[str]:
         out: list[str] = []
         start = 0
         for m in _SENTENCE_END.finditer(text):
@@ -165,7 +200,7 @@ class TextFrontend:
         """One sentence -> ids: BOS, each phoneme followed by PAD, EOS (Piper's layout)."""
         from piper.phoneme_ids import phonemes_to_ids
 
-        sentence = self.normalize(sentence)
+        sentence = self._clean(sentence)  # a read-out sentence may be longer than max_chars
         if not sentence:
             return []
         phonemes = self.phonemes(sentence)
@@ -185,7 +220,7 @@ class TextFrontend:
         """Whole text -> utterances of at most max_utterance_ids ids each: one per sentence,
         over-long sentences cut (bounded_ids). EmptyTextError when nothing is speakable."""
         result: list[Utterance] = []
-        for sentence in self.sentences(text):
+        for sentence in self.spoken_sentences(text):
             pieces = self.bounded_ids(sentence)
             result.extend(Utterance(ids, k == len(pieces) - 1) for k, ids in enumerate(pieces))
         if not result:

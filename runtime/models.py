@@ -141,6 +141,7 @@ def load_engine(config: RuntimeConfig, snapshot: Snapshot) -> Any:
         max_chars=config.max_chars,
     )
     engine.frontend.max_utterance_ids = config.max_utterance_ids
+    engine.frontend.normalize_text = config.normalizes(snapshot.name)
     return engine
 
 

@@ -75,9 +75,13 @@ def shared_engine(base: Path):
 
 
 def write_config(path: Path, **values) -> Path:
-    lines = []
+    """A runtime.toml; a dict value becomes a table (after the plain keys, as TOML needs)."""
+    lines, tables = [], []
     for key, value in values.items():
-        if isinstance(value, bool):
+        if isinstance(value, dict):
+            tables.append(f"[{key}]")
+            tables.extend(f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in value.items())
+        elif isinstance(value, bool):
             lines.append(f"{key} = {'true' if value else 'false'}")
         elif isinstance(value, (int, float)):
             lines.append(f"{key} = {value}")
@@ -85,7 +89,7 @@ def write_config(path: Path, **values) -> Path:
             lines.append(f"{key} = [{', '.join(repr(str(v)).replace(chr(39), chr(34)) for v in value)}]")
         else:
             lines.append(f'{key} = "{value}"')
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines + tables) + "\n")
     return path
 
 

@@ -6,11 +6,11 @@ test cannot pass on garbage audio.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 
+from tests.asr_helpers import make_recognizer, word_error_rate
+from tests.asr_helpers import words as _words
 from tests.engine_fixtures import bundle_dir, engine, import_report  # noqa: F401
 
 pocketsphinx = pytest.importorskip("pocketsphinx")
@@ -34,40 +34,9 @@ SENTENCES = [
 ]
 
 
-def _words(text: str) -> list[str]:
-    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    ref, hyp = _words(reference), _words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, rw in enumerate(ref, 1):
-        prev, row = row, [i] + [0] * len(hyp)
-        for j, hw in enumerate(hyp, 1):
-            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (rw != hw))
-    return row[-1] / max(len(ref), 1)
-
-
 @pytest.fixture(scope="module")
 def recognize():
-    import soxr
-
-    decoder = pocketsphinx.Decoder(loglevel="FATAL")
-    # pocketsphinx adapts its cepstral mean across utterances; starting each one from the same
-    # state makes a waveform's transcript independent of what was decoded before it.
-    initial_cmn = decoder.get_cmn()
-
-    def run(wave: np.ndarray, rate: int) -> str:
-        x = soxr.resample(np.asarray(wave, dtype=np.float32), rate, 16000)
-        pcm = (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
-        decoder.set_cmn(initial_cmn)
-        decoder.start_utt()
-        decoder.process_raw(pcm, full_utt=True)
-        decoder.end_utt()
-        hyp = decoder.hyp()
-        return hyp.hypstr if hyp else ""
-
-    return run
+    return make_recognizer()
 
 
 def test_white_noise_decodes_to_nothing(recognize):
