@@ -404,9 +404,11 @@ def main() -> int:
             bucket = fleet.mirror.server.new_bucket()
             model = work / "model"
             model.mkdir()
-            for i, share in enumerate(SPLIT):
+            sizes = [int(args.mib * share) for share in SPLIT[:-1]]
+            sizes.append(args.mib - sum(sizes))  # exactly --mib in all
+            for i, mib in enumerate(sizes):
                 with (model / f"part-{i}.safetensors").open("wb") as f:
-                    for _ in range(int(args.mib * share)):
+                    for _ in range(mib):
                         f.write(os.urandom(MiB))
             mirror = Mirror.connect(fleet.mirror.server.endpoint, bucket, fleet.mirror.server.credentials)
             publish_dir(model, name="bench", version="1.0", mirror=mirror, signing_key=keys.private, channel="stable")
