@@ -283,7 +283,7 @@ def test_p2p_rollout_over_the_role_later_waves_fetch_from_peers(fleet):
     out = f.playbook("mirror.yml", inventory=inventory, log="mirror-p2p.log")
     assert out.returncode == 0, out.stdout[-5000:]
     assert server.credentials.secret_key not in out.stdout
-    size = fr.publish(f, fleet.bucket, fleet.keys, "1.3.0")
+    size = fr.publish(f, fleet.bucket, fleet.keys, "1.3.0", torrents=True)
     egress0 = f.mirror.egress_bytes()
     out = rollout(f, "1.3.0", "-e", "batch=2", inventory=inventory, log="rollout-1.3.0-p2p.log")
     egress = f.mirror.egress_bytes() - egress0
