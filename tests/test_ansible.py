@@ -416,3 +416,41 @@ def test_role_writes_p2p_from_the_inventory_and_refuses_bad_settings(tmp_path):
     out = site("--limit", "node-a", "-e", "tts_node_p2p_enabled=false")
     assert out.returncode == 0, out.stdout[-3000:]
     assert "[p2p]" not in (roots["node-a"] / "etc/tts-fleet/provisioner.toml").read_text()
+
+
+def test_p2p_drop_ins_parse_without_any_warning(tmp_path):
+    """The role's p2p drop-ins, rendered, over the shipped units: systemd's own parser
+    accepts them (any stderr line fails: `verify` only warns), and a bad network in
+    tts_node_p2p_networks is caught by that same check."""
+    import jinja2
+
+    from tests.ops_helpers import make_fake_root
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze missing: run scripts/setup.sh (Debian package systemd)")
+    roles = ANSIBLE_DIR / "roles"
+
+    def render(template: Path, **variables) -> str:
+        return jinja2.Template(template.read_text(), keep_trailing_newline=True).render(ansible_managed="test", **variables)
+
+    def verify(networks: list[str]) -> subprocess.CompletedProcess:
+        root = make_fake_root(tmp_path / f"root-{len(list(tmp_path.iterdir()))}")
+        units = root / "etc/systemd/system"
+        (units / "tts-provisioner.service.d").mkdir()
+        (units / "tts-provisioner.service.d/p2p.conf").write_text(render(
+            roles / "tts_node/templates/provisioner-p2p.conf.j2", tts_node_p2p_networks=networks,
+            tts_node_p2p_listen_port=6881))
+        (units / "tts-tracker-whitelist.service.d").mkdir()
+        (units / "tts-tracker-whitelist.service.d/user-manager.conf").write_text(render(
+            roles / "tts_tracker/templates/tracker-user-manager.conf.j2",
+            tts_tracker_credentials_file="/etc/tts-fleet/tracker-private/tracker-mirror.toml",
+            tts_tracker_user_manager_runtime_dir="/run"))
+        return subprocess.run([analyze, "verify", f"--root={root}", "--man=no", "--generators=no",
+                               "tts-provisioner.service", "tts-tracker-whitelist.service"],
+                              cwd=units, capture_output=True, text=True, timeout=60)
+
+    good = verify(["10.20.0.0/16", "fd00::/8"])
+    assert good.returncode == 0 and good.stderr.strip() == "", good.stderr
+    bad = verify(["10.20.0.0/99"])
+    assert "10.20.0.0/99" in bad.stderr, bad.stderr
