@@ -306,7 +306,7 @@ def test_p2p_rollout_over_the_role_later_waves_fetch_from_peers(fleet):
         assert "[p2p]" in conf and f'trackers = ["{announce}"]' in conf, conf
         assert f'node_id = "{node.name}"' in conf and 'fleet = ["node01", "node02", "node03"]' in conf, conf
         assert fr.serving(node) == "1.3.0"
-    p2p = {n.name: fr.provisioner_status(n)["p2p"] for n in f.nodes}
+    p2p = {n.name: fr.provisioner_status(n)["daemon"]["p2p"] for n in f.nodes}
     print(f"p2p rollout: mirror egress {egress / size:.2f}x the model; {p2p}")
     assert p2p[canary.name]["from_mirror"] > 0, p2p
     for node in wave:
