@@ -141,7 +141,7 @@ async def _serve(args) -> None:
     rate, delay = args.rate_mib * MiB, args.delay_ms / 1000.0
     target = (args.target_host, args.target_port)
     server = await asyncio.start_server(
-        lambda r, w: _handle(r, w, target, rate, delay, stats), "127.0.0.1", args.listen_port,
+        lambda r, w: _handle(r, w, target, rate, delay, stats), args.listen_host, args.listen_port,
         limit=4 * CHUNK, backlog=256)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -154,6 +154,7 @@ async def _serve(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--listen-host", default="127.0.0.1", help="an address in the mirror's namespace (bench/p2p.py)")
     ap.add_argument("--listen-port", type=int, required=True)
     ap.add_argument("--target-host", default="127.0.0.1")
     ap.add_argument("--target-port", type=int, required=True)

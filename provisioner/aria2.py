@@ -18,6 +18,7 @@ aria2c that dies while starting is started again (3 tries).
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import secrets
 import shutil
@@ -115,6 +116,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class ListenPortTaken(Aria2Error):
+    """[p2p] listen_port is held by another process: a configuration error, not retried."""
+
+
+def check_listen_port(port: int) -> None:
+    """aria2 binds the BitTorrent port only when it adds a torrent, and a taken port then
+    fails each torrent on its own: say it once, at start. SO_REUSEADDR as aria2 binds, so
+    connections of an earlier run in TIME_WAIT are no conflict; a listener is."""
+    families = [(socket.AF_INET, "0.0.0.0")] + ([(socket.AF_INET6, "::")] if socket.has_ipv6 else [])
+    for family, address in families:
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host
+            continue
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind((address, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ListenPortTaken(
+                        f"[p2p] listen_port {port} is in use by another process ({exc.strerror}): "
+                        f"stop it or set another listen_port") from None
+                if exc.errno != errno.EADDRNOTAVAIL:  # an address family without addresses
+                    raise
+
+
 def bittorrent_args(p2p: P2PConfig) -> list[str]:
     """aria2c's global BitTorrent settings for a fleet (docs/p2p.md): peers come from the
     fleet's trackers only (no DHT, no local discovery), a fixed listen port the unit's
@@ -144,7 +174,7 @@ class Aria2Process:
                 self._start_once(timeout)
                 return
             except Aria2Error as exc:
-                if attempt == START_TRIES or "not found" in str(exc):
+                if attempt == START_TRIES or "not found" in str(exc) or isinstance(exc, ListenPortTaken):
                     raise
                 log.warning("aria2c failed while starting; starting it again", error=str(exc), attempt=attempt)
 
@@ -190,6 +220,8 @@ class Aria2Process:
         if self.proc is not None:  # a failed earlier try of ours
             self.stop()
         self._stop_recorded()
+        if self.p2p:  # after an earlier aria2c of ours is gone: its port is not a conflict
+            check_listen_port(self.p2p.listen_port)
         port, secret = _free_port(), secrets.token_hex(16)
         conf = self.work_dir / ".aria2.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

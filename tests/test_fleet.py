@@ -14,6 +14,9 @@ In order, on one fleet (module scope, torn down whatever happens):
 4. A node killed mid-rollout does not stop the others (max_fail_percentage honoured);
    after it is back, re-running the play completes it. rollback.yml returns the fleet with
    0 failed requests.
+5. Peer-to-peer over the role (issue 16): mirror.yml puts the tracker on node01, a
+   rollout with [p2p] on refreshes its whitelist before the canary; the later wave gets
+   every byte from peers and the mirror sends the version about once.
 
 The 10-node figures are bench/fleet.py. Verdicts never depend on machine speed: every wait
 is for a condition (recap lines, versions served, counted requests), bounded as a safety net.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -62,8 +66,9 @@ def fleet(tmp_path_factory):
         yield FleetState(fleet, bucket, keys, wheel)
 
 
-def rollout(fleet: harness.Fleet, version: str, *args: str, log: str):
-    return fleet.playbook("rollout-model.yml", "-e", f"model={fr.MODEL}", "-e", f"version={version}", *args, log=log)
+def rollout(fleet: harness.Fleet, version: str, *args: str, log: str, **kw):
+    return fleet.playbook("rollout-model.yml", "-e", f"model={fr.MODEL}", "-e", f"version={version}", *args, log=log,
+                          **kw)
 
 
 def test_site_installs_every_node_and_is_idempotent(fleet):
@@ -251,3 +256,61 @@ def test_unreachable_inventory_host_is_named_and_does_not_hang(fleet):
     assert fr.recap(out.stdout)["ghost"]["unreachable"] == 1
     for node in f.nodes:
         assert node.path("/etc/tts-fleet/provisioner.toml").read_text() == before[node.name]
+
+
+@pytest.mark.skipif(shutil.which("opentracker") is None,
+                    reason="opentracker missing: run scripts/setup.sh (Debian package opentracker)")
+def test_p2p_rollout_over_the_role_later_waves_fetch_from_peers(fleet):
+    """Issue 16 over the role: the inventory turns [p2p] on and puts node01 in the
+    tts_tracker group; mirror.yml installs the tracker there (its user manager), then
+    rollout-model.yml refreshes its whitelist before the canary and writes [p2p] into
+    every node's provisioner.toml as it pins them. The canary has no peer: it adds the
+    mirror after a 1 s stall. The next wave may not use the mirror for 300 s (a window
+    no verdict waits for), so it can only finish from peers: all its bytes come from
+    peers, and the mirror sends the version about once instead of once per node."""
+    import yaml
+
+    f = fleet.fleet
+    canary, wave = f.nodes[0], f.nodes[1:]
+    server = f.mirror.server
+    data = yaml.safe_load((f.work / "inventory.yml").read_text())
+    nodes = data["tts_nodes"]
+    nodes["vars"].update(tts_node_p2p_enabled=True, tts_node_p2p_web_seed_nodes=0, tts_node_p2p_stall_seconds=300)
+    nodes["hosts"][canary.name]["tts_node_p2p_stall_seconds"] = 1
+    data["tts_tracker"] = {"hosts": {canary.name: {}}, "vars": {
+        "tts_tracker_service_manager": "user", "tts_tracker_user_manager_runtime_dir": "/run",
+        "tts_tracker_install_packages": False, "tts_tracker_mirror_endpoint": server.endpoint,
+        "tts_tracker_mirror_bucket": fleet.bucket,
+        "tts_tracker_mirror_credentials": {"access_key": server.credentials.access_key,
+                                           "secret_key": server.credentials.secret_key}}}
+    inventory = f.work / "inventory-p2p.yml"
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    out = f.playbook("mirror.yml", inventory=inventory, log="mirror-p2p.log")
+    assert out.returncode == 0, out.stdout[-5000:]
+    assert server.credentials.secret_key not in out.stdout
+    size = fr.publish(f, fleet.bucket, fleet.keys, "1.3.0", torrents=True)
+    egress0 = f.mirror.egress_bytes()
+    out = rollout(f, "1.3.0", "-e", "batch=2", inventory=inventory, log="rollout-1.3.0-p2p.log")
+    egress = f.mirror.egress_bytes() - egress0
+    assert out.returncode == 0, out.stdout[-6000:]
+    # The whitelist was refreshed (on the tracker host) before the canary synced.
+    refresh = out.stdout.find("TASK [tts_tracker : Refresh the whitelist from the mirror]")
+    first_sync = out.stdout.find("TASK [Download and verify the version]")
+    assert 0 <= refresh < first_sync, out.stdout[:3000]
+    assert re.search(rf"ok: \[{canary.name}\]", out.stdout[refresh:first_sync]), out.stdout[refresh:first_sync]
+
+    announce = f"http://{canary.address}:6969/announce"
+    for node in f.nodes:
+        conf = node.path("/etc/tts-fleet/provisioner.toml").read_text()
+        assert "[p2p]" in conf and f'trackers = ["{announce}"]' in conf, conf
+        assert f'node_id = "{node.name}"' in conf and 'fleet = ["node01", "node02", "node03"]' in conf, conf
+        assert fr.serving(node) == "1.3.0"
+    p2p = {n.name: fr.provisioner_status(n)["daemon"]["p2p"] for n in f.nodes}
+    print(f"p2p rollout: mirror egress {egress / size:.2f}x the model; {p2p}")
+    assert p2p[canary.name]["from_mirror"] > 0, p2p
+    for node in wave:
+        assert p2p[node.name]["from_mirror"] == 0 and p2p[node.name]["from_peers"] >= size * 0.9, p2p
+    # Over HTTP the three nodes would take 3x; torrents, manifests and requests are small.
+    assert egress < 1.5 * size, (egress, size)
+    fleet.version = "1.3.0"

@@ -199,3 +199,28 @@ def test_a_swapped_torrent_is_refused_and_the_file_comes_over_http(tmp_path, s3_
     assert cache.check_snapshot(cache.current("joe"), full_hash=True) == []
     assert not (tmp_path / "solo/cache/torrents" / f"{big.sha256}.torrent").exists()
     assert status["p2p"]["seeding"] == 1  # only the file whose torrent checked out
+
+
+def test_a_taken_listen_port_is_a_clear_error_at_start(tmp_path) -> None:
+    """Another process listens on [p2p] listen_port: `tts-provisioner run` exits 1 at
+    once with one line naming the port - not a daemon whose every torrent fails later
+    (aria2 binds the port only when it adds a torrent). No mirror is contacted."""
+    import socket
+
+    keys = make_keys(tmp_path)
+    creds = tmp_path / "creds.toml"
+    creds.write_text('access_key = "AK"\nsecret_key = "not-a-real-secret"\n')
+    mirror = dict(name="primary", endpoint="http://127.0.0.1:9", bucket="b", credentials_file=creds)
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p2p = (f'[p2p]\nenabled = true\ntrackers = ["http://127.0.0.1:9/announce"]\nlisten_port = {port}\n'
+               f'node_id = "solo"\nfleet = ["solo"]\n')
+        (tmp_path / "node").mkdir()
+        config = write_config(tmp_path / "node", [mirror], keys, extra=p2p)
+        out = subprocess.run([str(BIN / "tts-provisioner"), "--config", str(config), "run"], capture_output=True,
+                             text=True, timeout=120)
+    assert out.returncode == 1, (out.returncode, out.stderr[-2000:])
+    assert f"[p2p] listen_port {port} is in use by another process" in out.stderr, out.stderr[-2000:]

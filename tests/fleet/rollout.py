@@ -72,12 +72,28 @@ def voice_files(work: Path, version: str, kind: str = "good") -> dict[str, bytes
     return files
 
 
-def publish(fleet: Fleet, bucket: str, keys, version: str, kind: str = "good", channel: str | None = None) -> int:
-    """Publish one version to the fleet's mirror; returns the model's size in bytes."""
+def publish(fleet: Fleet, bucket: str, keys, version: str, kind: str = "good", channel: str | None = None,
+            torrents: bool = False) -> int:
+    """Publish one version to the fleet's mirror; returns the model's size in bytes.
+    torrents: as `tts-mirror publish` does it (a torrent per file, info-hashes in the
+    signed manifest: what a p2p fleet needs); else the bare manifest of the files."""
     from tests.provisioner_helpers import publish_raw
 
     files = voice_files(fleet.work, version, kind)
-    publish_raw(fleet.mirror.server.client(), bucket, MODEL, version, files, keys, channel=channel)
+    if torrents:
+        from mirror.publish import publish_dir
+        from mirror.remote import Mirror
+
+        folder = fleet.work / f"publish-{version}"
+        folder.mkdir()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        server = fleet.mirror.server
+        publish_dir(folder, name=MODEL, version=version, mirror=Mirror.connect(server.endpoint, bucket, server.credentials),
+                    signing_key=keys.private, channel=channel)
+        shutil.rmtree(folder)
+    else:
+        publish_raw(fleet.mirror.server.client(), bucket, MODEL, version, files, keys, channel=channel)
     return sum(len(b) for b in files.values())
 
 
