@@ -205,16 +205,22 @@ def synth(obj: Ctx, text: str, output: Path, voice: str | None, speaker: str | N
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also keep the WAV here")
 @click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.option("--reload", "reload_first", is_flag=True,
+              help="first make the runtime re-check the cache and wait for that pass (POST /v1/reload); "
+                   "with --expect-version, fail at once unless the voice is then at that version")
 @click.pass_obj
 def check(obj: Ctx, text: str, voice: str | None, expect_version: str | None, output: Path | None,
-          timeout: float) -> None:
+          timeout: float, reload_first: bool) -> None:
     """Synthesize TEXT through the daemon and check that the audio is plausibly speech for it
     (duration, silence, clipping, speech-band energy, noise: runtime/speechcheck.py). Exit 1
-    with one line saying what is wrong; the ansible health gate runs this."""
+    with one line saying what is wrong; the ansible health gate runs this (with --reload:
+    the whole gate, reload included, in one process and one SSH round trip)."""
     import soundfile
 
     from .speechcheck import check_speech
 
+    if reload_first:
+        _reload_for_check(obj, voice or obj.config.default_voice, expect_version, timeout)
     try:
         with obj.client(timeout) as client:
             # Inside the package: the response's headers say which version answered.
@@ -235,6 +241,24 @@ def check(obj: Ctx, text: str, voice: str | None, expect_version: str | None, ou
     if not verdict.ok:
         _fail(f"{name} {served}: {verdict.line()}")
     click.echo(f"{name} {served}: {verdict.line()}")
+
+
+def _reload_for_check(obj: Ctx, voice: str, expect_version: str | None, timeout: float) -> None:
+    """The reload's answer comes after a whole pass over the cache, so the voice is then
+    either at the version `current` names or that version failed to load: no polling."""
+    try:
+        with obj.client(timeout) as client:
+            answer = client.reload()
+    except ApiError as exc:
+        _fail(f"reload: {exc}")
+    if not answer.get("finished"):
+        _fail("reload: the runtime did not finish re-checking the cache in time")
+    model = (answer.get("models") or {}).get(voice) or {}
+    if expect_version is not None and model.get("version") != expect_version:
+        why = model.get("last_error") or model.get("waiting") or "no error reported"
+        _fail(f"the runtime serves {voice} {model.get('version') or 'nothing'}, not {expect_version}: {why}")
+    if not answer.get("ready"):
+        _fail(f"the runtime is not ready after the reload: {model.get('waiting') or 'another voice is not loaded'}")
 
 
 # -- batch -------------------------------------------------------------------------------
