@@ -50,7 +50,7 @@ def task_times(output: str) -> dict[str, float]:
     import re
 
     recap = output.split("TASKS RECAP", 1)[-1]
-    return {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^(.+?) -{3,} (\d+\.\d+)s$", recap, re.M)}
+    return {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^(.+?) -+ (\d+\.\d+)s$", recap, re.M)}
 
 
 def timed_rollback(fleet: harness.Fleet, clients: "fr.Clients", version: str, log: str,
