@@ -2,7 +2,7 @@
 
 Steps, on one fleet: site.yml from nothing (then again: changed=0 expected); a load client on
 every node; rollout-model.yml 1.0.0 -> 1.1.0 (canary 1, then waves of --batch); rollback.yml
-back to 1.0.0. Figures: rollout wall time, per-node time from the rollout's start to the
+back to 1.0.0 (timed per task with ansible.posix.profile_tasks). Figures: rollout wall time, per-node time from the rollout's start to the
 first request answered by 1.1.0 (p50/p95), requests sent/failed, mirror egress / model size
 (iptables byte counter in the mirror's namespace), rollback wall time, and the harness's own
 CPU time (cgroup cpuacct) and memory (sum of RSS, sampled).
@@ -12,6 +12,13 @@ the P2P work (issue 16) is to cut. Targets from the issue: 0 failed requests, ro
 10 nodes < 60 s.
 
     .venv/bin/python bench/fleet.py [--nodes 10] [--batch 3] [--mirror nanio|rclone]
+    .venv/bin/python bench/fleet.py --only rollback [--rollbacks 3]
+
+--only rollback skips the second site.yml run and the rollout play: after the install, the
+channel moves to 1.1.0 and every node's provisioner syncs it by itself (its own poll) and the
+runtime hot-swaps, so every node holds both versions; then rollback.yml runs under the same
+per-node traffic, back and forth between the two kept snapshots (--rollbacks times), and
+writes bench/results/fleet-rollback.json. The target is judged on the slowest of the runs.
 """
 
 from __future__ import annotations
@@ -32,6 +39,44 @@ sys.path.insert(0, str(REPO))
 
 from tests.fleet import harness  # noqa: E402
 from tests.fleet import rollout as fr  # noqa: E402
+
+
+PROFILE = "ansible.posix.profile_tasks"
+
+
+def task_times(output: str) -> dict[str, float]:
+    """profile_tasks' recap: "Task name ----- 12.34s" -> {task name: seconds} (a task's time
+    is its slowest host's: the linear strategy waits for every host before the next task)."""
+    import re
+
+    recap = output.split("TASKS RECAP", 1)[-1]
+    return {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^(.+?) -+ (\d+\.\d+)s$", recap, re.M)}
+
+
+def timed_rollback(fleet: harness.Fleet, clients: "fr.Clients", version: str, log: str,
+                   ansible_dir: Path | None = None) -> dict:
+    """rollback.yml (of `ansible_dir`, default this checkout's) to `version` under the clients'
+    traffic: wall time, per-task times, requests sent/failed while it ran, each node's first
+    answer from `version`."""
+    env = {"ANSIBLE_CALLBACKS_ENABLED": PROFILE}
+    if ansible_dir is not None:
+        env["ANSIBLE_CONFIG"] = str(ansible_dir / "ansible.cfg")
+    playbook = str((ansible_dir or REPO / "ansible") / "rollback.yml")
+    started, t0 = time.time(), time.monotonic()
+    out = fleet.playbook(playbook, "-e", "model=joe", "-e", f"version={version}", log=log, timeout=900, env=env)
+    wall = time.monotonic() - t0
+    load = os.getloadavg()
+    clients.wait_answered(2)
+    summary = clients.summary(since=started, new_version=version)
+    firsts = [s["first_new_s"] for s in summary.values() if s["first_new_s"] is not None]
+    return {
+        "version": version, "rc": out.returncode, "wall_s": round(wall, 1), "loadavg_at_end": [round(x, 2) for x in load],
+        "requests_sent": sum(s["sent"] for s in summary.values()),
+        "requests_failed": sum(s["failed"] for s in summary.values()),
+        "failures": {n: s["failures"] for n, s in summary.items() if s["failures"]},
+        "nodes_on_version": len(firsts), "first_answer_p50_s": pct(firsts, 0.5), "first_answer_max_s": max(firsts, default=None),
+        "task_s": task_times(out.stdout),
+    }
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -56,14 +101,104 @@ class Sampler(threading.Thread):
                 pass
 
 
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def rollback_only(args, fleet: harness.Fleet, bucket: str, figures: dict, t_all: float) -> int:
+    """Both versions on every node the cheap way (the channel moves; each provisioner syncs
+    by itself), then rollback.yml back and forth under traffic."""
+    from tests.provisioner_helpers import set_channel
+
+    t0 = time.monotonic()
+    set_channel(fleet.mirror.server.client(), bucket, fr.MODEL, "stable", "1.1.0")
+    harness.wait_until(lambda: all(fr.serving(n) == "1.1.0" for n in fleet.nodes), 900, interval=2,
+                       what="every node serving 1.1.0 after the channel moved")
+    figures["channel_move_to_all_serving_s"] = round(time.monotonic() - t0, 1)
+    peer_dir = None
+    if args.peer_ref:
+        # The peer: the same play as it was at --peer-ref (its ansible/ tree), on the same
+        # nodes under the same traffic, alternating with ours.
+        import subprocess
+
+        peer_dir = args.work / f"ansible-{args.peer_ref.replace('/', '_')}"
+        peer_dir.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.peer_ref, "ansible"], check=True,
+                                 capture_output=True, timeout=60).stdout
+        subprocess.run(["tar", "-x", "-C", str(peer_dir), "--strip-components=1"], input=archive, check=True,
+                       timeout=60)
+    runs, peer_runs = [], []
+    clients = fr.Clients(fleet, fleet.nodes).start()
+    try:
+        clients.wait_answered(2)
+        for i in range(args.rollbacks):
+            pair = [("ours", None, runs)] + ([(f"peer {args.peer_ref}", peer_dir, peer_runs)] if peer_dir else [])
+            for who, where, into in (pair if i % 2 == 0 else pair[::-1]):  # each goes first in turn
+                version = "1.0.0" if (len(runs) + len(peer_runs)) % 2 == 0 else "1.1.0"
+                run = timed_rollback(fleet, clients, version, log=f"rollback-{len(runs) + len(peer_runs) + 1}.log",
+                                     ansible_dir=where)
+                print(f"rollback {who}: {run}", flush=True)
+                into.append(run)
+    finally:
+        clients.stop()
+    figures["bench_wall_s"] = round(time.monotonic() - t_all, 1)
+    worst = max(r["wall_s"] for r in runs)
+    if peer_runs:
+        figures["rollback_wall_s_ours"] = [r["wall_s"] for r in runs]
+        figures["rollback_wall_s_peer"] = [r["wall_s"] for r in peer_runs]
+        figures["rollback_peer_ref"] = args.peer_ref
+        figures["peer_over_ours_median"] = round(statistics.median(r["wall_s"] for r in peer_runs)
+                                                 / statistics.median(r["wall_s"] for r in runs), 2)
+        print(f"rollback wall time, peer ({args.peer_ref}) / ours, medians: {figures['peer_over_ours_median']}",
+              flush=True)
+    targets = {
+        "rollback_wall_s_slowest": ("< 60", worst, worst < 60),
+        "rollback_requests_failed": ("== 0", sum(r["requests_failed"] for r in runs + peer_runs),
+                                     all(r["requests_failed"] == 0 for r in runs + peer_runs)),
+        "rollback_rc": ("== 0 every run", [r["rc"] for r in runs], all(r["rc"] == 0 for r in runs)),
+        "nodes_on_version": (f"== {args.nodes} every run", [r["nodes_on_version"] for r in runs],
+                             all(r["nodes_on_version"] == args.nodes for r in runs)),
+    }
+    write(args.out, {
+        "benchmark": "fleet-rollback", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "setup": {"nodes": args.nodes, "mirror": args.mirror, "rollbacks": args.rollbacks,
+                  "client": "one per node, sequential requests without pause, 'Fleet check.'",
+                  "two_versions": "site.yml installs 1.0.0; the channel moves to 1.1.0 and every node syncs it"},
+        "figures": figures,
+        "rollbacks": runs,
+        "peer_rollbacks": peer_runs,
+        "targets": {k: {"target": t, "value": v, "met": "yes" if ok else "no"} for k, (t, v, ok) in targets.items()},
+    })
+    return 0 if all(ok for _, _, ok in targets.values()) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--batch", default="3", help="hosts per wave after the canary")
     parser.add_argument("--mirror", default="nanio", choices=["nanio", "rclone"])
+    parser.add_argument("--only", choices=["rollback"], default=None,
+                        help="rollback: install, both versions on every node, then only rollback.yml")
+    parser.add_argument("--rollbacks", type=int, default=3, help="with --only rollback: runs, back and forth")
+    parser.add_argument("--peer-ref", default="main",
+                        help="with --only rollback: also run rollback.yml as of this git ref, alternating ('' = none)")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tts-bench-fleet")
-    parser.add_argument("--out", type=Path, default=REPO / "bench/results/fleet.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default bench/results/fleet.json (fleet-rollback.json with --only rollback)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = REPO / "bench/results" / ("fleet-rollback.json" if args.only else "fleet.json")
+    if args.rollbacks < 1:
+        parser.error("--rollbacks must be at least 1")
     reason = harness.unavailable()
     if reason:
         print(f"bench/fleet.py: {reason}", file=sys.stderr)
@@ -97,6 +232,8 @@ def main() -> int:
         figures["site_install_s"] = round(site_s, 1)
         figures["site_install_egress_ratio"] = round((fleet.mirror.egress_bytes() - egress0) / size_100, 2)
         figures["site_install_cpu_s"] = round(fleet.cpu_seconds() - cpu0, 1)
+        if args.only == "rollback":
+            return rollback_only(args, fleet, bucket, figures, t_all)
         t0 = time.monotonic()
         out = fleet.playbook("site.yml", log="site-2.log", timeout=3000)
         figures["site_second_run_s"] = round(time.monotonic() - t0, 1)
@@ -116,13 +253,7 @@ def main() -> int:
             egress = fleet.mirror.egress_bytes() - egress0
             clients.wait_answered(2)
             summary = clients.summary(since=started, new_version="1.1.0")
-
-            rb_started, t0 = time.time(), time.monotonic()
-            out_rb = fleet.playbook("rollback.yml", "-e", "model=joe", "-e", "version=1.0.0", log="rollback.log",
-                                    timeout=900)
-            rollback_s = time.monotonic() - t0
-            clients.wait_answered(2)
-            rb_summary = clients.summary(since=rb_started, new_version="1.0.0")
+            rollback = timed_rollback(fleet, clients, "1.0.0", log="rollback.log")
         finally:
             clients.stop()
         sampler.stop_event.set()
@@ -141,10 +272,12 @@ def main() -> int:
             "model_bytes": size_110,
             "rollout_mirror_egress_ratio": round(egress / size_110, 2),
             "rollout_harness_cpu_s": round(rollout_cpu, 1),
-            "rollback_rc": out_rb.returncode,
-            "rollback_wall_s": round(rollback_s, 1),
-            "rollback_requests_sent": sum(s["sent"] for s in rb_summary.values()),
-            "rollback_requests_failed": sum(s["failed"] for s in rb_summary.values()),
+            "rollback_rc": rollback["rc"],
+            "rollback_wall_s": rollback["wall_s"],
+            "rollback_loadavg_at_end": rollback["loadavg_at_end"],
+            "rollback_requests_sent": rollback["requests_sent"],
+            "rollback_requests_failed": rollback["requests_failed"],
+            "rollback_task_s": rollback["task_s"],
             "serving_after_rollback": sorted(set(map(str, serving))),
             "harness_peak_rss_mib": round(sampler.peak / 2**20),
             "harness_cpu_total_s": round(fleet.cpu_seconds(), 1),
@@ -159,20 +292,15 @@ def main() -> int:
         "rollback_wall_s": ("< 60", figures["rollback_wall_s"] < 60),
         "nodes_on_new_version": (f"== {args.nodes}", figures["nodes_on_new_version"] == args.nodes),
     }
-    result = {
+    write(args.out, {
         "benchmark": "fleet", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                    "loadavg_at_end": os.getloadavg()},
+        "machine": machine(),
         "setup": {"nodes": args.nodes, "canary": 1, "batch": args.batch, "mirror": args.mirror,
                   "client": "one per node, sequential requests without pause, 'Fleet check.'"},
         "figures": figures,
         "targets": {k: {"target": t, "value": figures[k], "met": "yes" if ok else "no"} for k, (t, ok) in targets.items()},
         "per_node": per_node,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    })
     return 0 if all(ok for _, ok in targets.values()) and rollout_rc == 0 else 1
 
 

@@ -253,7 +253,15 @@ def rollback(ctx: click.Context, name: str, version: str, release: bool) -> None
     daemon = read_status(config.runtime_dir) or {}
     channel_version = ((daemon.get("models") or {}).get(name) or {}).get("wanted_version")
     current = cache.current(name)
-    write_hold(config.cache_dir, name, Hold(version, channel_version or (current.version if current else None)))
+    held = read_hold(config.cache_dir, name)
+    if held is not None:
+        # Already held: the status's wanted version is the held one, not the channel's;
+        # recording it would release the new hold at the next poll (a re-run rollback.yml
+        # sent the fleet back to the channel's version).
+        channel_version = held.channel_version
+    elif not channel_version:
+        channel_version = current.version if current else None
+    write_hold(config.cache_dir, name, Hold(version, channel_version))
     prov = Provisioner(config)
     try:
         prov.lock.acquire()

@@ -205,16 +205,22 @@ def synth(obj: Ctx, text: str, output: Path, voice: str | None, speaker: str | N
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also keep the WAV here")
 @click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.option("--reload", "reload_first", is_flag=True,
+              help="first make the runtime re-check the cache and wait for that pass (POST /v1/reload); "
+                   "with --expect-version, fail at once unless the voice is then at that version")
 @click.pass_obj
 def check(obj: Ctx, text: str, voice: str | None, expect_version: str | None, output: Path | None,
-          timeout: float) -> None:
+          timeout: float, reload_first: bool) -> None:
     """Synthesize TEXT through the daemon and check that the audio is plausibly speech for it
     (duration, silence, clipping, speech-band energy, noise: runtime/speechcheck.py). Exit 1
-    with one line saying what is wrong; the ansible health gate runs this."""
+    with one line saying what is wrong; the ansible health gate runs this (with --reload:
+    the whole gate, reload included, in one process and one SSH round trip)."""
     import soundfile
 
     from .speechcheck import check_speech
 
+    if reload_first:
+        _reload_for_check(obj, voice or obj.config.default_voice, expect_version, timeout)
     try:
         with obj.client(timeout) as client:
             # Inside the package: the response's headers say which version answered.
@@ -235,6 +241,24 @@ def check(obj: Ctx, text: str, voice: str | None, expect_version: str | None, ou
     if not verdict.ok:
         _fail(f"{name} {served}: {verdict.line()}")
     click.echo(f"{name} {served}: {verdict.line()}")
+
+
+def _reload_for_check(obj: Ctx, voice: str, expect_version: str | None, timeout: float) -> None:
+    """The reload's answer comes after a whole pass over the cache, so the voice is then
+    either at the version `current` names or that version failed to load: no polling."""
+    try:
+        with obj.client(timeout) as client:
+            answer = client.reload()
+    except ApiError as exc:
+        _fail(f"reload: {exc}")
+    if not answer.get("finished"):
+        _fail("reload: the runtime did not finish re-checking the cache in time")
+    model = (answer.get("models") or {}).get(voice) or {}
+    if expect_version is not None and model.get("version") != expect_version:
+        why = model.get("last_error") or model.get("waiting") or "no error reported"
+        _fail(f"the runtime serves {voice} {model.get('version') or 'nothing'}, not {expect_version}: {why}")
+    if not answer.get("ready"):
+        _fail(f"the runtime is not ready after the reload: {model.get('waiting') or 'another voice is not loaded'}")
 
 
 # -- batch -------------------------------------------------------------------------------
@@ -569,18 +593,19 @@ def wait_ready(obj: Ctx, timeout: float, quiet: bool) -> None:
 
 
 def _add_cache_group() -> None:
-    try:
-        from provisioner.cli import main as provisioner_main
-    except ImportError as exc:  # the provisioner CLI is optional for the runtime side
-        reason = str(exc)  # `exc` is unbound once the except block ends
-
-        @main.command("cache", context_settings={"ignore_unknown_options": True})
-        @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-        def cache(args: tuple[str, ...]) -> None:
-            """The provisioner's CLI (snapshots, verify, rollback, gc) - unavailable."""
-            _fail(f"the provisioner CLI is not available: {reason}")
-        return
-    main.add_command(provisioner_main, name="cache")
+    # The provisioner's CLI is imported when `cache` runs, not at every start: it pulls in
+    # boto3 and aria2p, about 45% of tts-ctl's start-up, and the health gate starts tts-ctl
+    # on every host of a rollout or rollback.
+    @main.command("cache", add_help_option=False,
+                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def cache(args: tuple[str, ...]) -> None:
+        """The provisioner's CLI (snapshots, verify, rollback, gc)."""
+        try:
+            from provisioner.cli import main as provisioner_main
+        except ImportError as exc:  # the provisioner CLI is optional for the runtime side
+            _fail(f"the provisioner CLI is not available: {exc}")
+        provisioner_main.main(args=list(args), prog_name="tts-ctl cache")
 
 
 _add_cache_group()

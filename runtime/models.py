@@ -199,7 +199,8 @@ class ModelManager:
         self._failed: dict[str, str] = {}  # name -> version whose load failed
         self._stop = threading.Event()
         self._force = threading.Event()
-        self._cycles = 0
+        self._cycles = 0  # passes finished
+        self._started = 0  # passes begun
         self._cycle_cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._ready_sent = False
@@ -243,9 +244,13 @@ class ModelManager:
     def request_reload(self) -> int:
         """Re-check the cache now (also retrying a version that failed); returns the
         cycle number to pass to wait_cycle()."""
+        # The first pass to begin after this one returns must finish: one pass when the
+        # manager is idle, the next one when a pass is under way (it may have checked this
+        # model already). Waiting for "finished + 1" cost an idle runtime a whole
+        # RECHECK_S (up to 30 s) per POST /v1/reload: the health gate's reload.
         with self._cycle_cond:
-            target = self._cycles + 1
-        self._force.set()
+            self._force.set()
+            target = self._started
         self.watcher.poke()
         return target
 
@@ -257,8 +262,10 @@ class ModelManager:
     def _run(self) -> None:
         event = True
         while not self._stop.is_set():
-            forced = self._force.is_set()
-            self._force.clear()
+            with self._cycle_cond:  # with request_reload's: a forced pass is counted as begun
+                self._started += 1
+                forced = self._force.is_set()
+                self._force.clear()
             try:
                 self.check_once(retry_failed=event or forced)
             except Exception:  # never let a surprise end the loop: status shows the rest

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import time
 
 import numpy as np
 import soundfile as sf
 
-from tests.runtime_helpers import VENV_BIN, server, voice_cache  # noqa: F401  (fixtures)
+from provisioner.cache import CacheWriter
+from tests.runtime_helpers import (VENV_BIN, publish_to_cache, server, start_server,  # noqa: F401  (fixtures)
+                                   voice_bundle_dir, voice_cache)
 
 
 def ctl(*args, socket=None, config=None, timeout=180):
@@ -127,6 +130,35 @@ def test_status_voices_wait_ready(server, tmp_path):
     assert r.returncode == 1 and "not ready after 1 s" in r.stderr
     r = ctl("cache", "--help")
     assert r.returncode == 0 and "snapshots" in r.stdout
+
+
+def test_check_reload_is_the_health_gate_in_one_call(tmp_path, tmp_path_factory):
+    """`check --reload` is what rollout-model.yml and rollback.yml run on each host: it makes
+    the runtime re-check the cache, gates on the version that pass left, then checks the
+    audio; a version that did not load fails at once with the runtime's load error."""
+    bundle = voice_bundle_dir(tmp_path_factory.getbasetemp())
+    cache = tmp_path / "cache"
+    publish_to_cache(cache, "joe", "1.0.0", bundle)
+    publish_to_cache(cache, "joe", "1.1.0", bundle)
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file" * 100)
+    publish_to_cache(cache, "joe", "2.0.0", broken, set_current=False)
+    srv = start_server(tmp_path / "srv", cache, max_batch_size=4, queue_size=16)
+    try:
+        srv.wait_ready()
+        CacheWriter(cache).set_current("joe", "1.0.0")  # what `tts-provisioner rollback` does
+        r = ctl("check", "--reload", "--voice", "joe", "--expect-version", "1.0.0", "Rolled back.", config=srv.config)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("joe 1.0.0: ok ("), r.stdout
+        CacheWriter(cache).set_current("joe", "2.0.0")
+        r = ctl("check", "--reload", "--voice", "joe", "--expect-version", "2.0.0", config=srv.config)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "the runtime serves joe 1.0.0, not 2.0.0: loading joe 2.0.0 failed" in r.stderr, r.stderr
+        r = ctl("check", "--reload", "--voice", "joe", socket=tmp_path / "none.sock")
+        assert r.returncode == 1 and "reload: " in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        srv.stop()
 
 
 def test_cache_without_the_provisioner_is_a_clear_error():

@@ -84,6 +84,11 @@ def test_incremental_version_downloads_only_changed_file_and_rollback(env):
     # The hold keeps the rollback in place while the channel still says 1.1.0 ...
     assert run_cli("sync", config=env["config"]).returncode == 0
     assert env["cache"].current("joe").version == "1.0.0"
+    # ... also when the rollback is run again (rollback.yml re-run): the status then says the
+    # held version is wanted, which must not be recorded as the channel's ...
+    assert run_cli("rollback", "joe", "1.0.0", config=env["config"]).returncode == 0
+    assert run_cli("sync", config=env["config"]).returncode == 0
+    assert env["cache"].current("joe").version == "1.0.0"
     # ... and lapses once the channel moves on.
     v3 = dict(v1, **{"voice.json": b'{"v": 3}'})
     publish_raw(env["client"], env["bucket"], "joe", "1.2.0", v3, env["keys"])

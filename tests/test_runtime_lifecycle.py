@@ -245,3 +245,33 @@ def test_refuses_a_live_socket_and_replaces_a_stale_one(voice_cache, tmp_path):
     again = unix_socket(path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
     again.close()
+
+
+def test_reload_waits_for_one_pass_not_for_the_safety_net_recheck(tmp_path, tmp_path_factory, monkeypatch):
+    """POST /v1/reload (and so the health gate's `tts-ctl check --reload`) waits for the first
+    pass that begins after the request. On an idle manager that is the pass the request
+    starts; waiting for one more pass meant waiting for the safety-net re-check (RECHECK_S,
+    30 s; an hour here, so only the fix lets wait_cycle return before its safety timeout)."""
+    from provisioner.cache import CacheWriter
+    from runtime import models
+    from runtime.config import load_config
+
+    monkeypatch.setattr(models, "RECHECK_S", 3600.0)
+    bundle = voice_bundle_dir(tmp_path_factory.getbasetemp())
+    cache = tmp_path / "cache"
+    publish_to_cache(cache, "joe", "1.0.0", bundle, set_current=False)
+    publish_to_cache(cache, "joe", "1.1.0", bundle)
+    config = load_config(write_config(tmp_path / "runtime.toml", socket_path=str(tmp_path / "rt.sock"),
+                                      cache_dir=str(cache), provisioner_runtime_dir=str(tmp_path / "prov"),
+                                      device="cpu"))
+    manager = models.ModelManager(config)
+    manager.start()
+    try:
+        assert manager.wait_cycle(0, 120) and manager.ready  # the first pass loaded 1.1.0
+        for _ in range(3):  # idle each time: nothing changed, one pass answers
+            assert manager.wait_cycle(manager.request_reload(), 60)
+        CacheWriter(cache).set_current("joe", "1.0.0")  # a rollback: the answer already has it
+        assert manager.wait_cycle(manager.request_reload(), 60)
+        assert manager.describe()["joe"]["version"] == "1.0.0"
+    finally:
+        manager.stop()

@@ -529,11 +529,12 @@ class Fleet:
         return env
 
     def playbook(self, playbook: str, *args: str, inventory: Path | None = None, timeout: float = 900,
-                 log: str | None = None) -> subprocess.CompletedProcess:
+                 log: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+        """`env` adds to ansible_env() (e.g. ANSIBLE_CONFIG of another checkout's ansible/)."""
         cmd = [str(VENV / "bin/ansible-playbook"), "-i", str(inventory or self.work / "inventory.yml"), playbook, *args]
         try:
             out = subprocess.run(cmd, cwd=REPO / "ansible", capture_output=True, text=True, timeout=timeout,
-                                 env=self.ansible_env())
+                                 env={**self.ansible_env(), **(env or {})})
         except subprocess.TimeoutExpired as exc:
             raise AssertionError(f"{playbook} timed out after {timeout}s:\n"
                                  f"{(exc.stdout or b'').decode(errors='replace')[-5000:]}") from None
