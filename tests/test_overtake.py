@@ -18,15 +18,8 @@ import pytest
 from runtime.engine import SynthesisRequest
 from runtime.models import LoadedModel, ModelHolder
 from runtime.scheduler import Scheduler
+from tests.ops_helpers import wait_until
 from tests.runtime_helpers import shared_engine
-
-
-def _until(condition, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout  # a safety net: the condition is made by the test
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +48,8 @@ def test_a_short_request_overtakes_a_paused_long_batch_and_no_audio_changes(engi
         deadline = time.monotonic() + 600
         with engine._lanes.paused():  # the long batch will stop at its first checkpoint
             (long_job,) = sched.submit("joe", [long_req], deadline)
-            _until(lambda: sched.batch_started is not None and engine._lanes.waiting > 0,
-                   "the long batch to start and stop at a checkpoint")
+            wait_until(lambda: sched.batch_started is not None and engine._lanes.waiting > 0, 120,
+                       interval=0.01, what="the long batch to start and stop at a checkpoint")
             (short_job,) = sched.submit("joe", [short_req], deadline)
             short_wave = short_job.future.result(timeout=120)
             assert not long_job.future.done()  # it is still held: the short one overtook it
@@ -77,7 +70,8 @@ def test_no_overtaking_when_off_or_for_a_long_request(engine, express_max_ids, w
         deadline = time.monotonic() + 600
         with engine._lanes.paused():
             (first,) = sched.submit("joe", [SynthesisRequest(ids, seed=1)], deadline)
-            _until(lambda: engine._lanes.waiting > 0, "the first batch to stop at a checkpoint")
+            wait_until(lambda: engine._lanes.waiting > 0, 120, interval=0.01,
+                       what="the first batch to stop at a checkpoint")
             (second,) = sched.submit("joe", [SynthesisRequest(second_ids, seed=2)], deadline)
             # nothing else may run it: it is still queued behind the held batch
             assert second.started is None and sched.depth == 1

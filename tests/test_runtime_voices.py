@@ -12,26 +12,14 @@ import io
 import json
 import shutil
 import threading
-import time
 
 import pytest
 
+from tests.ops_helpers import wait_until
 from tests.runtime_helpers import publish_to_cache, shared_engine, start_server, voice_bundle_dir
 
 pytest.importorskip("piper.train.vits.models")
 pytest.importorskip("onnx")
-
-
-def _wait(predicate, timeout: float, what: str):
-    """Until predicate() is truthy; the timeout is a safety net, the runtime reacts to
-    inotify events in current/."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _loads(srv, model: str) -> list[str]:
@@ -117,11 +105,11 @@ def test_each_voice_swaps_and_fails_on_its_own(small_bundle, tmp_path, tmp_path_
             t = threading.Thread(target=hammer)
             t.start()
             try:
-                _wait(lambda: len(results) >= 1, 60, "a first joe request before the swap")
+                wait_until(lambda: len(results) >= 1, 60, what="a first joe request before the swap")
                 publish_to_cache(cache, "small", "1.1.0", small_bundle)
-                _wait(lambda: versions(c)["small"] == ("1.1.0", None), 60, "small swapped to 1.1.0")
+                wait_until(lambda: versions(c)["small"] == ("1.1.0", None), 60, what="small swapped to 1.1.0")
                 after = len(results)
-                _wait(lambda: len(results) >= min(after + 2, 100), 60, "joe requests after the swap")
+                wait_until(lambda: len(results) >= min(after + 2, 100), 60, what="joe requests after the swap")
             finally:
                 stop.set()
                 t.join(timeout=60)
@@ -135,11 +123,11 @@ def test_each_voice_swaps_and_fails_on_its_own(small_bundle, tmp_path, tmp_path_
             shutil.copytree(joe, broken)
             (broken / "model.safetensors").write_bytes(b"not a safetensors file" * 100)
             publish_to_cache(cache, "joe", "2.0.0", broken)
-            _wait(lambda: versions(c)["joe"][1], 60, "joe's failed load")
+            wait_until(lambda: versions(c)["joe"][1], 60, what="joe's failed load")
             version, error = versions(c)["joe"]
             assert version == "1.0.0" and "2.0.0" in error
             publish_to_cache(cache, "small", "1.2.0", small_bundle)
-            _wait(lambda: versions(c)["small"] == ("1.2.0", None), 60, "small swapped to 1.2.0")
+            wait_until(lambda: versions(c)["small"] == ("1.2.0", None), 60, what="small swapped to 1.2.0")
             assert versions(c)["joe"][0] == "1.0.0"
             assert c.get("/readyz").status_code == 200
             speak(c, "joe"), speak(c, "small")
