@@ -62,7 +62,7 @@ def plan_utterances(
     noise_w: float | None = None,
     speed: float | None = None,
     speaker: int | str | None = None,
-) -> tuple[list[Any], list[bool]]:
+) -> tuple[list[Any], list[float]]:
     """One SynthesisRequest per utterance (a sentence, or a piece of one cut for length),
     seeded like Engine.synthesize_text (seed + k), and for each the seconds of silence that
     follow it (join_sentences): the sentence pause, scaled like the speech by 1/speed, or 0

@@ -138,7 +138,6 @@ class Scheduler:
         self._express_thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()
         self.batch_started: float | None = None
-        self.express_started: float | None = None
         self._express_spent = 0.0  # overtaking time during the batch in progress
         self.overtakes = 0  # express batches run (status)
         self.batches_served = 0
@@ -318,9 +317,7 @@ class Scheduler:
         self.largest_batch_ids = max(self.largest_batch_ids, longest * len(batch))
         now = time.monotonic()
         with self._cond:
-            if express:
-                self.express_started = now
-            else:
+            if not express:
                 self.batch_started, self._express_spent = now, 0.0
                 self._cond.notify_all()  # a short request already queued may overtake now
         for job in batch:
@@ -355,9 +352,7 @@ class Scheduler:
                 if not job.future.done():
                     job.future.set_exception(exc)
         finally:
-            if express:
-                self.express_started = None
-            else:
+            if not express:
                 self.batch_started = None
             self.heartbeat = time.monotonic()
             with self._cond:
@@ -400,14 +395,13 @@ class Scheduler:
                 now = time.monotonic()
                 wait = IDLE_TICK_S
                 started = self.batch_started
-                short = [j for j in self._pending if self._can_overtake(j)] if not self.held() else []
-                if short and started is not None:
-                    if self.express_allowed(now):
-                        self._drop_dead(now)
-                        short = [j for j in self._pending if self._can_overtake(j)]
-                        if short:
+                if started is not None and not self.held():
+                    self._drop_dead(now)
+                    short = [j for j in self._pending if self._can_overtake(j)]
+                    if short:
+                        if self.express_allowed(now):
                             break
-                    else:  # the long batch's share first: until it has run as long as overtaking has
+                        # the long batch's share first: until it has run as long as overtaking has
                         wait = min(wait, max(0.001, 2 * self._express_spent - (now - started)))
                 self._cond.wait(wait)
             anchor = self._anchor(short)
