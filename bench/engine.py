@@ -276,7 +276,8 @@ def measure_shape(shape: str, base: Path, threads: int, repeats: int) -> list[di
     from piper.config import SynthesisConfig
     from piper.voice import PiperVoice
 
-    from runtime.engine import Engine, SynthesisRequest, _release_freed_heap
+    from runtime import heap
+    from runtime.engine import Engine, SynthesisRequest
     from runtime.vits.piper_import import import_piper
     from tests import voice_factory
 
@@ -288,12 +289,12 @@ def measure_shape(shape: str, base: Path, threads: int, repeats: int) -> list[di
     # a first load pays this process's one-time costs (lazy imports, espeak start): not the voice's
     Engine.load(bundle, device="cpu", threads=threads).close()
     gc.collect()
-    _release_freed_heap()
+    heap.release_after_batch(force=True)
     rss0, t0 = _rss_bytes(), time.perf_counter()
     engine = Engine.load(bundle, device="cpu", threads=threads)
     engine.synthesize_text("Hello.", speaker=speaker)
     load_s = time.perf_counter() - t0
-    _release_freed_heap()
+    heap.release_after_batch(force=True)
     rss_ours = _rss_bytes() - rss0
 
     rss1 = _rss_bytes()

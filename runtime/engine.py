@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -33,6 +31,7 @@ import numpy as np
 import structlog
 import torch
 
+from runtime import heap
 from runtime.frontend import TextFrontend
 from runtime.vits import VitsConfig, VitsModel
 from runtime.vits.lanes import SERIAL, Lanes
@@ -84,25 +83,6 @@ class _Resolved:
 
 class UnknownSpeakerError(ValueError):
     """A speaker name or id the voice does not have (the API answers 404 with the valid ones)."""
-
-
-def _load_malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def _release_freed_heap() -> None:
-    """Hand freed heap pages back to the OS after a batch. Every new batch shape leaves
-    differently sized holes in glibc's heap; without this a resident server's RSS kept
-    climbing with varied traffic (measured 330 -> 644 MiB over 40 random batches,
-    bounded near 520 MiB with the trim, at no measurable cost in speed)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -193,6 +173,7 @@ class Engine:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         t0 = time.perf_counter()
+        heap.keep_freed_memory()
         voice = _read_voice(bundle_dir)
         dev = _resolve_device(device, cpu_fallback)
         try:
@@ -356,7 +337,7 @@ class Engine:
             try:
                 return self._run(model, resolved, self._device, lanes)
             finally:
-                _release_freed_heap()
+                heap.release_after_batch()
 
     def synthesize_progressive(self, request: SynthesisRequest, on_first_piece: Callable[[np.ndarray], None],
                                express: bool = False) -> np.ndarray:
@@ -389,7 +370,7 @@ class Engine:
                 if not delivered:
                     on_first_piece(wave)
             finally:
-                _release_freed_heap()
+                heap.release_after_batch()
             return wave
 
     @property

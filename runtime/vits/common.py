@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import scripted
+
 
 def sequence_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
     """[B] lengths -> [B, 1, T] float mask (1 inside a sequence, 0 in padding)."""
@@ -57,10 +59,6 @@ class ChannelsLastConv:
         return F.conv2d(x, self.weight, self.bias, padding=(0, self.padding), dilation=(1, self.dilation),
                         groups=self.groups)
 
-    def on_padded(self, x: torch.Tensor) -> torch.Tensor:
-        """The conv on an input that already carries its `padding` zero frames either side."""
-        return F.conv2d(x, self.weight, self.bias, dilation=(1, self.dilation), groups=self.groups)
-
 
 class TimeMajorConv:
     """A Conv1d for time-major activations [B, T, C] or [T, C].
@@ -93,37 +91,12 @@ class TimeMajorConv:
         return cls(conv.weight.detach() * scale, None if conv.bias is None else conv.bias.detach(),
                    conv.padding[0], conv.dilation[0], conv.groups)
 
-    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            return torch.mm(x2, self.weight_t)
-        return torch.addmm(self.bias, x2, self.weight_t)
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead, (t, cin) = x.shape[:-2], x.shape[-2:]
-        if self.k == 1 and not self.grouped:
-            return self._matmul(x.reshape(-1, cin)).view(*lead, t, self.cout)
-        xb = x.reshape(-1, t, cin)
-        if not self.grouped and t <= self.IM2COL_ROWS:
-            p, d = self.padding, self.dilation
-            xp = F.pad(xb, (0, 0, p, p))  # zero frames either side, as the conv's own padding
-            cols = xp.as_strided((xp.shape[0], t, self.k, cin), (xp.shape[1] * cin, cin, d * cin, 1))
-            return self._matmul(cols.reshape(-1, self.k * cin)).view(*lead, t, self.cout)
-        y = self.conv(xb.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)  # channels-last out: a view
-        return y.reshape(*lead, t, self.cout)
+        return scripted.time_major_conv(x, self.weight_t, self.bias, self.k, self.padding, self.dilation,
+                                        None if self.conv is None else self.conv.weight,
+                                        1 if self.conv is None else self.conv.groups, self.IM2COL_ROWS)
 
 
 def gaps_between(segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(start, frames) of requests packed end to end -> the frame ranges between them."""
     return [(s0 + n0, s1) for (s0, n0), (s1, _) in zip(segments, segments[1:])]
-
-
-def zero_frames(x: torch.Tensor, gaps: list[tuple[int, int]], scale: int = 1, offset: int = 0) -> torch.Tensor:
-    """Zero, in place, the gap frames of a time-major [..., T, C] tensor (or chunk) whose first row
-    is frame `offset` at `scale` rows per latent frame. Returns x."""
-    if gaps:
-        n = x.shape[-2]
-        for a, b in gaps:
-            lo, hi = max(a * scale - offset, 0), min(b * scale - offset, n)
-            if lo < hi:
-                x[..., lo:hi, :].zero_()
-    return x

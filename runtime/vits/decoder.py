@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import ChannelsLastConv, gaps_between, same_padding, zero_frames
+from . import scripted
+from .common import ChannelsLastConv, gaps_between, same_padding
 from .config import VitsConfig
 from .lanes import SERIAL, Lanes, pieces
 
@@ -103,25 +104,16 @@ class ResBlock1(ResBlock2):
         return list(zip(self.convs1, self.convs2))
 
 
-class _Upsample:
-    """Polyphase transposed conv: one conv per phase group, concatenated phase-major."""
-
-    def __init__(self, groups: list[tuple[torch.Tensor, torch.Tensor, int]], scale: float):
-        self.lo = min(d0 for _, _, d0 in groups)
-        self.hi = max(d0 + w.shape[2] - 1 for w, _, d0 in groups)
-        pad = max(-self.lo, self.hi, 0)
-        self.pad = pad
-        self.convs = [(ChannelsLastConv(w * scale, b, pad), d0) for w, b, d0 in groups]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[3]
-        outs = []
-        for conv, d0 in self.convs:
-            # with symmetric padding `pad`, output j reads frames j-pad .. : shift to start at q+d0
-            y = conv(x)
-            start = d0 + self.pad
-            outs.append(y[:, :, :, start:start + t])
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+def _upsample_args(groups: list[tuple[torch.Tensor, torch.Tensor, int]], scale: float) -> tuple:
+    """A polyphase upsampler as scripted.decoder_stage takes it: one channels-last conv per phase
+    group (weights, biases), all with one symmetric padding wide enough for every group, and
+    where each group's output frames start (output j reads input frames j - pad ..., so phase
+    frame q, which reads q + d0 ..., is output q + d0 + pad)."""
+    lo = min(d0 for _, _, d0 in groups)
+    hi = max(d0 + w.shape[2] - 1 for w, _, d0 in groups)
+    pad = max(-lo, hi, 0)
+    convs = [ChannelsLastConv(w * scale, b, pad) for w, b, _ in groups]
+    return [c.weight for c in convs], [c.bias for c in convs], [d0 + pad for _, _, d0 in groups], pad
 
 
 class Generator(nn.Module):
@@ -155,7 +147,6 @@ class Generator(nn.Module):
         inv = 1.0 / self.num_kernels
         if self.conv_pre.weight.device.type != "cpu":
             self.chunk_elements = 0
-        ups = [_Upsample(up.polyphase(), inv if i > 0 else 1.0) for i, up in enumerate(self.ups)]
         halos = []
         for i, up in enumerate(self.ups):
             s = self.rates[i]
@@ -165,13 +156,22 @@ class Generator(nn.Module):
                 reach += self.conv_post.padding[0]
             # upsampler reads +-ceil(K/S) input frames; resblocks/output conv reach `reach` samples
             halos.append(math.ceil(up.kernel_size / up.stride) + math.ceil(reach / s) + 1)
-        self._plan = {
-            "halo": halos,
-            "pre": ChannelsLastConv.of(self.conv_pre),
-            "ups": ups,
-            "res": [[[ChannelsLastConv.of(c) for c in step] for step in blk.steps()] for blk in self.resblocks],
-            "post": ChannelsLastConv.of(self.conv_post, inv),
-        }
+        res = [[[ChannelsLastConv.of(c) for c in step] for step in blk.steps()] for blk in self.resblocks]
+        post = ChannelsLastConv.of(self.conv_post, inv)
+        stages = []  # per stage: scripted.decoder_stage's arguments but the input, gaps and offsets
+        channels = []
+        for i, up in enumerate(self.ups):
+            blocks = res[i * self.num_kernels:(i + 1) * self.num_kernels]
+            flat = [conv for steps in blocks for step in steps for conv in step]
+            last = i == len(self.ups) - 1
+            stages.append((
+                *_upsample_args(up.polyphase(), inv if i > 0 else 1.0), self.rates[i],
+                [c.weight for c in flat], [c.bias for c in flat], [c.padding for c in flat],
+                [c.dilation for c in flat], [len(steps) for steps in blocks], len(blocks[0][0]),
+                post.weight if last else None, post.padding,
+            ))
+            channels.append(flat[0].weight.shape[0])
+        self._plan = {"halo": halos, "pre": ChannelsLastConv.of(self.conv_pre), "stages": stages, "channels": channels}
 
     def unfuse(self) -> None:
         self._plan = None
@@ -280,12 +280,12 @@ class Generator(nn.Module):
             tm = h.permute(0, 2, 3, 1)[:, 0]  # channels-last memory is time-major [B, T, C]
             for start, n, vec in cond:
                 tm[:, start:start + n] += vec
-        _clear(h, gaps, 1, 0)
+        scripted.clear_channels_last(h, gaps, 1, 0)
         scale = 1
-        for i in range(len(plan["ups"])):
+        for i in range(len(plan["stages"])):
             s = self.rates[i]
             t_in = h.shape[3]
-            c_out = plan["res"][i * self.num_kernels][0][0].weight.shape[0]
+            c_out = plan["channels"][i]
             halo = plan["halo"][i]
             cache_chunks = math.ceil(t_in / max(1, self.chunk_elements // (c_out * s))) if self.chunk_elements else 1
             n_chunks = lanes.count(t_in, 2 * halo, at_least=cache_chunks)
@@ -303,46 +303,7 @@ class Generator(nn.Module):
         return h[:, :, 0, :]
 
     def _stage(self, i: int, h: torch.Tensor, gaps: list[tuple[int, int]], scale: int, offset: int) -> torch.Tensor:
-        """Stage i on input frames starting at `offset` (input resolution `scale` samples/frame)."""
-        plan = self._plan
-        s = self.rates[i]
-        y = plan["ups"][i](F.leaky_relu(h, _LRELU_SLOPE)).contiguous(memory_format=torch.channels_last)
-        bsz, _, _, t = y.shape
-        scale_out, off_out = scale * s, offset * s
-        # channels-last memory is [B, T, S*Cout] with phase-major channels == [B, T*S, Cout]
-        h = _clear(y.permute(0, 2, 3, 1).reshape(bsz, 1, t * s, -1).permute(0, 3, 1, 2), gaps, scale_out, off_out)
-        acc = None
-        for steps in plan["res"][i * self.num_kernels:(i + 1) * self.num_kernels]:
-            r = h
-            for step in steps:
-                y = r
-                for conv in step:
-                    y = _clear(conv.on_padded(_leaky_relu_padded(y, conv.padding)), gaps, scale_out, off_out)
-                # (oneDNN's fused conv+add post-op measured ~10% slower than conv then add_)
-                r = y.add_(r)
-            acc = r if acc is None else acc.add_(r)
-        h = acc  # the 1/num_kernels is folded into the next conv's weights
-        if i == len(plan["ups"]) - 1:
-            h = torch.tanh(plan["post"](F.leaky_relu(h)))
-        return h
-
-
-def _leaky_relu_padded(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """leaky_relu of a channels-last [B, C, 1, T] tensor, written between `pad` zero frames on
-    either side -> channels-last [B, C, 1, T + 2*pad], ready for a conv with no padding of its own.
-    oneDNN runs the same conv up to 1.5x faster on an input padded beforehand than with a padding
-    of ~8 or more frames of its own (32 channels: 60 vs 88 GFLOPS measured), and writing the
-    activation into the padded buffer takes the pass that leaky_relu needs anyway."""
-    b, c, _, t = x.shape
-    buf = x.new_empty((b, 1, t + 2 * pad, c))  # time-major memory == channels-last [B, C, 1, T+2p]
-    buf[:, :, :pad].zero_()
-    buf[:, :, t + pad:].zero_()
-    torch._C._nn.leaky_relu(x.permute(0, 2, 3, 1), _LRELU_SLOPE, out=buf[:, :, pad:pad + t])
-    return buf.permute(0, 3, 1, 2)
-
-
-def _clear(t: torch.Tensor, gaps: list[tuple[int, int]], scale: int, offset: int) -> torch.Tensor:
-    """Zero the gap frames (latent-frame ranges) of a channels-last chunk starting at `offset`."""
-    if gaps:
-        zero_frames(t.permute(0, 2, 3, 1)[:, 0], gaps, scale, offset)  # channels-last memory is time-major
-    return t
+        """Stage i on input frames starting at `offset` (input resolution `scale` samples/frame):
+        upsample, resblocks (+ the output conv for the last stage), gap frames re-zeroed after
+        every conv. Its body is scripted (scripted.decoder_stage) so lanes run it without the GIL."""
+        return scripted.run("decoder_stage", h, *self._plan["stages"][i], gaps, scale, offset)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from .common import TimeMajorConv, same_padding, zero_frames
+from . import scripted
+from .common import TimeMajorConv, same_padding
 from .config import VitsConfig
 from .lanes import SERIAL, Lanes, pieces
 
@@ -71,50 +74,46 @@ class MeanOnlyCoupling(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> None:
-        """Prepare the time-major fast path (call again after changing weights)."""
-        self._fast = {
-            "pre": TimeMajorConv.of(self.pre),
-            "layers": [(TimeMajorConv.of(i), TimeMajorConv.of(r))
-                       for i, r in zip(self.enc.in_layers, self.enc.res_skip_layers)],
-            "post": TimeMajorConv.of(self.post),
-        }
+        """Prepare the time-major fast path (call again after changing weights): the convs as
+        TimeMajorConv, handed to the scripted body (scripted.coupling_reverse) as plain lists."""
+        pre, post = TimeMajorConv.of(self.pre), TimeMajorConv.of(self.post)
+        layers = [(TimeMajorConv.of(i), TimeMajorConv.of(r)) for i, r in zip(self.enc.in_layers, self.enc.res_skip_layers)]
+        self._fast = (
+            self.half, self.enc.channels, pre.weight_t, pre.bias,
+            [i.weight_t for i, _ in layers], [i.bias for i, _ in layers], [i.k for i, _ in layers],
+            [i.padding for i, _ in layers], [i.dilation for i, _ in layers],
+            [i.weight_t if i.conv is None else i.conv.weight for i, _ in layers],  # (1x1: unused)
+            [r.weight_t for _, r in layers], [r.bias for _, r in layers], post.weight_t, post.bias,
+        )
 
-    def speaker_frames(self, speaker: list[tuple[int, int, torch.Tensor]], lo: int, hi: int) -> torch.Tensor:
-        """Per-frame gate conditioning [hi - lo, 2C*layers] for packed frames lo..hi from
-        (start, frames, [gin] embedding) segments; gap frames get zeros (they are re-zeroed)."""
+    def speaker_gates(self, speaker: list[tuple[int, int, torch.Tensor]]) -> list[tuple[int, int, torch.Tensor]]:
+        """(start, frames, [gin] embedding) per packed request -> (start, frames, [2C*layers]
+        gate conditioning): projected once per synthesis, not once per time chunk (the
+        projection reads all of cond_layer's weights: 3 MiB for a medium voice)."""
         w, b = self.enc.cond_layer.weight[:, :, 0], self.enc.cond_layer.bias
-        for start, n, g in speaker:
+        return [(start, n, w @ g + b) for start, n, g in speaker]
+
+    @staticmethod
+    def gate_frames(gates: list[tuple[int, int, torch.Tensor]], lo: int, hi: int) -> torch.Tensor:
+        """Per-frame gate conditioning [hi - lo, 2C*layers] for packed frames lo..hi from
+        `speaker_gates`; gap frames get zeros (they are re-zeroed)."""
+        for start, n, vec in gates:
             if start <= lo and hi <= start + n:  # one request covers the chunk (no gaps): one row, broadcast
-                return (w @ g + b).unsqueeze(0)
-        out = w.new_zeros(hi - lo, w.shape[0])
-        for start, n, g in speaker:
+                return vec.unsqueeze(0)
+        out = gates[0][2].new_zeros(hi - lo, gates[0][2].shape[0])
+        for start, n, vec in gates:
             a, z = max(start, lo), min(start + n, hi)
             if a < z:
-                out[a - lo:z - lo] = w @ g + b
+                out[a - lo:z - lo] = vec
         return out
 
     def reverse_packed(self, x: torch.Tensor, gaps: list[tuple[int, int]], offset: int = 0,
-                       speaker: list[tuple[int, int, torch.Tensor]] | None = None) -> torch.Tensor:
+                       gates: list[tuple[int, int, torch.Tensor]] | None = None) -> torch.Tensor:
         """Time-major x [T, C] whose gap frames (shifted by `offset`) are zero and are kept
-        zero after every conv, as the mask does in `reverse`. `speaker`: (start, frames, [gin])
-        per packed request (multi-speaker voices)."""
-        fast, c = self._fast, self.enc.channels
-        x0 = x[:, :self.half]
-        h = zero_frames(fast["pre"](x0), gaps, 1, offset)
-        skip = None
-        last = len(fast["layers"]) - 1
-        cond = None if speaker is None else self.speaker_frames(speaker, offset, offset + x.shape[0])
-        for i, (inp, rs) in enumerate(fast["layers"]):
-            a = inp(h)
-            if cond is not None:
-                a = a + cond[:, 2 * c * i:2 * c * (i + 1)]
-            r = rs(torch.tanh(a[:, :c]) * torch.sigmoid(a[:, c:]))
-            if i < last:
-                h = zero_frames(h + r[:, :c], gaps, 1, offset)
-                r = r[:, c:]
-            skip = r if skip is None else skip + r
-        m = fast["post"](zero_frames(skip, gaps, 1, offset))
-        return torch.cat([x0, zero_frames(x[:, self.half:] - m, gaps, 1, offset)], 1)
+        zero after every conv, as the mask does in `reverse`. `gates`: `speaker_gates` of the
+        packed requests (multi-speaker voices)."""
+        cond = None if gates is None else self.gate_frames(gates, offset, offset + x.shape[0])
+        return scripted.run("coupling_reverse", x, *self._fast, cond, gaps, offset, TimeMajorConv.IM2COL_ROWS)
 
 
 class CouplingFlow(nn.Module):
@@ -155,23 +154,29 @@ class CouplingFlow(nn.Module):
         neighbours either side (cropped afterwards), so the result is that of one pass."""
         for layer in reversed(self.flows):
             if isinstance(layer, MeanOnlyCoupling):
-                z = _chunked(layer, z, gaps, lanes, speaker)
+                z = _chunked(layer, z, gaps, lanes, None if speaker is None else layer.speaker_gates(speaker))
             else:
                 z = torch.flip(z, [1])
         return z
 
 
+# Frames x hidden^2 per chunk below which a chunk on another lane costs more in hand-offs
+# between cores than it saves (measured on 2 cores: x_low's 96 channels gain from ~100-frame
+# chunks, medium's 192 from ~30).
+_PIECE_MIN_WORK = 1_000_000
+
+
 def _chunked(layer: MeanOnlyCoupling, z: torch.Tensor, gaps: list[tuple[int, int]], lanes: Lanes,
-             speaker=None) -> torch.Tensor:
+             gates=None) -> torch.Tensor:
     t = z.shape[0]
     halo = layer.reach()
-    n = lanes.count(t, 2 * halo)
+    n = lanes.count(t, max(2 * halo, math.ceil(_PIECE_MIN_WORK / layer.enc.channels**2)))
     if n == 1:
-        return layer.reverse_packed(z, gaps, 0, speaker)
+        return layer.reverse_packed(z, gaps, 0, gates)
 
     def chunk(bounds: tuple[int, int]) -> torch.Tensor:
         a, b = bounds
         lo, hi = max(0, a - halo), min(t, b + halo)
-        return layer.reverse_packed(z[lo:hi], gaps, lo, speaker)[a - lo:b - lo]
+        return layer.reverse_packed(z[lo:hi], gaps, lo, gates)[a - lo:b - lo]
 
     return torch.cat(lanes.map(chunk, pieces(t, n)), dim=0)

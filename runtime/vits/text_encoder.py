@@ -8,13 +8,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import scripted
 from .common import ChannelLayerNorm, TimeMajorConv, sequence_mask
 from .config import VitsConfig
 from .lanes import SERIAL, Lanes
 
-# Logit used for masked key positions. exp(-1e4 - max) underflows to exactly 0 in float32,
-# so padded keys contribute nothing and a padded batch matches the unpadded request.
-_MASKED_LOGIT = -1e4
+# Work per layer (ids x hidden x filter channels, the feed-forward's multiply-adds per tap) below
+# which splitting a layer across lanes costs more in hand-offs between cores than it saves:
+# measured on 2 cores, x_low (96/384) gains from ~200 ids, medium (192/768) from ~60.
+_SPLIT_MIN_WORK = 8_000_000
 
 
 class RelativeSelfAttention(nn.Module):
@@ -66,15 +68,7 @@ class RelativeSelfAttention(nn.Module):
         """q (already scaled by 1/sqrt(d)), k, v: [B, H, T, D] for any subset of the heads (the
         relative embeddings are shared by all heads); band: `_band(T)`; key_pad: True where a
         key is padding, or None. Returns [B, H, T, D]."""
-        b, h, t, _ = q.shape
-        rel_idx, in_band, abs_idx, in_seq = band
-        rel_logits = q @ self.emb_rel_k[0].transpose(0, 1)  # [B,H,T,2W+1]
-        scores = q @ k.transpose(2, 3) + torch.gather(rel_logits, 3, rel_idx.expand(b, h, t, t)) * in_band
-        if key_pad is not None:
-            scores = scores.masked_fill(key_pad, _MASKED_LOGIT)
-        p = torch.softmax(scores, dim=-1)
-        p_rel = torch.gather(p, 3, abs_idx.expand(b, h, t, abs_idx.shape[1])) * in_seq
-        return p @ v + p_rel @ self.emb_rel_v[0]
+        return scripted.attend(q, k, v, self.emb_rel_k[0], self.emb_rel_v[0], *band, key_pad)
 
 
 class FeedForward(nn.Module):
@@ -157,7 +151,9 @@ class TextEncoder(nn.Module):
 
     def _forward_fast(self, x: torch.Tensor, x_mask: torch.Tensor, padded: bool, lanes: Lanes) -> torch.Tensor:
         b, t, c = x.shape
-        n_parts = max(p for p in self._fast["parts"] if p <= lanes.n)
+        # split a layer across lanes only when it is worth the hand-offs (see _SPLIT_MIN_WORK)
+        usable = lanes.n if t * c * self.encoder.ffn_layers[0].conv_1.out_channels >= _SPLIT_MIN_WORK else 1
+        n_parts = max(p for p in self._fast["parts"] if p <= usable)
         mask = x_mask.transpose(1, 2) if padded else None  # [B, T, 1]
         band = self.encoder.attn_layers[0]._band(t, x.device)
         key_pad = (x_mask.unsqueeze(2) * x_mask.unsqueeze(-1)) == 0 if padded else None  # [B,1,T,T]
@@ -182,7 +178,8 @@ def _sum(x: torch.Tensor | None, parts: list[torch.Tensor], bias: torch.Tensor) 
 
 class _AttentionPart:
     """Heads [h0, h0 + h) of a RelativeSelfAttention, time-major, with their share of the
-    output projection (no bias: the caller adds it once)."""
+    output projection (no bias: the caller adds it once). The body is scripted
+    (scripted.attention_part) so lanes run parts side by side without the GIL."""
 
     def __init__(self, attn: RelativeSelfAttention, h0: int, h: int):
         d = attn.head_dim
@@ -190,15 +187,11 @@ class _AttentionPart:
         scale = 1.0 / math.sqrt(d)
         w = torch.cat([attn.conv_q.weight[rows] * scale, attn.conv_k.weight[rows], attn.conv_v.weight[rows]])
         b = torch.cat([attn.conv_q.bias[rows] * scale, attn.conv_k.bias[rows], attn.conv_v.bias[rows]])
-        self.qkv = TimeMajorConv(w, b)
-        self.out = TimeMajorConv(attn.conv_o.weight[:, rows], None)
-        self.attn, self.h, self.d = attn, h, d
+        qkv, out = TimeMajorConv(w, b), TimeMajorConv(attn.conv_o.weight[:, rows], None)
+        self.args = (qkv.weight_t, qkv.bias, out.weight_t, h, d, attn.emb_rel_k[0], attn.emb_rel_v[0])
 
     def __call__(self, x: torch.Tensor, band, key_pad: torch.Tensor | None) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)  # [B,H,T,D] each
-        out = self.attn.attend(q, k, v, band, key_pad)
-        return self.out(out.transpose(1, 2).reshape(b, t, self.h * self.d))
+        return scripted.run("attention_part", x, *self.args, *band, key_pad)
 
 
 def _attention_parts(attn: RelativeSelfAttention, n: int) -> list[_AttentionPart]:
@@ -208,16 +201,18 @@ def _attention_parts(attn: RelativeSelfAttention, n: int) -> list[_AttentionPart
 
 class _FeedForwardPart:
     """Filter channels [f0, f1) of a FeedForward: its rows of conv_1, its input columns of
-    conv_2 (no bias: the caller adds it once)."""
+    conv_2 (no bias: the caller adds it once). Scripted body: scripted.feed_forward_part."""
 
     def __init__(self, ffn: FeedForward, f0: int, f1: int):
         c1, c2 = ffn.conv_1, ffn.conv_2
-        self.conv_1 = TimeMajorConv(c1.weight[f0:f1], c1.bias[f0:f1], c1.padding[0])
-        self.conv_2 = TimeMajorConv(c2.weight[:, f0:f1], None, c2.padding[0])
+        conv_1 = TimeMajorConv(c1.weight[f0:f1], c1.bias[f0:f1], c1.padding[0])
+        conv_2 = TimeMajorConv(c2.weight[:, f0:f1], None, c2.padding[0])
+        self.first = (conv_1.weight_t, conv_1.bias, conv_1.k, conv_1.padding,
+                      None if conv_1.conv is None else conv_1.conv.weight)
+        self.second = (conv_2.weight_t, conv_2.k, conv_2.padding, None if conv_2.conv is None else conv_2.conv.weight)
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        y = torch.relu(self.conv_1(x))
-        return self.conv_2(y * mask if mask is not None else y)
+        return scripted.run("feed_forward_part", x, *self.first, *self.second, mask, TimeMajorConv.IM2COL_ROWS)
 
 
 def _ffn_parts(ffn: FeedForward, n: int) -> list[_FeedForwardPart]:
