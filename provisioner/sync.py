@@ -151,6 +151,11 @@ class Syncer:
                  reuse=len(plan.reuse), fetch=len(plan.fetch), fetch_bytes=plan.fetch_bytes,
                  previous=current.version if current else None)
         self.check_disk_space(plan)
+        if self.p2p is not None and self.p2p.cfg.seed:
+            # A blob kept from an earlier version may have come over HTTP: fetch this version's
+            # torrent for it (a few KiB), so the Seeder offers it to peers like a fetched one.
+            for entry in plan.reuse:
+                self.p2p.torrent(entry)
         self.reporter.begin(model.name, version, manifest.total_size, len(manifest.files))
         reused_bytes = sum(f.size for f in plan.reuse)
 

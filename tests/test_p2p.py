@@ -224,3 +224,36 @@ def test_a_taken_listen_port_is_a_clear_error_at_start(tmp_path) -> None:
                              text=True, timeout=120)
     assert out.returncode == 1, (out.returncode, out.stderr[-2000:])
     assert f"[p2p] listen_port {port} is in use by another process" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_blob_kept_from_an_earlier_version_is_seeded_under_the_new_one(tmp_path, s3_server, bucket) -> None:
+    keys = make_keys(tmp_path)
+    files = publish_model(tmp_path, s3_server, bucket, keys)
+    big, small = files["model.bin"], files["config.json"]
+    client = s3_server.client()
+    # Version 1.0's big file comes over HTTP only (its torrent is unusable), so no torrent is kept for it.
+    good = client.get_object(Bucket=bucket, Key=layout.torrent_key(big.sha256))["Body"].read()
+    bad = client.get_object(Bucket=bucket, Key=layout.torrent_key(small.sha256))["Body"].read()
+    client.put_object(Bucket=bucket, Key=layout.torrent_key(big.sha256), Body=bad)
+    with run_tracker() as tracker, counting_proxy(s3_server) as proxy:
+        config = node_config(tmp_path / "solo", s3_server, bucket, keys, proxy.port, tracker.url, "solo", 0.5,
+                             fleet=["solo"])
+        tracker.allow(sorted(f.btih for f in files.values()))
+        first, _ = run_until(config, lambda s: (s.get("p2p") or {}).get("seeding") == 1)
+        assert first["p2p"]["seeding"] == 1
+        # 2.0 keeps model.bin and changes config.json; the mirror's torrent is right again.
+        client.put_object(Bucket=bucket, Key=layout.torrent_key(big.sha256), Body=good)
+        (tmp_path / "model-joe/config.json").write_text('{"sample_rate": 16000}\n')
+        mirror = Mirror.connect(s3_server.endpoint, bucket, s3_server.credentials)
+        publish_dir(tmp_path / "model-joe", name="joe", version="2.0", mirror=mirror, signing_key=keys.private,
+                    channel="stable")
+        v2 = {f.path: f for f in mirror.manifest("joe", "2.0")[0].files}
+        assert v2["model.bin"].sha256 == big.sha256
+        tracker.allow(sorted({f.btih for f in [*files.values(), *v2.values()]}))
+        fetched = proxy.bytes_down
+        second, err = run_until(config, lambda s: (s.get("p2p") or {}).get("seeding") == 3)
+    # model.bin was not fetched again (only its torrent and the new config), and is seeded now:
+    # both configs and model.bin
+    assert proxy.bytes_down - fetched < big.size // 4, err[-2000:]
+    assert second["p2p"]["seeding"] == 3
+    assert (tmp_path / "solo/cache/torrents" / f"{big.sha256}.torrent").is_file()
