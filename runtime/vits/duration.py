@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import scripted
 from .common import ChannelLayerNorm, TimeMajorConv, same_padding
 from .config import VitsConfig
 
@@ -58,27 +59,24 @@ class _TimeMajorDDS:
     one matmul. `mask` [B, T, 1] is None when nothing is padded."""
 
     def __init__(self, dds: DilatedDepthSeparableConv):
-        self.layers = []
+        taps, bias, dilation, norm1, pointwise, pointwise_bias, norm2, eps = [], [], [], [], [], [], [], set()
         for sep, n1, pw, n2 in zip(dds.convs_sep, dds.norms_1, dds.convs_1x1, dds.norms_2):
             if sep.kernel_size[0] != 3:
                 raise ValueError(f"time-major DDS conv supports 3 taps, not {sep.kernel_size[0]}")
-            w = sep.weight[:, 0, :].t().contiguous()  # [3, C]: tap-major per-channel weights
-            self.layers.append((w, sep.bias, sep.dilation[0], n1, TimeMajorConv.of(pw), n2))
+            taps.append(sep.weight[:, 0, :].t().contiguous())  # [3, C]: tap-major per-channel weights
+            bias.append(sep.bias)
+            dilation.append(sep.dilation[0])
+            norm1.append([n1.gamma, n1.beta])
+            pointwise.append(pw.weight[:, :, 0].t().contiguous())  # [Cin, Cout]: one NN matmul
+            pointwise_bias.append(pw.bias)
+            norm2.append([n2.gamma, n2.beta])
+            eps |= {n1.eps, n2.eps}
+        if len(eps) != 1:
+            raise ValueError(f"DDS LayerNorms with different eps: {sorted(eps)}")
+        self.args = (taps, bias, dilation, norm1, pointwise, pointwise_bias, norm2, eps.pop())
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor | None = None) -> torch.Tensor:
-        if g is not None:
-            x = x + g
-        c = x.shape[-1]
-        for w, bias, d, n1, pw, n2 in self.layers:
-            xm = x if mask is None else x * mask
-            y = torch.addcmul(bias, xm, w[1])  # centre tap; outer taps read frames t -+ d (zero outside)
-            if d < xm.shape[-2]:
-                y[..., d:, :].addcmul_(xm[..., :-d, :], w[0])
-                y[..., :-d, :].addcmul_(xm[..., d:, :], w[2])
-            y = F.gelu(F.layer_norm(y, (c,), n1.gamma, n1.beta, n1.eps))
-            y = F.gelu(F.layer_norm(pw(y), (c,), n2.gamma, n2.beta, n2.eps))
-            x = x + y
-        return x if mask is None else x * mask
+        return scripted.run("dilated_depth_separable", x, *self.args, mask, g)
 
 
 def rational_quadratic_inverse(
@@ -94,48 +92,10 @@ def rational_quadratic_inverse(
     Computed densely for every element on a clamped input, then selected with `where`, so the
     batch never changes which elements take which code path.
     """
-    num_bins = unnorm_widths.shape[-1]
-    left, right = -tail_bound, tail_bound
     # Boundary derivatives are pinned so that min_derivative + softplus(c) == 1 (matches the tails).
     edge = math.log(math.expm1(1.0 - _MIN_DERIVATIVE))
-    derivs = _MIN_DERIVATIVE + F.softplus(F.pad(unnorm_derivs, (1, 1), value=edge))
-
-    def knots(unnorm: torch.Tensor, min_size: float) -> tuple[torch.Tensor, torch.Tensor]:
-        sizes = min_size + (1 - min_size * num_bins) * torch.softmax(unnorm, dim=-1)
-        cum = F.pad(torch.cumsum(sizes, dim=-1), (1, 0), value=0.0)
-        cum = (right - left) * cum + left
-        cum = torch.cat([torch.full_like(cum[..., :1], left), cum[..., 1:-1], torch.full_like(cum[..., :1], right)], -1)
-        return cum, cum[..., 1:] - cum[..., :-1]
-
-    cumw, widths = knots(unnorm_widths, _MIN_BIN_WIDTH)
-    cumh, heights = knots(unnorm_heights, _MIN_BIN_HEIGHT)
-
-    inside = (y >= left) & (y <= right)
-    yc = y.clamp(left, right)
-    # Bin search on the output knots; nudge the last knot so y == right lands in the last bin.
-    search = torch.cat([cumh[..., :-1], cumh[..., -1:] + 1e-6], -1)
-    idx = (yc.unsqueeze(-1) >= search).sum(dim=-1, keepdim=True) - 1
-    idx = idx.clamp(0, num_bins - 1)
-
-    def pick(t: torch.Tensor) -> torch.Tensor:
-        return torch.gather(t, -1, idx).squeeze(-1)
-
-    x_k, w_k = pick(cumw), pick(widths)
-    y_k, h_k = pick(cumh), pick(heights)
-    s_k = h_k / w_k
-    d_k = pick(derivs[..., :-1])
-    d_k1 = pick(derivs[..., 1:])
-
-    # Solve the quadratic a*xi^2 + b*xi + c = 0 for the position xi in [0, 1] within the bin.
-    dy = yc - y_k
-    slope_sum = d_k + d_k1 - 2 * s_k
-    a = dy * slope_sum + h_k * (s_k - d_k)
-    b = h_k * d_k - dy * slope_sum
-    c = -s_k * dy
-    disc = (b * b - 4 * a * c).clamp_min(0)
-    xi = (2 * c) / (-b - torch.sqrt(disc))
-    x = xi * w_k + x_k
-    return torch.where(inside, x, y)
+    return scripted.run("spline_inverse", y, unnorm_widths, unnorm_heights, unnorm_derivs, float(tail_bound),
+                        _MIN_BIN_WIDTH, _MIN_BIN_HEIGHT, _MIN_DERIVATIVE, edge)
 
 
 class ElementwiseAffine(nn.Module):

@@ -124,6 +124,77 @@ def feed_forward_part(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, k1: i
     return time_major_conv(y, w2, None, k2, pad2, 1, cl2, 1, im2col_rows)
 
 
+def dilated_depth_separable(x: torch.Tensor, taps: List[torch.Tensor], bias: List[torch.Tensor], dilation: List[int],
+                            norm1: List[List[torch.Tensor]], pointwise: List[torch.Tensor],
+                            pointwise_bias: List[torch.Tensor], norm2: List[List[torch.Tensor]], eps: float,
+                            mask: Optional[torch.Tensor], g: Optional[torch.Tensor]) -> torch.Tensor:
+    """duration._TimeMajorDDS's body on time-major x [B, T, C]: per layer, the 3-tap dilated
+    depthwise conv as multiply-adds on shifted frames (taps [3, C]), LayerNorm, GELU, the 1x1
+    conv as one matmul (pointwise [C, C] transposed), LayerNorm, GELU, residual. norm1/norm2:
+    [gamma, beta] per layer; mask [B, T, 1] or None (nothing padded)."""
+    if g is not None:
+        x = x + g
+    c = x.shape[-1]
+    for i in range(len(taps)):
+        w, d = taps[i], dilation[i]
+        xm = x if mask is None else x * mask
+        y = torch.addcmul(bias[i], xm, w[1])  # centre tap; outer taps read frames t -+ d (zero outside)
+        if d < xm.shape[-2]:
+            y[..., d:, :].addcmul_(xm[..., :-d, :], w[0])
+            y[..., :-d, :].addcmul_(xm[..., d:, :], w[2])
+        y = F.gelu(F.layer_norm(y, [c], norm1[i][0], norm1[i][1], eps))
+        y = _matmul(y.reshape(-1, c), pointwise[i], pointwise_bias[i]).view(y.shape)
+        y = F.gelu(F.layer_norm(y, [c], norm2[i][0], norm2[i][1], eps))
+        x = x + y
+    return x if mask is None else x * mask
+
+
+def _knots(unnorm: torch.Tensor, min_size: float, left: float, right: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    num_bins = unnorm.shape[-1]
+    sizes = min_size + (1 - min_size * num_bins) * torch.softmax(unnorm, dim=-1)
+    cum = F.pad(torch.cumsum(sizes, dim=-1), [1, 0], value=0.0)
+    cum = (right - left) * cum + left
+    cum = torch.cat([torch.full_like(cum[..., :1], left), cum[..., 1:-1], torch.full_like(cum[..., :1], right)], -1)
+    return cum, cum[..., 1:] - cum[..., :-1]
+
+
+def spline_inverse(y: torch.Tensor, unnorm_widths: torch.Tensor, unnorm_heights: torch.Tensor,
+                   unnorm_derivs: torch.Tensor, tail_bound: float, min_width: float, min_height: float,
+                   min_derivative: float, edge: float) -> torch.Tensor:
+    """duration.rational_quadratic_inverse's body (see there)."""
+    num_bins = unnorm_widths.shape[-1]
+    left, right = -tail_bound, tail_bound
+    derivs = min_derivative + F.softplus(F.pad(unnorm_derivs, [1, 1], value=edge))
+    cumw, widths = _knots(unnorm_widths, min_width, left, right)
+    cumh, heights = _knots(unnorm_heights, min_height, left, right)
+
+    inside = (y >= left) & (y <= right)
+    yc = y.clamp(left, right)
+    # Bin search on the output knots; nudge the last knot so y == right lands in the last bin.
+    search = torch.cat([cumh[..., :-1], cumh[..., -1:] + 1e-6], -1)
+    idx = (yc.unsqueeze(-1) >= search).sum(dim=-1, keepdim=True) - 1
+    idx = idx.clamp(0, num_bins - 1)
+
+    x_k = torch.gather(cumw, -1, idx).squeeze(-1)
+    w_k = torch.gather(widths, -1, idx).squeeze(-1)
+    y_k = torch.gather(cumh, -1, idx).squeeze(-1)
+    h_k = torch.gather(heights, -1, idx).squeeze(-1)
+    s_k = h_k / w_k
+    d_k = torch.gather(derivs[..., :-1], -1, idx).squeeze(-1)
+    d_k1 = torch.gather(derivs[..., 1:], -1, idx).squeeze(-1)
+
+    # Solve the quadratic a*xi^2 + b*xi + c = 0 for the position xi in [0, 1] within the bin.
+    dy = yc - y_k
+    slope_sum = d_k + d_k1 - 2 * s_k
+    a = dy * slope_sum + h_k * (s_k - d_k)
+    b = h_k * d_k - dy * slope_sum
+    c = -s_k * dy
+    disc = (b * b - 4 * a * c).clamp_min(0)
+    xi = (2 * c) / (-b - torch.sqrt(disc))
+    x = xi * w_k + x_k
+    return torch.where(inside, x, y)
+
+
 def clear_channels_last(t: torch.Tensor, gaps: List[Tuple[int, int]], scale: int, offset: int) -> torch.Tensor:
     """zero_rows on a channels-last [B, C, 1, T] tensor (its memory is time-major)."""
     if len(gaps) > 0:
