@@ -15,12 +15,13 @@ Figures (bench/results/engine.json + engine.md):
   * Load time: Engine.load(bundle) to the end of the first synthesis (target <= 3 s).
   * GPU figures: only when CUDA is available (otherwise recorded as not measured).
 
-    .venv/bin/python bench/engine.py --shapes x_low,high,multi [--threads 2] [--repeats 3]
+    .venv/bin/python bench/engine.py --shapes x_low,high,multi [--threads 2] [--repeats 5]
 
 measures the other Piper voice shapes (built full size by tests/voice_factory.py with piper's
 own model code, random weights) beside onnxruntime running piper's exported graph in the same
 run, and merges their figures into the same files (joe's figures are kept):
-  * CPU RTF ratio ours / onnxruntime (median over sentences, same ids, speaker 1 for the
+  * CPU RTF ratio ours / onnxruntime (median over the 20 sentences of joe's figure, German ones for
+    the German voice; same ids, speaker 1 for the
     multi-speaker voice), target <= 1.0;
   * resident memory one loaded voice adds (RSS after load + first synthesis minus before),
     beside onnxruntime's session for the same graph;
@@ -253,19 +254,34 @@ def measure_gpu(bundle: Path) -> list[dict]:
     return figs
 
 
+# The other shapes read the same 20 sentences as joe's figure (German ones of the same spread,
+# one word to two clauses, for the German multi-speaker voice): a median over 4 sentences moved
+# +-0.1 between runs on this shared machine.
 SHAPE_SENTENCES = {
-    "en-us": ["Hello.", "The quick brown fox jumps over the lazy dog.",
-              "Please call me back when you have a minute to talk about the project.",
-              "It was a bright cold day in April, and the clocks were striking thirteen."],
-    "de": ["Hallo.", "Der schnelle braune Fuchs springt über den faulen Hund.",
-           "Bitte rufen Sie mich zurück, wenn Sie eine Minute Zeit haben.",
-           "Es war ein klarer, kalter Tag im April, und die Uhren schlugen dreizehn."],
+    "en-us": SENTENCES,
+    "de": [
+        "Der schnelle braune Fuchs springt über den faulen Hund.",
+        "Hallo, wie geht es dir heute?",
+        "Bitte rufen Sie mich zurück, wenn Sie eine Minute Zeit haben.",
+        "Es war ein klarer, kalter Tag im April, und die Uhren schlugen dreizehn.",
+        "Ja, genau.",
+        "Der Regen in Spanien fällt hauptsächlich in der Ebene.",
+        "Auch eine Reise von tausend Meilen beginnt mit einem einzigen Schritt.",
+        "Fischers Fritz fischt frische Fische, frische Fische fischt Fischers Fritz.",
+        "Biegen Sie an der nächsten Straße links ab und gehen Sie zwei Blocks bis zum Bahnhof.",
+        "Unsere Server halten einen geprüften Modellspeicher und antworten auf einem lokalen Socket.",
+        "Toll!",
+        "Farblose grüne Ideen schlafen wütend.",
+        "Die Kinder spielen im Garten, während ihre Eltern das Abendessen vorbereiten.",
+        "Kannst du mir helfen, meine Schlüssel zu finden?",
+        "Die Wettervorhersage sagt, dass es morgen Nachmittag regnen wird.",
+        "Vielen Dank für Ihre Hilfe.",
+        "Im Anfang war das Wort, und das Wort war bei Gott.",
+        "Wer zuerst kommt, mahlt zuerst, sagt ein altes Sprichwort.",
+        "Der Zug nach Berlin fährt heute wegen Bauarbeiten eine halbe Stunde später ab.",
+        "Am Ende des Tages zählt nur, was wir gemeinsam erreicht haben.",
+    ],
 }
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure_shape(shape: str, base: Path, threads: int, repeats: int) -> list[dict]:
@@ -290,14 +306,14 @@ def measure_shape(shape: str, base: Path, threads: int, repeats: int) -> list[di
     Engine.load(bundle, device="cpu", threads=threads).close()
     gc.collect()
     heap.release_after_batch(force=True)
-    rss0, t0 = _rss_bytes(), time.perf_counter()
+    rss0, t0 = heap.rss_bytes(), time.perf_counter()
     engine = Engine.load(bundle, device="cpu", threads=threads)
     engine.synthesize_text("Hello.", speaker=speaker)
     load_s = time.perf_counter() - t0
     heap.release_after_batch(force=True)
-    rss_ours = _rss_bytes() - rss0
+    rss_ours = heap.rss_bytes() - rss0
 
-    rss1 = _rss_bytes()
+    rss1 = heap.rss_bytes()
     piper = PiperVoice.load(onnx_path, json_path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -305,7 +321,7 @@ def measure_shape(shape: str, base: Path, threads: int, repeats: int) -> list[di
     piper.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     cfg = SynthesisConfig(speaker_id=speaker)
     piper.phoneme_ids_to_audio([1, 0, 20, 0, 2], cfg)
-    rss_ort = _rss_bytes() - rss1
+    rss_ort = heap.rss_bytes() - rss1
 
     rows = []
     for k, text in enumerate(SHAPE_SENTENCES[spec["espeak"]]):

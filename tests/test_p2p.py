@@ -90,6 +90,15 @@ def run_until(config: Path, condition=None) -> tuple[dict, str]:
     return status, err
 
 
+def swap_torrent(s3_server, bucket: str, victim, donor) -> bytes:
+    """Put `donor`'s torrent on the mirror in place of `victim`'s; returns victim's own."""
+    client = s3_server.client()
+    own = client.get_object(Bucket=bucket, Key=layout.torrent_key(victim.sha256))["Body"].read()
+    other = client.get_object(Bucket=bucket, Key=layout.torrent_key(donor.sha256))["Body"].read()
+    client.put_object(Bucket=bucket, Key=layout.torrent_key(victim.sha256), Body=other)
+    return own
+
+
 def counting_proxy(s3_server) -> CuttingProxy:
     # Never cuts, no rate limit: it only counts the bytes the mirror sends this node.
     return CuttingProxy(urlparse(s3_server.endpoint).port, cut_after=1 << 62, rate=1e12)
@@ -186,9 +195,7 @@ def test_a_swapped_torrent_is_refused_and_the_file_comes_over_http(tmp_path, s3_
     keys = make_keys(tmp_path)
     files = publish_model(tmp_path, s3_server, bucket, keys)
     big, small = files["model.bin"], files["config.json"]
-    client = s3_server.client()
-    other = client.get_object(Bucket=bucket, Key=layout.torrent_key(small.sha256))["Body"].read()
-    client.put_object(Bucket=bucket, Key=layout.torrent_key(big.sha256), Body=other)
+    swap_torrent(s3_server, bucket, big, small)
     with run_tracker() as tracker, counting_proxy(s3_server) as proxy:
         tracker.allow(sorted(f.btih for f in files.values()))
         config = node_config(tmp_path / "solo", s3_server, bucket, keys, proxy.port, tracker.url, "solo", 0.5,
@@ -230,11 +237,8 @@ def test_a_blob_kept_from_an_earlier_version_is_seeded_under_the_new_one(tmp_pat
     keys = make_keys(tmp_path)
     files = publish_model(tmp_path, s3_server, bucket, keys)
     big, small = files["model.bin"], files["config.json"]
-    client = s3_server.client()
     # Version 1.0's big file comes over HTTP only (its torrent is unusable), so no torrent is kept for it.
-    good = client.get_object(Bucket=bucket, Key=layout.torrent_key(big.sha256))["Body"].read()
-    bad = client.get_object(Bucket=bucket, Key=layout.torrent_key(small.sha256))["Body"].read()
-    client.put_object(Bucket=bucket, Key=layout.torrent_key(big.sha256), Body=bad)
+    good = swap_torrent(s3_server, bucket, big, small)
     with run_tracker() as tracker, counting_proxy(s3_server) as proxy:
         config = node_config(tmp_path / "solo", s3_server, bucket, keys, proxy.port, tracker.url, "solo", 0.5,
                              fleet=["solo"])
@@ -242,7 +246,7 @@ def test_a_blob_kept_from_an_earlier_version_is_seeded_under_the_new_one(tmp_pat
         first, _ = run_until(config, lambda s: (s.get("p2p") or {}).get("seeding") == 1)
         assert first["p2p"]["seeding"] == 1
         # 2.0 keeps model.bin and changes config.json; the mirror's torrent is right again.
-        client.put_object(Bucket=bucket, Key=layout.torrent_key(big.sha256), Body=good)
+        s3_server.client().put_object(Bucket=bucket, Key=layout.torrent_key(big.sha256), Body=good)
         (tmp_path / "model-joe/config.json").write_text('{"sample_rate": 16000}\n')
         mirror = Mirror.connect(s3_server.endpoint, bucket, s3_server.credentials)
         publish_dir(tmp_path / "model-joe", name="joe", version="2.0", mirror=mirror, signing_key=keys.private,
