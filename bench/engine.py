@@ -20,9 +20,8 @@ Figures (bench/results/engine.json + engine.md):
 measures the other Piper voice shapes (built full size by tests/voice_factory.py with piper's
 own model code, random weights) beside onnxruntime running piper's exported graph in the same
 run, and merges their figures into the same files (joe's figures are kept):
-  * CPU RTF ratio ours / onnxruntime (median over the 20 sentences of joe's figure, German ones for
-    the German voice; same ids, speaker 1 for the
-    multi-speaker voice), target <= 1.0;
+  * CPU RTF ratio ours / onnxruntime (median over the 20 sentences of joe's figure, German ones
+    for the German voice; same ids, speaker 1 for the multi-speaker voice), target <= 1.0;
   * resident memory one loaded voice adds (RSS after load + first synthesis minus before),
     beside onnxruntime's session for the same graph;
   * load time to first synthesis (warm: torch imported), target <= 3 s.
