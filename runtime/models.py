@@ -28,10 +28,10 @@ import numpy as np
 import structlog
 
 from provisioner.cache import Snapshot
-from provisioner.notify import notify
+from tts_common.notify import notify
 
 from .config import RuntimeConfig
-from .gate import CacheWatcher, ReadinessGate
+from .gate import SwitchWatcher, ReadinessGate
 
 log = structlog.get_logger(__name__)
 
@@ -191,7 +191,7 @@ class ModelManager:
         self.config = config
         self.names = list(config.models)
         self.gate = ReadinessGate(config.cache_dir, config.provisioner_runtime_dir, config.verify_full_hash)
-        self.watcher = CacheWatcher([self.gate.reader.current_dir, config.provisioner_runtime_dir])
+        self.watcher = SwitchWatcher([self.gate.reader.current_dir, config.provisioner_runtime_dir])
         self.holder = ModelHolder()
         self.loader = loader or (lambda snap: load_engine(config, snap))
         self.reasons: dict[str, str] = {name: "starting" for name in self.names}

@@ -47,6 +47,8 @@ from typing import Any, Callable
 
 import structlog
 
+from tts_common.errors import TtsError
+
 from .models import ModelHolder
 
 log = structlog.get_logger(__name__)
@@ -56,21 +58,21 @@ HOLD_FILE_ENV = "TTS_RUNTIME_HOLD_FILE"
 MATE_STRETCH = 1.25  # a batch-mate may pad the anchor's batch to at most this x its length
 
 
-class QueueFull(Exception):
+class QueueFull(TtsError):
     def __init__(self, retry_after: int):
         super().__init__(f"queue is full; retry in {retry_after}s")
         self.retry_after = retry_after
 
 
-class DeadlineExceeded(Exception):
+class DeadlineExceeded(TtsError):
     pass
 
 
-class ModelUnavailable(Exception):
+class ModelUnavailable(TtsError):
     pass
 
 
-class WorkerStopped(Exception):
+class WorkerStopped(TtsError):
     pass
 
 
