@@ -26,8 +26,14 @@ from .status import PID_FILE, read_status
 
 log = structlog.get_logger(__name__)
 
+
 def _load(ctx: click.Context) -> ProvisionerConfig:
-    return ctx.obj["config"]
+    """The config, read when a command first needs it (so `COMMAND --help` works anywhere)."""
+    obj = ctx.find_root().obj
+    if "config" not in obj:
+        obj["config"] = load_config(obj["config_path"])
+        configure_logging(obj["log_level"] or obj["config"].log_level)
+    return obj["config"]
 
 
 @click.group(cls=CliGroup)
@@ -44,9 +50,7 @@ def main(ctx: click.Context, config_path: Path, log_level: str | None) -> None:
     verifies each file's sha256, builds snapshots and switches `current/<name>`
     atomically. `run` is the daemon; the other commands are one-shot.
     """
-    config = load_config(config_path)
-    configure_logging(log_level or config.log_level)
-    ctx.obj = {"config": config}
+    ctx.obj = {"config_path": config_path, "log_level": log_level}
 
 
 @main.command()
