@@ -112,7 +112,7 @@ def _piper_voice(threads: int):
     import onnxruntime as ort
     from piper.voice import PiperVoice
 
-    from runtime.vits.piper_import import bundled_voice_paths
+    from piper_import import bundled_voice_paths
 
     onnx_path, json_path = bundled_voice_paths()
     voice = PiperVoice.load(onnx_path, json_path)
@@ -293,7 +293,7 @@ def measure_shape(shape: str, base: Path, threads: int, repeats: int) -> list[di
 
     from runtime import heap
     from runtime.engine import Engine, SynthesisRequest
-    from runtime.vits.piper_import import import_piper
+    from piper_import import import_piper
     from tests import voice_factory
 
     onnx_path, json_path = voice_factory.build(shape, base / "onnx")
@@ -410,7 +410,7 @@ def main() -> int:
     bundle = args.bundle
     import_s = None
     if bundle is None:
-        from runtime.vits.piper_import import bundled_voice_paths, import_piper
+        from piper_import import bundled_voice_paths, import_piper
 
         tmp = tempfile.TemporaryDirectory(prefix="bench-engine-")
         t0 = time.perf_counter()

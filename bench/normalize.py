@@ -91,7 +91,7 @@ def main() -> int:
     from piper.voice import PiperVoice
 
     from runtime.engine import Engine
-    from runtime.vits.piper_import import bundled_voice_paths, import_piper
+    from piper_import import bundled_voice_paths, import_piper
     from tests.asr_helpers import make_recognizer, word_error_rate
 
     load0 = os.getloadavg()

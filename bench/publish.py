@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from boto3.s3.transfer import create_transfer_manager  # noqa: E402
 from minio import Minio  # noqa: E402
 
-from mirror.logs import configure_logging  # noqa: E402
+from tts_common.logs import configure_logging  # noqa: E402
 from mirror.publish import default_transfer_config, hash_files, publish_dir, scan_dir  # noqa: E402
 from mirror.remote import Mirror  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402

@@ -9,16 +9,18 @@ import json
 import os
 import sys
 import threading
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import click
 
-from .logs import configure_logging
+from tts_common.atomic import write_atomic
+from tts_common.cli import CliGroup
+from tts_common.logs import configure_logging
+
 from .manifest import ManifestError
-from .remote import Mirror, MirrorError, resolve_credentials
-from .s3 import CredentialsError
-from .signing import KeyFileError, SignatureError, generate_keypair, load_public_key
-from .torrents import TorrentError
+from .remote import Mirror, resolve_credentials
+from .signing import generate_keypair, load_public_key
 
 ENV_ENDPOINT = "TTS_MIRROR_ENDPOINT"
 ENV_BUCKET = "TTS_MIRROR_BUCKET"
@@ -26,11 +28,25 @@ ENV_CREDENTIALS = "TTS_MIRROR_CREDENTIALS"
 ENV_SIGNING_KEY = "TTS_MIRROR_SIGNING_KEY"
 ENV_PUBLIC_KEY = "TTS_MIRROR_PUBLIC_KEY"
 
-OPERATIONAL_ERRORS = (MirrorError, ManifestError, CredentialsError, KeyFileError, SignatureError, TorrentError)
+# Commands other packages add to tts-mirror, found by entry point so that this layer never
+# imports them (`import-piper` lives above the runtime it converts voices for).
+PLUGIN_GROUP = "tts_fleet.mirror_commands"
 
 
-def _fail(exc: Exception) -> click.ClickException:
-    return click.ClickException(str(exc))
+class _MirrorGroup(CliGroup):
+    """tts-mirror's commands plus those registered under PLUGIN_GROUP, loaded when used."""
+
+    def _plugins(self) -> dict:
+        return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugins()})
+
+    def get_command(self, ctx: click.Context, name: str):
+        command = super().get_command(ctx, name)
+        if command is None and name in (plugins := self._plugins()):
+            command = plugins[name].load()
+        return command
 
 
 def mirror_options(f):
@@ -81,7 +97,7 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_MirrorGroup)
 @click.option("--log-level", default="info", show_default=True, envvar="TTS_LOG_LEVEL",
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def main(log_level: str) -> None:
@@ -169,18 +185,15 @@ def publish(directory, name, version, channel, endpoint, bucket, credentials, si
     from .publish import LogEvents, default_transfer_config, publish_dir
     from .signing import load_private_key
 
-    events = None
+    key = load_private_key(signing_key)
+    mirror = _connect(endpoint, bucket, credentials, pool=concurrency + 8)
+    events = RichEvents() if sys.stderr.isatty() else LogEvents()
     try:
-        key = load_private_key(signing_key)
-        mirror = _connect(endpoint, bucket, credentials, pool=concurrency + 8)
-        events = RichEvents() if sys.stderr.isatty() else LogEvents()
         report = publish_dir(
             directory, name=name, version=version, mirror=mirror, signing_key=key, channel=channel,
             create_bucket=create_bucket, s3_checksum=s3_checksum, events=events, torrents=torrents,
             transfer_config=default_transfer_config(max_concurrency=concurrency, chunk_mib=chunk_mib),
         )
-    except OPERATIONAL_ERRORS as exc:
-        raise _fail(exc) from None
     finally:
         if isinstance(events, RichEvents):
             events.close()
@@ -221,12 +234,9 @@ def promote(name, version, channel, endpoint, bucket, credentials, public_keys) 
     """
     from .catalog import promote as do_promote
 
-    try:
-        mirror = _connect(endpoint, bucket, credentials)
-        mirror.check_bucket()
-        previous = do_promote(mirror, name, version, channel, _public_keys(public_keys))
-    except OPERATIONAL_ERRORS as exc:
-        raise _fail(exc) from None
+    mirror = _connect(endpoint, bucket, credentials)
+    mirror.check_bucket()
+    previous = do_promote(mirror, name, version, channel, _public_keys(public_keys))
     click.echo(f"channel {channel} of {name}: {previous or 'none'} -> {version}")
 
 
@@ -237,12 +247,9 @@ def list_cmd(endpoint, bucket, credentials, as_json) -> None:
     """List models, their versions (state, files, size) and channels."""
     from .catalog import list_models
 
-    try:
-        mirror = _connect(endpoint, bucket, credentials)
-        mirror.check_bucket()
-        models = list_models(mirror)
-    except OPERATIONAL_ERRORS as exc:
-        raise _fail(exc) from None
+    mirror = _connect(endpoint, bucket, credentials)
+    mirror.check_bucket()
+    models = list_models(mirror)
     if as_json:
         doc = [
             {
@@ -297,12 +304,9 @@ def verify(name, version, endpoint, bucket, credentials, public_keys) -> None:
     """
     from .catalog import verify_version
 
-    try:
-        mirror = _connect(endpoint, bucket, credentials)
-        mirror.check_bucket()
-        result = verify_version(mirror, name, version, _public_keys(public_keys))
-    except OPERATIONAL_ERRORS as exc:
-        raise _fail(exc) from None
+    mirror = _connect(endpoint, bucket, credentials)
+    mirror.check_bucket()
+    result = verify_version(mirror, name, version, _public_keys(public_keys))
     for problem in result.mismatches:
         click.echo(f"MISMATCH {problem}")
     signer = f"; signature by {result.signer}" if result.signer else ""
@@ -326,24 +330,14 @@ def tracker_whitelist(endpoint, bucket, credentials, out) -> None:
     """
     from .catalog import info_hashes
 
-    try:
-        mirror = _connect(endpoint, bucket, credentials)
-        mirror.check_bucket()
-        hashes = info_hashes(mirror)
-    except OPERATIONAL_ERRORS as exc:
-        raise _fail(exc) from None
+    mirror = _connect(endpoint, bucket, credentials)
+    mirror.check_bucket()
+    hashes = info_hashes(mirror)
     text = "".join(h + "\n" for h in hashes)
     if out is None:
         click.echo(text, nl=False)
         return
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _fail(exc) from None
+    write_atomic(out, text)
     click.echo(f"{len(hashes)} info-hash(es) written to {out}", err=True)
 
 
@@ -358,50 +352,10 @@ def tracker_whitelist(endpoint, bucket, credentials, out) -> None:
 def keygen(out_dir: Path, key_name: str, force: bool) -> None:
     """Write a new ed25519 signing key pair (private key mode 0600)."""
     private, public = out_dir / f"{key_name}.key", out_dir / f"{key_name}.pub"
-    try:
-        kid = generate_keypair(private, public, overwrite=force)
-    except (KeyFileError, OSError) as exc:
-        raise _fail(exc) from None
+    kid = generate_keypair(private, public, overwrite=force)
     click.echo(f"private key: {private} (mode {os.stat(private).st_mode & 0o777:04o})")
     click.echo(f"public key:  {public}")
     click.echo(f"key id:      {kid}")
-
-
-@main.command("import-piper")
-@click.argument("onnx", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("config_json", metavar="JSON", required=False,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output directory for the bundle (then: tts-mirror publish OUT ...).")
-@click.option("--bundled", is_flag=True, help="Use the bundled en_US-joe-medium voice instead of ONNX JSON.")
-def import_piper_cmd(onnx, config_json, out_dir, bundled) -> None:
-    """Convert a Piper voice (ONNX + JSON) into this project's safetensors bundle."""
-    if bundled == bool(onnx or config_json):
-        raise click.UsageError("give either ONNX and JSON, or --bundled")
-    if not bundled and not (onnx and config_json):
-        raise click.UsageError("both ONNX and JSON are needed")
-    # lazy: the importer lives beside the engine whose module names it targets (the only
-    # mirror -> runtime import, made at call time; see docs/mirror.md) and needs onnx
-    try:
-        from runtime.vits.piper_import import PiperImportError, bundled_voice_paths, import_piper
-    except ImportError as exc:
-        raise click.ClickException(
-            f"import-piper is unavailable ({exc}); install the extra: pip install 'tts-fleet[import]'"
-        ) from None
-    try:
-        if bundled:
-            onnx, config_json = bundled_voice_paths()
-        report = import_piper(Path(onnx), Path(config_json), Path(out_dir))
-    except PiperImportError as exc:
-        raise _fail(exc) from None
-    unused = list(report.unused or [])
-    shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
-    click.echo(f"imported {Path(onnx).name} -> {report.out_dir}: {report.mapped} tensors mapped, "
-               f"{len(unused)} initializers unused" + (f" ({shown})" if unused else ""))
-    shape = report.shape
-    click.echo(f"voice shape: quality {shape.get('quality')}, {shape.get('sample_rate')} Hz, "
-               f"{shape.get('num_speakers')} speaker(s), language {shape.get('language')}, "
-               f"phoneme type {shape.get('phoneme_type')}, resblock {shape.get('resblock')}")
 
 
 if __name__ == "__main__":  # pragma: no cover

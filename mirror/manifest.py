@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
+from tts_common.errors import TtsError
+
 # Schema 2 adds each file's BitTorrent info-hash (`btih`); a manifest without any is
 # written as schema 1, so provisioners that predate peer-to-peer keep reading it.
 SCHEMA_VERSION = 2
@@ -48,7 +50,7 @@ class SizeLimits:
 DEFAULT_LIMITS = SizeLimits()
 
 
-class ManifestError(ValueError):
+class ManifestError(TtsError, ValueError):
     """A manifest (or a name/version/path inside one) is malformed or unsafe."""
 
 

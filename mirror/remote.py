@@ -17,13 +17,16 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
+from tts_common.errors import TtsError
+
 from . import layout
 from .manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError
 from .s3 import Credentials, CredentialsError, client_config, make_client
 
 
-class MirrorError(Exception):
-    """An operational failure, with a message fit for one line on a terminal."""
+class MirrorError(TtsError):
+    """A request to a mirror failed (unreachable, refused, malformed answer); the
+    message says which mirror and why, in one line."""
 
 
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}

@@ -18,10 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
+import tomli_w
 from botocore.config import Config
 
+from tts_common.atomic import write_atomic
+from tts_common.errors import TtsError
 
-class CredentialsError(Exception):
+
+class CredentialsError(TtsError):
     """The credentials file is missing, unreadable, too open or malformed."""
 
 
@@ -67,13 +71,8 @@ class Credentials:
 
     def write(self, path: Path) -> None:
         """Write a credentials file with mode 0600 from creation on."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(f'access_key = "{self.access_key}"\nsecret_key = "{self.secret_key}"\n')
-        os.replace(tmp, path)
+        doc = {"access_key": self.access_key, "secret_key": self.secret_key}
+        write_atomic(path, tomli_w.dumps(doc), mode=0o600)
 
 
 def client_config(max_pool_connections: int = 32, connect_timeout: float = 5, read_timeout: float = 60) -> Config:

@@ -14,12 +14,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from tts_common.errors import TtsError
 
-class SignatureError(Exception):
+
+class SignatureError(TtsError):
     """A manifest signature is missing, malformed or made by no trusted key."""
 
 
-class KeyFileError(Exception):
+class KeyFileError(TtsError):
     """A key file cannot be read or is not an ed25519 key."""
 
 

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 
 import torf
+
+from tts_common.errors import TtsError
 
 # 1 MiB: a 3 GB file is 3,000 pieces (60 KB of piece hashes), small enough that pieces
 # spread over many peers at once. Changing it changes every info-hash.
 PIECE_SIZE = 1024 * 1024
-_BTIH_RE = re.compile(r"^[0-9a-f]{40}$")
 MAX_TORRENT_BYTES = 4 * 1024 * 1024  # 1 MiB pieces: 20 bytes per MiB, i.e. up to ~200 GiB files
 
 
-class TorrentError(ValueError):
+class TorrentError(TtsError, ValueError):
     """A torrent does not describe the file the signed manifest names."""
 
 
@@ -53,12 +53,6 @@ class PieceHasher:
     def pieces(self) -> bytes:
         tail = [self._current.digest()] if self._filled else []
         return b"".join(self._digests + tail)
-
-
-def validate_btih(value: object, what: str = "info-hash") -> str:
-    if not isinstance(value, str) or not _BTIH_RE.match(value):
-        raise TorrentError(f"{what} must be 40 lowercase hex digits, got {value!r}")
-    return value
 
 
 def build(sha256: str, size: int, pieces: bytes) -> torf.Torrent:

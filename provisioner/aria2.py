@@ -18,23 +18,25 @@ aria2c that dies while starting is started again (3 tries).
 from __future__ import annotations
 
 import base64
+import ctypes
 import errno
+import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import ctypes
-import json
-import signal
-
 import aria2p
 import requests.exceptions
 import structlog
+
+from tts_common.atomic import write_atomic
+from tts_common.errors import TtsError
 
 from .cache import ARIA2_PID_RECORD
 from .config import Aria2Config, P2PConfig
@@ -59,7 +61,7 @@ _STATUS_KEYS = ["gid", "status", "completedLength", "totalLength", "downloadSpee
                 "files", "bitfield", "pieceLength", "uploadLength", "infoHash", "dir"]
 
 
-class Aria2Error(Exception):
+class Aria2Error(TtsError):
     """aria2c could not be started or stopped answering."""
 
 
@@ -207,10 +209,8 @@ class Aria2Process:
         record.unlink(missing_ok=True)
 
     def _write_record(self) -> None:
-        record = self.work_dir / PID_RECORD
-        tmp = record.with_name(f"{PID_RECORD}.tmp")
-        tmp.write_text(json.dumps({"pid": self.proc.pid, "start_time": _start_time(self.proc.pid)}) + "\n")
-        os.replace(tmp, record)
+        record = {"pid": self.proc.pid, "start_time": _start_time(self.proc.pid)}
+        write_atomic(self.work_dir / PID_RECORD, json.dumps(record) + "\n")
 
     def _start_once(self, timeout: float) -> None:
         exe = shutil.which(self.cfg.executable)

@@ -31,13 +31,16 @@ from mirror.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, ManifestErr
 
 from mirror.hashing import sha256_file
 
+from tts_common.atomic import fsync_dir, write_atomic
+from tts_common.errors import TtsError
+
 COMPLETE_MARKER = "COMPLETE"
 KNOWN_BAD_FILE = "known-bad.json"
 STAGING_PREFIX = "staging-"
 ARIA2_PID_RECORD = ".aria2c.pid"  # partial/: which aria2c writes here (provisioner/aria2.py)
 
 
-class CacheError(Exception):
+class CacheError(TtsError):
     """The cache is not in the state an operation needs."""
 
 
@@ -88,14 +91,6 @@ def _remove(path: Path) -> None:
 
 def _tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
@@ -196,9 +191,7 @@ class CacheWriter(CacheReader):
     def save_torrent(self, sha256: str, data: bytes) -> Path:
         """Keep a checked torrent beside its blob, so seeding needs no mirror after a restart."""
         dest = self.torrent_path(sha256)
-        tmp = self.partial_dir / f".torrent-{sha256}"
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
+        write_atomic(dest, data)
         return dest
 
     # -- blobs ---------------------------------------------------------------------
@@ -208,7 +201,7 @@ class CacheWriter(CacheReader):
         os.chmod(src, 0o444)
         _fsync_file(src)
         os.replace(src, dest)
-        _fsync_dir(self.blobs_dir)
+        fsync_dir(self.blobs_dir)
         return dest
 
     def relink_blob(self, sha256: str, source: Path) -> None:
@@ -284,9 +277,7 @@ class CacheWriter(CacheReader):
         if not state:
             path.unlink(missing_ok=True)
             return
-        tmp = self.quarantine_dir / f".{KNOWN_BAD_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
     def mark_known_bad(self, mirror: str, key: str, record: dict) -> None:
         state = self.known_bad()
@@ -356,16 +347,16 @@ class CacheWriter(CacheReader):
             (staging / SIGNATURE_NAME).write_bytes(signature)
             _fsync_file(staging / SIGNATURE_NAME)
         for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-            _fsync_dir(d)
+            fsync_dir(d)
         marker = staging / COMPLETE_MARKER
         marker.write_text(json.dumps({"completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
         _fsync_file(marker)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # an incomplete leftover from an older layout or a crash: replace it
             shutil.rmtree(final)
         os.rename(staging, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return Snapshot(manifest.name, manifest.version, final, True)
 
     def set_current(self, name: str, version: str) -> None:
@@ -378,7 +369,7 @@ class CacheWriter(CacheReader):
         tmp.unlink(missing_ok=True)
         os.symlink(os.path.relpath(snap.path, self.current_dir), tmp)
         os.replace(tmp, link)
-        _fsync_dir(self.current_dir)
+        fsync_dir(self.current_dir)
 
     def replace_snapshot_file(self, snap: Snapshot, rel_path: str, sha256: str) -> None:
         """Re-link one file of a snapshot to a (repaired) blob, atomically."""

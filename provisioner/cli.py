@@ -14,14 +14,11 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
-from mirror.logs import configure_logging
-from mirror.manifest import ManifestError
-from mirror.s3 import CredentialsError
-from mirror.signing import KeyFileError
+from tts_common.logs import configure_logging
+from tts_common.cli import CliGroup, CommandFailed
 
-from .aria2 import Aria2Error
 from .cache import CacheError, CacheReader, CacheWriter, DamagedSnapshotError
-from .config import DEFAULT_CONFIG_PATH, ConfigError, ProvisionerConfig, load_config
+from .config import DEFAULT_CONFIG_PATH, ProvisionerConfig, load_config
 from .daemon import CacheLockedError, Provisioner
 from .hold import Hold, read_hold, release_hold, write_hold
 from .progress import human_bytes
@@ -29,30 +26,17 @@ from .status import PID_FILE, read_status
 
 log = structlog.get_logger(__name__)
 
-# Operational failures print one clear line and exit 1; usage/config errors exit 2.
-_OPERATIONAL = (CacheError, CacheLockedError, Aria2Error, CredentialsError, KeyFileError, ManifestError, OSError)
-
 
 def _load(ctx: click.Context) -> ProvisionerConfig:
-    return ctx.obj["config"]
+    """The config, read when a command first needs it (so `COMMAND --help` works anywhere)."""
+    obj = ctx.find_root().obj
+    if "config" not in obj:
+        obj["config"] = load_config(obj["config_path"])
+        configure_logging(obj["log_level"] or obj["config"].log_level)
+    return obj["config"]
 
 
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"tts-provisioner: error: {message}", err=True)
-    sys.exit(code)
-
-
-class _Group(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except ConfigError as exc:
-            _fail(str(exc), 2)
-        except _OPERATIONAL as exc:
-            _fail(str(exc))
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CliGroup)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_CONFIG_PATH, show_default=True, envvar="TTS_PROVISIONER_CONFIG",
               help="Provisioner TOML config (env TTS_PROVISIONER_CONFIG).")
@@ -66,9 +50,7 @@ def main(ctx: click.Context, config_path: Path, log_level: str | None) -> None:
     verifies each file's sha256, builds snapshots and switches `current/<name>`
     atomically. `run` is the daemon; the other commands are one-shot.
     """
-    config = load_config(config_path)
-    configure_logging(log_level or config.log_level)
-    ctx.obj = {"config": config}
+    ctx.obj = {"config_path": config_path, "log_level": log_level}
 
 
 @main.command()
@@ -105,8 +87,7 @@ def _follow_daemon(config: ProvisionerConfig, pid: int, timeout: float, what: st
                 click.echo(f"{name}: {status['models'][name]['error']}", err=True)
             return 1 if failed else 0
         time.sleep(0.5)
-    _fail(f"the daemon did not finish a sync pass within {timeout:.0f}s")
-    return 1
+    raise CommandFailed(f"the daemon did not finish a sync pass within {timeout:.0f}s")
 
 
 @main.command()
@@ -241,7 +222,7 @@ def rollback(ctx: click.Context, name: str, version: str, release: bool) -> None
     """Switch NAME back to a kept snapshot VERSION and hold it there until the channel moves."""
     config = _load(ctx)
     if name not in {m.name for m in config.models}:
-        _fail(f"model {name!r} is not tracked by this config")
+        raise CommandFailed(f"model {name!r} is not tracked by this config")
     if release:
         click.echo("hold released" if release_hold(config.cache_dir, name) else "no hold was set")
         return
@@ -249,7 +230,7 @@ def rollback(ctx: click.Context, name: str, version: str, release: bool) -> None
     snap = cache.snapshot(name, version)
     if snap is None or not snap.complete:
         kept = ", ".join(s.version for s in cache.snapshots(name)) or "none"
-        _fail(f"no complete snapshot {name}/{version} is kept (kept: {kept})")
+        raise CommandFailed(f"no complete snapshot {name}/{version} is kept (kept: {kept})")
     daemon = read_status(config.runtime_dir) or {}
     channel_version = ((daemon.get("models") or {}).get(name) or {}).get("wanted_version")
     current = cache.current(name)
@@ -281,7 +262,7 @@ def rollback(ctx: click.Context, name: str, version: str, release: bool) -> None
     except CacheError as exc:
         release_hold(config.cache_dir, name)
         where = current.version if current else "nothing"
-        _fail(f"rollback refused: {exc}; current stays at {where}")
+        raise CommandFailed(f"rollback refused: {exc}; current stays at {where}") from None
     finally:
         prov.lock.release()
     click.echo(f"{name}: current -> {version} (held until the channel moves; --release to undo)")
@@ -296,8 +277,8 @@ def gc(ctx: click.Context) -> None:
     try:
         prov.lock.acquire()
     except CacheLockedError:
-        _fail("the daemon is running and owns the cache; it collects garbage after every sync "
-              "(run `tts-provisioner sync` to trigger one)")
+        raise CommandFailed("the daemon is running and owns the cache; it collects garbage after every sync "
+                            "(run `tts-provisioner sync` to trigger one)") from None
     try:
         cache = CacheWriter(config.cache_dir)
         result = cache.gc(config.keep_snapshots)

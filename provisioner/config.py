@@ -48,52 +48,15 @@ Unknown keys and wrong types are errors that name the key (exit code 2 in the CL
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BeforeValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mirror.manifest import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_MODEL_SIZE, ManifestError, SizeLimits, validate_name
+from tts_common.config import ByteSize, ConfigError, LogLevel, load_toml
 
 DEFAULT_CONFIG_PATH = Path(os.environ.get("TTS_PROVISIONER_CONFIG", "/etc/tts-fleet/provisioner.toml"))
-
-
-class ConfigError(Exception):
-    """The configuration file is missing, not TOML, or does not match the schema."""
-
-
-def _log_level(v: str) -> str:
-    if v.lower() not in {"debug", "info", "warning", "error"}:
-        raise ValueError("must be one of debug, info, warning, error")
-    return v.lower()
-
-
-# Shared by every daemon's config.
-LogLevel = Annotated[str, AfterValidator(_log_level)]
-
-
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def parse_byte_size(v) -> int:
-    """An int (bytes) or a string like "256G" (binary units) -> bytes."""
-    if isinstance(v, bool):
-        raise ValueError("must be a byte count or a string like \"256G\"")
-    if isinstance(v, int):
-        if v < 0:
-            raise ValueError("must not be negative")
-        return v
-    if isinstance(v, str):
-        text = v.strip().upper().removesuffix("IB").removesuffix("B")
-        unit = text[-1:] if text[-1:] in _UNITS else ""
-        number = text[:-1] if unit else text
-        if number.isdigit():
-            return int(number) * _UNITS[unit]
-    raise ValueError(f"must be a byte count or a string like \"256G\", got {v!r}")
-
-
-ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 
 
 class _Strict(BaseModel):
@@ -266,39 +229,6 @@ class ProvisionerConfig(_Strict):
         if self.require_signature and not self.public_keys:
             raise ValueError("require_signature is true but no public_keys are configured")
         return self
-
-
-def format_validation_errors(exc: ValidationError) -> str:
-    """pydantic errors as `key.path: message; ...`, naming each offending key."""
-    lines = []
-    for err in exc.errors():
-        loc = ""
-        for part in err["loc"]:
-            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"{loc or '(top level)'}: {msg}")
-    return "; ".join(lines)
-
-
-def load_toml(path: Path, schema: type[BaseModel]):
-    """Read a TOML file and validate it against a config schema; every daemon's loader."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config {path} is not UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"config {path}: {format_validation_errors(exc)}") from None
 
 
 def load_config(path: Path) -> ProvisionerConfig:

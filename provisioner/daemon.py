@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import random
 import signal
 import threading
 import time
@@ -19,23 +18,26 @@ from pathlib import Path
 import requests.exceptions
 import structlog
 
+from tts_common.backoff import backoff_delay
+from tts_common.errors import TtsError
+from tts_common.notify import notify, watchdog_interval
+
 from .aria2 import Aria2Error, Aria2Process
-from .p2p import Seeder
 from .cache import CacheWriter, Snapshot
 from .config import ProvisionerConfig
 from .download import DownloadError
-from .notify import notify, watchdog_interval
+from .p2p import Seeder
 from .progress import ProgressReporter
 from .status import PID_FILE, ProvisionerStatus
 from .sync import Syncer, make_mirror_set
-from .watcher import CacheWatcher
+from .watcher import DamageWatcher
 
 log = structlog.get_logger(__name__)
 
 LOCK_FILE = ".lock"
 
 
-class CacheLockedError(Exception):
+class CacheLockedError(TtsError):
     """Another provisioner process owns this cache."""
 
     def __init__(self, path: Path, pid: int | None):
@@ -234,7 +236,7 @@ class Provisioner:
         pid_file = Path(self.config.runtime_dir) / PID_FILE
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")
-        watcher = CacheWatcher(self.cache, self.wake)
+        watcher = DamageWatcher(self.cache, self.wake)
         watcher.start()
         keepalive = threading.Thread(target=self._keepalive, name="sd-watchdog", daemon=True)
         keepalive.start()
@@ -252,7 +254,7 @@ class Provisioner:
                 failures = failures + 1 if failed else 0
                 delay = self.config.poll_interval
                 if failed:
-                    delay = min(delay, min(300.0, 2.0 * 2 ** min(failures, 8)) * random.uniform(0.75, 1.25))
+                    delay = min(delay, backoff_delay(failures, base=2.0, cap=300.0))
                     log.info("retrying sync with backoff", seconds=round(delay, 1), failures=failures)
                 deadline = time.monotonic() + delay
                 while not self.stop_event.is_set():

@@ -24,6 +24,7 @@ from typing import Callable
 import structlog
 
 from mirror.manifest import FileEntry
+from tts_common.errors import TtsError
 
 from .aria2 import ERR_CANNOT_RESUME, ERR_DISK_FULL, ERR_HTTP_STATUS, ERR_NOT_FOUND, Aria2Process
 from .cache import CacheWriter
@@ -43,7 +44,7 @@ MAX_REPRESIGNS = 6
 HTTP_FALLBACK_STALLS = 12
 
 
-class DownloadError(Exception):
+class DownloadError(TtsError):
     """A file could not be fetched and verified from any mirror."""
 
 

@@ -11,11 +11,11 @@ channel pointed at then; it lapses by itself once the channel points elsewhere
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from mirror.manifest import validate_name
+from tts_common.atomic import write_atomic
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,8 @@ def read_hold(cache_dir: Path, name: str) -> Hold | None:
 
 
 def write_hold(cache_dir: Path, name: str, hold: Hold) -> None:
-    path = _path(cache_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": hold.version, "channel_version": hold.channel_version}) + "\n")
-    os.replace(tmp, path)
+    doc = {"version": hold.version, "channel_version": hold.channel_version}
+    write_atomic(_path(cache_dir, name), json.dumps(doc) + "\n")
 
 
 def release_hold(cache_dir: Path, name: str) -> bool:

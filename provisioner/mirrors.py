@@ -15,7 +15,7 @@ import structlog
 
 from mirror import layout
 from mirror.manifest import DEFAULT_LIMITS, Manifest, ManifestError, SizeLimits, parse_channel
-from mirror.remote import NOT_FOUND_CODES, describe, error_code
+from mirror.remote import NOT_FOUND_CODES, MirrorError, describe, error_code
 from mirror.s3 import Credentials, CredentialsError, make_client
 from mirror.signing import SignatureError, verify
 
@@ -30,10 +30,6 @@ _NETWORK_ERRORS = (
     botocore.exceptions.ConnectionClosedError,
     botocore.exceptions.ProxyConnectionError,
 )
-
-
-class MirrorError(Exception):
-    """No mirror could answer a request."""
 
 
 class NotFoundOnMirror(MirrorError):

@@ -24,11 +24,12 @@ import structlog
 
 from mirror import torrents as bt
 from mirror.manifest import FileEntry, ManifestError
+from mirror.remote import MirrorError
 
 from .aria2 import Aria2Process
 from .cache import CacheError, CacheWriter
 from .config import P2PConfig
-from .mirrors import MirrorError, MirrorSet
+from .mirrors import MirrorSet
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,7 @@ import structlog
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-from .notify import notify
+from tts_common.notify import notify
 from .status import ProvisionerStatus
 
 log = structlog.get_logger(__name__)

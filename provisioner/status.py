@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tts_common.atomic import write_atomic
+
 SCHEMA = 1
 STATUS_FILE = "status.json"
 PID_FILE = "provisioner.pid"
@@ -78,12 +80,7 @@ class ProvisionerStatus:
         return doc
 
     def write(self, runtime_dir: Path) -> None:
-        runtime_dir = Path(runtime_dir)
-        runtime_dir.mkdir(parents=True, exist_ok=True)
-        tmp = runtime_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, runtime_dir / STATUS_FILE)
+        write_atomic(Path(runtime_dir) / STATUS_FILE, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
 
 
 def read_status(runtime_dir: Path) -> dict[str, Any] | None:

@@ -16,7 +16,10 @@ import requests.exceptions
 import structlog
 
 from mirror.manifest import FileEntry, Manifest
+from mirror.remote import MirrorError
 from mirror.signing import load_public_key
+
+from tts_common.errors import TtsError
 
 from .aria2 import Aria2Error, Aria2Process
 from .cache import CacheError, CacheWriter, DamagedSnapshotError, Snapshot
@@ -24,14 +27,14 @@ from .config import ModelConfig, ProvisionerConfig
 from .download import DownloadError, Downloader
 from mirror.hashing import sha256_file
 from .hold import read_hold, release_hold
-from .mirrors import MirrorError, MirrorSet
+from .mirrors import MirrorSet
 from .p2p import PeerToPeer
 from .progress import ProgressReporter, human_bytes
 
 log = structlog.get_logger(__name__)
 
 
-class SyncError(Exception):
+class SyncError(TtsError):
     """A model could not be brought to its wanted version."""
 
 
@@ -111,12 +114,13 @@ class Syncer:
         return results
 
     def record_failure(self, name: str, exc: Exception) -> None:
-        error = str(exc) if isinstance(exc, (SyncError, MirrorError, DownloadError, CacheError)) else \
-            f"{type(exc).__name__}: {exc}"
+        # An expected failure's message is written for the operator; anything else is a bug
+        # and gets its type and traceback.
+        error = str(exc) if isinstance(exc, TtsError) else f"{type(exc).__name__}: {exc}"
         cur = self.cache.current(name)
         self.reporter.finish(name, cur.version if cur else None, error=error)
         log.error("sync failed", model=name, error=error, serving=cur.version if cur else None,
-                  exc_info=not isinstance(exc, (SyncError, MirrorError, DownloadError, CacheError, OSError)))
+                  exc_info=not isinstance(exc, (TtsError, OSError)))
 
     def sync_model(self, model: ModelConfig) -> SyncResult:
         version, source = self.mirrors.resolve_version(model)

@@ -32,7 +32,7 @@ class _Handler(FileSystemEventHandler):
         self.on_change(Path(event.src_path))
 
 
-class CacheWatcher:
+class DamageWatcher:
     """Collects paths of changed files; `take()` hands them to the main loop, which
     checks them against the current snapshots (the provisioner's own gc and repairs
     also cause events; the check finds nothing wrong for those)."""

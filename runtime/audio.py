@@ -16,6 +16,8 @@ import soundfile as sf
 import soxr
 import structlog
 
+from tts_common.errors import TtsError
+
 log = structlog.get_logger(__name__)
 
 SUPPORTED_RATES: tuple[int, ...] = (8000, 16000, 22050, 24000, 44100, 48000)
@@ -32,7 +34,7 @@ _CANDIDATES: dict[str, tuple[str, str, str]] = {
 }
 
 
-class UnsupportedFormatError(ValueError):
+class UnsupportedFormatError(TtsError, ValueError):
     """Requested output format is unknown or not supported by this libsndfile."""
 
 

@@ -23,15 +23,19 @@ import click
 import h11
 import structlog
 
-from mirror.logs import configure_logging
+from tts_common.cli import CliGroup
+from tts_common.logs import configure_logging
 
-from .config import DEFAULT_CONFIG_PATH, ConfigError, RuntimeConfig, load_config
+from tts_common.errors import TtsError
+
+from .config import DEFAULT_CONFIG_PATH, RuntimeConfig, load_config
+from .omp import prefer_passive_wait
 
 log = structlog.get_logger(__name__)
 SD_LISTEN_FDS_START = 3
 
 
-class ServeError(Exception):
+class ServeError(TtsError):
     pass
 
 
@@ -188,7 +192,7 @@ def serve_runtime(config: RuntimeConfig, loader=None) -> None:
             created.unlink(missing_ok=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CliGroup)
 def main() -> None:
     """tts-fleet runtime: the resident TTS service."""
 
@@ -200,21 +204,14 @@ def main() -> None:
               help="override socket_path from the config")
 def serve(config_path: Path | None, socket_path: Path | None) -> None:
     """Serve synthesis on the Unix socket once the model cache is complete."""
+    prefer_passive_wait()
     if config_path is None and DEFAULT_CONFIG_PATH.exists():
         config_path = DEFAULT_CONFIG_PATH
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    config = load_config(config_path)
     if socket_path is not None:
         config = config.model_copy(update={"socket_path": socket_path})
     configure_logging(config.log_level)
-    try:
-        serve_runtime(config)
-    except ServeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    serve_runtime(config)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A small client for the runtime's HTTP API over its Unix socket (httpx).
 
-Errors come back as `ApiError` with the server's own message (its JSON `detail`),
+Errors come back as `RequestFailed` with the server's own message (its JSON `detail`),
 the status code and Retry-After, so tools can print them and decide about retries.
 """
 
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
+
+from tts_common.errors import TtsError
 
 from .config import DEFAULT_SOCKET_PATH
 
@@ -26,7 +28,9 @@ def default_socket() -> Path:
     return Path(os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET_PATH)
 
 
-class ApiError(Exception):
+class RequestFailed(TtsError):
+    """A request to the runtime got an error answer, or no answer (status None)."""
+
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status = status
@@ -46,7 +50,7 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def error_from_response(response: httpx.Response) -> ApiError:
+def error_from_response(response: httpx.Response) -> RequestFailed:
     try:
         body = response.json()
         message = body.get("detail") if isinstance(body, dict) else None
@@ -54,20 +58,20 @@ def error_from_response(response: httpx.Response) -> ApiError:
         message = None
     if not isinstance(message, str):
         message = response.text.strip()[:300] or response.reason_phrase
-    return ApiError(f"HTTP {response.status_code}: {message}", response.status_code, _retry_after(response))
+    return RequestFailed(f"HTTP {response.status_code}: {message}", response.status_code, _retry_after(response))
 
 
-def transport_error(exc: httpx.HTTPError, socket_path: Path) -> ApiError:
+def transport_error(exc: httpx.HTTPError, socket_path: Path) -> RequestFailed:
     if isinstance(exc, httpx.TimeoutException):
-        return ApiError(f"timed out talking to the runtime at {socket_path}")
+        return RequestFailed(f"timed out talking to the runtime at {socket_path}")
     if isinstance(exc, httpx.ConnectError):
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, FileNotFoundError) or "No such file" in str(exc):
-            return ApiError(f"no runtime socket at {socket_path} (is tts-runtime running?)")
+            return RequestFailed(f"no runtime socket at {socket_path} (is tts-runtime running?)")
         if isinstance(cause, PermissionError) or "Permission denied" in str(exc):
-            return ApiError(f"permission denied on {socket_path} (are you in the socket's group?)")
-        return ApiError(f"cannot connect to the runtime at {socket_path}: {exc}")
-    return ApiError(f"talking to the runtime at {socket_path} failed: {exc}")
+            return RequestFailed(f"permission denied on {socket_path} (are you in the socket's group?)")
+        return RequestFailed(f"cannot connect to the runtime at {socket_path}: {exc}")
+    return RequestFailed(f"talking to the runtime at {socket_path} failed: {exc}")
 
 
 def http_client(socket_path: Path, timeout: float = 120.0) -> httpx.Client:

@@ -36,7 +36,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mirror.manifest import ManifestError, validate_name
-from provisioner.config import ConfigError, LogLevel, load_toml
+from tts_common.config import ConfigError, LogLevel, load_toml
 
 from .normalize import DEFAULT_NORMALIZE_TEXT
 

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,13 +30,18 @@ import click
 import httpx
 import structlog
 
-from mirror.logs import configure_logging
+from tts_common.atomic import atomic_writer, write_atomic
+from tts_common.backoff import backoff_delay
+from tts_common.cli import CliGroup, CommandFailed
+from tts_common.logs import configure_logging
 
-from .client import ApiError, RuntimeClient, async_http_client, default_socket, error_from_response, transport_error
-from .config import DEFAULT_CONFIG_PATH, ConfigError, RuntimeConfig, load_config
+from .client import RequestFailed, RuntimeClient, async_http_client, default_socket, error_from_response, transport_error
+from .config import DEFAULT_CONFIG_PATH, RuntimeConfig, load_config
+from .omp import prefer_passive_wait
 
 log = structlog.get_logger(__name__)
 
+PROVISIONER_CLI = "tts-provisioner"
 FORMAT_SUFFIX = {"wav": ".wav", "mp3": ".mp3", "flac": ".flac", "ogg": ".ogg", "opus": ".opus", "pcm": ".pcm"}
 
 
@@ -49,21 +55,6 @@ class Ctx:
         return RuntimeClient(self.socket, timeout=timeout)
 
 
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _format_for(output: Path | None, fmt: str | None) -> str:
     if fmt:
         return fmt.lower()
@@ -74,7 +65,7 @@ def _format_for(output: Path | None, fmt: str | None) -> str:
     return "wav"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CliGroup)
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
               help="runtime socket (default: $TTS_RUNTIME_SOCKET, the config's socket_path, /run/tts/runtime.sock)")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -83,14 +74,12 @@ def _format_for(output: Path | None, fmt: str | None) -> str:
 @click.pass_context
 def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None, verbose: bool) -> None:
     """Use the tts-fleet runtime: synthesize, run batch jobs, check status."""
+    prefer_passive_wait()  # `synth --local` runs the engine in this process
     configure_logging("debug" if verbose else "warning")
     given = config_path is not None
     if config_path is None and DEFAULT_CONFIG_PATH.exists():
         config_path = DEFAULT_CONFIG_PATH
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
+    config = load_config(config_path)
     if socket_path is None:
         socket_path = Path(os.environ["TTS_RUNTIME_SOCKET"]) if os.environ.get("TTS_RUNTIME_SOCKET") else (
             config.socket_path if config_path is not None else default_socket())
@@ -116,7 +105,7 @@ def synth_local(config: RuntimeConfig, text: str, *, voice: str, fmt: str, rate:
     result = gate.check(voice)
     if not result.ok:
         known = CacheReader(config.cache_dir).models()
-        raise ApiError(f"{result.reason} (cache {config.cache_dir}; models there: {', '.join(known) or 'none'})")
+        raise RequestFailed(f"{result.reason} (cache {config.cache_dir}; models there: {', '.join(known) or 'none'})")
     engine = load_engine(config, result.snapshot)
     try:
         try:
@@ -124,7 +113,7 @@ def synth_local(config: RuntimeConfig, text: str, *, voice: str, fmt: str, rate:
                                                noise_scale=noise_scale, noise_w=noise_w, speed=speed,
                                                speaker=speaker)
         except UnknownSpeakerError as exc:
-            raise ApiError(f"speaker: {exc}") from None
+            raise RequestFailed(f"speaker: {exc}") from None
         wave = join_sentences(synthesize_local(engine, requests, config.max_batch_size), engine.sample_rate, pauses)
         return audio.encode(wave, engine.sample_rate, fmt, target_rate=rate, volume=volume)
     finally:
@@ -168,15 +157,9 @@ def synth(obj: Ctx, text: str, output: Path, voice: str | None, speaker: str | N
         else:
             with obj.client(timeout) as client:
                 if stream and not to_stdout:
-                    output.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = output.with_name(f".{output.name}.part-{os.getpid()}")
-                    try:
-                        with open(tmp, "wb") as f:
-                            for chunk in client.stream(text, **params):
-                                f.write(chunk)
-                        os.replace(tmp, output)
-                    finally:
-                        tmp.unlink(missing_ok=True)
+                    with atomic_writer(output) as f:
+                        for chunk in client.stream(text, **params):
+                            f.write(chunk)
                     click.echo(str(output))
                     return
                 if stream:
@@ -185,14 +168,12 @@ def synth(obj: Ctx, text: str, output: Path, voice: str | None, speaker: str | N
                         sys.stdout.buffer.flush()
                     return
                 data = client.synthesize(text, **params)
-    except ApiError as exc:
-        _fail(str(exc))
-    except (ValueError, OSError) as exc:  # frontend errors (empty/too long text), unwritable output
-        _fail(str(exc))
+    except ValueError as exc:  # the engine's own request checks (--local)
+        raise CommandFailed(str(exc)) from None
     if to_stdout:
         sys.stdout.buffer.write(data)
     else:
-        _write_atomic(output, data)
+        write_atomic(output, data)
         click.echo(str(output))
 
 
@@ -221,25 +202,22 @@ def check(obj: Ctx, text: str, voice: str | None, expect_version: str | None, ou
 
     if reload_first:
         _reload_for_check(obj, voice or obj.config.default_voice, expect_version, timeout)
-    try:
-        with obj.client(timeout) as client:
-            # Inside the package: the response's headers say which version answered.
-            response = client._request("POST", "/v1/synthesize", json={"text": text, "voice": voice, "format": "wav"})
-    except ApiError as exc:
-        _fail(str(exc))
+    with obj.client(timeout) as client:
+        # Inside the package: the response's headers say which version answered.
+        response = client._request("POST", "/v1/synthesize", json={"text": text, "voice": voice, "format": "wav"})
     served = response.headers.get("x-voice-version", "?")
     name = response.headers.get("x-voice", voice or "?")
     if expect_version is not None and served != expect_version:
-        _fail(f"{name} {served} answered, expected {expect_version}")
+        raise CommandFailed(f"{name} {served} answered, expected {expect_version}")
     try:
         wave, rate = soundfile.read(io.BytesIO(response.content), dtype="float32")
     except RuntimeError as exc:
-        _fail(f"{name} {served}: the answer is not a readable WAV ({exc})")
+        raise CommandFailed(f"{name} {served}: the answer is not a readable WAV ({exc})")
     if output is not None:
-        _write_atomic(output, response.content)
+        write_atomic(output, response.content)
     verdict = check_speech(wave, rate, text)
     if not verdict.ok:
-        _fail(f"{name} {served}: {verdict.line()}")
+        raise CommandFailed(f"{name} {served}: {verdict.line()}")
     click.echo(f"{name} {served}: {verdict.line()}")
 
 
@@ -249,16 +227,16 @@ def _reload_for_check(obj: Ctx, voice: str, expect_version: str | None, timeout:
     try:
         with obj.client(timeout) as client:
             answer = client.reload()
-    except ApiError as exc:
-        _fail(f"reload: {exc}")
+    except RequestFailed as exc:
+        raise CommandFailed(f"reload: {exc}")
     if not answer.get("finished"):
-        _fail("reload: the runtime did not finish re-checking the cache in time")
+        raise CommandFailed("reload: the runtime did not finish re-checking the cache in time")
     model = (answer.get("models") or {}).get(voice) or {}
     if expect_version is not None and model.get("version") != expect_version:
         why = model.get("last_error") or model.get("waiting") or "no error reported"
-        _fail(f"the runtime serves {voice} {model.get('version') or 'nothing'}, not {expect_version}: {why}")
+        raise CommandFailed(f"the runtime serves {voice} {model.get('version') or 'nothing'}, not {expect_version}: {why}")
     if not answer.get("ready"):
-        _fail(f"the runtime is not ready after the reload: {model.get('waiting') or 'another voice is not loaded'}")
+        raise CommandFailed(f"the runtime is not ready after the reload: {model.get('waiting') or 'another voice is not loaded'}")
 
 
 # -- batch -------------------------------------------------------------------------------
@@ -301,9 +279,9 @@ def read_items(path: Path) -> tuple[list[Item], list[Failure]]:
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise click.ClickException(f"{path} is not UTF-8: {exc}") from None
+        raise CommandFailed(f"{path} is not UTF-8: {exc}") from None
     except OSError as exc:
-        raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
+        raise CommandFailed(f"cannot read {path}: {exc.strerror}") from None
 
     def add(line: int, record: dict[str, Any]) -> None:
         unknown = set(record) - ITEM_KEYS
@@ -346,11 +324,11 @@ def read_items(path: Path) -> tuple[list[Item], list[Failure]]:
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(raw, newline=""))
         if not reader.fieldnames or "text" not in reader.fieldnames:
-            raise click.ClickException(f"{path}: the CSV needs a header row with a 'text' column")
+            raise CommandFailed(f"{path}: the CSV needs a header row with a 'text' column")
         for record in reader:
             add(reader.line_num, {k: v for k, v in record.items() if k is not None})
     else:
-        raise click.ClickException(f"{path}: use a .txt, .csv or .jsonl file")
+        raise CommandFailed(f"{path}: use a .txt, .csv or .jsonl file")
     seen: dict[str, int] = {}
     unique = []
     for item in items:
@@ -394,12 +372,12 @@ async def _run_batch(obj: Ctx, items: list[Item], out_dir: Path, defaults: dict[
             target = out_dir / f"{item.name}{FORMAT_SUFFIX.get(fmt, '.' + fmt)}"
             body = {"text": item.text, **params, "format": fmt}
             async with sem:
-                error: ApiError | None = None
+                error: RequestFailed | None = None
                 for attempt in range(retries + 1):
                     try:
                         response = await client.post("/v1/synthesize", json=body)
                         if response.status_code == 200:
-                            _write_atomic(target, response.content)
+                            write_atomic(target, response.content)
                             written += 1
                             error = None
                             break
@@ -408,9 +386,11 @@ async def _run_batch(obj: Ctx, items: list[Item], out_dir: Path, defaults: dict[
                         error = transport_error(exc, obj.socket)
                     if not error.retryable or attempt == retries:
                         break
-                    # Honour Retry-After; otherwise exponential backoff with jitter.
-                    delay = error.retry_after if error.retry_after is not None else min(30.0, 0.5 * 2**attempt)
-                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                    # Honour Retry-After (never sooner, spread a little); otherwise back off.
+                    if error.retry_after is not None:
+                        await asyncio.sleep(error.retry_after * random.uniform(1.0, 1.2))
+                    else:
+                        await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=30.0))
                 if error is not None:
                     failures.append(Failure(item.line, item.name, str(error)))
             progress.advance(task)
@@ -464,7 +444,7 @@ def batch(obj: Ctx, input_path: Path, out_dir: Path, concurrency: int, voice: st
     failures.sort(key=lambda f: f.line)
     report = out_dir / "failures.jsonl"
     if failures:
-        _write_atomic(report, "".join(json.dumps(f.__dict__) + "\n" for f in failures).encode())
+        write_atomic(report, "".join(json.dumps(f.__dict__) + "\n" for f in failures).encode())
     else:
         report.unlink(missing_ok=True)
     elapsed = time.monotonic() - started
@@ -492,7 +472,7 @@ def status(obj: Ctx, as_json: bool) -> None:
     try:
         with obj.client(10.0) as client:
             rt: dict[str, Any] = client.status()
-    except ApiError as exc:
+    except RequestFailed as exc:
         rt = {"error": str(exc)}
     if as_json:
         click.echo(json.dumps({"provisioner": prov, "runtime": rt}, indent=2, sort_keys=True))
@@ -544,11 +524,8 @@ def status(obj: Ctx, as_json: bool) -> None:
 @click.pass_obj
 def voices(obj: Ctx, as_json: bool) -> None:
     """Voices the runtime serves."""
-    try:
-        with obj.client(10.0) as client:
-            data = client.voices()
-    except ApiError as exc:
-        _fail(str(exc))
+    with obj.client(10.0) as client:
+        data = client.voices()
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -587,28 +564,23 @@ def wait_ready(obj: Ctx, timeout: float, quiet: bool) -> None:
                 last = reason
             left = deadline - time.monotonic()
             if left <= 0:
-                _fail(f"not ready after {timeout:g} s: {reason}")
+                raise CommandFailed(f"not ready after {timeout:g} s: {reason}")
             time.sleep(min(delay, left))
             delay = min(delay * 1.5, 2.0)
 
 
-def _add_cache_group() -> None:
-    # The provisioner's CLI is imported when `cache` runs, not at every start: it pulls in
-    # boto3 and aria2p, about 45% of tts-ctl's start-up, and the health gate starts tts-ctl
-    # on every host of a rollout or rollback.
-    @main.command("cache", add_help_option=False,
-                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def cache(args: tuple[str, ...]) -> None:
-        """The provisioner's CLI (snapshots, verify, rollback, gc)."""
-        try:
-            from provisioner.cli import main as provisioner_main
-        except ImportError as exc:  # the provisioner CLI is optional for the runtime side
-            _fail(f"the provisioner CLI is not available: {exc}")
-        provisioner_main.main(args=list(args), prog_name="tts-ctl cache")
-
-
-_add_cache_group()
+@main.command("cache", add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def cache(args: tuple[str, ...]) -> None:
+    """The provisioner's CLI (snapshots, verify, rollback, gc): runs `tts-provisioner ARGS`."""
+    # By its console script, not an import: the runtime side uses only the provisioner's
+    # read-only cache API (pyproject.toml's import contracts).
+    beside = Path(sys.executable).parent / PROVISIONER_CLI  # the same virtualenv's bin/
+    exe = str(beside) if beside.is_file() else shutil.which(PROVISIONER_CLI)
+    if exe is None:
+        raise CommandFailed(f"{PROVISIONER_CLI} is not installed (it comes with the provisioner)")
+    os.execv(exe, [exe, *args])
 
 
 if __name__ == "__main__":

@@ -12,18 +12,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-
-# libgomp's default active spin-wait degrades badly when other processes compete for the cores
-# (measured: 2.9x slower vs 1.06x with PASSIVE on a loaded 2-core box). It only takes effect if
-# torch is not imported yet; an explicit environment value always wins. See docs/engine.md.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -32,17 +25,18 @@ import structlog
 import torch
 
 from runtime import heap
+from runtime.bundle import WEIGHTS_FILE, BundleError, VoiceBundle
 from runtime.frontend import TextFrontend
 from runtime.vits import VitsConfig, VitsModel
 from runtime.vits.lanes import SERIAL, Lanes
+
+from tts_common.errors import TtsError
 
 log = structlog.get_logger(__name__)
 
 # torch's own default (one per core), read before a CPU engine sets intra-op threads to 1.
 _DEFAULT_THREADS = torch.get_num_threads()
 
-WEIGHTS_FILE = "model.safetensors"
-VOICE_FILE = "voice.json"
 SENTENCE_PAUSE_S = 0.2
 TEXT_BATCH = 16  # sentences of one text synthesized per batch
 # Audio handed out first by synthesize_progressive: short enough for an early first byte, long
@@ -51,7 +45,7 @@ TEXT_BATCH = 16  # sentences of one text synthesized per batch
 FIRST_PIECE_S = 0.5
 
 
-class EngineError(RuntimeError):
+class EngineError(TtsError, RuntimeError):
     """The engine cannot load or run (bad bundle, unavailable device, closed engine)."""
 
 
@@ -81,7 +75,7 @@ class _Resolved:
     speed: float = 1.0
 
 
-class UnknownSpeakerError(ValueError):
+class UnknownSpeakerError(TtsError, ValueError):
     """A speaker name or id the voice does not have (the API answers 404 with the valid ones)."""
 
 
@@ -111,23 +105,9 @@ def _resolve_device(device: str, cpu_fallback: bool) -> torch.device:
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-def _read_voice(bundle_dir: Path) -> dict:
-    path = bundle_dir / VOICE_FILE
-    try:
-        voice = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise EngineError(f"bundle {bundle_dir} has no {VOICE_FILE}") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EngineError(f"{path} is not readable JSON: {exc}") from exc
-    for key in ("sample_rate", "phoneme_id_map", "espeak_voice", "inference", "hyperparameters"):
-        if key not in voice:
-            raise EngineError(f"{path} lacks {key!r} (not a tts-fleet voice bundle?)")
-    return voice
-
-
 class Engine:
-    def __init__(self, model: VitsModel, voice: dict, device: torch.device, cpu_fallback: bool, max_chars: int,
-                 lanes: Lanes = SERIAL):
+    def __init__(self, model: VitsModel, voice: VoiceBundle, device: torch.device, cpu_fallback: bool,
+                 max_chars: int, lanes: Lanes = SERIAL):
         self._model: VitsModel | None = model
         self._lanes = lanes if device.type == "cpu" else SERIAL
         # Lanes of their own for short requests that overtake a long batch: the long batch's
@@ -138,21 +118,16 @@ class Engine:
         self._voice = voice
         self._device = device
         self.cpu_fallback = cpu_fallback
-        self.sample_rate: int = int(voice["sample_rate"])
-        self.voice_name: str = str(voice.get("name", "voice"))
+        self.sample_rate: int = voice.sample_rate
+        self.voice_name: str = voice.name
         self.num_symbols: int = int(model.cfg.num_symbols)
         self.hop_length: int = model.cfg.hop_length
-        inf = voice["inference"]
-        self.defaults = {
-            "length_scale": float(inf.get("length_scale", 1.0)),
-            "noise_scale": float(inf.get("noise_scale", 0.667)),
-            "noise_w": float(inf.get("noise_w", 0.8)),
-        }
-        self.frontend = TextFrontend(voice, max_chars=max_chars)
+        self.defaults = asdict(voice.inference)
+        self.frontend = TextFrontend(voice.to_dict(), max_chars=max_chars)
         self.num_speakers: int = int(model.cfg.n_speakers)
         # name -> id (piper's speaker_id_map); a voice without names still takes ids
-        self.speakers: dict[str, int] = {str(k): int(v) for k, v in (voice.get("speaker_id_map") or {}).items()}
-        self.default_speaker: int = int(voice.get("default_speaker_id", 0)) if self.num_speakers > 1 else 0
+        self.speakers: dict[str, int] = {str(k): int(v) for k, v in voice.speaker_id_map.items()}
+        self.default_speaker: int = int(voice.default_speaker_id) if self.num_speakers > 1 else 0
         self.stats = {"batches": 0, "oom_splits": 0, "cpu_fallbacks": 0}
         self._lock = threading.Lock()
 
@@ -174,12 +149,12 @@ class Engine:
             raise ValueError(f"threads must be >= 1, got {threads}")
         t0 = time.perf_counter()
         heap.keep_freed_memory()
-        voice = _read_voice(bundle_dir)
-        dev = _resolve_device(device, cpu_fallback)
         try:
-            cfg = VitsConfig.from_dict(voice["hyperparameters"])
-        except (TypeError, ValueError) as exc:
-            raise EngineError(f"bad hyperparameters in {bundle_dir / VOICE_FILE}: {exc}") from exc
+            voice = VoiceBundle.read(bundle_dir)
+        except BundleError as exc:
+            raise EngineError(str(exc)) from None
+        dev = _resolve_device(device, cpu_fallback)
+        cfg = voice.hyperparameters
         weights = bundle_dir / WEIGHTS_FILE
         try:
             state = load_file(str(weights), device="cpu")
@@ -259,14 +234,13 @@ class Engine:
     def describe_voice(self) -> dict:
         """The voice's shape for /v1/voices and /v1/status: language, quality, rate, speakers,
         and the bytes its weights hold resident (per loaded voice)."""
-        lang = self._voice.get("language") or {}
         model = self._model
         weight_bytes = 0 if model is None else sum(t.numel() * t.element_size() for t in model.state_dict().values())
         return {
-            "language": lang.get("code") if isinstance(lang, dict) else lang,
-            "quality": self._voice.get("quality"),
+            "language": self._voice.language_code,
+            "quality": self._voice.quality,
             "sample_rate": self.sample_rate,
-            "phoneme_type": self._voice.get("phoneme_type", "espeak"),
+            "phoneme_type": self._voice.phoneme_type,
             "num_speakers": self.num_speakers,
             "speakers": dict(sorted(self.speakers.items(), key=lambda kv: kv[1])),
             "default_speaker": self.default_speaker,

@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 import structlog
 
+from tts_common.errors import TtsError
+
 from .normalize import DEFAULT_NORMALIZE_TEXT, language_of, normalizer_for
 
 log = structlog.get_logger(__name__)
@@ -50,11 +52,11 @@ _FOLD = str.maketrans({
 _KEEP_CATEGORIES = ("L", "M", "N", "P", "Sc", "Sm", "Zs")
 
 
-class TextTooLongError(ValueError):
+class TextTooLongError(TtsError, ValueError):
     """Text exceeds the configured character limit (the API layer answers 413)."""
 
 
-class EmptyTextError(ValueError):
+class EmptyTextError(TtsError, ValueError):
     """Nothing speakable was left after normalization."""
 
 

@@ -5,7 +5,7 @@ cache API) to a snapshot with `COMPLETE` whose files match its manifest: sizes a
 sha256 only when configured. Until then the reason names what is missing, using the
 provisioner's status file for progress ("waiting for model cache: joe 2 of 3 files").
 
-`CacheWatcher` wakes the caller on filesystem events (watchdog/inotify) in the cache's
+`SwitchWatcher` wakes the caller on filesystem events (watchdog/inotify) in the cache's
 `current/` directory and the provisioner's runtime directory, so waiting costs nothing
 and a move of `current/<name>` is noticed at once. Directories that do not exist yet
 are watched through their nearest existing parent and re-armed when they appear.
@@ -83,7 +83,7 @@ class _Wake(FileSystemEventHandler):
             self._event.set()
 
 
-class CacheWatcher:
+class SwitchWatcher:
     """Sets an event whenever something changes in the watched directories."""
 
     def __init__(self, directories: list[Path]):

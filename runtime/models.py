@@ -22,16 +22,20 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import structlog
 
 from provisioner.cache import Snapshot
-from provisioner.notify import notify
+from tts_common.notify import notify
 
 from .config import RuntimeConfig
-from .gate import CacheWatcher, ReadinessGate
+from .engine_api import SynthesisEngine
+from .gate import SwitchWatcher, ReadinessGate
+
+if TYPE_CHECKING:
+    from .engine import SynthesisRequest
 
 log = structlog.get_logger(__name__)
 
@@ -47,13 +51,13 @@ def sentence_seed(seed: int, index: int) -> int:
     return (seed + index) % SEED_LIMIT
 
 
-def plan_requests(engine: Any, text: str, **options: Any) -> list[Any]:
+def plan_requests(engine: SynthesisEngine, text: str, **options: Any) -> list[SynthesisRequest]:
     """One SynthesisRequest per utterance (plan_utterances without the pauses)."""
     return plan_utterances(engine, text, **options)[0]
 
 
 def plan_utterances(
-    engine: Any,
+    engine: SynthesisEngine,
     text: str,
     *,
     seed: int = 0,
@@ -62,7 +66,7 @@ def plan_utterances(
     noise_w: float | None = None,
     speed: float | None = None,
     speaker: int | str | None = None,
-) -> tuple[list[Any], list[float]]:
+) -> tuple[list[SynthesisRequest], list[float]]:
     """One SynthesisRequest per utterance (a sentence, or a piece of one cut for length),
     seeded like Engine.synthesize_text (seed + k), and for each the seconds of silence that
     follow it (join_sentences): the sentence pause, scaled like the speech by 1/speed, or 0
@@ -71,7 +75,7 @@ def plan_utterances(
     from .engine import SENTENCE_PAUSE_S, SynthesisRequest
 
     speed = 1.0 if speed is None else float(speed)
-    speaker_id = engine.speaker_id(speaker) if hasattr(engine, "speaker_id") else None
+    speaker_id = engine.speaker_id(speaker)
     utterances = engine.frontend.text_to_utterances(text)
     requests = [
         SynthesisRequest(phoneme_ids=tuple(u.ids), seed=sentence_seed(seed, i), length_scale=length_scale,
@@ -103,7 +107,7 @@ def join_sentences(waves: list[np.ndarray], sample_rate: int, pauses: list[float
     return np.concatenate(parts)
 
 
-def synthesize_local(engine: Any, requests: list[Any], max_batch: int = 8) -> list[np.ndarray]:
+def synthesize_local(engine: SynthesisEngine, requests: list[SynthesisRequest], max_batch: int = 8) -> list[np.ndarray]:
     """In-process synthesis in batches (the engine is batch-invariant per seed)."""
     waves: list[np.ndarray] = []
     for start in range(0, len(requests), max_batch):
@@ -116,7 +120,7 @@ def synthesize_local(engine: Any, requests: list[Any], max_batch: int = 8) -> li
 @dataclass
 class LoadedModel:
     name: str
-    engine: Any
+    engine: SynthesisEngine
     snapshot: Snapshot
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
@@ -125,15 +129,15 @@ class LoadedModel:
         return {
             "version": self.snapshot.version,
             "snapshot": str(self.snapshot.path),
-            "device": getattr(self.engine, "device", None),
-            "sample_rate": getattr(self.engine, "sample_rate", None),
+            "device": self.engine.device,
+            "sample_rate": self.engine.sample_rate,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
             "load_seconds": round(self.load_seconds, 3),
-            **(self.engine.describe_voice() if hasattr(self.engine, "describe_voice") else {}),
+            **self.engine.describe_voice(),
         }
 
 
-def load_engine(config: RuntimeConfig, snapshot: Snapshot) -> Any:
+def load_engine(config: RuntimeConfig, snapshot: Snapshot) -> SynthesisEngine:
     from .engine import Engine
 
     engine = Engine.load(
@@ -157,7 +161,7 @@ class ModelHolder:
     def names(self) -> list[str]:
         return sorted(self._models)
 
-    def install(self, name: str, snapshot: Snapshot, loader: Callable[[Snapshot], Any]) -> LoadedModel:
+    def install(self, name: str, snapshot: Snapshot, loader: Callable[[Snapshot], SynthesisEngine]) -> LoadedModel:
         """Load beside the old engine, swap between batches, then release the old one.
         Raises whatever the loader raises; the old engine then keeps serving."""
         started = time.monotonic()
@@ -177,7 +181,7 @@ class ModelHolder:
             _close(model.engine)
 
 
-def _close(engine: Any) -> None:
+def _close(engine: SynthesisEngine) -> None:
     try:
         engine.close()
     except Exception as exc:  # releasing must never take the service down
@@ -187,11 +191,11 @@ def _close(engine: Any) -> None:
 class ModelManager:
     """Background thread: gate -> load -> watch for moves -> hot swap."""
 
-    def __init__(self, config: RuntimeConfig, loader: Callable[[Snapshot], Any] | None = None):
+    def __init__(self, config: RuntimeConfig, loader: Callable[[Snapshot], SynthesisEngine] | None = None):
         self.config = config
         self.names = list(config.models)
         self.gate = ReadinessGate(config.cache_dir, config.provisioner_runtime_dir, config.verify_full_hash)
-        self.watcher = CacheWatcher([self.gate.reader.current_dir, config.provisioner_runtime_dir])
+        self.watcher = SwitchWatcher([self.gate.reader.current_dir, config.provisioner_runtime_dir])
         self.holder = ModelHolder()
         self.loader = loader or (lambda snap: load_engine(config, snap))
         self.reasons: dict[str, str] = {name: "starting" for name in self.names}
@@ -320,7 +324,7 @@ class ModelManager:
             "model loaded",
             model=name,
             version=snap.version,
-            device=getattr(model.engine, "device", None),
+            device=model.engine.device,
             seconds=round(model.load_seconds, 2),
             replaced=previous.snapshot.version if previous else None,
         )

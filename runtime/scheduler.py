@@ -43,11 +43,19 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import structlog
 
+from tts_common.errors import TtsError
+
+from .engine_api import SynthesisEngine
 from .models import ModelHolder
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .engine import SynthesisRequest
 
 log = structlog.get_logger(__name__)
 
@@ -56,33 +64,33 @@ HOLD_FILE_ENV = "TTS_RUNTIME_HOLD_FILE"
 MATE_STRETCH = 1.25  # a batch-mate may pad the anchor's batch to at most this x its length
 
 
-class QueueFull(Exception):
+class QueueFull(TtsError):
     def __init__(self, retry_after: int):
         super().__init__(f"queue is full; retry in {retry_after}s")
         self.retry_after = retry_after
 
 
-class DeadlineExceeded(Exception):
+class DeadlineExceeded(TtsError):
     pass
 
 
-class ModelUnavailable(Exception):
+class ModelUnavailable(TtsError):
     pass
 
 
-class WorkerStopped(Exception):
+class WorkerStopped(TtsError):
     pass
 
 
 @dataclass(eq=False)
 class Job:
     voice: str
-    request: Any  # runtime.engine.SynthesisRequest
+    request: SynthesisRequest
     deadline: float  # time.monotonic()
     after: "Job | None" = None
     # Set for a stream's first sentence: called from the worker thread with the first piece of
     # audio as soon as it exists (see Engine.synthesize_progressive); such a job runs alone.
-    on_first_piece: Callable[[Any], None] | None = None
+    on_first_piece: Callable[[np.ndarray], None] | None = None
     group: int = 0  # the request it belongs to (turn-taking is per request)
     request_ids: int = 0  # phoneme ids of that whole request (which requests may overtake)
     future: Future = field(default_factory=Future)
@@ -156,8 +164,8 @@ class Scheduler:
         batches_ahead = max(1, math.ceil(self.depth / self.max_batch_size))
         return max(1, math.ceil(batches_ahead * self._batch_seconds))
 
-    def submit(self, voice: str, requests: list[Any], deadline: float, *, first_alone: bool = False,
-               on_first_piece: Callable[[Any], None] | None = None) -> list[Job]:
+    def submit(self, voice: str, requests: list[SynthesisRequest], deadline: float, *, first_alone: bool = False,
+               on_first_piece: Callable[[np.ndarray], None] | None = None) -> list[Job]:
         """Queue one request's sentences, all or none. With first_alone the later
         sentences wait until the first is done (streaming: early first byte). With
         on_first_piece the first sentence runs alone and hands out its first piece of audio
@@ -367,7 +375,7 @@ class Scheduler:
             for group in [g for g in self._last_turn if g not in waiting]:
                 del self._last_turn[group]
 
-    def _synthesize(self, engine: Any, batch: list[Job], express: bool = False) -> list[Any]:
+    def _synthesize(self, engine: SynthesisEngine, batch: list[Job], express: bool = False) -> list[np.ndarray]:
         # CUDA out-of-memory (halve and retry, CPU fallback) is handled inside the engine.
         extra = {"express": True} if express else {}
         if len(batch) == 1 and batch[0].on_first_piece is not None:

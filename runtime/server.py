@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from provisioner.notify import notify, watchdog_interval
+from tts_common.notify import notify, watchdog_interval
 
 from . import audio
 from .config import RuntimeConfig

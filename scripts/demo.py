@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tomli_w
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from tests.s3servers import STARTERS  # noqa: E402  (the same S3 servers the tests use)
@@ -81,11 +83,12 @@ def main() -> None:
 
         cache, prov_run = out / "cache", out / "run-provisioner"
         prov_cfg = out / "provisioner.toml"
-        prov_cfg.write_text(
-            f'cache_dir = "{cache}"\nruntime_dir = "{prov_run}"\n'
-            f'public_keys = ["{out / "keys" / "mirror-signing.pub"}"]\n\n'
-            f'[[mirrors]]\nname = "local"\nendpoint = "{endpoint}"\nbucket = "tts-models"\n'
-            f'credentials_file = "{creds}"\n\n[[models]]\nname = "joe"\nchannel = "stable"\n')
+        prov_cfg.write_text(tomli_w.dumps({
+            "cache_dir": str(cache), "runtime_dir": str(prov_run),
+            "public_keys": [str(out / "keys" / "mirror-signing.pub")],
+            "mirrors": [{"name": "local", "endpoint": endpoint, "bucket": "tts-models", "credentials_file": str(creds)}],
+            "models": [{"name": "joe", "channel": "stable"}],
+        }))
         step("provisioning the cache with tts-provisioner sync (aria2, sha256-verified)")
         result = run(tool("tts-provisioner"), "--config", str(prov_cfg), "sync", log=log)
         print(result.stdout.strip(), flush=True)
@@ -94,8 +97,9 @@ def main() -> None:
 
         sock = out / "runtime.sock"
         rt_cfg = out / "runtime.toml"
-        rt_cfg.write_text(f'socket_path = "{sock}"\ncache_dir = "{cache}"\n'
-                          f'provisioner_runtime_dir = "{prov_run}"\nmodels = ["joe"]\ndevice = "cpu"\n')
+        rt_cfg.write_text(tomli_w.dumps({"socket_path": str(sock), "cache_dir": str(cache),
+                                         "provisioner_runtime_dir": str(prov_run), "models": ["joe"],
+                                         "device": "cpu"}))
         step(f"starting tts-runtime on {sock}")
         runtime = subprocess.Popen([tool("tts-runtime"), "serve", "--config", str(rt_cfg)],
                                    stdout=subprocess.DEVNULL, stderr=open(out / "runtime.log", "w"), env=env)

@@ -19,7 +19,7 @@ THREADS = 2
 
 @functools.cache
 def _bundle():
-    from runtime.vits.piper_import import bundled_voice_paths, import_piper
+    from piper_import import bundled_voice_paths, import_piper
 
     out = Path(tempfile.mkdtemp(prefix="tts-engine-bundle-"))
     atexit.register(shutil.rmtree, out, True)
@@ -38,7 +38,7 @@ def _engine():
 def _ort_session():
     import onnxruntime as ort
 
-    from runtime.vits.piper_import import bundled_voice_paths
+    from piper_import import bundled_voice_paths
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = THREADS

@@ -37,7 +37,7 @@ def voice_bundle_dir(base: Path) -> Path:
     global _BUNDLE
     with _BUNDLE_LOCK:
         if _BUNDLE is None:
-            from runtime.vits.piper_import import bundled_voice_paths, import_piper
+            from piper_import import bundled_voice_paths, import_piper
 
             out = base / "joe-bundle"
             onnx_path, json_path = bundled_voice_paths()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.vits.piper_import import bundled_voice_paths
+from piper_import import bundled_voice_paths
 from runtime.frontend import TextFrontend
 from runtime.models import LoadedModel, ModelHolder, join_sentences
 from runtime.scheduler import Scheduler

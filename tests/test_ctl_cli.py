@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -161,14 +162,20 @@ def test_check_reload_is_the_health_gate_in_one_call(tmp_path, tmp_path_factory)
         srv.stop()
 
 
-def test_cache_without_the_provisioner_is_a_clear_error():
-    # A runtime-only install lacks the provisioner package; blocking its import in a child
-    # process is how that install is reproduced here.
+def test_cache_without_the_provisioner_is_a_clear_error(tmp_path):
+    # A runtime-only install has no tts-provisioner script beside tts-ctl nor on PATH: the
+    # child is told its interpreter lives in an empty directory, and PATH holds nothing else.
     code = (
-        "import sys; sys.modules['provisioner.cli'] = None\n"
+        f"import sys; sys.executable = {str(tmp_path / 'python')!r}\n"
         "from runtime.ctl import main\n"
-        "main(['cache', 'list'])\n"
+        "main(['cache', 'snapshots'])\n"
     )
-    r = subprocess.run([str(VENV_BIN / "python"), "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([str(VENV_BIN / "python"), "-c", code], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PATH=str(tmp_path)))
     assert r.returncode == 1, r.stderr
-    assert "the provisioner CLI is not available" in r.stderr and "Traceback" not in r.stderr
+    assert "tts-provisioner is not installed" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cache_runs_the_provisioner_cli(tmp_path):
+    r = ctl("cache", "snapshots", "--help")
+    assert r.returncode == 0 and "Usage: tts-provisioner snapshots" in r.stdout, r.stdout + r.stderr

@@ -48,7 +48,7 @@ def test_wer_matches_piper(engine, recognize):
     from piper.config import SynthesisConfig
     from piper.voice import PiperVoice
 
-    from runtime.vits.piper_import import bundled_voice_paths
+    from piper_import import bundled_voice_paths
 
     assert len(SENTENCES) >= 10
     piper = PiperVoice.load(*bundled_voice_paths())

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from runtime.vits.piper_import import bundled_voice_paths
+from piper_import import bundled_voice_paths
 from runtime.frontend import EmptyTextError, TextFrontend, TextTooLongError
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from runtime.frontend import TextFrontend
-from runtime.vits.piper_import import bundled_voice_paths
+from piper_import import bundled_voice_paths
 
 piper_voice = pytest.importorskip("piper.voice")
 piper_config = pytest.importorskip("piper.config")

@@ -163,7 +163,7 @@ def test_console_script_exit_codes(mirror_env, model_dir, tmp_path) -> None:
     bad = subprocess.run([exe, "publish", empty, "--name", "joe", "--version", "2.0"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines() == [f"Error: {empty} contains no files: nothing to publish"]
+    assert bad.stderr.strip().splitlines() == [f"tts-mirror: error: {empty} contains no files: nothing to publish"]
     usage = subprocess.run([exe, "publish", model_dir, "--version", "1.0"], env=env,
                            capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "--name" in usage.stderr

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from runtime.vits.piper_import import PiperImportError, bundled_voice_paths, import_piper
+from piper_import import PiperImportError, bundled_voice_paths, import_piper
 from tests.engine_fixtures import bundle_dir, import_report  # noqa: F401
 
 onnx = pytest.importorskip("onnx")

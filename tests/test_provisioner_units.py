@@ -31,7 +31,7 @@ def test_notify_never_blocks_on_a_full_receiver(tmp_path, monkeypatch):
     import socket
     import threading
 
-    from provisioner.notify import notify
+    from tts_common.notify import notify
 
     path = tmp_path / "notify.sock"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -58,7 +58,7 @@ def test_notify_never_blocks_on_a_full_receiver(tmp_path, monkeypatch):
 def test_watchdog_interval_is_half_of_watchdog_sec(monkeypatch):
     import os
 
-    from provisioner.notify import watchdog_interval
+    from tts_common.notify import watchdog_interval
 
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)

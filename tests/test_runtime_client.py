@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.client import ApiError, RuntimeClient
+from runtime.client import RequestFailed, RuntimeClient
 
 
 def _read_request(conn: socket.socket) -> bytes:
@@ -65,7 +65,7 @@ def test_a_second_reset_is_an_error_not_a_loop(tmp_path):
     seen: list[bytes] = []
     thread = _serve(tmp_path / "rt.sock", [False, False], seen)
     with RuntimeClient(tmp_path / "rt.sock", timeout=10) as client:
-        with pytest.raises(ApiError, match="talking to the runtime"):
+        with pytest.raises(RequestFailed, match="talking to the runtime"):
             client.status()
     thread.join(10)
     assert len(seen) == 2

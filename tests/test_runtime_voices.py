@@ -37,7 +37,7 @@ def _loads(srv, model: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory):
-    from runtime.vits.piper_import import import_piper
+    from piper_import import import_piper
     from tests import voice_factory
 
     base = tmp_path_factory.mktemp("small-voice")

@@ -13,7 +13,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("piper.train.vits.models")
 
-from runtime.vits.piper_import import import_piper  # noqa: E402
+from piper_import import import_piper  # noqa: E402
 from tests import voice_factory  # noqa: E402
 from tests.runtime_helpers import voice_cache  # noqa: E402,F401  (fixture)
 

@@ -173,9 +173,6 @@ class Generator(nn.Module):
             channels.append(flat[0].weight.shape[0])
         self._plan = {"halo": halos, "pre": ChannelsLastConv.of(self.conv_pre), "stages": stages, "channels": channels}
 
-    def unfuse(self) -> None:
-        self._plan = None
-
     def forward(self, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, C, T] latent frames, every row fully valid; g: [B, gin] speaker embeddings
         (multi-speaker) -> [B, 1, T*hop]."""

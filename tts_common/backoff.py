@@ -1,0 +1,13 @@
+"""Retry delays: exponential, capped, with jitter so a fleet does not retry in step."""
+
+from __future__ import annotations
+
+import random
+
+
+def backoff_delay(failures: int, base: float, cap: float) -> float:
+    """Seconds to wait after `failures` consecutive failures (0 for the first retry's
+    base): base x 2^failures, at most `cap`, then spread by +-50 % so hundreds of
+    nodes that failed together come back at different times."""
+    exponent = min(max(failures, 0), 30)  # 2**30 x any base is past every cap
+    return min(cap, base * 2**exponent) * random.uniform(0.5, 1.5)
