@@ -25,6 +25,6 @@ class Metrics:
         self.errors = Counter("tts_errors_total", "Errors by kind", ["kind"], registry=r)
         self.ready = Gauge("tts_ready", "1 when every configured voice can synthesize", registry=r)
 
-    def observe_batch(self, voice: str, size: int, seconds: float) -> None:
+    def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
