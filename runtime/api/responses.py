@@ -44,7 +44,7 @@ async def synthesize(
                "X-Sample-Rate": str(audio.output_rate(fmt, sample_rate or sr))}
     synthesis.submit(stream=stream, progressive=stream and fmt in PROGRESSIVE_FORMATS)
     try:
-        first = await synthesis.first(partial(until_disconnect, request), stream)
+        first = await synthesis.first(partial(until_disconnect, request))
     except ClientGone:
         record.client_gone()
         return Response(status_code=499)

@@ -110,6 +110,7 @@ class Synthesis:
     pauses: list  # the pause after each utterance (none after the pieces of a cut sentence)
     deadline: float  # time.monotonic()
     jobs: list[Job] = field(default_factory=list)
+    stream: bool = False  # its first utterance runs alone and is awaited alone
     early: asyncio.Future | None = None  # a progressive stream's first piece, once the worker has it
     done: int = 0  # sentences handed out by audio()
 
@@ -124,6 +125,7 @@ class Synthesis:
     def submit(self, *, stream: bool = False, progressive: bool = False) -> None:
         """Queue every utterance, all or none. A stream's first runs alone, for an early first
         byte; `progressive`: its first piece of audio comes back (`early`) before it is whole."""
+        self.stream = stream
         on_first_piece = None
         if progressive:
             loop = asyncio.get_running_loop()
@@ -145,11 +147,11 @@ class Synthesis:
     def cancel(self, jobs: list[Job] | None = None) -> None:
         self.runtime.scheduler.cancel(self.jobs if jobs is None else jobs)
 
-    async def first(self, client_gone: Callable[[], Awaitable[None]] | None, stream: bool) -> list[np.ndarray]:
+    async def first(self, client_gone: Callable[[], Awaitable[None]] | None = None) -> list[np.ndarray]:
         """The first wait: every utterance's audio, or a stream's first sentence (or only its
         first piece). On any failure every job is cancelled; a job's failure is an HttpError."""
         try:
-            return await self.wait(self.jobs[:1] if stream else self.jobs, client_gone, self.early)
+            return await self.wait(self.jobs[:1] if self.stream else self.jobs, client_gone, self.early)
         except BaseException as exc:
             self.cancel()
             if isinstance(exc, Exception) and not isinstance(exc, ClientGone):
