@@ -143,7 +143,8 @@ KEEP_ALIVE_S = 65
 def serve_runtime(config: RuntimeConfig, loader=None) -> None:
     import uvicorn
 
-    from .server import Runtime, create_app
+    from .api.app import create_app
+    from .api.service import Runtime
 
     activated = systemd_sockets()
     created: Path | None = None

@@ -106,12 +106,6 @@ class Job:
     def queue_seconds(self) -> float:
         return ((self.started or time.monotonic()) - self.enqueued)
 
-    @property
-    def synth_seconds(self) -> float:
-        if self.started is None or self.finished is None:
-            return 0.0
-        return self.finished - self.started
-
     def eligible(self) -> bool:
         return self.after is None or self.after.future.done()
 
@@ -126,7 +120,7 @@ class Scheduler:
         max_wait_ms: float = 10.0,
         queue_size: int = 64,
         express_max_ids: int = 0,
-        on_batch: Callable[[str, int, float], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,  # (batch size, seconds)
         hold_file: str | None = None,
     ):
         self.holder = holder
@@ -351,7 +345,7 @@ class Scheduler:
                 self.batches_served += 1
                 self.jobs_served += len(batch)
             if self.on_batch:
-                self.on_batch(batch[0].voice, len(batch), elapsed)
+                self.on_batch(len(batch), elapsed)
         except Exception as exc:
             self._took_turn(batch, time.monotonic())
             log.error("batch failed", voice=batch[0].voice, size=len(batch), error=f"{type(exc).__name__}: {exc}")

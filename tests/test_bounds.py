@@ -176,7 +176,7 @@ def test_progressive_and_dependent_jobs_are_not_skipped(tmp_path):
 
 def test_cpu_allocation_failure_halves_then_refuses(monkeypatch):
     from runtime.engine import Engine, EngineOOMError, SynthesisRequest
-    from runtime.server import _job_error
+    from runtime.api.synthesis import job_error
     from tests.runtime_helpers import shared_engine
 
     engine: Engine = shared_engine(Path(__import__("tempfile").mkdtemp()))
@@ -201,7 +201,7 @@ def test_cpu_allocation_failure_halves_then_refuses(monkeypatch):
     monkeypatch.setattr(engine, "_forward", always)
     with pytest.raises(EngineOOMError) as caught:
         engine.synthesize_batch([SynthesisRequest(ids, seed=1)])
-    err = _job_error(caught.value)
+    err = job_error(caught.value)
     assert err.status == 503 and err.kind == "insufficient_memory" and err.headers["Retry-After"]
 
     def other(model, reqs, dev, lanes):

@@ -203,7 +203,7 @@ def test_malformed_json_invalid_utf8_and_huge_body(server):
 
 
 def test_oversized_body_is_a_json_413_with_or_without_content_length(server):
-    limit = SERVER_MAX_CHARS * 12 + 16384  # runtime.server.AccessLog's room for max_chars
+    limit = SERVER_MAX_CHARS * 12 + 16384  # runtime.api.access.AccessLayer's room for max_chars
     payload = b'{"text": "' + b"a" * (limit + 10) + b'"}'
 
     def chunked():
