@@ -1,0 +1,364 @@
+"""Model servers nobody here wrote, on the verified cache (issue 30, docs/models.md).
+
+- `tts-provisioner wait`: blocks on filesystem events until current/NAME is complete (or a
+  version), one line on timeout, a name the config does not track refused at once.
+- The template unit tts-model@.service with the shipped example drop-ins: systemd's own
+  parser (any stderr line fails) and its hardening score.
+- Under a real service manager (`systemd --user` inside `unshare --mount`, see
+  tests/anymodel_helpers.py), from the mirror through the provisioner daemon and the
+  template unit: piper's own HTTP server (`python -m piper.http_server`) and wyoming-piper,
+  each serving the bundled Piper voice's ONNX + JSON from the cache, are gated (no request
+  reaches them before the snapshot is complete), hot-swapped to a new version (the next
+  answer is the new voice's audio: its JSON doubles length_scale, so the audio is longer) and
+  rolled back after a bad version (an ONNX that passes every checksum but does not load).
+  The audio gate (`tts-ctl check --url`, runtime/speechcheck.py) runs against both.
+- Bad input: a command that exits at start, a health check that never passes, a snapshot
+  removed under a running server, a model name with no snapshot, a name not tracked: one
+  clear line each, the previous version keeps serving where there is one, nothing deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import s3_kinds
+from tests.ops_helpers import VENV_BIN, make_fake_root, namespace_unavailable
+from tests.provisioner_helpers import make_keys, model_files, publish_raw, run_cli, write_config
+
+pytestmark = pytest.mark.integration
+
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+ANALYZE = shutil.which("systemd-analyze")
+SIZES = {"weights/gpt.pth": 300_000, "config.yaml": 500}
+TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+# -- tts-provisioner wait ----------------------------------------------------------------------
+
+def test_wait_blocks_until_the_snapshot_is_complete(tmp_path, s3_server, bucket):
+    keys = make_keys(tmp_path)
+    creds = s3_server.write_credentials(tmp_path / "creds.toml")
+    mirror = dict(name="primary", endpoint=s3_server.endpoint, bucket=bucket, credentials_file=creds)
+    config = write_config(tmp_path, [mirror], keys, models='name = "ckpt"\nchannel = "stable"')
+
+    # Not tracked: refused at once, exit 2, one line.
+    out = run_cli("wait", "ghost", config=config)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "model 'ghost' is not tracked" in out.stderr
+
+    # Nothing published: the timeout is the mechanism; one line naming model and what it waits for.
+    out = run_cli("wait", "ckpt", "--timeout", "0.5", config=config)
+    assert out.returncode == 1, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("tts-provisioner: error: timed out after 0.5s: waiting for ckpt: no snapshot of ckpt yet")
+
+    waiter = subprocess.Popen([str(VENV_BIN / "tts-provisioner"), "--config", str(config), "wait", "ckpt",
+                               "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    v2_waiter = None
+    try:
+        publish_raw(s3_server.client(), bucket, "ckpt", "1.0.0", model_files(1, SIZES), keys)
+        # Published but not synced: nothing is in the cache, so it still waits.
+        assert waiter.poll() is None
+        sync = run_cli("sync", config=config)
+        assert sync.returncode == 0, sync.stderr
+        stdout, stderr = waiter.communicate(timeout=60)
+        assert waiter.returncode == 0, stderr
+        assert stdout.strip() == f"ckpt 1.0.0 is complete: {tmp_path / 'cache/snapshots/ckpt/1.0.0'}"
+        assert "waiting for ckpt: no snapshot of ckpt yet" in stderr
+
+        # --version: current is 1.0.0, so waiting for 2.0.0 blocks until a sync moves it.
+        v2_waiter = subprocess.Popen([str(VENV_BIN / "tts-provisioner"), "--config", str(config), "wait", "ckpt",
+                                      "--version", "2.0.0", "--timeout", "300"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        publish_raw(s3_server.client(), bucket, "ckpt", "2.0.0", model_files(2, SIZES), keys)
+        assert v2_waiter.poll() is None
+        assert run_cli("sync", config=config).returncode == 0
+        stdout, stderr = v2_waiter.communicate(timeout=60)
+        assert v2_waiter.returncode == 0 and "ckpt 2.0.0 is complete" in stdout, stderr
+        assert "current/ckpt is at 1.0.0, waiting for 2.0.0" in stderr
+    finally:
+        for proc in (waiter, v2_waiter):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+def test_wait_sleeps_on_events_not_polling(tmp_path):
+    """A waiter with nothing to wait for uses (almost) no CPU: it sleeps in the kernel until
+    an inotify event or its 30 s safety-net re-check (not a verdict on speed: a polling loop
+    would show hundreds of wake-ups, counted by the kernel as context switches)."""
+    config = write_config(tmp_path, [dict(name="m", endpoint="http://127.0.0.1:9", bucket="b",
+                                          credentials_file=tmp_path / "c")], None,
+                          models='name = "ckpt"\nchannel = "stable"')
+    (tmp_path / "cache").mkdir()
+    proc = subprocess.Popen([str(VENV_BIN / "tts-provisioner"), "--config", str(config), "wait", "ckpt",
+                             "--timeout", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # its first "waiting" line: it is now in its wait
+            if proc.stderr.readline().startswith("waiting for ckpt"):
+                break
+        before = _voluntary_switches(proc.pid)
+        time.sleep(3)
+        after = _voluntary_switches(proc.pid)
+        # watchdog's observer thread blocks in read(); the main thread in Event.wait.
+        print(f"voluntary context switches in 3 s: {after - before}")
+        assert after - before < 20, (before, after)
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def _voluntary_switches(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches"):
+                total += int(line.split()[1])
+    return total
+
+
+# -- the unit, statically ------------------------------------------------------------------------
+
+def _model_root(tmp_path: Path) -> Path:
+    root = make_fake_root(tmp_path / "root")
+    units = root / "etc/systemd/system"
+    shutil.copy(SYSTEMD / "tts-model@.service", units)
+    for name, example in (("piper", "piper-http.conf"), ("wyoming", "wyoming-piper.conf")):
+        (units / f"tts-model@{name}.service.d").mkdir()
+        shutil.copy(SYSTEMD / "examples" / example, units / f"tts-model@{name}.service.d/command.conf")
+    return root
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze missing: run scripts/setup.sh")
+def test_template_unit_and_examples_verify_and_score(tmp_path):
+    root = _model_root(tmp_path)
+    out = subprocess.run([ANALYZE, "verify", f"--root={root}", "--man=no", "--generators=no",
+                          "tts-model@piper.service", "tts-model@wyoming.service"],
+                         cwd=root / "etc/systemd/system", capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+    out = subprocess.run([ANALYZE, "security", "--offline=true", f"--root={root}", "--threshold=20", "--no-pager",
+                          "tts-model@piper.service"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout[-3000:]
+    score = float(out.stdout.rsplit("Overall exposure level for tts-model@piper.service: ", 1)[1].split()[0])
+    print(f"tts-model@piper.service: exposure {score}")
+    assert score <= 2.0
+
+
+# -- under a real service manager ----------------------------------------------------------------
+
+def _sandbox_or_skip(s3_server) -> None:
+    if s3_server.kind != s3_kinds()[0]:
+        pytest.skip(f"service-manager tests run on {s3_kinds()[0]} only; the provisioner's tests cover "
+                    f"{s3_server.kind}")
+    reason = namespace_unavailable()
+    if reason:
+        pytest.skip(reason)
+    if not shutil.which("systemd") or not shutil.which("nsenter"):
+        pytest.skip("systemd or nsenter missing: cannot start a user manager in a mount namespace")
+
+
+def _refused(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(5)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _supervise(name: str, command: str, health: str, extra: str = "") -> str:
+    return ("[Service]\nExecStart=/opt/tts-fleet/venv/bin/tts-provisioner --config /etc/tts-fleet/provisioner.toml "
+            f"supervise %i {health} {extra} -- {command}\n")
+
+
+def _piper_http(port: int) -> str:
+    return _supervise("piper", f"/opt/tts-fleet/venv/bin/python -m piper.http_server --host 127.0.0.1 --port {port} "
+                      "--model /var/cache/tts-fleet/current/%i/voice.onnx --data-dir /var/cache/tts-fleet/current/%i",
+                      f"--health-url http://127.0.0.1:{port}/voices")
+
+
+def _duration(port: int, api: str = "piper") -> float:
+    from runtime.external import fetch_audio
+
+    url = f"http://127.0.0.1:{port}/synthesize" if api == "piper" else f"tcp://127.0.0.1:{port}"
+    wave, rate = fetch_audio(url, api, TEXT, None, 120)
+    return len(wave) / rate
+
+
+def _audio_gate(url: str, api: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "tts-ctl"), "check", "--url", url, "--api", api, TEXT],
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture
+def node(tmp_path, s3_server, bucket):
+    from tests.anymodel_helpers import ModelNode
+
+    _sandbox_or_skip(s3_server)
+    nodes = []
+
+    def make(models: list[str], dropins: dict[str, str], aria2_limit: str = "0"):
+        n = ModelNode(tmp_path / f"node{len(nodes)}", s3_server, bucket, models, aria2_limit)
+        nodes.append(n)
+        n.start(dropins)
+        return n
+
+    yield make
+    for n in nodes:
+        n.stop()
+
+
+def test_piper_http_server_gated_hot_swapped_and_rolled_back(node, s3_server, bucket):
+    from tests.anymodel_helpers import voice_files, wait_for
+    from tests.s3servers import free_port
+
+    port = free_port()
+    # 4 MiB/s per download: the 60 MiB ONNX takes at least 15 s, so "mid-download" is arithmetic.
+    n = node(["piper"], {"tts-model@piper.service": _piper_http(port)}, aria2_limit="4M")
+    unit = "tts-model@piper.service"
+    n.systemctl("start", "--no-block", "tts-provisioner.service", unit)
+    publish_raw(s3_server.client(), bucket, "piper", "1.0.0", voice_files(), n.keys)
+
+    # Gated: while the provisioner downloads, the server is not even started.
+    def mid_download():
+        status = n.path("/run/tts-provisioner/status.json")
+        try:
+            model = json.loads(status.read_text())["models"]["piper"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return model["state"] == "downloading" and 0 < model["bytes_done"] < model["bytes_total"]
+    wait_for(mid_download, 120, "the provisioner mid-download")
+    state = n.show(unit, "ActiveState", "SubState")
+    assert (state["ActiveState"], state["SubState"]) == ("activating", "start-pre"), state
+    assert _refused(port)
+    assert "waiting for piper: no snapshot of piper yet" in n.journal(unit)
+
+    n.wait_active(unit)
+    assert n.show(unit, "StatusText")["StatusText"].startswith("serving piper 1.0.0")
+    first = _duration(port)
+    gate = _audio_gate(f"http://127.0.0.1:{port}/synthesize", "piper")
+    assert gate.returncode == 0 and ": ok (" in gate.stdout, gate.stdout + gate.stderr
+
+    # Hot swap: 2.0.0 = the same ONNX, length_scale doubled in its JSON.
+    publish_raw(s3_server.client(), bucket, "piper", "2.0.0", voice_files(length_scale=2.0), n.keys)
+    out = n.provisioner("wait", "piper", "--version", "2.0.0", "--serving", "--timeout", "300", timeout=320)
+    assert out.returncode == 0, out.stderr[-2000:]
+    second = _duration(port)
+    assert second > 1.5 * first, (first, second)
+    server_pid = n.model_status("piper")["server_pid"]
+
+    # A snapshot removed under the running server: reported, the server keeps serving, and
+    # the provisioner rebuilds it from its blobs; the server is never stopped.
+    n.sh("rm -rf /var/cache/tts-fleet/snapshots/piper/2.0.0")
+    wait_for(lambda: "the server keeps serving piper 2.0.0 as loaded; nothing was deleted" in n.journal(unit),
+             120, "the degraded line")
+    assert _duration(port) > 1.5 * first
+    wait_for(lambda: n.model_status("piper").get("state") == "serving" and n.exists(
+        "/var/cache/tts-fleet/snapshots/piper/2.0.0/COMPLETE"), 120, "serving again on a rebuilt snapshot")
+    assert n.model_status("piper")["server_pid"] == server_pid
+
+    # A bad version: verifies, but piper cannot load it and exits. The supervisor rolls the
+    # provisioner back to 2.0.0, which serves again; 3.0.0 stays in the cache.
+    publish_raw(s3_server.client(), bucket, "piper", "3.0.0", voice_files(length_scale=2.0, broken=True), n.keys)
+    out = n.provisioner("wait", "piper", "--version", "3.0.0", "--serving", "--timeout", "300", timeout=320)
+    assert out.returncode == 1 and "piper 3.0.0 was rolled back by its supervisor" in out.stderr, out.stderr[-2000:]
+    wait_for(lambda: n.model_status("piper").get("state") == "serving", 120, "serving after the rollback")
+    status = n.model_status("piper")
+    assert status["version"] == "2.0.0" and status["rolled_back_from"] == "3.0.0", status
+    assert "rolled back from 3.0.0 (the command exited with status 1 before it answered)" in \
+        n.show(unit, "StatusText")["StatusText"]
+    assert "piper 3.0.0 failed: the command exited with status 1 before it answered; rolling back to 2.0.0" \
+        in n.journal(unit)
+    assert _duration(port) > 1.5 * first
+    assert n.exists("/var/cache/tts-fleet/snapshots/piper/3.0.0/COMPLETE")
+    held = json.loads(n.path("/var/cache/tts-fleet/holds/piper.json").read_text())
+    assert held == {"version": "2.0.0", "channel_version": "3.0.0"}
+    assert n.show(unit, "ActiveState")["ActiveState"] == "active"
+
+
+def test_wyoming_piper_gated_hot_swapped_and_rolled_back(node, s3_server, bucket):
+    from tests.anymodel_helpers import voice_files, wait_for
+    from tests.s3servers import free_port
+
+    port = free_port()
+    health = f"--health-cmd '/opt/tts-fleet/venv/bin/tts-ctl check --url tcp://127.0.0.1:{port} --api wyoming' " \
+             "--health-timeout 60"
+    command = (f"/opt/tts-fleet/venv/bin/python -m wyoming_piper --uri tcp://127.0.0.1:{port} --voice voice "
+               "--data-dir /var/cache/tts-fleet/current/%i --download-dir /var/lib/tts-model/%i")
+    n = node(["wyo"], {"tts-model@wyo.service": _supervise("wyo", command, health)})
+    unit = "tts-model@wyo.service"
+    n.systemctl("start", "--no-block", "tts-provisioner.service", unit)
+    # Gated: nothing published, nothing started.
+    wait_for(lambda: "waiting for wyo: no snapshot of wyo yet" in n.journal(unit), 60, "the waiting line")
+    assert n.show(unit, "SubState")["SubState"] == "start-pre" and _refused(port)
+
+    publish_raw(s3_server.client(), bucket, "wyo", "1.0.0", voice_files(), n.keys)
+    n.wait_active(unit)
+    first = _duration(port, "wyoming")
+    gate = _audio_gate(f"tcp://127.0.0.1:{port}", "wyoming")
+    assert gate.returncode == 0, gate.stdout + gate.stderr
+
+    publish_raw(s3_server.client(), bucket, "wyo", "2.0.0", voice_files(length_scale=2.0), n.keys)
+    out = n.provisioner("wait", "wyo", "--version", "2.0.0", "--serving", "--timeout", "300", timeout=320)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _duration(port, "wyoming") > 1.5 * first
+
+    # wyoming-piper loads a voice at its first request: the bad one starts, then fails the
+    # audio health check (which synthesizes) until --health-timeout; rolled back to 2.0.0.
+    publish_raw(s3_server.client(), bucket, "wyo", "3.0.0", voice_files(broken=True), n.keys)
+    out = n.provisioner("wait", "wyo", "--version", "3.0.0", "--serving", "--timeout", "300", timeout=320)
+    assert out.returncode == 1 and "wyo 3.0.0 was rolled back" in out.stderr, out.stderr[-2000:]
+    wait_for(lambda: n.model_status("wyo").get("state") == "serving", 180, "serving after the rollback")
+    status = n.model_status("wyo")
+    assert status["version"] == "2.0.0" and status["rolled_back_from"] == "3.0.0", status
+    assert "health check (command" in status["rollback_reason"] and "did not pass within 60s" in \
+        status["rollback_reason"], status
+    assert _duration(port, "wyoming") > 1.5 * first
+
+
+def test_bad_model_servers_each_get_one_clear_line(node, s3_server, bucket):
+    from tests.anymodel_helpers import voice_files, wait_for
+    from tests.s3servers import free_port
+
+    port, crash_port = free_port(), free_port()
+    python = "/opt/tts-fleet/venv/bin/python"
+    dropins = {
+        "tts-model@crash.service": _supervise("crash", "/bin/sh -c 'exit 3'",
+                                              f"--health-url http://127.0.0.1:{crash_port}/"),
+        "tts-model@stuck.service": _supervise(
+            "stuck", f"{python} -m http.server {port} --bind 127.0.0.1 --directory /var/cache/tts-fleet/current/%i",
+            f"--health-url http://127.0.0.1:{port}/no-such-page --health-timeout 5"),
+        "tts-model@nosuch.service": _supervise("nosuch", "/bin/true", ""),
+        "tts-model@ghost.service": _supervise("ghost", "/bin/true", ""),
+    }
+    n = node(["crash", "stuck", "nosuch"], dropins)
+    for name in ("crash", "stuck"):
+        publish_raw(s3_server.client(), bucket, name, "1.0.0", voice_files(), n.keys)
+    n.systemctl("start", "--no-block", "tts-provisioner.service", *dropins)
+
+    def failed(unit: str) -> bool:
+        return n.show(unit, "ActiveState")["ActiveState"] == "failed"
+
+    expect = {
+        "tts-model@crash.service": "crash 1.0.0 did not start: the command exited with status 3 before it answered",
+        "tts-model@stuck.service": f"stuck 1.0.0 did not start: health check (GET http://127.0.0.1:{port}/no-such-page)"
+                                   " did not pass within 5s (last: HTTP 404)",
+        "tts-model@ghost.service": "model 'ghost' is not tracked by /etc/tts-fleet/provisioner.toml (tracked: "
+                                   "crash, stuck, nosuch): no snapshot of it will ever appear",
+    }
+    for unit, line in expect.items():
+        # Restart=on-failure tries again; the line is the same each time.
+        wait_for(lambda: line in n.journal(unit), 180, f"{unit}: {line}")
+        wait_for(lambda: failed(unit) or n.show(unit, "SubState")["SubState"] == "auto-restart", 180, f"{unit} failed")
+    for name in ("crash", "stuck"):
+        assert n.model_status(name)["message"] == expect[f"tts-model@{name}.service"]
+        assert n.exists(f"/var/cache/tts-fleet/snapshots/{name}/1.0.0/COMPLETE")  # nothing deleted
+    # Tracked but never published: it waits, saying so and what the provisioner reports.
+    wait_for(lambda: "provisioner: nosuch error: cannot resolve channel nosuch/stable" in
+             n.journal("tts-model@nosuch.service"), 120, "the nosuch line")
+    assert n.show("tts-model@nosuch.service", "SubState")["SubState"] == "start-pre"
