@@ -197,8 +197,12 @@ class ModelNode:
         return state
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
-    return wait_until(predicate, timeout, interval=interval, what=what)
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.3, detail=None):
+    """wait_until, and on timeout what `detail()` says (a unit's log) in the failure."""
+    try:
+        return wait_until(predicate, timeout, interval=interval, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{detail()[-5000:] if detail else ''}") from None
 
 
 def elapsed_since(t0: float) -> float:
