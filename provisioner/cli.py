@@ -325,6 +325,11 @@ def wait(ctx: click.Context, name: str, version: str | None, timeout: float | No
 @click.option("--reload-signal", default="SIGHUP", show_default=True, help="The signal that reloads the server.")
 @click.option("--health-url", default=None, help="Healthy when a GET of this URL answers 2xx.")
 @click.option("--health-cmd", default=None, help="Healthy when this command (split like a shell) exits 0.")
+@click.option("--health-audio", default=None,
+              help="The audio gate: healthy when `tts-ctl check --url URL --api API` passes (a sentence "
+                   "synthesized and checked as plausible speech).")
+@click.option("--health-api", type=click.Choice(["openai", "piper", "wyoming"]), default="openai", show_default=True,
+              help="What --health-audio speaks: /v1/audio/speech, piper's POST /synthesize, a Wyoming tcp:// server.")
 @click.option("--health-timeout", type=float, default=120.0, show_default=True,
               help="Seconds a start or reload may take to pass the health check.")
 @click.option("--stop-timeout", type=float, default=30.0, show_default=True,
@@ -333,8 +338,8 @@ def wait(ctx: click.Context, name: str, version: str | None, timeout: float | No
               envvar="TTS_MODEL_STATUS_ROOT", help="Where to write NAME/status.json (default /run/tts-model).")
 @click.pass_context
 def supervise(ctx: click.Context, name: str, command: tuple[str, ...], on_change: str, reload_signal: str,
-              health_url: str | None, health_cmd: str | None, health_timeout: float, stop_timeout: float,
-              status_root: Path | None) -> None:
+              health_url: str | None, health_cmd: str | None, health_audio: str | None, health_api: str,
+              health_timeout: float, stop_timeout: float, status_root: Path | None) -> None:
     """Run COMMAND (after `--`) as the server of model NAME on current/NAME: start it once the
     snapshot is complete, READY once healthy, reload or restart it when current moves, roll
     the provisioner back when a new version fails. The main process of tts-model@NAME.service."""
@@ -351,8 +356,14 @@ def supervise(ctx: click.Context, name: str, command: tuple[str, ...], on_change
     except KeyError:
         raise CommandFailed(f"--reload-signal {reload_signal!r} is not a signal name (SIGHUP, SIGUSR1, ...)",
                             exit_code=2) from None
-    health = HealthCheck(url=health_url, command=tuple(shlex.split(health_cmd)) if health_cmd else (),
-                         timeout=health_timeout)
+    if sum(x is not None for x in (health_url, health_cmd, health_audio)) > 1:
+        raise CommandFailed("give one of --health-url, --health-cmd, --health-audio", exit_code=2)
+    command_check = tuple(shlex.split(health_cmd)) if health_cmd else ()
+    if health_audio:
+        # tts-ctl beside this interpreter (the same venv): the runtime's speech checks.
+        command_check = (str(Path(sys.executable).parent / "tts-ctl"), "check", "--url", health_audio,
+                         "--api", health_api, "Health check.")
+    health = HealthCheck(url=health_url, command=command_check, timeout=health_timeout)
     opts = ServeOptions(name, tuple(command), on_change, sig, health, stop_timeout,
                         status_root or DEFAULT_STATUS_ROOT)
     sys.exit(Supervisor(config, ctx.find_root().obj["config_path"], opts).run())

@@ -166,7 +166,9 @@ def _served(status_root: Path, name: str, version: str | None) -> tuple[bool, st
     doc = read_model_status(status_root, name)
     if doc is None:
         return False, f"no supervisor status at {status_path(status_root, name)} (is tts-model@{name} running?)"
-    if version is not None and version in (doc.get("failed_version"), doc.get("rolled_back_from")):
+    if doc.get("state") == "rolling-back":  # the verdict comes once the rollback is done
+        return False, f"supervisor: {doc.get('message')}"
+    if version is not None and version == doc.get("rolled_back_from"):
         raise WaitFailed(f"{name} {version} was rolled back by its supervisor: {doc.get('message')}")
     if doc.get("state") == "failed":
         raise WaitFailed(f"the server of {name} failed: {doc.get('message')}")
@@ -191,8 +193,10 @@ def wait_for_model(config, name: str, version: str | None, timeout: float | None
         while True:
             state = current_state(cache, name, version)
             done, why = (state.snapshot is not None), state.why
-            if done and serving:
-                done, why = _served(root, name, version or state.version)
+            if serving:  # checked even before current moves: a rollback ends the wait at once
+                served, served_why = _served(root, name, version or state.version)
+                if done:
+                    done, why = served, served_why
             if done:
                 return state.snapshot
             line = f"waiting for {name}{' ' + version if version else ''}: {why}; " \

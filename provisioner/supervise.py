@@ -29,6 +29,7 @@ service manager at all (containers, the multi-host rollout test).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -49,6 +50,8 @@ from tts_common.notify import notify
 
 from .cache import CacheReader, Snapshot
 from .config import ProvisionerConfig
+from .daemon import LOCK_FILE
+from .status import PID_FILE
 from .modelwait import DEFAULT_STATUS_ROOT, CacheWatch, current_state, provisioner_says, status_path
 
 log = structlog.get_logger(__name__)
@@ -274,7 +277,31 @@ class Supervisor:
         self._stop_child()
         return self._start(new)
 
+    def _await_cache_lock(self, limit: float = 300.0) -> None:
+        """A one-shot `tts-provisioner sync` (no daemon: a container, a rollout by hand) may
+        still hold the cache: the rollback command would take it for the daemon and signal it.
+        Wait until the lock is free or held by the daemon itself (bounded)."""
+        lock = Path(self.config.cache_dir) / LOCK_FILE
+        daemon = Path(self.config.runtime_dir) / PID_FILE
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and not self.stop.is_set():
+            try:
+                fd = os.open(lock, os.O_RDONLY)
+            except OSError:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                if daemon.is_file() and daemon.read_text().strip() == holder:
+                    return
+            finally:
+                os.close(fd)
+            self.stop.wait(0.2)
+
     def _roll_back(self, old: Snapshot, new: Snapshot, reason: str) -> None:
+        self._await_cache_lock()
         argv = [sys.executable, "-m", "provisioner", "--config", str(self.config_path), "rollback",
                 self.opts.name, old.version]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)

@@ -289,8 +289,7 @@ def test_wyoming_piper_gated_hot_swapped_and_rolled_back(node, s3_server, bucket
     from tests.s3servers import free_port
 
     port = free_port()
-    health = f"--health-cmd '/opt/tts-fleet/venv/bin/tts-ctl check --url tcp://127.0.0.1:{port} --api wyoming' " \
-             "--health-timeout 60"
+    health = f"--health-audio tcp://127.0.0.1:{port} --health-api wyoming --health-timeout 60"
     command = (f"/opt/tts-fleet/venv/bin/python -m wyoming_piper --uri tcp://127.0.0.1:{port} --voice voice "
                "--data-dir /var/cache/tts-fleet/current/%i --download-dir /var/lib/tts-model/%i")
     n = node(["wyo"], {"tts-model@wyo.service": _supervise("wyo", command, health)})
@@ -365,3 +364,144 @@ def test_bad_model_servers_each_get_one_clear_line(node, s3_server, bucket):
     wait_for(lambda: "provisioner: nosuch error: cannot resolve channel nosuch/stable" in
              n.journal("tts-model@nosuch.service"), 120, "the nosuch line")
     assert n.show("tts-model@nosuch.service", "SubState")["SubState"] == "start-pre"
+
+
+# -- the ansible role and the rollout -------------------------------------------------------------
+
+def render_model_dropin(item: dict, bin_dir: str = "/opt/tts-fleet/venv/bin",
+                        config: str = "/etc/tts-fleet/provisioner.toml") -> str:
+    """The role's drop-in for one tts_node_model_servers entry (ansible's `quote` is shlex's)."""
+    import shlex
+
+    import jinja2
+
+    env = jinja2.Environment(keep_trailing_newline=True, trim_blocks=True)  # ansible's template defaults
+    env.filters["quote"] = shlex.quote
+    template = (Path(__file__).resolve().parent.parent / "ansible/roles/tts_node/templates/model-server.conf.j2")
+    return env.from_string(template.read_text()).render(
+        item=item, ansible_managed="test", tts_node_bin=bin_dir, tts_node_provisioner_config=config,
+)
+
+
+def exec_start_argv(dropin: str, name: str) -> list[str]:
+    """The drop-in's command line as systemd would split it (continuations joined, %i expanded)."""
+    import shlex
+
+    text = dropin.replace("\\\n", " ")
+    line = [x for x in text.splitlines() if x.startswith("ExecStart=") and x != "ExecStart="][0]
+    return shlex.split(line.removeprefix("ExecStart=").replace("%i", name))
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze missing: run scripts/setup.sh")
+def test_role_drop_ins_parse_for_every_health_kind(tmp_path):
+    root = _model_root(tmp_path)
+    units = root / "etc/systemd/system"
+    command = ["/opt/piper/bin/python", "-m", "piper.http_server", "--port", "5000", "--model",
+               "/var/cache/tts-fleet/current/piper/voice.onnx"]
+    kinds = {"url": "http://127.0.0.1:5000/voices", "piper": "http://127.0.0.1:5000/synthesize",
+             "openai": "http://127.0.0.1:8000/v1/audio/speech", "wyoming": "tcp://127.0.0.1:10200",
+             "command": ["/usr/local/bin/check", "--strict", "a b"]}
+    for kind, value in kinds.items():
+        item = {"name": f"m-{kind}", "command": command, "health": {kind: value, "timeout": 30},
+                "ip_allow": ["10.1.0.0/16"] if kind == "url" else []}
+        (units / f"tts-model@m-{kind}.service.d").mkdir()
+        text = render_model_dropin(item)
+        (units / f"tts-model@m-{kind}.service.d/command.conf").write_text(text)
+        argv = exec_start_argv(text, f"m-{kind}")
+        assert argv[argv.index("--") + 1:] == command, argv
+        health = argv[argv.index("--health-timeout") + 2:argv.index("--")]
+        if kind == "url":
+            assert health == ["--health-url", value]
+        elif kind == "command":
+            assert health[0] == "--health-cmd" and health[1] == "/usr/local/bin/check --strict 'a b'"
+        else:
+            assert health == ["--health-audio", value, "--health-api", kind]
+    out = subprocess.run([ANALYZE, "verify", f"--root={root}", "--man=no", "--generators=no",
+                          *[f"tts-model@m-{k}.service" for k in kinds]],
+                         cwd=units, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+
+
+def test_rollout_canaries_and_rolls_back_a_third_party_server(tmp_path, s3_server, bucket):
+    """rollout-model.yml for a model piper's own HTTP server serves (tts_node_model_servers),
+    over two local hosts (path prefixes, service manager none: the supervisors are started by
+    the test with the command line the role's drop-in carries). A good version goes canary
+    first; a bad one fails the canary, which is rolled back while node-b is never touched."""
+    import yaml
+
+    from tests.anymodel_helpers import voice_files
+    from tests.s3servers import free_port
+    from tests.test_ansible import ANSIBLE_DIR, ANSIBLE_PLAYBOOK, ansible_env, node_vars, recap
+
+    if s3_server.kind != s3_kinds()[0]:
+        pytest.skip(f"role tests run on {s3_kinds()[0]} only")
+    keys = make_keys(tmp_path)
+    client = s3_server.client()
+    publish_raw(client, bucket, "piper", "1.0.0", voice_files(), keys)
+    publish_raw(client, bucket, "piper", "2.0.0", voice_files(length_scale=2.0), keys, channel=None)
+    publish_raw(client, bucket, "piper", "3.0.0", voice_files(broken=True), keys, channel=None)
+    hosts = {name: (tmp_path / name, free_port()) for name in ("node-a", "node-b")}
+
+    def server(root: Path, port: int) -> dict:
+        return {"name": "piper", "health": {"piper": f"http://127.0.0.1:{port}/synthesize", "timeout": 120},
+                "command": [sys.executable, "-m", "piper.http_server", "--host", "127.0.0.1", "--port", str(port),
+                            "--model", f"{root}/var/cache/tts-fleet/current/piper/voice.onnx"]}
+
+    variables = node_vars(s3_server, bucket, keys, tts_node_service_manager="none", tts_node_create_user=False,
+                          tts_node_user="root", tts_node_group="root", tts_node_install_venv=False,
+                          tts_node_venv=str(VENV_BIN.parent), tts_node_models=[{"name": "piper", "channel": "stable"}],
+                          tts_node_gate_timeout=300)
+    inventory = {"tts_nodes": {"vars": variables, "hosts": {
+        name: {"ansible_connection": "local", "ansible_become": False, "ansible_python_interpreter": sys.executable,
+               "tts_node_root": str(root), "tts_node_model_servers": [server(root, port)]}
+        for name, (root, port) in hosts.items()}}}
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+
+    def play(playbook: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", str(tmp_path / "inventory.yml"), playbook, *args],
+                              cwd=ANSIBLE_DIR, capture_output=True, text=True, timeout=600,
+                              env=ansible_env(tmp_path))
+
+    supervisors = []
+    try:
+        out = play("site.yml")
+        assert out.returncode == 0, out.stdout[-5000:]
+        for name, (root, port) in hosts.items():
+            config = root / "etc/tts-fleet/provisioner.toml"
+            assert run_cli("sync", config=config).returncode == 0
+            argv = exec_start_argv(render_model_dropin(server(root, port), str(VENV_BIN), str(config)), "piper")
+            argv[argv.index("supervise"):argv.index("supervise")] = []
+            argv.insert(argv.index("supervise") + 2, f"--status-root={root}/run/tts-model")
+            log = (root / "supervisor.log").open("wb")
+            supervisors.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+        for name, (root, port) in hosts.items():
+            out = run_cli("wait", "piper", "--serving", "--status-root", f"{root}/run/tts-model", "--timeout", "300",
+                          config=root / "etc/tts-fleet/provisioner.toml", timeout=320)
+            assert out.returncode == 0, out.stderr[-2000:] + (root / "supervisor.log").read_text()[-3000:]
+        first = _duration(hosts["node-a"][1])
+
+        out = play("rollout-model.yml", "-e", "model=piper", "-e", "version=2.0.0")
+        assert out.returncode == 0, out.stdout[-6000:]
+        order = [m for m in __import__("re").findall(r"^TASK \[Download and verify the version\].*?\n(?:ok|changed): "
+                                                     r"\[(\S+)\]", out.stdout, __import__("re").M | __import__("re").S)]
+        assert order == ["node-a", "node-b"], order
+        assert all(_duration(port) > 1.5 * first for _, port in hosts.values())
+
+        b_config = (hosts["node-b"][0] / "etc/tts-fleet/provisioner.toml").read_text()
+        out = play("rollout-model.yml", "-e", "model=piper", "-e", "version=3.0.0")
+        assert out.returncode != 0, out.stdout[-4000:]
+        assert "rolled back to 2.0.0" in out.stdout and "piper 3.0.0 was rolled back by its supervisor" in out.stdout, \
+            out.stdout[-4000:]
+        assert recap(out.stdout)["node-a"]["failed"] == 1
+        assert (hosts["node-b"][0] / "etc/tts-fleet/provisioner.toml").read_text() == b_config
+        assert all(_duration(port) > 1.5 * first for _, port in hosts.values())
+        status = json.loads((hosts["node-a"][0] / "run/tts-model/piper/status.json").read_text())
+        assert status["version"] == "2.0.0" and status["rolled_back_from"] == "3.0.0", status
+    finally:
+        for proc in supervisors:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
