@@ -505,3 +505,37 @@ def test_rollout_canaries_and_rolls_back_a_third_party_server(tmp_path, s3_serve
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
+
+
+def test_sizes_past_4_gib_in_the_manifest_and_the_prefix_arithmetic(tmp_path):
+    """The contracts a checkpoint with files over 4 GiB crosses, without writing 4 GiB here
+    (bench/anymodel.py --only large does the whole path with a 4.5 GiB file): the manifest
+    keeps 64-bit sizes, aria2's bitfield maps to prefixes past 2^32, and the prefix hasher
+    seeks past 2^32 in a sparse file."""
+    import hashlib
+
+    from mirror.hashing import PrefixHasher, complete_prefix_bytes
+    from mirror.manifest import FileEntry, Manifest
+
+    big = 4 * 1024**3 + 512 * 1024**2
+    manifest = Manifest.build("indextts2", "2.0.0", [
+        FileEntry("gpt.pth", big, "a" * 64), FileEntry("qwen0.6bemo4-merge/model.safetensors", 1_192_135_096, "b" * 64)])
+    again = Manifest.parse(manifest.to_bytes())
+    assert again.file("gpt.pth").size == big and again.total_size == big + 1_192_135_096
+    piece = 1024**2
+    pieces = big // piece
+    bitfield = "f" * (pieces // 4 - 1) + "e" + "0" * 8  # all but the last piece of the prefix
+    assert complete_prefix_bytes(bitfield, piece, big) == (pieces - 1) * piece > 2**32
+
+    sparse = tmp_path / "sparse.bin"
+    tail = b"tail bytes past four GiB"
+    with open(sparse, "wb") as f:
+        f.seek(big - len(tail))
+        f.write(tail)
+    hasher = PrefixHasher(sparse)
+    hasher.offset = big - 4096  # as if the prefix before had been hashed: resume past 2^32
+    hasher.advance(big)
+    assert hasher.offset == big
+    expected = hashlib.sha256()
+    expected.update(b"\0" * (4096 - len(tail)) + tail)
+    assert hasher._digest.hexdigest() == expected.hexdigest()
