@@ -537,14 +537,14 @@ def _calibrated(ask, port: int):
 # --------------------------------------------------------------------------- main
 
 
-def write_results(out: Path, doc: dict) -> None:
+def write_results(out: Path, doc: dict, name: str = "anymodel") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "anymodel.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     rows = "\n".join(f"| {f['name']} | {f['value']} {f['unit']} | {f['target'] or '-'} | "
                      f"{'-' if f['met'] is None else ('yes' if f['met'] else '**no**')} |" for f in doc["figures"])
     m = doc["machine"]
     files = ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in CHECKPOINT.items())
-    (out / "anymodel.md").write_text(f"""# bench/anymodel: third-party models on the cache
+    (out / f"{name}.md").write_text(f"""# bench/{name}: third-party models on the cache
 
 `{doc['command']}` on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, kernel {m['kernel']}, {m['aria2c']};
 {doc['date']}; mirror: `rclone serve s3` on 127.0.0.1 behind bench/throttle_proxy.py ({RATE_MIB:.0f} MiB/s per
@@ -573,7 +573,12 @@ NOTES = [
     "restarted each time, bytes counted by the proxy (server -> client, headers included).",
     "swap: a client thread sends requests back to back; the figure is the time from the sync's `snapshot "
     "switched` event to the first answer that came from the new version (restart: piper re-reads the voice at "
-    "start; reload: tts-runtime swaps models in-process on SIGHUP, never refusing a request).",
+    "start; reload: tts-runtime swaps models in-process on SIGHUP, never refusing a request). The supervisor's "
+    "own log (extra.swap.*.supervisor_events) shows where the time goes: it notices each switch within a few "
+    "hundred ms (inotify); the rest of a restart is the server's own start (piper: Python, onnxruntime, the "
+    "60 MiB voice, Flask), during which requests are refused and retried by the client (counted).",
+    "Other sessions' jobs shared the 2 cores (load average 8-13 during the run): absolute times are inflated; "
+    "each ratio compares runs alternated within the same minutes.",
 ]
 
 
@@ -587,6 +592,7 @@ def main() -> int:
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp"))
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench/results")
+    ap.add_argument("--name", default="anymodel", help="results file name (NAME.json, NAME.md)")
     args = ap.parse_args()
     parts = args.only or ["sync", "resume", "large", "swap"]
     seed = args.seed if args.seed is not None else int(time.time())
@@ -623,7 +629,7 @@ def main() -> int:
         print(f"{f['name']}: {f['value']} {f['unit']}" + (f" (target {f['target']}: {'met' if f['met'] else 'NOT met'})"
                                                           if f["target"] else ""))
     if args.out:
-        write_results(args.out, doc)
+        write_results(args.out, doc, args.name)
     return 0
 
 

@@ -171,13 +171,14 @@ def _refused(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _supervise(name: str, command: str, health: str, extra: str = "") -> str:
+def _supervise(command: str, health: str) -> str:
+    """A drop-in for tts-model@NAME.service: the supervisor running COMMAND (as an operator writes it)."""
     return ("[Service]\nExecStart=/opt/tts-fleet/venv/bin/tts-provisioner --config /etc/tts-fleet/provisioner.toml "
-            f"supervise %i {health} {extra} -- {command}\n")
+            f"supervise %i {health} -- {command}\n")
 
 
 def _piper_http(port: int) -> str:
-    return _supervise("piper", f"/opt/tts-fleet/venv/bin/python -m piper.http_server --host 127.0.0.1 --port {port} "
+    return _supervise(f"/opt/tts-fleet/venv/bin/python -m piper.http_server --host 127.0.0.1 --port {port} "
                       "--model /var/cache/tts-fleet/current/%i/voice.onnx --data-dir /var/cache/tts-fleet/current/%i",
                       f"--health-url http://127.0.0.1:{port}/voices")
 
@@ -292,7 +293,7 @@ def test_wyoming_piper_gated_hot_swapped_and_rolled_back(node, s3_server, bucket
     health = f"--health-audio tcp://127.0.0.1:{port} --health-api wyoming --health-timeout 60"
     command = (f"/opt/tts-fleet/venv/bin/python -m wyoming_piper --uri tcp://127.0.0.1:{port} --voice voice "
                "--data-dir /var/cache/tts-fleet/current/%i --download-dir /var/lib/tts-model/%i")
-    n = node(["wyo"], {"tts-model@wyo.service": _supervise("wyo", command, health)})
+    n = node(["wyo"], {"tts-model@wyo.service": _supervise(command, health)})
     unit = "tts-model@wyo.service"
     n.systemctl("start", "--no-block", "tts-provisioner.service", unit)
     # Gated: nothing published, nothing started.
@@ -330,13 +331,13 @@ def test_bad_model_servers_each_get_one_clear_line(node, s3_server, bucket):
     port, crash_port = free_port(), free_port()
     python = "/opt/tts-fleet/venv/bin/python"
     dropins = {
-        "tts-model@crash.service": _supervise("crash", "/bin/sh -c 'exit 3'",
+        "tts-model@crash.service": _supervise("/bin/sh -c 'exit 3'",
                                               f"--health-url http://127.0.0.1:{crash_port}/"),
         "tts-model@stuck.service": _supervise(
-            "stuck", f"{python} -m http.server {port} --bind 127.0.0.1 --directory /var/cache/tts-fleet/current/%i",
+            f"{python} -m http.server {port} --bind 127.0.0.1 --directory /var/cache/tts-fleet/current/%i",
             f"--health-url http://127.0.0.1:{port}/no-such-page --health-timeout 5"),
-        "tts-model@nosuch.service": _supervise("nosuch", "/bin/true", ""),
-        "tts-model@ghost.service": _supervise("ghost", "/bin/true", ""),
+        "tts-model@nosuch.service": _supervise("/bin/true", ""),
+        "tts-model@ghost.service": _supervise("/bin/true", ""),
     }
     n = node(["crash", "stuck", "nosuch"], dropins)
     for name in ("crash", "stuck"):
