@@ -25,7 +25,8 @@ import structlog
 
 from mirror.manifest import FileEntry
 
-from .aria2 import ERR_CANNOT_RESUME, ERR_DISK_FULL, ERR_HTTP_STATUS, ERR_NOT_FOUND, Aria2Process
+from .aria2 import Aria2Process
+from .transfer import ERR_CANNOT_RESUME, ERR_DISK_FULL, ERR_HTTP_STATUS, ERR_NOT_FOUND
 from .cache import CacheWriter
 from .config import Aria2Config
 from mirror.hashing import PrefixHasher, complete_prefix_bytes, sha256_file
