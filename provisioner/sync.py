@@ -24,7 +24,7 @@ from tts_common.errors import TtsError
 from .aria2 import Aria2Error, Aria2Process
 from .cache import CacheError, CacheWriter, DamagedSnapshotError, Snapshot
 from .config import ModelConfig, ProvisionerConfig
-from .download import DownloadError, Downloader
+from .download import DiskSpaceError, DownloadError, Downloader
 from mirror.hashing import sha256_file
 from .hold import read_hold, release_hold
 from .mirrors import MirrorSet
@@ -36,10 +36,6 @@ log = structlog.get_logger(__name__)
 
 class SyncError(TtsError):
     """A model could not be brought to its wanted version."""
-
-
-class DiskSpaceError(SyncError):
-    """Not enough free space on the cache filesystem for a planned download."""
 
 
 @dataclass
