@@ -93,6 +93,8 @@ def serve_runtime(config: RuntimeConfig, loader=None) -> None:
     except TtsError:
         listeners.close()
         raise
+    if listeners.activated:
+        log.info("using sockets from systemd", count=listeners.activated)
     log.info("runtime starting", activated=listeners.activated, tls=ssl_context is not None, models=config.models,
              device=config.device, **listeners.describe())
     runtime = Runtime(config, loader)
