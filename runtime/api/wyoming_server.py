@@ -178,13 +178,15 @@ class Connection:
                     status=status, synthesis=True)
 
     async def plan(self, record: AccessRecord, text: str, voice: str, speaker: Any, progressive: bool) -> Synthesis:
-        """Checked, planned and queued. `progressive`: the first sentence runs alone and its
-        first piece comes out before it is whole (the first audio of a request or a stream);
-        otherwise the sentences batch with others."""
+        """Checked, planned and queued, its first sentence first. `progressive` (the first audio
+        of a request or a stream): the first sentence runs alone and its first piece comes out
+        before it is whole - but only while nothing waits in the queue: a job that runs alone
+        cannot batch, and with clients queued (8 Home Assistant satellites at once) batching
+        their first sentences together gives everyone audio sooner (bench/results/network.md)."""
         record.synthesizing(voice, text)
         model = admit(self.runtime, text, voice, "text")
         synthesis = await prepare(self.runtime, model, voice, text, "text", "voice.speaker", speaker=speaker)
-        synthesis.submit(stream=True, progressive=progressive)
+        synthesis.submit(stream=True, progressive=progressive and self.runtime.scheduler.depth == 0)
         return synthesis
 
     async def play(self, synthesis: Synthesis, record: AccessRecord, lead: np.ndarray | None = None) -> None:
