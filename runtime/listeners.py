@@ -3,11 +3,12 @@ front end beside it.
 
 Three kinds of listener:
 
-| kind | from the config | from systemd (socket activation) | served as |
-|---|---|---|---|
-| HTTP on a Unix socket | `socket_path` | an AF_UNIX socket not named `wyoming*` | HTTP, no token (file mode is the access control) |
-| HTTP over TCP | `tcp_listen` | an AF_INET/AF_INET6 socket not named `wyoming*` | HTTP (HTTPS with `tls_cert_file`), bearer token required |
-| Wyoming | `wyoming_listen` (`tcp://`, `unix://`) | a socket whose FileDescriptorName= starts with `wyoming` | Wyoming; TCP clients admitted by `wyoming_allow` |
+* HTTP on a Unix socket: `socket_path`, or from systemd an AF_UNIX socket not named `wyoming*`;
+  no token (the socket file's mode is its access control).
+* HTTP over TCP: `tcp_listen`, or from systemd an AF_INET/AF_INET6 socket not named `wyoming*`;
+  a bearer token required, HTTPS with `tls_cert_file`.
+* Wyoming: `wyoming_listen` (`tcp://`, `unix://`), or from systemd a socket whose
+  FileDescriptorName= starts with `wyoming`; TCP clients admitted by `wyoming_allow`.
 
 A kind that systemd hands in replaces the configured listeners of that kind (LISTEN_FDNAMES
 tells the sockets apart; a socket unit without FileDescriptorName= is named after the unit,
@@ -133,7 +134,7 @@ def open_listeners(config: RuntimeConfig) -> Listeners:
         kind = out.wyoming if name.startswith(WYOMING_FDNAME) else out.http_tcp if is_tcp(sock) else out.http_unix
         kind.append(sock)
     try:
-        if not out.http_unix and not activated:
+        if not out.http_unix:
             out.http_unix.append(unix_socket(config.socket_path))
             out.created.append(config.socket_path)
         tcp = config.tcp_address()

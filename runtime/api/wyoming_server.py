@@ -102,17 +102,15 @@ class Connection:
 
     async def _read(self) -> None:
         try:
-            while True:
-                event = await read_event(self.reader, self.limits)
-                await self.inbox.put(_GONE if event is None else event)
-                if event is None:
-                    break
+            while (event := await read_event(self.reader, self.limits)) is not None:
+                await self.inbox.put(event)
         except WireError as exc:
             await self.inbox.put(exc)  # answered in turn, then the connection is closed
             return
         except ConnectionError:
-            await self.inbox.put(_GONE)
-        self.gone.set()
+            pass
+        self.gone.set()  # first: a synthesis in progress stops even while the inbox is full
+        await self.inbox.put(_GONE)
 
     async def send(self, eventable) -> None:
         """Write one event; a client that does not read for `idle` seconds is given up."""
