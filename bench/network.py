@@ -200,6 +200,16 @@ def write(figures: list[dict], meta: dict) -> None:
         "Reproduce: `.venv/bin/python bench/network.py` (docs/runtime.md, \"From the network\").\n")
 
 
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -236,7 +246,7 @@ def main() -> None:
 
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rounds": args.rounds,
             "peer_version": version("wyoming-piper"), "http": http,
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                         "python": platform.python_version(), "loadavg_start": load_start,
                         "loadavg_end": os.getloadavg()},
             "raw": {"|".join(k): [round(v, 4) for v in vs] for k, vs in raw.items()}}
