@@ -454,3 +454,60 @@ def test_p2p_drop_ins_parse_without_any_warning(tmp_path):
     assert good.returncode == 0 and good.stderr.strip() == "", good.stderr
     bad = verify(["10.20.0.0/99"])
     assert "10.20.0.0/99" in bad.stderr, bad.stderr
+
+
+def test_role_opens_the_runtime_to_the_network_only_as_configured(tmp_path):
+    """site.yml (files only) with the runtime's network settings: runtime.toml gets the
+    listeners, the tokens file (0600, labels and tokens) and the allow list, and the runtime's
+    own config loader takes the file; bad settings stop the play before anything is written,
+    naming the variable; the tokens never appear in ansible's output (no_log)."""
+    from runtime.config import load_config
+
+    root = tmp_path / "node"
+    token = "0123456789abcdef0123456789abcdef"
+    variables = {
+        "tts_node_mirrors": [{"name": "primary", "endpoint": "http://127.0.0.1:9", "bucket": "b", "priority": 10}],
+        "tts_node_mirror_credentials": {"primary": {"access_key": "AK", "secret_key": "not-a-real-secret"}},
+        "tts_node_service_manager": "none", "tts_node_create_user": False, "tts_node_user": "root",
+        "tts_node_group": "root", "tts_node_install_venv": False, "tts_node_install_packages": False,
+        "tts_node_venv": str(VENV), "tts_node_require_signature": False,
+        "tts_node_runtime_http_listen": "0.0.0.0:8088", "tts_node_runtime_wyoming_listen": "[::]:10200",
+        "tts_node_runtime_tokens": {"home-assistant": token}, "tts_node_runtime_client_networks": ["192.168.1.0/24"],
+    }
+    inventory = {"tts_nodes": {"vars": variables, "hosts": {"node": {
+        "ansible_connection": "local", "ansible_become": False, "ansible_python_interpreter": sys.executable,
+        "tts_node_root": str(root)}}}}
+    path = tmp_path / "inventory.yml"
+    path.write_text(yaml.safe_dump(inventory))
+    env = ansible_env(tmp_path)
+
+    def site(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", str(path), "site.yml", *args], cwd=ANSIBLE_DIR,
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    out = site()
+    assert out.returncode == 0, out.stdout[-5000:]
+    assert token not in out.stdout + out.stderr
+    etc = root / "etc/tts-fleet"
+    config = load_config(etc / "runtime.toml")
+    assert config.tcp_listen == "0.0.0.0:8088" and config.tcp_tokens_file == str(etc / "private/runtime-tokens")
+    assert config.wyoming_listen == ["tcp://[::]:10200"]
+    assert config.wyoming_allow == ["127.0.0.0/8", "::1/128", "192.168.1.0/24"]
+    tokens = etc / "private/runtime-tokens"
+    assert tokens.stat().st_mode & 0o777 == 0o600 and f"home-assistant {token}" in tokens.read_text()
+    before = (etc / "runtime.toml").read_text()
+
+    bad = {'{"tts_node_runtime_wyoming_listen": "10200"}': "must be HOST:PORT",
+           '{"tts_node_runtime_tokens": {}}': "tts_node_runtime_http_listen needs bearer tokens",
+           '{"tts_node_runtime_tokens": {"a": "short"}}': "needs at least 16 characters",
+           '{"tts_node_runtime_tokens": "not-a-mapping"}': "must be a mapping of label to token",
+           '{"tts_node_runtime_client_networks": ["lan"]}': "tts_node_runtime_client_networks must be a list of IP networks"}
+    for arg, message in bad.items():
+        out = site("-e", arg)
+        assert out.returncode != 0 and message in " ".join(out.stdout.split()), (arg, out.stdout[-3000:])
+    assert (etc / "runtime.toml").read_text() == before
+
+    out = site("-e", "tts_node_runtime_http_listen=", "-e", "tts_node_runtime_wyoming_listen=")
+    assert out.returncode == 0, out.stdout[-3000:]
+    plain = load_config(etc / "runtime.toml")
+    assert plain.tcp_listen == "" and plain.wyoming_listen == []
