@@ -21,6 +21,9 @@
     request_timeout_s = 10                   # a client must send its whole request within it
     verify_full_hash = false                 # re-hash every file before loading (slow)
     tcp_listen = ""                          # e.g. "127.0.0.1:8088"; off when empty
+    metrics_socket = ""                      # GET /metrics alone on this Unix socket, for the
+                                             # metrics socket unit; "" = off (the API socket
+                                             # serves /metrics either way)
     log_level = "info"
 
 Unknown keys and wrong types are errors that name the key (exit code 2 in the CLI).
@@ -36,7 +39,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mirror.manifest import ManifestError, validate_name
-from tts_common.config import ConfigError, LogLevel, load_toml
+from tts_common.config import ConfigError, LogLevel, SocketPath, load_toml
 
 from .normalize import DEFAULT_NORMALIZE_TEXT
 
@@ -78,6 +81,7 @@ class RuntimeConfig(BaseModel):
     request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     verify_full_hash: bool = False
     tcp_listen: str = ""
+    metrics_socket: SocketPath = ""
     log_level: LogLevel = "info"
 
     @field_validator("socket_path", "cache_dir", "provisioner_runtime_dir", mode="before")

@@ -129,6 +129,7 @@ class AccessLayer:
             metrics.audio_seconds.labels(record.voice or "?").inc(record.audio_s)
         if endpoint in SYNTHESIS_PATHS and status == 200:
             self.runtime.requests_served += 1
+            metrics.observe_synthesis(record, seconds)
         fields = record.log_fields(scope.get("method"), path, status, seconds)
         if path in QUIET_PATHS:
             access_log.debug("request", **fields)
