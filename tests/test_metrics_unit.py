@@ -89,3 +89,28 @@ def test_journal_prefix_only_when_stderr_is_the_journal(monkeypatch, capfd):
     assert formatter.format(record) == "<4>first\n<4>second"
     monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino + 1}")  # another stream: a child redirected
     assert not logs.stderr_is_journal() and logs.journal_prefix(logging.ERROR) == ""
+
+
+def test_status_pointers_name_alerts_and_metrics_that_exist():
+    """tts-ctl status points at an alert of the shipped rules and a metric a daemon exports."""
+    from pathlib import Path
+
+    from runtime.alerts import POINTERS, diagnose
+
+    repo = Path(__file__).resolve().parent.parent
+    rules = (repo / "ansible/roles/tts_node/templates/tts-fleet.rules.yml.j2").read_text()
+    sources = "".join((repo / p).read_text() for p in ("provisioner/metrics.py", "runtime/api/metrics.py",
+                                                        "tts_common/metrics_server.py"))
+    for what, (alert, metric) in POINTERS.items():
+        assert f"- alert: {alert}\n" in rules, (what, alert)
+        for name in metric.replace(" ", "").split(","):
+            base = name.split("{")[0].removesuffix("_total").removesuffix("_info")
+            assert base == "up" or base == "process_start_time_seconds" or f'"{base}' in sources, (what, name)
+    prov = {"state": "error", "models": {"joe": {"state": "error", "wanted_version": "2.0.1"}}}
+    rt = {"ready": True, "worker_alive": True, "queue": {"depth": 64, "capacity": 64},
+          "models": {"joe": {"loaded": True, "version": "1.0.0", "last_error": "loading joe 2.0.1 failed: ..."}}}
+    assert [(w, m, a) for w, m, a, _ in diagnose(prov, rt)] == [
+        ("sync failed", "joe", "TtsSyncFailing"), ("queue full", "-", "TtsQueueFull"),
+        ("voice does not load", "joe", "TtsVoiceLoadFailed")]
+    assert diagnose({"state": "idle", "models": {"joe": {"state": "ok", "wanted_version": "1.0.0"}}},
+                    {"ready": True, "worker_alive": True, "models": {"joe": {"loaded": True, "version": "1.0.0"}}}) == []
