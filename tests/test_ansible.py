@@ -38,7 +38,7 @@ from tests.ops_helpers import (ANSIBLE_DIR, REPO, SANDBOX_VENV, VENV, VENV_BIN, 
 from tests.conftest import s3_kinds
 from tests.provisioner_helpers import Keys, make_keys, publish_raw
 
-PLAYBOOKS = ["site.yml", "rollout-model.yml", "rollback.yml", "mirror.yml"]
+PLAYBOOKS = ["site.yml", "rollout-model.yml", "rollback.yml", "mirror.yml", "monitoring.yml"]
 ANSIBLE_PLAYBOOK = VENV_BIN / "ansible-playbook"
 pytestmark = pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(),
                                 reason="ansible is not installed: run scripts/setup.sh (pyproject dev extra)")
