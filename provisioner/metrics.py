@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import requests.exceptions
@@ -165,11 +166,23 @@ class ProvisionerCollector(Collector):
             yield GaugeMetricFamily("tts_provisioner_seeding_files", "Blobs being seeded to peers",
                                     value=s.p2p.get("seeding", 0))
         expiry = GaugeMetricFamily("tts_provisioner_trusted_metadata_expiry_timestamp_seconds",
-                                   "When the trusted update metadata of each role expires (status.json `trust`)",
-                                   labels=["role"])
-        for role, when in sorted((s.trust or {}).items()):
-            expiry.add_metric([role], float(when))
+                                   "When the trusted update metadata of each role expires (status.json "
+                                   "trust.expires)", labels=["role"])
+        for role, when in sorted(((s.trust or {}).get("expires") or {}).items()):
+            if (seconds := _unix_seconds(when)) is not None:
+                expiry.add_metric([role], seconds)
         yield expiry
+
+
+def _unix_seconds(value) -> float | None:
+    """An expiry from the status document: ISO 8601 (the trust client's) or unix seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def registry_for(status: ProvisionerStatus, config: ProvisionerConfig) -> CollectorRegistry:

@@ -55,7 +55,9 @@ def test_collector_reads_the_status_document_and_the_cache(tmp_path):
     (tmp_path / "cache/quarantine" / ("a" * 64)).write_bytes(b"x" * 1000)
     (tmp_path / "cache/quarantine/known-bad.json").write_text("{}")
     write_hold(tmp_path / "cache", "joe", Hold("1.0.0", "1.1.0"))
-    status = ProvisionerStatus(ready=True, syncs_completed=4, trust={"timestamp": 1767225600.0},
+    # trust as the update-trust work (branch r27-tuf) writes it: ISO 8601 expiries per role
+    trust = {"timestamp_version": 42, "expires": {"timestamp": "2026-01-01T00:00:00+00:00", "root": "bad date"}}
+    status = ProvisionerStatus(ready=True, syncs_completed=4, trust=trust,
                                p2p={"from_peers": 1, "from_mirror": 2, "uploaded": 30, "seeding": 2})
     joe = status.model("joe")
     joe.wanted_version, joe.current_version, joe.state = "1.0.0", "1.0.0", "ok"
@@ -71,9 +73,11 @@ def test_collector_reads_the_status_document_and_the_cache(tmp_path):
                  'tts_provisioner_fetched_bytes_total{model="joe",source="peers"} 90.0',
                  "tts_provisioner_quarantine_bytes 1000.0", "tts_provisioner_uploaded_bytes_total 30.0",
                  'tts_provisioner_trusted_metadata_expiry_timestamp_seconds{role="timestamp"} 1.7672256e+09',
+                 # (an expiry that does not parse is left out, not a scrape error)
                  "tts_provisioner_sync_passes_total 4.0", "tts_provisioner_ready 1.0"]:
         assert line in text, line
     assert 'model_wanted_info{model="amy"' not in text  # nothing wanted yet: no series
+    assert 'expiry_timestamp_seconds{role="root"}' not in text
     # process_* works under ProcSubset=pid too (boot time from CLOCK_BOOTTIME).
     assert "process_start_time_seconds" in text
 
