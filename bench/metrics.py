@@ -82,6 +82,7 @@ class Scraper(threading.Thread):
 
 def latency_rounds(tmp: Path, cache: Path, rounds: int, requests: int) -> dict:
     lat = {"off": [], "on": []}
+    rounds_ms: dict[str, list[float]] = {"off": [], "on": []}
     scrapes = 0
     for r in range(rounds):
         for mode in ("off", "on"):
@@ -100,13 +101,18 @@ def latency_rounds(tmp: Path, cache: Path, rounds: int, requests: int) -> dict:
                     scraper.stop_event.set()
                     scraper.join()
                     scrapes += scraper.count
-                lat[mode] += [t for _, s, _, t in res if s == 200]
+                ok = [t for _, s, _, t in res if s == 200]
+                lat[mode] += ok
+                rounds_ms[mode].append(round(statistics.median(ok) * 1000, 1))
             finally:
                 srv.stop()
-            print(f"round {r} {mode}: median {statistics.median(lat[mode]) * 1000:.0f} ms", flush=True)
+            print(f"round {r} {mode}: median {rounds_ms[mode][-1]:.0f} ms", flush=True)
     med = {m: statistics.median(v) for m, v in lat.items()}
     p95 = {m: sorted(v)[int(0.95 * (len(v) - 1))] for m, v in lat.items()}
-    return {"requests_per_mode": len(lat["on"]), "scrapes_during_on": scrapes,
+    # The machine's own noise: how far apart the "off" rounds' medians are from each other.
+    off = rounds_ms["off"]
+    return {"requests_per_mode": len(lat["on"]), "scrapes_during_on": scrapes, "round_medians_ms": rounds_ms,
+            "off_rounds_spread_ratio": round(max(off) / min(off), 3),
             "median_ms": {m: round(v * 1000, 1) for m, v in med.items()},
             "p95_ms": {m: round(v * 1000, 1) for m, v in p95.items()},
             "median_ratio_on_over_off": round(med["on"] / med["off"], 3)}
@@ -250,7 +256,10 @@ second ({lat['scrapes_during_on']} scrapes), "off" = no metrics socket, no scrap
 | median | {lat['median_ms']['off']} ms | {lat['median_ms']['on']} ms |
 | p95 | {lat['p95_ms']['off']} ms | {lat['p95_ms']['on']} ms |
 
-Median on/off: **{lat['median_ratio_on_over_off']}x**. The per-request instrumentation (always on:
+Median on/off: **{lat['median_ratio_on_over_off']}x**. Per-round medians (ms): off
+{lat['round_medians_ms']['off']}, on {lat['round_medians_ms']['on']}; the "off" rounds alone
+differ by up to {lat['off_rounds_spread_ratio']}x from one another, so a difference smaller than
+that is not measurable on this machine. The per-request instrumentation (always on:
 counter, latency, audio seconds, time to first audio, queue wait, real-time factor) costs
 **{result['instrumentation_us_per_request']} µs** per request in-process.
 

@@ -69,3 +69,10 @@ def test_targets_name_every_node_with_its_ports(rendered):
     assert prov == [{"targets": ["10.0.0.1:9771"], "labels": {"node": "n1"}},
                     {"targets": ["10.0.0.2:9771"], "labels": {"node": "n2"}}]
     assert [t["targets"] for t in rt] == [["10.0.0.1:9772"], ["10.0.0.2:9772"]]
+
+
+def test_one_for_duration_overrides_only_its_alert(tmp_path):
+    mon = render_monitoring(tmp_path, {"n1": "10.0.0.1"}, tts_node_alert_for={"sync_failing": "30m"})
+    rules = {r["alert"]: r for g in yaml.safe_load(mon.rules.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    assert rules["TtsSyncFailing"]["for"] == "30m" and "failed for 30m" in rules["TtsSyncFailing"]["annotations"]["summary"]
+    assert rules["TtsVersionMismatch"]["for"] == "30m" and rules["TtsVoiceLoadFailed"]["for"] == "5m"

@@ -38,7 +38,7 @@ pytestmark = [
     pytest.mark.skipif(not (harness.VENV / "bin/ansible-playbook").exists(), reason="ansible is not installed"),
 ]
 NODES = 3
-# Seconds instead of minutes: the test's setting of the role's `for:` durations.
+# Seconds instead of minutes: the test's setting of the role's `for:` durations (all of them).
 SHORT_FOR = {key: "5s" for key in ("sync_failing", "version_mismatch", "runtime_not_ready", "voice_load_failed",
                                     "target_down", "errors_5xx", "queue_full", "cache_disk_full", "trust_expiring",
                                     "restarts", "mirror_instead_of_peers", "rollback_held")}
