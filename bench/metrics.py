@@ -279,7 +279,7 @@ runtime {card['runtime_10_voices']} + provisioner {card['provisioner_5_models']}
 (runtime: every voice served, both synthesis endpoints answering 200/404/413/422/499/503/504,
 every probe path; the per-voice histograms - time to first audio, real-time factor - are most of it).
 
-Reproduce: `.venv/bin/python bench/metrics.py`.
+Reproduce: `.venv/bin/python bench/metrics.py --rounds {args.rounds} --requests {args.requests}`.
 """)
     print(json.dumps(result, indent=2))
 
