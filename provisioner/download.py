@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import structlog
 
@@ -59,10 +59,22 @@ class Interrupted(DownloadError):
 ProgressFn = Callable[[int, int, int], None]  # (bytes done, bytes total, files done)
 
 
+class DownloadAccount(Protocol):
+    """Where the loop counts what it saw, per model (progress.ProgressReporter: the status
+    document, and from it the metrics)."""
+
+    def fetched(self, model: str, source: str, nbytes: int) -> None:
+        """`nbytes` arrived for a file of `model`, from "mirror" or "peers"."""
+
+    def mismatch(self, model: str) -> None:
+        """A downloaded file of `model` failed its sha256 check."""
+
+
 class Downloader:
     def __init__(self, aria2: TransferEngine, cache: CacheWriter, mirrors: MirrorSet, cfg: Aria2Config,
-                 hash_workers: int = 2, p2p: PeerToPeer | None = None):
+                 hash_workers: int = 2, p2p: PeerToPeer | None = None, account: DownloadAccount | None = None):
         self.engine = aria2
+        self.account = account
         self.cache = cache
         self.mirrors = mirrors
         self.cfg = cfg
@@ -84,6 +96,7 @@ class _Attempt:
                  progress: ProgressFn | None, stop: threading.Event):
         self.engine, self.cache, self.mirrors, self.cfg = dl.engine, dl.cache, dl.mirrors, dl.cfg
         self.name, self.version, self.progress, self.stop = name, version, progress, stop
+        self.account = dl.account
         self.partial = self.cache.partial_dir
         self.limits = policy.Limits(max_tries=self.cfg.max_tries)
         self.known_bad = KnownBad(self.cache, self.mirrors, name, version)
@@ -139,6 +152,9 @@ class _Attempt:
             self.on_start(job)
 
     def dispatch(self, job: FileJob, st: TaskStatus, now: float) -> None:
+        if self.account is not None and st.completed > job.counted:
+            self.account.fetched(self.name, job.strategy.source(job), st.completed - job.counted)
+            job.counted = st.completed
         job.completed = st.completed
         if st.status == "active":
             self.on_progress(job, st, now)
@@ -165,6 +181,9 @@ class _Attempt:
             self.apply(job, self.decide(job, policy.NoSourceLeft()))
         job.sources.use(urls)
         job.hash.begin(data)
+        # What a resumed task reports done at first came before: not fetched now (an upper
+        # bound, as aria2 writes partials sparse).
+        job.counted = data.stat().st_size if data.exists() and control.exists() else 0
         job.strategy = next(s for s in self.strategies if s.claims(job, control))
         job.gid = job.strategy.start(job, urls, data, control)
         self.active[job.gid] = job
@@ -211,6 +230,8 @@ class _Attempt:
     def on_mismatch(self, job: FileJob, data: Path, digest: str, size: int) -> None:
         """Bad bytes: quarantined, then the policy says whom to blame and what next."""
         served, peers = job.strategy.served_by(job)
+        if self.account is not None:
+            self.account.mismatch(self.name)
         where = self.cache.quarantine(data, job.entry.sha256)
         self.paths(job)[1].unlink(missing_ok=True)
         decision = self.decide(job, policy.Mismatch(served, peers, job.sources.identified(), digest, size))

@@ -99,3 +99,4 @@ class FileJob:
     gid: str | None = None  # its transfer engine task while one runs
     retry_at: float = 0.0  # monotonic time before which it is not started again
     completed: int = 0  # bytes its task reported done (progress)
+    counted: int = 0  # of those, what the metrics counted as fetched (a resumed part is not)

@@ -47,6 +47,9 @@ class Strategy(Protocol):
     def verified(self, job: FileJob) -> None:
         """The file's bytes matched and are a blob now."""
 
+    def source(self, job: FileJob) -> str:
+        """Where the task's bytes come from now: "mirror" or "peers" (metrics)."""
+
 
 def _http_control_file(control: Path) -> bool:
     """Is this an HTTP download's .aria2 control file? (Its header's info-hash length,
@@ -82,6 +85,9 @@ class HttpStrategy:
 
     def verified(self, job: FileJob) -> None:
         pass
+
+    def source(self, job: FileJob) -> str:
+        return "mirror"
 
 
 class PeerStrategy:
@@ -147,6 +153,11 @@ class PeerStrategy:
 
     def served_by(self, job: FileJob) -> tuple[tuple[str, ...], bool]:
         return (job.sources.in_use() if job.peer.fetch.web_seeded else ()), True
+
+    def source(self, job: FileJob) -> str:
+        # As p2p.PeerToPeer.finished counts: once the mirror is a web seed, what arrives is
+        # counted as the mirror's (an upper bound: aria2 does not say who sent a piece).
+        return "mirror" if job.peer.fetch.web_seeded else "peers"
 
     def verified(self, job: FileJob) -> None:
         if self.p2p.cfg.seed:

@@ -21,6 +21,9 @@
     request_timeout_s = 10                   # a client must send its whole request within it
     verify_full_hash = false                 # re-hash every file before loading (slow)
     tcp_listen = ""                          # e.g. "0.0.0.0:8088"; off when empty; needs tokens
+    metrics_socket = ""                      # GET /metrics alone on this Unix socket, for the
+                                             # metrics socket unit; "" = off (the API socket
+                                             # serves /metrics either way)
     log_level = "info"
     # From the network (runtime/network_config.py, docs/runtime.md "From the network"):
     tcp_tokens_file = ""                     # bearer tokens for HTTP over TCP, one per line
@@ -44,7 +47,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mirror.manifest import ManifestError, validate_name
-from tts_common.config import ConfigError, LogLevel, load_toml
+from tts_common.config import ConfigError, LogLevel, SocketPath, load_toml
 
 from .network_config import NetworkSettings
 from .normalize import DEFAULT_NORMALIZE_TEXT
@@ -87,6 +90,7 @@ class RuntimeConfig(NetworkSettings, BaseModel):
     request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     verify_full_hash: bool = False
     tcp_listen: str = ""
+    metrics_socket: SocketPath = ""
     log_level: LogLevel = "info"
 
     @field_validator("socket_path", "cache_dir", "provisioner_runtime_dir", mode="before")

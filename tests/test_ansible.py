@@ -38,7 +38,7 @@ from tests.ops_helpers import (ANSIBLE_DIR, REPO, SANDBOX_VENV, VENV, VENV_BIN, 
 from tests.conftest import s3_kinds
 from tests.provisioner_helpers import Keys, make_keys, publish_raw
 
-PLAYBOOKS = ["site.yml", "rollout-model.yml", "rollback.yml", "mirror.yml"]
+PLAYBOOKS = ["site.yml", "rollout-model.yml", "rollback.yml", "mirror.yml", "monitoring.yml"]
 ANSIBLE_PLAYBOOK = VENV_BIN / "ansible-playbook"
 pytestmark = pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(),
                                 reason="ansible is not installed: run scripts/setup.sh (pyproject dev extra)")
@@ -155,6 +155,13 @@ stat -c '%U:%G %a %n' /run/tts/runtime.sock /var/cache/tts-fleet /etc/tts-fleet/
 rc=0; /opt/tts-fleet/venv/bin/tts-ctl --config /etc/tts-fleet/runtime.toml synth "Installed by ansible." \
   -o {work}/synth.wav >{work}/synth.out 2>&1 || rc=$?; echo "synth=$rc" >>{work}/rcs
 /opt/tts-fleet/venv/bin/python -c 'import provisioner, sys; print(provisioner.__file__)' >{work}/import.txt 2>&1 || true
+# Prometheus's view: each daemon's metrics over TCP, through its socket unit's relay.
+for port in {metrics_ports}; do
+  /opt/tts-fleet/venv/bin/python -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())' \
+    "http://127.0.0.1:$port/metrics" >{work}/metrics-$port.txt 2>&1 || true
+done
+systemctl --user stop tts-provisioner-metrics.socket tts-runtime-metrics.socket tts-provisioner-metrics.service \
+  tts-runtime-metrics.service || true
 systemctl --user stop tts-runtime.service tts-runtime.socket tts-provisioner.service || true
 systemctl --user exit || true
 for i in $(seq 1 100); do kill -0 $manager 2>/dev/null || break; sleep 0.1; done
@@ -183,6 +190,7 @@ def test_site_in_sandbox_under_user_manager(tmp_path, s3_server, bucket):
     wheel = build_wheel(tmp_path / "wheel")
     purelib = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
+    metrics_ports = free_ports(2)
     variables = node_vars(
         s3_server, bucket, keys,
         tts_node_service_manager="user",
@@ -192,11 +200,16 @@ def test_site_in_sandbox_under_user_manager(tmp_path, s3_server, bucket):
         # through a .pth file instead of a download (see docs/operations.md).
         tts_node_pip_extra_args="--no-index --no-deps",
         tts_node_venv_extra_site_dirs=[str(SANDBOX_VENV / Path(purelib).relative_to(VENV))],
+        # The sandbox shares the host's network: loopback, ports nobody uses.
+        tts_node_metrics_listen_address="127.0.0.1",
+        tts_node_metrics_provisioner_port=metrics_ports[0],
+        tts_node_metrics_runtime_port=metrics_ports[1],
     )
     (work / "vars.yml").write_text(yaml.safe_dump(variables))
     (work / "inventory.yml").write_text(yaml.safe_dump(
         {"tts_nodes": {"hosts": {"sandbox": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}}}}))
-    script = SANDBOX_SCRIPT.format(prelude=sandbox_prelude(work), work=work, ansible=ANSIBLE_DIR)
+    script = SANDBOX_SCRIPT.format(prelude=sandbox_prelude(work), work=work, ansible=ANSIBLE_DIR,
+                                   metrics_ports=" ".join(map(str, metrics_ports)))
     started = time.monotonic()
     out = run_in_sandbox(script, timeout=600, env=ansible_env(tmp_path))
     elapsed = time.monotonic() - started
@@ -236,6 +249,25 @@ def test_site_in_sandbox_under_user_manager(tmp_path, s3_server, bucket):
     assert (work / "synth.wav").read_bytes()[:4] == b"RIFF"
     # The venv runs the package from the wheel, not the checkout.
     assert "/opt/tts-fleet/venv/" in (work / "import.txt").read_text()
+    # Both daemons' metrics reach TCP through the relays (socket units + systemd-socket-proxyd).
+    provisioner_metrics = (work / f"metrics-{metrics_ports[0]}.txt").read_text()
+    runtime_metrics = (work / f"metrics-{metrics_ports[1]}.txt").read_text()
+    assert "tts_provisioner_ready 1.0" in provisioner_metrics, provisioner_metrics[-2000:]
+    assert 'tts_provisioner_model_current_info{model="joe",version="1.0.0"} 1.0' in provisioner_metrics
+    assert "tts_ready 1.0" in runtime_metrics, runtime_metrics[-2000:]
+
+
+def free_ports(count: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 # -- rollout-model.yml over two local hosts ------------------------------------------------

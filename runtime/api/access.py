@@ -135,6 +135,7 @@ def account(runtime: Runtime, record: AccessRecord, *, endpoint: str, method: st
         metrics.audio_seconds.labels(record.voice or "?").inc(record.audio_s)
     if synthesis and status == 200:
         runtime.requests_served += 1
+        metrics.observe_synthesis(record, seconds)
     fields = record.log_fields(method, path, status, seconds)
     if quiet:
         access_log.debug("request", **fields)
