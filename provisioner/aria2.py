@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import aria2p
@@ -40,15 +39,9 @@ from tts_common.errors import TtsError
 
 from .cache import ARIA2_PID_RECORD
 from .config import Aria2Config, P2PConfig
+from .transfer import TaskStatus
 
 log = structlog.get_logger(__name__)
-
-# aria2 exit/error codes we treat specially (see aria2c(1) "EXIT STATUS").
-ERR_NOT_FOUND = 3
-ERR_CANNOT_RESUME = 8
-ERR_DISK_FULL = 9
-ERR_HTTP_STATUS = 22  # includes 403 Forbidden (expired presigned URL)
-ERR_CHECKSUM = 32
 
 PID_RECORD = ARIA2_PID_RECORD
 START_TRIES = 3
@@ -63,23 +56,6 @@ _STATUS_KEYS = ["gid", "status", "completedLength", "totalLength", "downloadSpee
 
 class Aria2Error(TtsError):
     """aria2c could not be started or stopped answering."""
-
-
-@dataclass(frozen=True)
-class TaskStatus:
-    gid: str
-    status: str  # active | waiting | paused | error | complete | removed
-    completed: int
-    total: int
-    speed: int
-    error_code: int
-    error_message: str
-    used_uris: tuple[str, ...]
-    bitfield: str = ""
-    piece_length: int = 0
-    uploaded: int = 0
-    info_hash: str = ""  # BitTorrent tasks only
-    dir: str = ""
 
 
 def _start_time(pid: int) -> int | None:
@@ -161,6 +137,8 @@ def bittorrent_args(p2p: P2PConfig) -> list[str]:
 
 
 class Aria2Process:
+    """aria2c as a child process; a `transfer.SeedingEngine` (the download loop's contract)."""
+
     def __init__(self, cfg: Aria2Config, work_dir: Path, p2p: P2PConfig | None = None):
         self.cfg = cfg
         self.p2p = p2p if p2p is not None and p2p.enabled else None

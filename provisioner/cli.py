@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
-from tts_common.logs import configure_logging
+from tts_common.logs import configure_logging, journal_prefix
 from tts_common.cli import CliGroup, CommandFailed
 
 from .cache import CacheError, CacheReader, CacheWriter, DamagedSnapshotError
@@ -118,7 +119,7 @@ def sync(ctx: click.Context, timeout: float) -> None:
     for name, result in results.items():
         if isinstance(result, Exception):
             bad += 1
-            click.echo(f"{name}: FAILED: {result}", err=True)
+            click.echo(f"{journal_prefix(logging.ERROR)}{name}: FAILED: {result}", err=True)
         else:
             snap = prov.cache.snapshot(name, result.version)
             verb = "updated to" if result.changed else "already at"

@@ -2,6 +2,8 @@
 
     cache_dir = "/var/cache/tts-fleet"
     runtime_dir = "/run/tts-provisioner"     # status.json and the pid file
+    metrics_socket = ""                      # Prometheus metrics on this Unix socket (daemon);
+                                             # "" = off. The role: /run/tts-provisioner/metrics.sock
     keep_snapshots = 3
     poll_interval = 300                      # seconds between channel checks
     require_signature = true
@@ -54,7 +56,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mirror.manifest import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_MODEL_SIZE, ManifestError, SizeLimits, validate_name
-from tts_common.config import ByteSize, ConfigError, LogLevel, load_toml
+from tts_common.config import ByteSize, ConfigError, LogLevel, SocketPath, load_toml
 
 DEFAULT_CONFIG_PATH = Path(os.environ.get("TTS_PROVISIONER_CONFIG", "/etc/tts-fleet/provisioner.toml"))
 
@@ -183,6 +185,7 @@ class ProvisionerConfig(_Strict):
     public_keys: list[Path] = []
     disk_margin_mb: Annotated[int, Field(ge=0)] = 256
     log_level: LogLevel = "info"
+    metrics_socket: SocketPath = ""
     max_file_size: Annotated[ByteSize, Field(ge=1)] = DEFAULT_MAX_FILE_SIZE
     max_model_size: Annotated[ByteSize, Field(ge=1)] = DEFAULT_MAX_MODEL_SIZE
     # quarantine/ (bytes that failed verification, kept for inspection) is bounded: one

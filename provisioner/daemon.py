@@ -20,12 +20,14 @@ import structlog
 
 from tts_common.backoff import backoff_delay
 from tts_common.errors import TtsError
+from tts_common.metrics_server import MetricsServer
 from tts_common.notify import notify, watchdog_interval
 
 from .aria2 import Aria2Error, Aria2Process
 from .cache import CacheWriter, Snapshot
 from .config import ProvisionerConfig
 from .download import DownloadError
+from .metrics import registry_for
 from .p2p import Seeder
 from .progress import ProgressReporter
 from .status import PID_FILE, ProvisionerStatus
@@ -238,6 +240,7 @@ class Provisioner:
         pid_file.write_text(f"{os.getpid()}\n")
         watcher = DamageWatcher(self.cache, self.wake)
         watcher.start()
+        metrics = self._serve_metrics()
         keepalive = threading.Thread(target=self._keepalive, name="sd-watchdog", daemon=True)
         keepalive.start()
         ready_sent = False
@@ -278,11 +281,19 @@ class Provisioner:
         finally:
             notify(STOPPING=1, STATUS="stopping")
             watcher.stop()
+            if metrics:
+                metrics.stop()
             self.status.state = "stopped"
             self.reporter.publish("stopped")
             pid_file.unlink(missing_ok=True)
         log.info("provisioner stopped")
         return 0
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        """GET /metrics on `metrics_socket` (the daemon only: one-shot commands have none)."""
+        if not self.config.metrics_socket:
+            return None
+        return MetricsServer(Path(self.config.metrics_socket), registry_for(self.status, self.config)).serve()
 
     def _request_stop(self) -> None:
         self.stop_event.set()

@@ -1,104 +1,80 @@
 """Download a set of files with aria2 and verify each one as soon as it lands.
 
-Each file is one aria2 task with a presigned URL from every mirror (aria2 fails over
-between them) and is written to `partial/<sha256>` with its `.aria2` control file, so
-a restart after any crash resumes where it stopped. A finished file is hashed in a
-worker thread while the others keep downloading - hashing is the cost we hide - and
-only a matching file is moved into `blobs/`.
+Each file is one transfer task (`transfer.TransferEngine`, aria2 in production) with a
+presigned URL from every mirror (aria2 fails over between them) - or, with [p2p], a
+torrent with the mirror as web seed - written to `partial/<sha256>` with its `.aria2`
+control file, so a restart after any crash resumes where it stopped. A finished file is
+hashed in a worker thread while the others keep downloading - hashing is the cost we
+hide - and only a matching file is moved into `blobs/`.
 
-Failures are handled per file: an HTTP error such as 403 (expired presigned URL)
-re-presigns and resumes; network errors back off with jitter; a checksum mismatch
-quarantines the bytes and retries without the mirrors that served them; a full disk
-(aria2 code 9) aborts the whole attempt and removes its partials.
+One `fetch` call is one `_Attempt`: its loop polls the engine and dispatches each event
+to one handler - a file started, progress polled, task complete, task error, hash
+finished (match or mismatch), disk full, stop requested. What a failure leads to (retry
+after a backoff, presign again, start over, next mirror, mirrors one at a time, HTTP
+only, give up) is decided by `fetch_policy.py`, a pure function; how a try runs (HTTP or
+peers) by `fetch_strategy.py`; a file's state lives in `fetch_state.FileJob`.
 """
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Protocol
 
 import structlog
 
 from mirror.manifest import FileEntry
 from tts_common.errors import TtsError
 
-from .aria2 import ERR_CANNOT_RESUME, ERR_DISK_FULL, ERR_HTTP_STATUS, ERR_NOT_FOUND, Aria2Process
+from . import fetch_policy as policy
 from .cache import CacheWriter
 from .config import Aria2Config
-from mirror.hashing import PrefixHasher, complete_prefix_bytes, sha256_file
+from .fetch_state import FileJob
+from .fetch_strategy import HttpStrategy, PeerStrategy, Strategy
+from .known_bad import KnownBad
 from .mirrors import MirrorSet
-from .p2p import PeerFetch, PeerToPeer
+from .p2p import PeerToPeer
+from .transfer import TaskStatus, TransferEngine
 
 log = structlog.get_logger(__name__)
 
 POLL_SECONDS = 0.1
-# Hash a downloading file's completed prefix once this much new data is contiguous.
-PREFIX_STEP = 16 * 1024 * 1024
-MAX_REPRESIGNS = 6
-# A torrent task with its web seed that still makes no progress for this many
-# stall_seconds falls back to plain HTTP.
-HTTP_FALLBACK_STALLS = 12
 
 
 class DownloadError(TtsError):
     """A file could not be fetched and verified from any mirror."""
 
 
-class DiskFullError(DownloadError):
-    """The cache filesystem ran out of space during a download."""
+class DiskSpaceError(DownloadError):
+    """The cache filesystem has too little space for a download: found when the sync is
+    planned (nothing fetched yet), or when aria2 ran out of it mid-download."""
 
 
 class Interrupted(DownloadError):
     """The download was stopped on request (shutdown); partials are kept for resume."""
 
 
-@dataclass
-class _Job:
-    entry: FileEntry
-    failures: int = 0
-    presigns: int = 0
-    excluded: set[str] = field(default_factory=set)
-    gid: str | None = None
-    retry_at: float = 0.0
-    uri_mirror: dict[str, str] = field(default_factory=dict)
-    completed: int = 0
-    one_mirror: bool = False  # after a mismatch from mixed mirrors: try them one at a time
-    hasher: PrefixHasher | None = None
-    prefix_task: Future | None = None
-    peers: PeerFetch | None = None  # fetched with BitTorrent (p2p.py)
-    torrent: bytes | None = None
-    http_only: bool = False  # after a mismatch of bytes that peers may have sent
-    cause: str | None = None  # why the last mirror was given up on: the error the operator sees
-    identity: dict[str, dict | None] = field(default_factory=dict)  # mirror -> object's etag/size/mtime
-
-
-def mismatch_text(mirror: str, entry: FileEntry, got_sha256: str, got_size: int) -> str:
-    return (f"checksum mismatch on mirror {mirror} for file {entry.path} (expected sha256 {entry.sha256}, "
-            f"{entry.size} bytes; got sha256 {got_sha256}, {got_size} bytes)")
-
-
 ProgressFn = Callable[[int, int, int], None]  # (bytes done, bytes total, files done)
 
 
-def _http_control_file(control) -> bool:
-    """Is this an HTTP download's .aria2 control file? (Its header's info-hash length,
-    bytes 6-9 big-endian, is 0; a torrent's holds 20.)"""
-    try:
-        with open(control, "rb") as f:
-            header = f.read(10)
-    except FileNotFoundError:
-        return False
-    return len(header) == 10 and int.from_bytes(header[6:10], "big") == 0
+class DownloadAccount(Protocol):
+    """Where the loop counts what it saw, per model (progress.ProgressReporter: the status
+    document, and from it the metrics)."""
+
+    def fetched(self, model: str, source: str, nbytes: int) -> None:
+        """`nbytes` arrived for a file of `model`, from "mirror" or "peers"."""
+
+    def mismatch(self, model: str) -> None:
+        """A downloaded file of `model` failed its sha256 check."""
 
 
 class Downloader:
-    def __init__(self, aria2: Aria2Process, cache: CacheWriter, mirrors: MirrorSet, cfg: Aria2Config,
-                 hash_workers: int = 2, p2p: PeerToPeer | None = None):
-        self.aria2 = aria2
+    def __init__(self, aria2: TransferEngine, cache: CacheWriter, mirrors: MirrorSet, cfg: Aria2Config,
+                 hash_workers: int = 2, p2p: PeerToPeer | None = None, account: DownloadAccount | None = None):
+        self.engine = aria2
+        self.account = account
         self.cache = cache
         self.mirrors = mirrors
         self.cfg = cfg
@@ -108,280 +84,237 @@ class Downloader:
     def fetch(self, name: str, version: str, entries: list[FileEntry], progress: ProgressFn | None = None,
               stop: threading.Event | None = None) -> None:
         """Fetch and verify `entries` into blobs/. Raises DownloadError subclasses."""
-        stop = stop or threading.Event()
-        total = sum(e.size for e in entries)
-        pending = [_Job(e) for e in entries]
-        active: dict[str, _Job] = {}
-        hashing: dict[Future, _Job] = {}
-        done_bytes = 0
-        files_done = 0
-        partial = self.cache.partial_dir
-
-        def start(job: _Job) -> None:
-            sha = job.entry.sha256
-            data, control = partial / sha, partial / f"{sha}.aria2"
-            if data.exists() and not control.exists():
-                # Completed by aria2 before a crash, or junk: hashing decides.
-                if data.stat().st_size == job.entry.size:
-                    job.hasher = None
-                    hashing[pool.submit(finish_hash, job)] = job
-                    return
-                data.unlink()
-            urls = self.mirrors.presigned_urls(name, version, job.entry.path, self.cfg.presign_expiry,
-                                               exclude=job.excluded)
-            urls = skip_known_bad(job, urls)
-            if job.one_mirror:
-                urls = urls[:1]
-            if not urls:
-                if job.cause:
-                    raise DownloadError(f"{name}/{version}: {job.cause}; no other mirror to try")
-                raise DownloadError(f"{name}/{version}: {job.entry.path}: no mirror left to try "
-                                    f"(excluded: {sorted(job.excluded)})")
-            job.uri_mirror = {url: mirror for mirror, url in urls}
-            job.hasher = PrefixHasher(data)
-            if self.p2p and not job.http_only and _http_control_file(control):
-                job.http_only = True  # an HTTP download resumes as one: its bytes are kept
-            torrent = self.p2p.torrent(job.entry) if self.p2p and not job.http_only else None
-            job.torrent = torrent
-            if torrent is not None:
-                # BitTorrent writes partial/<sha256> too (the torrent's name): resume,
-                # the prefix hasher and verification work as for HTTP.
-                # A resumed partial's bytes were fetched before: not counted again (an
-                # upper bound: aria2 allocates sparse files, so this is the size it reached).
-                resumed = data.stat().st_size if data.exists() and control.exists() else 0
-                job.peers = PeerFetch(self.p2p.web_seed_first(job.entry), time.monotonic(), resumed)
-                seeds = [url for _, url in urls] if job.peers.web_seeded else []
-                self.p2p.stop_seeding(job.entry.btih)  # a repair: the damaged blob's seed must go
-                job.gid = self.aria2.add_torrent(torrent, seeds, partial, self.p2p.task_options())
-                log.info("fetching from peers", file=job.entry.path, web_seed=job.peers.web_seeded)
-            else:
-                job.peers = None
-                job.gid = self.aria2.add([url for _, url in urls], out=sha, resume=control.exists())
-            active[job.gid] = job
-
-        def watch_peers(job: _Job, st, now: float) -> None:
-            """Give a download the mirror when peers stall; HTTP when nothing helps."""
-            peers = job.peers
-            if st.completed > peers.last_completed:
-                peers.last_completed, peers.last_progress = st.completed, now
-                return
-            stalled = now - peers.last_progress
-            if stalled < (self.p2p.cfg.stall_seconds if peers.web_seeded else self.p2p.stall_window(job.entry)):
-                return
-            if peers.web_seeded and stalled > HTTP_FALLBACK_STALLS * self.p2p.cfg.stall_seconds:
-                # Neither peers nor the web seed bring anything: plain HTTP, which
-                # reports mirror errors the way the rest of this loop handles them.
-                log.warning("no progress from peers or web seed: fetching over HTTP only",
-                            file=job.entry.path, stalled_s=round(stalled, 1))
-                self.aria2.forget(job.gid)
-                del active[job.gid]
-                for suffix in ("", ".aria2"):  # a torrent's control file does not resume over HTTP
-                    (partial / f"{job.entry.sha256}{suffix}").unlink(missing_ok=True)
-                job.http_only, job.peers, job.torrent = True, None, None
-                retry(job, 0.0)
-                return
-            # Peers brought nothing for this node's stall window: add the mirror as a web seed (or,
-            # on a long download, refresh its presigned URLs before they expire).
-            if peers.web_seeded and now - peers.web_seeded_at < self.cfg.presign_expiry / 2:
-                return
-            urls = self.mirrors.presigned_urls(name, version, job.entry.path, self.cfg.presign_expiry,
-                                               exclude=job.excluded)
-            if urls:
-                self.aria2.set_web_seeds(job.gid, [url for _, url in urls])
-                job.uri_mirror = {url: mirror for mirror, url in urls}
-            if not peers.web_seeded:
-                log.info("no progress from peers: adding the mirror", file=job.entry.path,
-                         stalled_s=round(stalled, 1))
-                peers.last_progress = now  # the mirror gets its own stall window
-                peers.completed_at_web_seed = st.completed
-            peers.web_seeded, peers.web_seeded_at = True, now
+        _Attempt(self, name, version, entries, progress, stop or threading.Event()).run()
 
 
-        def skip_known_bad(job: _Job, urls: list[tuple[str, str]]) -> list[tuple[str, str]]:
-            """Drop mirrors that lack the object, or whose object already failed verification
-            and has not changed since (same etag, size, mtime): known bad, not fetched again."""
-            job.identity = self.mirrors.identities(name, version, job.entry.path, [m for m, _ in urls])
-            known = self.cache.known_bad()
-            key = self.mirrors.object_key(name, version, job.entry.path)
-            kept = []
-            for mirror, url in urls:
-                if (job.identity.get(mirror) or {}).get("missing"):
-                    job.excluded.add(mirror)
-                    job.cause = f"{job.entry.path} is missing on mirror {mirror}"
-                    log.error("file missing on mirror", model=name, version=version, file=job.entry.path,
-                              mirrors=[mirror])
-                    continue
-                record = known.get(f"{mirror} {key}")
-                if record and record.get("expected_sha256") == job.entry.sha256:
-                    ident = job.identity.get(mirror)
-                    if ident is not None and ident == record.get("object"):
-                        job.excluded.add(mirror)
-                        job.cause = (f"{record['error']}, first seen {record.get('seen', '?')}; the object is "
-                                     f"unchanged (ETag {ident.get('etag')}), so it is not fetched again")
-                        log.warning("mirror object known bad, not fetched again", model=name, version=version,
-                                    file=job.entry.path, mirror=mirror, etag=ident.get("etag"))
-                        continue
-                    # The object changed on the mirror (or cannot be identified): try it again.
-                    self.cache.forget_known_bad(mirror, key)
-                kept.append((mirror, url))
-            return kept
+class _Attempt:
+    """One `fetch`: its files from queued to verified. A file is in exactly one of
+    `pending` (waiting for a slot or its retry time), `active` (a task runs, by gid),
+    `hashing` (its final hash runs), or done."""
 
-        def finish_hash(job: _Job) -> str:
-            """Digest of the downloaded file: the prefix hasher's, re-checked from scratch
-            if it disagrees (a piece may have been reported before it reached the file)."""
-            path = partial / job.entry.sha256
-            size = path.stat().st_size
-            digest = job.hasher.finish(size) if job.hasher else sha256_file(path)
-            if digest != job.entry.sha256 and job.hasher is not None:
-                digest = sha256_file(path)
-            return digest
+    def __init__(self, dl: Downloader, name: str, version: str, entries: list[FileEntry],
+                 progress: ProgressFn | None, stop: threading.Event):
+        self.engine, self.cache, self.mirrors, self.cfg = dl.engine, dl.cache, dl.mirrors, dl.cfg
+        self.name, self.version, self.progress, self.stop = name, version, progress, stop
+        self.account = dl.account
+        self.partial = self.cache.partial_dir
+        self.limits = policy.Limits(max_tries=self.cfg.max_tries)
+        self.known_bad = KnownBad(self.cache, self.mirrors, name, version)
+        self.http = HttpStrategy(self.engine)
+        # The first strategy that claims a try runs it; HTTP claims every one.
+        self.strategies: list[Strategy] = [self.http]
+        if dl.p2p is not None:
+            self.strategies.insert(0, PeerStrategy(dl.p2p, self.engine, self.presign, self.cfg.presign_expiry))
+        self.pool = ThreadPoolExecutor(max_workers=dl.hash_workers, thread_name_prefix="sha256")
+        self.total = sum(e.size for e in entries)
+        self.pending = [FileJob(e, strategy=self.http) for e in entries]
+        self.active: dict[str, FileJob] = {}
+        self.hashing: dict[Future, FileJob] = {}
+        self.done_bytes = 0
+        self.files_done = 0
 
-        def retry(job: _Job, delay: float) -> None:
-            job.retry_at = time.monotonic() + delay
-            pending.append(job)
-
-        def backoff(failures: int) -> float:
-            return min(30.0, 0.5 * 2 ** failures) * random.uniform(0.5, 1.5)
-
-        def cleanup_attempt(remove_partials: bool) -> None:
-            for gid in list(active):
-                self.aria2.forget(gid)
-            active.clear()
-            if remove_partials:
-                for job in [*pending, *hashing.values()]:
-                    for suffix in ("", ".aria2"):
-                        (partial / f"{job.entry.sha256}{suffix}").unlink(missing_ok=True)
-
-        pool = ThreadPoolExecutor(max_workers=self.hash_workers, thread_name_prefix="sha256")
+    # -- the loop ----------------------------------------------------------------------
+    def run(self) -> None:
         try:
-            while pending or active or hashing:
-                if stop.is_set():
-                    cleanup_attempt(remove_partials=False)
-                    raise Interrupted("download interrupted; partial files kept for resume")
-                now = time.monotonic()
-                # Hand aria2 only what it runs at once: URLs are presigned just before
-                # use, so a long queue cannot outlive their expiry.
-                for job in [j for j in pending if j.retry_at <= now]:
-                    if len(active) >= self.cfg.max_concurrent_downloads:
-                        break
-                    pending.remove(job)
-                    start(job)
-
-                for gid, job in list(active.items()):
-                    st = self.aria2.status(gid)
-                    job.completed = st.completed
-                    if job.peers is not None and st.status == "active":
-                        watch_peers(job, st, now)
-                        if gid not in active:
-                            continue
-                    if st.status == "active" and job.hasher and (job.prefix_task is None or job.prefix_task.done()):
-                        ready = complete_prefix_bytes(st.bitfield, st.piece_length, st.total)
-                        if ready - job.hasher.offset >= PREFIX_STEP:
-                            job.prefix_task = pool.submit(job.hasher.advance, ready)
-                    if st.status == "complete":
-                        if job.peers is not None:
-                            self.p2p.finished(job.peers, job.entry.size, st.uploaded)
-                        self.aria2.forget(gid)
-                        del active[gid]
-                        hashing[pool.submit(finish_hash, job)] = job
-                    elif st.status in {"error", "removed"}:
-                        self.aria2.forget(gid)
-                        del active[gid]
-                        used = sorted({job.uri_mirror.get(u, "?") for u in st.used_uris})
-                        if st.error_code == ERR_DISK_FULL:
-                            for j in (job, *active.values()):
-                                pending.append(j)
-                            cleanup_attempt(remove_partials=True)
-                            raise DiskFullError(
-                                f"disk full while downloading {name}/{version} into {self.cache.root}; "
-                                "partial files of this attempt were removed, the current snapshot is untouched")
-                        self._handle_error(name, version, job, st.error_code, st.error_message, used, retry, backoff)
-
-                for fut in [f for f in hashing if f.done()]:
-                    job = hashing.pop(fut)
-                    data = partial / job.entry.sha256
-                    digest = fut.result()
-                    size = data.stat().st_size
-                    job.hasher, job.prefix_task = None, None
-                    if digest == job.entry.sha256 and size == job.entry.size:
-                        self.cache.add_blob(data, digest)
-                        (partial / f"{digest}.aria2").unlink(missing_ok=True)
-                        self.cache.file_verified(digest)
-                        if job.torrent is not None and self.p2p.cfg.seed:
-                            self.p2p.seed(job.torrent)
-                        done_bytes += job.entry.size
-                        files_done += 1
-                        job.completed = 0
-                        continue
-                    used = sorted(set(job.uri_mirror.values())) if job.peers is None or job.peers.web_seeded else []
-                    where = self.cache.quarantine(data, job.entry.sha256)
-                    (partial / f"{job.entry.sha256}.aria2").unlink(missing_ok=True)
-                    job.cause = mismatch_text(",".join(used + (["peers"] if job.peers else [])), job.entry, digest, size)
-                    log.error("checksum mismatch: bytes quarantined", model=name, version=version,
-                              file=job.entry.path, mirrors=used, got_sha256=digest, got_size=size,
-                              expected_sha256=job.entry.sha256,
-                              quarantined=str(where) if where else "not kept (over quarantine_max_bytes)")
-                    # Only bytes a mirror alone sent make its object known bad (peers may have sent these).
-                    if job.peers is None and len(used) == 1 and job.identity.get(used[0]) is not None:
-                        self.cache.mark_known_bad(used[0], self.mirrors.object_key(name, version, job.entry.path), {
-                            "error": job.cause, "object": job.identity[used[0]], "model": name,
-                            "version": version, "file": job.entry.path, "expected_sha256": job.entry.sha256,
-                            "got_sha256": digest, "got_size": size,
-                            "seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                    job.failures += 1
-                    if job.failures > self.cfg.max_tries:
-                        raise DownloadError(f"{name}/{version}: {job.cause} (after {job.failures} attempts)")
-                    if job.peers is not None:
-                        # Peers are unauthenticated: fetch it again over HTTP only.
-                        job.http_only, job.peers, job.torrent = True, None, None
-                    elif len(used) == 1:
-                        job.excluded |= set(used)
-                    else:
-                        # Bytes came from several mirrors: find the bad one by trying each alone.
-                        job.one_mirror = True
-                    retry(job, 0.0)
-
-                if progress:
-                    in_flight = sum(j.completed for j in active.values()) + sum(j.entry.size for j in hashing.values())
-                    progress(done_bytes + in_flight, total, files_done)
+            while self.pending or self.active or self.hashing:
+                self.poll()
                 time.sleep(POLL_SECONDS)
         except BaseException:
-            cleanup_attempt(remove_partials=False)
+            self.cleanup(remove_partials=False)
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if progress:
-            progress(total, total, files_done)
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.progress:
+            self.progress(self.total, self.total, self.files_done)
 
-    def _handle_error(self, name, version, job: _Job, code: int, message: str, used: list[str], retry, backoff):
-        path = job.entry.path
-        fields = dict(model=name, version=version, file=path, mirrors=used, aria2_code=code, aria2_message=message)
-        if code == ERR_CANNOT_RESUME:
-            # The server cannot continue this partial: start the file over.
-            log.warning("mirror cannot resume, restarting file", **fields)
-            for suffix in ("", ".aria2"):
-                (self.cache.partial_dir / f"{job.entry.sha256}{suffix}").unlink(missing_ok=True)
-            job.failures += 1
-        elif code == ERR_HTTP_STATUS:
-            # Usually 403 from an expired presigned URL: presign again and resume.
-            job.presigns += 1
-            log.warning("HTTP error from mirror, presigning again and resuming", **fields)
-            if job.presigns > MAX_REPRESIGNS:
-                raise DownloadError(f"{name}/{version}: {path}: mirrors {used} keep refusing the download "
-                                    f"(HTTP error, aria2 code {code})")
-            retry(job, backoff(job.presigns - 1) if job.presigns > 1 else 0.0)
+    def poll(self) -> None:
+        """One turn of the loop: each event since the last turn goes to its handler."""
+        if self.stop.is_set():
+            self.on_stop()
+        now = time.monotonic()
+        self.start_due(now)
+        for gid, job in list(self.active.items()):
+            self.dispatch(job, self.engine.status(gid), now)
+        for fut in [f for f in self.hashing if f.done()]:
+            job = self.hashing.pop(fut)
+            self.on_hashed(job, fut.result())
+        if self.progress:
+            in_flight = sum(j.completed for j in self.active.values()) + sum(j.entry.size for j in self.hashing.values())
+            self.progress(self.done_bytes + in_flight, self.total, self.files_done)
+
+    def start_due(self, now: float) -> None:
+        # Hand aria2 only what it runs at once: URLs are presigned just before
+        # use, so a long queue cannot outlive their expiry.
+        for job in [j for j in self.pending if j.retry_at <= now]:
+            if len(self.active) >= self.cfg.max_concurrent_downloads:
+                break
+            self.pending.remove(job)
+            self.on_start(job)
+
+    def dispatch(self, job: FileJob, st: TaskStatus, now: float) -> None:
+        if self.account is not None and st.completed > job.counted:
+            self.account.fetched(self.name, job.strategy.source(job), st.completed - job.counted)
+            job.counted = st.completed
+        job.completed = st.completed
+        if st.status == "active":
+            self.on_progress(job, st, now)
+        elif st.status == "complete":
+            self.on_complete(job, st)
+        elif st.status in {"error", "removed"}:
+            self.on_task_error(job, st)
+
+    # -- events --------------------------------------------------------------------------
+    def on_start(self, job: FileJob) -> None:
+        """A file's turn: resume or start its task (or hash a partial that is complete)."""
+        data, control = self.paths(job)
+        if data.exists() and not control.exists():
+            # Completed by aria2 before a crash, or junk: hashing decides.
+            if data.stat().st_size == job.entry.size:
+                job.hash.hasher = None
+                self.hash(job)
+                return
+            data.unlink()
+        urls = self.known_bad.screen(job, self.presign(job))
+        if job.sources.one_mirror:
+            urls = urls[:1]
+        if not urls:
+            self.apply(job, self.decide(job, policy.NoSourceLeft()))
+        job.sources.use(urls)
+        job.hash.begin(data)
+        # What a resumed task reports done at first came before: not fetched now (an upper
+        # bound, as aria2 writes partials sparse).
+        job.counted = data.stat().st_size if data.exists() and control.exists() else 0
+        job.strategy = next(s for s in self.strategies if s.claims(job, control))
+        job.gid = job.strategy.start(job, urls, data, control)
+        self.active[job.gid] = job
+
+    def on_progress(self, job: FileJob, st: TaskStatus, now: float) -> None:
+        if job.strategy.watch(job, st, now):
+            self.end_task(job)
+            self.apply(job, self.decide(job, policy.PeersStalled()))
             return
-        elif code == ERR_NOT_FOUND:
-            log.error("file missing on mirror", **fields)
-            job.excluded |= set(used)
-            if not {s.name for s in self.mirrors.sources} - job.excluded:
-                raise DownloadError(f"{name}/{version}: {path} is missing on every mirror")
-            retry(job, 0.0)
-            return
+        job.hash.advance(st, self.pool)
+
+    def on_complete(self, job: FileJob, st: TaskStatus) -> None:
+        job.strategy.completed(job, st)
+        self.end_task(job)
+        self.hash(job)
+
+    def on_task_error(self, job: FileJob, st: TaskStatus) -> None:
+        self.end_task(job)
+        used = job.sources.mirrors_of(st.used_uris)
+        decision = self.decide(job, policy.TaskFailed(st.error_code, st.error_message, used))
+        if decision.note:
+            decision.note.emit(log, model=self.name, version=self.version, file=job.entry.path, mirrors=list(used),
+                               aria2_code=st.error_code, aria2_message=st.error_message)
+        self.apply(job, decision)
+
+    def on_hashed(self, job: FileJob, digest: str) -> None:
+        data = self.paths(job)[0]
+        size = data.stat().st_size
+        job.hash.clear()
+        if digest == job.entry.sha256 and size == job.entry.size:
+            self.on_verified(job, data)
         else:
-            job.failures += 1
-            log.warning("download failed, backing off", attempt=job.failures, **fields)
-        if job.failures > self.cfg.max_tries:
-            raise DownloadError(f"{name}/{version}: {path}: download failed {job.failures} times "
-                                f"(last: aria2 code {code} {message!r} from mirrors {used})")
-        retry(job, backoff(job.failures))
+            self.on_mismatch(job, data, digest, size)
+
+    def on_verified(self, job: FileJob, data: Path) -> None:
+        self.cache.add_blob(data, job.entry.sha256)
+        self.paths(job)[1].unlink(missing_ok=True)
+        self.cache.file_verified(job.entry.sha256)
+        job.strategy.verified(job)
+        self.done_bytes += job.entry.size
+        self.files_done += 1
+        job.completed = 0
+
+    def on_mismatch(self, job: FileJob, data: Path, digest: str, size: int) -> None:
+        """Bad bytes: quarantined, then the policy says whom to blame and what next."""
+        served, peers = job.strategy.served_by(job)
+        if self.account is not None:
+            self.account.mismatch(self.name)
+        where = self.cache.quarantine(data, job.entry.sha256)
+        self.paths(job)[1].unlink(missing_ok=True)
+        decision = self.decide(job, policy.Mismatch(served, peers, job.sources.identified(), digest, size))
+        decision.note.emit(log, model=self.name, version=self.version, file=job.entry.path, mirrors=list(served),
+                           got_sha256=digest, got_size=size, expected_sha256=job.entry.sha256,
+                           quarantined=str(where) if where else "not kept (over quarantine_max_bytes)")
+        if decision.known_bad:
+            self.known_bad.record(job, decision.known_bad, decision.state.cause, digest, size)
+        self.apply(job, decision)
+
+    def on_disk_full(self, job: FileJob) -> None:
+        self.pending.extend([job, *self.active.values()])
+        self.cleanup(remove_partials=True)
+        raise DiskSpaceError(
+            f"disk full while downloading {self.name}/{self.version} into {self.cache.root}; "
+            "partial files of this attempt were removed, the current snapshot is untouched")
+
+    def on_stop(self) -> None:
+        self.cleanup(remove_partials=False)
+        raise Interrupted("download interrupted; partial files kept for resume")
+
+    # -- carrying out the policy's decisions ------------------------------------------------
+    def decide(self, job: FileJob, failure: policy.Failure) -> policy.Decision:
+        view = policy.FileView(f"{self.name}/{self.version}", job.entry,
+                               frozenset(s.name for s in self.mirrors.sources), frozenset(job.sources.excluded))
+        return policy.decide(failure, job.retry, view, self.limits)
+
+    def apply(self, job: FileJob, decision: policy.Decision) -> None:
+        job.retry = decision.state
+        match decision.action:
+            case policy.GiveUp(message=message, drop_partial=drop):
+                if drop:
+                    self.drop_partial(job)
+                raise DownloadError(message)
+            case policy.AbortOnFullDisk():
+                self.on_disk_full(job)
+            case policy.Backoff(delay=delay) | policy.Represign(delay=delay):
+                self.retry(job, delay)
+            case policy.Restart(delay=delay):
+                self.drop_partial(job)
+                self.retry(job, delay)
+            case policy.NextMirror(exclude=exclude):
+                job.sources.excluded |= exclude
+                self.retry(job, 0.0)
+            case policy.OneMirrorAtATime():
+                job.sources.one_mirror = True
+                self.retry(job, 0.0)
+            case policy.HttpOnly():
+                self.drop_partial(job)  # a torrent's control file does not resume over HTTP
+                job.peer.http_only = True
+                self.retry(job, 0.0)
+            case action:
+                raise TypeError(f"not a download action: {action!r}")
+
+    # -- helpers -------------------------------------------------------------------------
+    def presign(self, job: FileJob) -> list[tuple[str, str]]:
+        return self.mirrors.presigned_urls(self.name, self.version, job.entry.path, self.cfg.presign_expiry,
+                                           exclude=job.sources.excluded)
+
+    def paths(self, job: FileJob) -> tuple[Path, Path]:
+        """The file's partial data and its aria2 control file."""
+        sha = job.entry.sha256
+        return self.partial / sha, self.partial / f"{sha}.aria2"
+
+    def hash(self, job: FileJob) -> None:
+        self.hashing[self.pool.submit(job.hash.digest, self.paths(job)[0], job.entry.sha256)] = job
+
+    def retry(self, job: FileJob, delay: float) -> None:
+        job.retry_at = time.monotonic() + delay
+        self.pending.append(job)
+
+    def end_task(self, job: FileJob) -> None:
+        self.engine.forget(job.gid)
+        del self.active[job.gid]
+
+    def drop_partial(self, job: FileJob) -> None:
+        for path in self.paths(job):
+            path.unlink(missing_ok=True)
+
+    def cleanup(self, remove_partials: bool) -> None:
+        for gid in list(self.active):
+            self.engine.forget(gid)
+        self.active.clear()
+        if remove_partials:
+            for job in [*self.pending, *self.hashing.values()]:
+                self.drop_partial(job)

@@ -26,10 +26,10 @@ from mirror import torrents as bt
 from mirror.manifest import FileEntry, ManifestError
 from mirror.remote import MirrorError
 
-from .aria2 import Aria2Process
 from .cache import CacheError, CacheWriter
 from .config import P2PConfig
 from .mirrors import MirrorSet
+from .transfer import SeedingEngine
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +46,7 @@ def rank(node: str, fleet: list[str], sha256: str) -> int:
 
 
 class PeerFetch:
-    """The p2p side of one file's download (see download.py)."""
+    """The p2p side of one file's torrent task: stall watch and byte accounting (fetch_strategy.py)."""
 
     def __init__(self, web_seeds_now: bool, started: float, resumed: int = 0):
         self.web_seeded = web_seeds_now
@@ -61,7 +61,7 @@ class PeerFetch:
 
 
 class PeerToPeer:
-    def __init__(self, cfg: P2PConfig, cache: CacheWriter, mirrors: MirrorSet, aria2: Aria2Process):
+    def __init__(self, cfg: P2PConfig, cache: CacheWriter, mirrors: MirrorSet, aria2: SeedingEngine):
         self.cfg = cfg
         self.cache = cache
         self.mirrors = mirrors

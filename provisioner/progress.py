@@ -75,6 +75,16 @@ class ProgressReporter:
         log.info("download started", model=model, version=version, files=files, bytes=total)
         self.publish(f"{model} {version}: downloading {files} files, {human_bytes(total)}")
 
+    # -- the download loop's accounting (download.DownloadAccount) -------------------------
+    def fetched(self, model: str, source: str, nbytes: int) -> None:
+        """Bytes that arrived for the model's files, from "mirror" or "peers"."""
+        fetched = self.status.model(model).fetched
+        fetched[source] = fetched.get(source, 0) + nbytes
+
+    def mismatch(self, model: str) -> None:
+        """A downloaded file of the model failed its sha256 check."""
+        self.status.model(model).verify_failures += 1
+
     def update(self, model: str, done: int, total: int, files_done: int) -> None:
         m = self.status.model(model)
         now = self.last_tick = time.monotonic()
@@ -99,11 +109,19 @@ class ProgressReporter:
         self.status.message = message
         self.publish(force=False)
 
-    def finish(self, model: str, current_version: str | None, error: str | None = None) -> None:
+    def finish(self, model: str, current_version: str | None, error: str | None = None,
+               cause: str | None = None) -> None:
+        """A pass over the model ended: at its wanted version, or failed with `error`
+        (`cause`: its class, provisioner/metrics.py FAILURE_CAUSES, counted)."""
         m = self.status.model(model)
         m.current_version = current_version
         m.state = "error" if error else "ok"
         m.error = error
+        if error:
+            key = cause or "internal"
+            m.failures[key] = m.failures.get(key, 0) + 1
+        else:
+            m.last_success = time.time()
         m.rate_bps, m.eta_s = 0.0, None
         if not error:
             m.bytes_done = m.bytes_total

@@ -15,6 +15,12 @@ Written atomically (temp file + rename) to `<runtime_dir>/status.json`:
                                             # arrived while the mirror was a web seed (upper bound)
         "uploaded": 0, "seeding": 0         # bytes sent to peers; blobs being seeded
       },
+      "trust": null | {                   # [trust] root set: the signed channel metadata
+        "root_version": 1, "timestamp_version": 42,
+        "expires": {"root": "...", "timestamp": "...", "snapshot": "...", "targets": "..."},
+        "mirrors": {"primary": "ok" | "older: ..." | "expired: ..." | "unreachable: ..."},
+        "error": null | "..."             # e.g. expired on every mirror: nothing moves
+      },                                  # (expires: ISO 8601; metrics.py exports them)
       "models": {
         "<name>": {
           "current_version": "1.0.0" | null,
@@ -23,7 +29,12 @@ Written atomically (temp file + rename) to `<runtime_dir>/status.json`:
           "bytes_done": 0, "bytes_total": 0, "rate_bps": 0.0, "eta_s": null,
           "files_done": 0, "files_total": 0,
           "error": null | "...",
-          "damaged": ["path: problem", ...]
+          "damaged": ["path: problem", ...],
+          # since the daemon started (counters of provisioner/metrics.py):
+          "last_success": 1767225600.0 | null,  # a pass left it at its wanted version (unix s)
+          "failures": {"<cause>": 1},         # failed passes by cause (metrics.FAILURE_CAUSES)
+          "verify_failures": 0,               # downloaded files whose bytes failed sha256
+          "fetched": {"mirror": 0, "peers": 0}  # bytes that arrived, by source
         }
       }
     }
@@ -60,6 +71,10 @@ class ModelStatus:
     files_total: int = 0
     error: str | None = None
     damaged: list[str] = field(default_factory=list)
+    last_success: float | None = None
+    failures: dict[str, int] = field(default_factory=dict)
+    verify_failures: int = 0
+    fetched: dict[str, int] = field(default_factory=lambda: {"mirror": 0, "peers": 0})
 
 
 @dataclass
@@ -70,6 +85,7 @@ class ProvisionerStatus:
     message: str = ""
     models: dict[str, ModelStatus] = field(default_factory=dict)
     p2p: dict[str, int] | None = None
+    trust: dict[str, Any] | None = None
 
     def model(self, name: str) -> ModelStatus:
         return self.models.setdefault(name, ModelStatus())

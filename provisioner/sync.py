@@ -24,9 +24,10 @@ from tts_common.errors import TtsError
 from .aria2 import Aria2Error, Aria2Process
 from .cache import CacheError, CacheWriter, DamagedSnapshotError, Snapshot
 from .config import ModelConfig, ProvisionerConfig
-from .download import DownloadError, Downloader
+from .download import DiskSpaceError, DownloadError, Downloader
 from mirror.hashing import sha256_file
 from .hold import read_hold, release_hold
+from .metrics import failure_cause
 from .mirrors import MirrorSet
 from .p2p import PeerToPeer
 from .progress import ProgressReporter, human_bytes
@@ -36,10 +37,6 @@ log = structlog.get_logger(__name__)
 
 class SyncError(TtsError):
     """A model could not be brought to its wanted version."""
-
-
-class DiskSpaceError(SyncError):
-    """Not enough free space on the cache filesystem for a planned download."""
 
 
 @dataclass
@@ -97,7 +94,7 @@ class Syncer:
         self.reporter = reporter
         self.stop = stop or threading.Event()
         self.p2p = PeerToPeer(config.p2p, cache, mirrors, aria2) if config.p2p.enabled else None
-        self.downloader = Downloader(aria2, cache, mirrors, config.aria2, p2p=self.p2p)
+        self.downloader = Downloader(aria2, cache, mirrors, config.aria2, p2p=self.p2p, account=reporter)
 
     def sync_all(self) -> dict[str, SyncResult | Exception]:
         results: dict[str, SyncResult | Exception] = {}
@@ -118,7 +115,7 @@ class Syncer:
         # and gets its type and traceback.
         error = str(exc) if isinstance(exc, TtsError) else f"{type(exc).__name__}: {exc}"
         cur = self.cache.current(name)
-        self.reporter.finish(name, cur.version if cur else None, error=error)
+        self.reporter.finish(name, cur.version if cur else None, error=error, cause=failure_cause(exc))
         log.error("sync failed", model=name, error=error, serving=cur.version if cur else None,
                   exc_info=not isinstance(exc, (TtsError, OSError)))
 

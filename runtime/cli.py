@@ -1,9 +1,9 @@
-"""`tts-runtime serve`: the resident TTS service on a Unix socket.
+"""`tts-runtime serve`: the resident TTS service on a Unix socket (and, when configured, HTTP
+over TCP with bearer tokens and the Wyoming protocol: listeners.py).
 
-Sockets: an already-open listening socket from systemd socket activation (LISTEN_FDS)
-is used as is; otherwise the configured path is created with mode 0660 (a stale
-socket file left by a crash is replaced; a live one is an error). An optional TCP
-listener is added only when `tcp_listen` is set. uvicorn has no timeout for a client
+Sockets: already-open listening sockets from systemd socket activation (LISTEN_FDS) are
+used as they are; otherwise the configured path is created with mode 0660 (a stale
+socket file left by a crash is replaced; a live one is an error). uvicorn has no timeout for a client
 that sends half a request and stops, so the HTTP protocol here closes a connection
 whose request is not complete within `request_timeout_s`. SIGHUP re-checks the cache
 (hot swap), like POST /v1/reload.
@@ -12,10 +12,7 @@ whose request is not complete within `request_timeout_s`. SIGHUP re-checks the c
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import stat
 import sys
 from pathlib import Path
 
@@ -29,14 +26,10 @@ from tts_common.logs import configure_logging
 from tts_common.errors import TtsError
 
 from .config import DEFAULT_CONFIG_PATH, RuntimeConfig, load_config
+from .listeners import ServeError, open_listeners, runtime_server, tls_context, unix_socket  # noqa: F401 (unix_socket: tests)
 from .omp import prefer_passive_wait
 
 log = structlog.get_logger(__name__)
-SD_LISTEN_FDS_START = 3
-
-
-class ServeError(TtsError):
-    pass
 
 
 def timed_h11_protocol(request_timeout: float):
@@ -83,60 +76,6 @@ def timed_h11_protocol(request_timeout: float):
     return TimedH11Protocol
 
 
-def systemd_sockets() -> list[socket.socket]:
-    """Listening sockets passed by systemd (sd_listen_fds), or [] when not activated."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
-    try:
-        count = int(os.environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return []
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)  # not for our children
-    socks = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
-        os.set_inheritable(fd, False)
-        socks.append(socket.socket(fileno=fd))
-    return socks
-
-
-def unix_socket(path: Path) -> socket.socket:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        mode = None
-    if mode is not None:
-        if not stat.S_ISSOCK(mode):
-            raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-            raise ServeError(f"another process is already listening on {path}")
-        except (ConnectionRefusedError, FileNotFoundError):
-            path.unlink(missing_ok=True)  # stale socket from a crash
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o117)  # never world-accessible, not even between bind and chmod
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o660)
-    sock.listen(2048)
-    return sock
-
-
-def tcp_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    return sock
-
-
 KEEP_ALIVE_S = 65
 
 
@@ -145,31 +84,22 @@ def serve_runtime(config: RuntimeConfig, loader=None) -> None:
 
     from .api.app import create_app
     from .api.service import Runtime
+    from .api.wyoming_server import WyomingServer
 
-    activated = systemd_sockets()
-    created: Path | None = None
+    listeners = open_listeners(config)
     try:
-        if activated:
-            sockets = activated
-            log.info("using sockets from systemd", count=len(activated))
-        else:
-            sockets = [unix_socket(config.socket_path)]
-            created = config.socket_path
-        tcp = config.tcp_address()
-        if tcp:
-            sockets.append(tcp_socket(*tcp))
-    except OSError as exc:
-        raise ServeError(f"cannot listen: {exc}") from None
-    log.info(
-        "runtime starting",
-        socket=str(config.socket_path) if created else "systemd",
-        tcp=config.tcp_listen or None,
-        models=config.models,
-        device=config.device,
-    )
+        tokens = _tokens(config, listeners)
+        ssl_context = tls_context(config)
+    except TtsError:
+        listeners.close()
+        raise
+    if listeners.activated:
+        log.info("using sockets from systemd", count=listeners.activated)
+    log.info("runtime starting", activated=listeners.activated, tls=ssl_context is not None, models=config.models,
+             device=config.device, **listeners.describe())
     runtime = Runtime(config, loader)
     uv_config = uvicorn.Config(
-        create_app(runtime),
+        create_app(runtime, tokens),
         http=timed_h11_protocol(config.request_timeout_s),
         lifespan="on",
         log_config=None,
@@ -180,17 +110,32 @@ def serve_runtime(config: RuntimeConfig, loader=None) -> None:
         timeout_graceful_shutdown=10,
         backlog=2048,
     )
+    plain = listeners.http_unix + ([] if ssl_context else listeners.http_tcp)
+    server = runtime_server(uv_config, https=listeners.http_tcp if ssl_context else [], ssl_context=ssl_context,
+                            wyoming=WyomingServer(runtime, listeners.wyoming))
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; turn that into a
-    # normal exit so the socket file is removed below.
+    # normal exit so the socket files are removed below.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
     try:
-        uvicorn.Server(uv_config).run(sockets=sockets)
+        server.run(sockets=plain)
     finally:
-        for sock in sockets:
-            sock.close()
-        if created is not None:
-            created.unlink(missing_ok=True)
+        listeners.close()
+
+
+def _tokens(config: RuntimeConfig, listeners):
+    """The bearer tokens, when HTTP is served over TCP (and only then: none are read otherwise)."""
+    from .api.auth import BearerTokens, load_tokens
+
+    if not listeners.http_tcp:
+        return None
+    source = config.token_source()
+    if source is None:
+        raise ServeError("HTTP over TCP (tcp_listen, or a TCP socket from systemd) needs bearer tokens: "
+                         "set tcp_tokens_file or tcp_tokens_credential")
+    tokens = load_tokens(source)
+    log.info("bearer tokens loaded", count=len(tokens), source=str(source))
+    return BearerTokens(tokens)
 
 
 @click.group(cls=CliGroup)

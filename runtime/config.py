@@ -20,8 +20,19 @@
                                              # [normalize_text] joe = false (others: true)
     request_timeout_s = 10                   # a client must send its whole request within it
     verify_full_hash = false                 # re-hash every file before loading (slow)
-    tcp_listen = ""                          # e.g. "127.0.0.1:8088"; off when empty
+    tcp_listen = ""                          # e.g. "0.0.0.0:8088"; off when empty; needs tokens
+    metrics_socket = ""                      # GET /metrics alone on this Unix socket, for the
+                                             # metrics socket unit; "" = off (the API socket
+                                             # serves /metrics either way)
     log_level = "info"
+    # From the network (runtime/network_config.py, docs/runtime.md "From the network"):
+    tcp_tokens_file = ""                     # bearer tokens for HTTP over TCP, one per line
+    tcp_tokens_credential = ""               # ... or a systemd credential of that name
+    tls_cert_file = ""                       # HTTPS on tcp_listen (both or neither)
+    tls_key_file = ""
+    wyoming_listen = []                      # ["tcp://0.0.0.0:10200", "unix:///run/tts/wyoming.sock"]
+    wyoming_allow = ["127.0.0.0/8", "::1/128"]   # networks Wyoming TCP clients may come from
+    wyoming_idle_timeout_s = 60              # a Wyoming connection silent this long is closed
 
 Unknown keys and wrong types are errors that name the key (exit code 2 in the CLI).
 The error formatting is the provisioner's, so both daemons talk alike.
@@ -36,8 +47,9 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mirror.manifest import ManifestError, validate_name
-from tts_common.config import ConfigError, LogLevel, load_toml
+from tts_common.config import ConfigError, LogLevel, SocketPath, load_toml
 
+from .network_config import NetworkSettings
 from .normalize import DEFAULT_NORMALIZE_TEXT
 
 DEFAULT_CONFIG_PATH = Path(os.environ.get("TTS_RUNTIME_CONFIG", "/etc/tts-fleet/runtime.toml"))
@@ -52,7 +64,7 @@ def _path(v):
     return Path(v)
 
 
-class RuntimeConfig(BaseModel):
+class RuntimeConfig(NetworkSettings, BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     socket_path: Path = DEFAULT_SOCKET_PATH
@@ -78,6 +90,7 @@ class RuntimeConfig(BaseModel):
     request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     verify_full_hash: bool = False
     tcp_listen: str = ""
+    metrics_socket: SocketPath = ""
     log_level: LogLevel = "info"
 
     @field_validator("socket_path", "cache_dir", "provisioner_runtime_dir", mode="before")

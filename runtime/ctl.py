@@ -506,8 +506,12 @@ def status(obj: Ctx, as_json: bool) -> None:
             rt: dict[str, Any] = client.status()
     except RequestFailed as exc:
         rt = {"error": str(exc)}
+    from .alerts import diagnose
+
+    found = diagnose(prov, rt)
     if as_json:
-        click.echo(json.dumps({"provisioner": prov, "runtime": rt}, indent=2, sort_keys=True))
+        watch = [{"failure": w, "model": m, "alert": a, "metric": x} for w, m, a, x in found]
+        click.echo(json.dumps({"provisioner": prov, "runtime": rt, "watch": watch}, indent=2, sort_keys=True))
         return
     from rich.console import Console
     from rich.table import Table
@@ -548,6 +552,8 @@ def status(obj: Ctx, as_json: bool) -> None:
         else:
             r_text = "-"
         table.add_row(f"model {name}", p_text, r_text)
+    for what, model, alert, metric in found:  # where the fleet's monitoring shows it (docs/operations.md)
+        table.add_row("watch", f"{what}{'' if model == '-' else f' ({model})'}", f"alert {alert}, metric {metric}")
     Console().print(table)
 
 

@@ -10,7 +10,7 @@ import math
 import re
 import threading
 import unicodedata
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import structlog
 
@@ -171,16 +171,9 @@ class TextFrontend:
     def _split(self, text: str) -> list[str]:
         out: list[str] = []
         start = 0
-        for m in _SENTENCE_END.finditer(text):
-            if m.group(1) is not None:
-                before = text[start:m.start()].rsplit(" ", 1)[-1].lower().rstrip(".")
-                if m.group(1).startswith(".") and (before in _ABBREVIATIONS or (len(before) == 1 and before.isalpha())):
-                    continue
-                end = m.end(1)
-            else:
-                end = m.end(3)
+        for end, after in sentence_ends(text):
             out.append(text[start:end].strip())
-            start = m.end()
+            start = after
         out.append(text[start:].strip())
         return [s for s in out if any(ch.isalnum() for ch in s)]
 
@@ -271,6 +264,37 @@ class TextFrontend:
         inner = ids[1:-1]
         step = (self.max_utterance_ids - 2) // 2 * 2  # whole (symbol, PAD) pairs
         return [[bos, *inner[i:i + step], eos] for i in range(0, len(inner), step)]
+
+
+def sentence_ends(text: str) -> Iterator[tuple[int, int]]:
+    """Where sentences end in `text`: (end of the sentence, start of what follows), at . ! ?
+    followed by a space (not after common abbreviations or initials) and at the sentence ends
+    of other scripts (。！？； । ؟ ۔ ...)."""
+    start = 0
+    for m in _SENTENCE_END.finditer(text):
+        if m.group(1) is not None:
+            before = text[start:m.start()].rsplit(" ", 1)[-1].lower().rstrip(".")
+            if m.group(1).startswith(".") and (before in _ABBREVIATIONS or (len(before) == 1 and before.isalpha())):
+                continue
+            end = m.end(1)
+        else:
+            end = m.end(3)
+        yield end, m.end()
+        start = m.end()
+
+
+def complete_sentences(text: str) -> tuple[list[str], str]:
+    """Text arriving piece by piece (a Wyoming stream): the sentences already complete in
+    `text`, and the rest, which may still grow. A Latin sentence is complete once the space
+    after its mark has arrived ("3." may become "3.14"); the sentences keep their raw text (the
+    frontend normalizes each as a request). Sentences with nothing to speak are dropped."""
+    out, start = [], 0
+    for end, after in sentence_ends(text):
+        if after == len(text) and after == end:  # a mark that needs no space, at the very end:
+            break  # closing quotes may follow
+        out.append(text[start:end].strip())
+        start = after
+    return [s for s in out if any(ch.isalnum() for ch in s)], text[start:]
 
 
 def _clauses(sentence: str) -> list[str]:

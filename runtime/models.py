@@ -201,6 +201,7 @@ class ModelManager:
         self.reasons: dict[str, str] = {name: "starting" for name in self.names}
         self.errors: dict[str, str | None] = {name: None for name in self.names}
         self._failed: dict[str, str] = {}  # name -> version whose load failed
+        self.load_failures: dict[str, int] = {name: 0 for name in self.names}  # since start (metrics)
         self._stop = threading.Event()
         self._force = threading.Event()
         self._cycles = 0  # passes finished
@@ -219,6 +220,10 @@ class ModelManager:
     def reason(self) -> str:
         waiting = [self.reasons[n] for n in self.names if self.holder.get(n) is None]
         return "; ".join(waiting) if waiting else ""
+
+    def failed_version(self, name: str) -> str | None:
+        """The version current/<name> names, when its load failed (the old one serves)."""
+        return self._failed.get(name)
 
     def describe(self) -> dict[str, Any]:
         out = {}
@@ -293,6 +298,7 @@ class ModelManager:
             snap = result.snapshot
             assert snap is not None
             if loaded is not None and loaded.snapshot.path == snap.path:
+                self._failed.pop(name, None)  # current is back at what serves (a rollback)
                 continue
             if self._failed.get(name) == snap.version and not retry_failed:
                 continue
@@ -307,6 +313,7 @@ class ModelManager:
             model = self.holder.install(name, snap, self.loader)
         except Exception as exc:  # a bad model must not take the old one (or the service) down
             self._failed[name] = snap.version
+            self.load_failures[name] = self.load_failures.get(name, 0) + 1
             self.errors[name] = f"loading {name} {snap.version} failed: {type(exc).__name__}: {exc}"
             self.reasons[name] = self.errors[name]
             log.error(

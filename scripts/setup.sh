@@ -13,6 +13,10 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # The fleet's BitTorrent tracker (tests/test_tracker.py; ansible role tts_tracker).
 command -v opentracker >/dev/null 2>&1 || need_apt+=(opentracker)
+# Prometheus and promtool (tests/test_alert_rules.py, tests/test_prometheus_fleet.py): the
+# role's alert rules are unit-tested with `promtool test rules`, and a real Prometheus scrapes
+# the simulated fleet.
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 # The simulated fleet (tests/fleet/harness.py, tests/test_fleet.py, bench/fleet.py): an
 # sshd per node, sudo for become_user, iptables for the mirror's egress counter, ip/bridge.
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
@@ -28,6 +32,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     if [[ " ${need_apt[*]} " == *" opentracker "* ]] && [ -d /run/systemd/system ]; then
         # Only the tests run it; Debian's package would leave a tracker running on :6969.
         $SUDO systemctl disable --now opentracker.service >/dev/null 2>&1 || true
+    fi
+    if [[ " ${need_apt[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+        # Only the tests run it (on their own port and files); Debian's package would leave a
+        # Prometheus (and its node exporter) running on :9090/:9100.
+        $SUDO systemctl disable --now prometheus.service prometheus-node-exporter.service >/dev/null 2>&1 || true
     fi
 fi
 

@@ -24,8 +24,11 @@ VENV_BIN = VENV / "bin"
 # Where sandboxed services see the test venv (sandbox_prelude bind-mounts it there).
 SANDBOX_VENV = Path("/opt/tts-test-venv")
 UNITS = ["tts-provisioner.service", "tts-runtime.socket", "tts-runtime.service",
-         "tts-tracker.service", "tts-tracker-whitelist.service", "tts-tracker-whitelist.timer"]
-SERVICES = ["tts-provisioner.service", "tts-runtime.service", "tts-tracker.service", "tts-tracker-whitelist.service"]
+         "tts-tracker.service", "tts-tracker-whitelist.service", "tts-tracker-whitelist.timer",
+         "tts-provisioner-metrics.socket", "tts-provisioner-metrics.service",
+         "tts-runtime-metrics.socket", "tts-runtime-metrics.service"]
+SERVICES = ["tts-provisioner.service", "tts-runtime.service", "tts-tracker.service", "tts-tracker-whitelist.service",
+            "tts-provisioner-metrics.service", "tts-runtime-metrics.service"]
 # Where the ansible role installs the venv; the units' ExecStart= point into it.
 INSTALLED_VENV = Path("/opt/tts-fleet/venv")
 
@@ -50,7 +53,8 @@ def make_fake_root(root: Path, gpu: bool = False) -> Path:
             if src.is_file():
                 shutil.copy(src, lib / src.name)
     for stub in ("opt/tts-fleet/venv/bin/tts-provisioner", "opt/tts-fleet/venv/bin/tts-runtime",
-                 "opt/tts-fleet/venv/bin/tts-mirror", "usr/bin/opentracker", "bin/systemctl"):
+                 "opt/tts-fleet/venv/bin/tts-mirror", "usr/bin/opentracker", "bin/systemctl",
+                 "usr/lib/systemd/systemd-socket-proxyd"):
         path = root / stub
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/bin/sh\nexit 0\n")

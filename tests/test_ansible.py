@@ -38,7 +38,7 @@ from tests.ops_helpers import (ANSIBLE_DIR, REPO, SANDBOX_VENV, VENV, VENV_BIN, 
 from tests.conftest import s3_kinds
 from tests.provisioner_helpers import Keys, make_keys, publish_raw
 
-PLAYBOOKS = ["site.yml", "rollout-model.yml", "rollback.yml", "mirror.yml"]
+PLAYBOOKS = ["site.yml", "rollout-model.yml", "rollback.yml", "mirror.yml", "monitoring.yml"]
 ANSIBLE_PLAYBOOK = VENV_BIN / "ansible-playbook"
 pytestmark = pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(),
                                 reason="ansible is not installed: run scripts/setup.sh (pyproject dev extra)")
@@ -155,6 +155,13 @@ stat -c '%U:%G %a %n' /run/tts/runtime.sock /var/cache/tts-fleet /etc/tts-fleet/
 rc=0; /opt/tts-fleet/venv/bin/tts-ctl --config /etc/tts-fleet/runtime.toml synth "Installed by ansible." \
   -o {work}/synth.wav >{work}/synth.out 2>&1 || rc=$?; echo "synth=$rc" >>{work}/rcs
 /opt/tts-fleet/venv/bin/python -c 'import provisioner, sys; print(provisioner.__file__)' >{work}/import.txt 2>&1 || true
+# Prometheus's view: each daemon's metrics over TCP, through its socket unit's relay.
+for port in {metrics_ports}; do
+  /opt/tts-fleet/venv/bin/python -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())' \
+    "http://127.0.0.1:$port/metrics" >{work}/metrics-$port.txt 2>&1 || true
+done
+systemctl --user stop tts-provisioner-metrics.socket tts-runtime-metrics.socket tts-provisioner-metrics.service \
+  tts-runtime-metrics.service || true
 systemctl --user stop tts-runtime.service tts-runtime.socket tts-provisioner.service || true
 systemctl --user exit || true
 for i in $(seq 1 100); do kill -0 $manager 2>/dev/null || break; sleep 0.1; done
@@ -183,6 +190,7 @@ def test_site_in_sandbox_under_user_manager(tmp_path, s3_server, bucket):
     wheel = build_wheel(tmp_path / "wheel")
     purelib = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
+    metrics_ports = free_ports(2)
     variables = node_vars(
         s3_server, bucket, keys,
         tts_node_service_manager="user",
@@ -192,11 +200,16 @@ def test_site_in_sandbox_under_user_manager(tmp_path, s3_server, bucket):
         # through a .pth file instead of a download (see docs/operations.md).
         tts_node_pip_extra_args="--no-index --no-deps",
         tts_node_venv_extra_site_dirs=[str(SANDBOX_VENV / Path(purelib).relative_to(VENV))],
+        # The sandbox shares the host's network: loopback, ports nobody uses.
+        tts_node_metrics_listen_address="127.0.0.1",
+        tts_node_metrics_provisioner_port=metrics_ports[0],
+        tts_node_metrics_runtime_port=metrics_ports[1],
     )
     (work / "vars.yml").write_text(yaml.safe_dump(variables))
     (work / "inventory.yml").write_text(yaml.safe_dump(
         {"tts_nodes": {"hosts": {"sandbox": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}}}}))
-    script = SANDBOX_SCRIPT.format(prelude=sandbox_prelude(work), work=work, ansible=ANSIBLE_DIR)
+    script = SANDBOX_SCRIPT.format(prelude=sandbox_prelude(work), work=work, ansible=ANSIBLE_DIR,
+                                   metrics_ports=" ".join(map(str, metrics_ports)))
     started = time.monotonic()
     out = run_in_sandbox(script, timeout=600, env=ansible_env(tmp_path))
     elapsed = time.monotonic() - started
@@ -236,6 +249,25 @@ def test_site_in_sandbox_under_user_manager(tmp_path, s3_server, bucket):
     assert (work / "synth.wav").read_bytes()[:4] == b"RIFF"
     # The venv runs the package from the wheel, not the checkout.
     assert "/opt/tts-fleet/venv/" in (work / "import.txt").read_text()
+    # Both daemons' metrics reach TCP through the relays (socket units + systemd-socket-proxyd).
+    provisioner_metrics = (work / f"metrics-{metrics_ports[0]}.txt").read_text()
+    runtime_metrics = (work / f"metrics-{metrics_ports[1]}.txt").read_text()
+    assert "tts_provisioner_ready 1.0" in provisioner_metrics, provisioner_metrics[-2000:]
+    assert 'tts_provisioner_model_current_info{model="joe",version="1.0.0"} 1.0' in provisioner_metrics
+    assert "tts_ready 1.0" in runtime_metrics, runtime_metrics[-2000:]
+
+
+def free_ports(count: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 # -- rollout-model.yml over two local hosts ------------------------------------------------
@@ -454,3 +486,60 @@ def test_p2p_drop_ins_parse_without_any_warning(tmp_path):
     assert good.returncode == 0 and good.stderr.strip() == "", good.stderr
     bad = verify(["10.20.0.0/99"])
     assert "10.20.0.0/99" in bad.stderr, bad.stderr
+
+
+def test_role_opens_the_runtime_to_the_network_only_as_configured(tmp_path):
+    """site.yml (files only) with the runtime's network settings: runtime.toml gets the
+    listeners, the tokens file (0600, labels and tokens) and the allow list, and the runtime's
+    own config loader takes the file; bad settings stop the play before anything is written,
+    naming the variable; the tokens never appear in ansible's output (no_log)."""
+    from runtime.config import load_config
+
+    root = tmp_path / "node"
+    token = "0123456789abcdef0123456789abcdef"
+    variables = {
+        "tts_node_mirrors": [{"name": "primary", "endpoint": "http://127.0.0.1:9", "bucket": "b", "priority": 10}],
+        "tts_node_mirror_credentials": {"primary": {"access_key": "AK", "secret_key": "not-a-real-secret"}},
+        "tts_node_service_manager": "none", "tts_node_create_user": False, "tts_node_user": "root",
+        "tts_node_group": "root", "tts_node_install_venv": False, "tts_node_install_packages": False,
+        "tts_node_venv": str(VENV), "tts_node_require_signature": False,
+        "tts_node_runtime_http_listen": "0.0.0.0:8088", "tts_node_runtime_wyoming_listen": "[::]:10200",
+        "tts_node_runtime_tokens": {"home-assistant": token}, "tts_node_runtime_client_networks": ["192.168.1.0/24"],
+    }
+    inventory = {"tts_nodes": {"vars": variables, "hosts": {"node": {
+        "ansible_connection": "local", "ansible_become": False, "ansible_python_interpreter": sys.executable,
+        "tts_node_root": str(root)}}}}
+    path = tmp_path / "inventory.yml"
+    path.write_text(yaml.safe_dump(inventory))
+    env = ansible_env(tmp_path)
+
+    def site(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", str(path), "site.yml", *args], cwd=ANSIBLE_DIR,
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    out = site()
+    assert out.returncode == 0, out.stdout[-5000:]
+    assert token not in out.stdout + out.stderr
+    etc = root / "etc/tts-fleet"
+    config = load_config(etc / "runtime.toml")
+    assert config.tcp_listen == "0.0.0.0:8088" and config.tcp_tokens_file == str(etc / "private/runtime-tokens")
+    assert config.wyoming_listen == ["tcp://[::]:10200"]
+    assert config.wyoming_allow == ["127.0.0.0/8", "::1/128", "192.168.1.0/24"]
+    tokens = etc / "private/runtime-tokens"
+    assert tokens.stat().st_mode & 0o777 == 0o600 and f"home-assistant {token}" in tokens.read_text()
+    before = (etc / "runtime.toml").read_text()
+
+    bad = {'{"tts_node_runtime_wyoming_listen": "10200"}': "must be HOST:PORT",
+           '{"tts_node_runtime_tokens": {}}': "tts_node_runtime_http_listen needs bearer tokens",
+           '{"tts_node_runtime_tokens": {"a": "short"}}': "needs at least 16 characters",
+           '{"tts_node_runtime_tokens": "not-a-mapping"}': "must be a mapping of label to token",
+           '{"tts_node_runtime_client_networks": ["lan"]}': "tts_node_runtime_client_networks must be a list of IP networks"}
+    for arg, message in bad.items():
+        out = site("-e", arg)
+        assert out.returncode != 0 and message in " ".join(out.stdout.split()), (arg, out.stdout[-3000:])
+    assert (etc / "runtime.toml").read_text() == before
+
+    out = site("-e", "tts_node_runtime_http_listen=", "-e", "tts_node_runtime_wyoming_listen=")
+    assert out.returncode == 0, out.stdout[-3000:]
+    plain = load_config(etc / "runtime.toml")
+    assert plain.tcp_listen == "" and plain.wyoming_listen == []

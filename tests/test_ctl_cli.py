@@ -122,8 +122,12 @@ def test_status_voices_wait_ready(server, tmp_path):
     doc = json.loads(r.stdout)
     assert doc["runtime"]["ready"] is True and doc["runtime"]["models"]["joe"]["version"] == "1.0.0"
     assert "provisioner" in doc
+    # No provisioner runs beside this server: status points at the alert and metric for it.
+    assert doc["watch"] == [{"failure": "provisioner not running", "model": "-", "alert": "TtsMetricsTargetDown",
+                             "metric": 'up{job="tts-provisioner"}'}]
     r = ctl("status", config=server.config)
     assert r.returncode == 0 and "serving 1.0.0" in r.stdout
+    assert "watch" in r.stdout  # the row naming that alert (rich may wrap its text)
     r = ctl("voices", "--json", config=server.config)
     assert json.loads(r.stdout)["voices"][0]["name"] == "joe"
     assert ctl("wait-ready", "--timeout", 10, config=server.config).returncode == 0

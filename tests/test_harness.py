@@ -69,7 +69,7 @@ def test_conditional_get(s3_server: S3Server, bucket: str) -> None:
 
 
 def test_presigned_url_refusals(s3_server: S3Server, bucket: str) -> None:
-    # provisioner/download.py: aria2 reports every such refusal as errorCode 22 (HTTP
+    # provisioner/fetch_policy.py: aria2 reports every such refusal as errorCode 22 (HTTP
     # status), and the provisioner presigns again on it, whatever the status and code.
     if s3_server.kind not in LOCAL:
         pytest.skip("expiry checked only on the local servers (their clock is this machine's)")

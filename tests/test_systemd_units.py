@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops_helpers import SERVICES, SYSTEMD_DIR, UNITS, make_fake_root
+from tests.ops_helpers import REPO, SERVICES, SYSTEMD_DIR, UNITS, make_fake_root
 
 ANALYZE = shutil.which("systemd-analyze")
 pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze missing: run scripts/setup.sh (Debian package systemd)")
@@ -76,7 +76,8 @@ def exposure(root: Path, unit: str, threshold: float) -> tuple[subprocess.Comple
 
 
 @pytest.mark.parametrize("unit,gpu", [(u, False) for u in SERVICES] + [("tts-runtime.service", True)],
-                         ids=["provisioner", "runtime", "tracker", "tracker-whitelist", "runtime+gpu-dropin"])
+                         ids=["provisioner", "runtime", "tracker", "tracker-whitelist", "provisioner-metrics",
+                              "runtime-metrics", "runtime+gpu-dropin"])
 def test_security_exposure_at_most_2(tmp_path, unit, gpu, record_property):
     root = make_fake_root(tmp_path / "root", gpu=gpu)
     # --threshold makes systemd-analyze itself fail above the target.
@@ -104,3 +105,63 @@ def test_units_agree_with_the_cli_contract():
     assert str(defaults["runtime_dir"].default) == "/run/tts-provisioner" and "RuntimeDirectory=tts-provisioner" in prov
     assert f"ListenStream={RuntimeConfig.model_fields['socket_path'].default}" in sock
     assert "Requires=tts-runtime.socket" in rt and "Type=notify" in rt and "Type=notify" in prov
+
+
+# -- the runtime from the network (issue 31) ----------------------------------------------------
+
+OPTIONAL_SOCKETS = ["tts-runtime-wyoming.socket", "tts-runtime-http.socket"]
+
+
+def network_dropin(root: Path, **variables) -> Path:
+    """The role's drop-in for TCP listeners, rendered as the role would, into the fake root."""
+    import jinja2
+
+    template = REPO / "ansible/roles/tts_node/templates/runtime-network.conf.j2"
+    values = dict(ansible_managed="test", tts_node_runtime_client_networks=["192.168.1.0/24", "fd00::/8"],
+                  tts_node_runtime_tcp_ports=["10200", "8088"], tts_node_credentials_mode="loadcredential",
+                  tts_node_runtime_http_listen="0.0.0.0:8088", tts_node_runtime_tls_cert="PEM",
+                  tts_node_etc_dir="/etc/tts-fleet")
+    values.update(variables)
+    # trim_blocks as ansible.builtin.template renders
+    text = jinja2.Template(template.read_text(), keep_trailing_newline=True, trim_blocks=True).render(**values)
+    path = root / "etc/systemd/system/tts-runtime.service.d/network.conf"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    for name in ("runtime-tokens", "runtime-tls.key"):  # LoadCredential= sources must exist for verify
+        source = root / "etc/tts-fleet/credentials" / name
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text("x\n")
+    return path
+
+
+def test_optional_sockets_and_the_network_dropin_verify_without_any_warning(tmp_path):
+    root = make_fake_root(tmp_path / "root")
+    for unit in OPTIONAL_SOCKETS:
+        shutil.copy(SYSTEMD_DIR / unit, root / "etc/systemd/system" / unit)
+    network_dropin(root)
+    out = verify(root, "tts-runtime.service", *OPTIONAL_SOCKETS)
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+    text = (SYSTEMD_DIR / "tts-runtime-wyoming.socket").read_text()
+    assert "FileDescriptorName=wyoming" in text and "Service=tts-runtime.service" in text
+    assert "FileDescriptorName=http-tcp" in (SYSTEMD_DIR / "tts-runtime-http.socket").read_text()
+
+
+def test_network_dropin_opens_only_the_network_and_keeps_the_score_within_target(tmp_path, record_property):
+    """Without a TCP listener the role writes no drop-in: the shipped unit, its score as before.
+    With one, only the network settings change: PrivateNetwork=no, AF_INET/AF_INET6, clients
+    from the configured networks, bind() only on the listeners' ports."""
+    plain = make_fake_root(tmp_path / "plain")
+    _, before, _ = exposure(plain, "tts-runtime.service", MAX_EXPOSURE)
+    opened = make_fake_root(tmp_path / "opened")
+    dropin = network_dropin(opened).read_text()
+    out, after, label = exposure(opened, "tts-runtime.service", MAX_EXPOSURE)
+    record_property("exposure_without_network", before)
+    record_property("exposure_with_network", after)
+    print(f"tts-runtime.service: exposure {before} without a TCP listener, {after} {label} with network.conf")
+    assert out.returncode == 0 and after <= MAX_EXPOSURE and label in {"OK", "SAFE"}, out.stdout[-3000:]
+    assert before <= after  # opening the network never makes the unit look safer
+    assert "IPAddressAllow=localhost 192.168.1.0/24 fd00::/8" in dropin
+    assert "SocketBindDeny=any\nSocketBindAllow=tcp:10200\nSocketBindAllow=tcp:8088\n" in dropin
+    assert "LoadCredential=runtime-tokens:/etc/tts-fleet/credentials/runtime-tokens" in dropin
+    file_mode = network_dropin(make_fake_root(tmp_path / "file-mode"), tts_node_credentials_mode="file").read_text()
+    assert "LoadCredential" not in file_mode

@@ -14,6 +14,7 @@ from typing import NoReturn
 import click
 
 from .errors import TtsError
+from .logs import journal_prefix
 
 
 class CommandFailed(TtsError):
@@ -30,7 +31,8 @@ def _program() -> str:
 
 
 def exit_with_error(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"{_program()}: error: {message}", err=True)
+    # At PRIORITY=3 in the journal (a service's last words are an error, not info).
+    click.echo(f"{journal_prefix(40)}{_program()}: error: {message}", err=True)
     sys.exit(code)
 
 

@@ -54,6 +54,16 @@ def parse_byte_size(v) -> int:
 ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 
 
+def _socket_path(v: str) -> str:
+    if v and not v.startswith("/"):
+        raise ValueError(f"must be an absolute path (or \"\" for off), not {v!r}")
+    return v
+
+
+# A Unix socket's path, or "" for off (the daemons' metrics_socket).
+SocketPath = Annotated[str, AfterValidator(_socket_path)]
+
+
 def format_validation_errors(exc: ValidationError) -> str:
     """pydantic errors as `key.path: message; ...`, naming each offending key."""
     lines = []

@@ -4,6 +4,12 @@ Under systemd (JOURNAL_STREAM set) or when stderr is not a terminal, each event 
 JSON line on stderr; on a terminal, readable console output. A redaction processor runs
 last-but-one so that no secret - presigned URL query strings, keys, passwords - can
 reach a log whatever a caller passes in.
+
+When stderr is the journal's stream (JOURNAL_STREAM names stderr's device and inode, as
+systemd sets it for StandardError=journal), each line starts with the sd-daemon priority
+prefix `<N>` (error 3, warning 4, info 6, debug 7): journald strips it and stores the line
+at that PRIORITY, so `journalctl -p err` finds errors. Without it every line is
+PRIORITY=6. Elsewhere (a terminal, a file, a pipe) lines carry no prefix.
 """
 
 from __future__ import annotations
@@ -36,6 +42,44 @@ def redact(value: Any) -> Any:
 
 def _redact_processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return redact(event_dict)
+
+
+# sd-daemon(3) priorities for Python's levels (CRITICAL 2, ERROR 3, WARNING 4, INFO 6, DEBUG 7).
+_JOURNAL_PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def journal_priority(levelno: int) -> int:
+    return next((prio for level, prio in _JOURNAL_PRIORITY if levelno >= level), 7)
+
+
+def stderr_is_journal() -> bool:
+    """Is stderr the stream systemd connected to the journal? (JOURNAL_STREAM is
+    "<st_dev>:<st_ino>" of that stream; a child whose stderr was redirected inherits the
+    variable but not the stream.)"""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return value == f"{st.st_dev}:{st.st_ino}"
+
+
+def journal_prefix(levelno: int) -> str:
+    """`<N>` for a line at this level when stderr is the journal, else ""."""
+    return f"<{journal_priority(levelno)}>" if stderr_is_journal() else ""
+
+
+class _JournalPrefix(logging.Formatter):
+    """Puts the priority prefix before every line of a formatted record (a console
+    traceback has several; a JSON event is one)."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{journal_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
 
 
 def use_json_output() -> bool:
@@ -77,7 +121,7 @@ def configure_logging(level: str | int = "info", json_output: bool | None = None
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _redact_processor, renderer],
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter)
+    handler.setFormatter(_JournalPrefix(formatter) if stderr_is_journal() else formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

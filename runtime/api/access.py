@@ -116,23 +116,30 @@ class AccessLayer:
         return HttpError(400, bad_utf8, "bad_request") if bad_utf8 else None
 
     def _record(self, scope, record: AccessRecord, sent_status: int) -> None:
-        seconds = time.monotonic() - record.started
         path = scope.get("path", "")
-        endpoint = path if path in KNOWN_PATHS else "other"
-        status = record.logged_status or sent_status
-        metrics = self.runtime.metrics
-        metrics.requests.labels(endpoint, str(status)).inc()
-        metrics.latency.labels(endpoint).observe(seconds)
-        if record.error_kind:
-            metrics.errors.labels(record.error_kind).inc()
-        if record.audio_s:
-            metrics.audio_seconds.labels(record.voice or "?").inc(record.audio_s)
-        if endpoint in SYNTHESIS_PATHS and status == 200:
-            self.runtime.requests_served += 1
-        fields = record.log_fields(scope.get("method"), path, status, seconds)
-        if path in QUIET_PATHS:
-            access_log.debug("request", **fields)
-            return
-        if record.text is not None and access_log.isEnabledFor(10):  # the text only when debugging
-            fields["text"] = record.text
-        access_log.info("request", **fields)
+        account(self.runtime, record, endpoint=path if path in KNOWN_PATHS else "other",
+                method=scope.get("method"), path=path, status=record.logged_status or sent_status,
+                synthesis=path in SYNTHESIS_PATHS, quiet=path in QUIET_PATHS)
+
+
+def account(runtime: Runtime, record: AccessRecord, *, endpoint: str, method: str | None, path: str, status: int,
+            synthesis: bool, quiet: bool = False) -> None:
+    """A finished request into the metrics and the access log, whichever front end served it."""
+    seconds = time.monotonic() - record.started
+    metrics = runtime.metrics
+    metrics.requests.labels(endpoint, str(status)).inc()
+    metrics.latency.labels(endpoint).observe(seconds)
+    if record.error_kind:
+        metrics.errors.labels(record.error_kind).inc()
+    if record.audio_s:
+        metrics.audio_seconds.labels(record.voice or "?").inc(record.audio_s)
+    if synthesis and status == 200:
+        runtime.requests_served += 1
+        metrics.observe_synthesis(record, seconds)
+    fields = record.log_fields(method, path, status, seconds)
+    if quiet:
+        access_log.debug("request", **fields)
+        return
+    if record.text is not None and access_log.isEnabledFor(10):  # the text only when debugging
+        fields["text"] = record.text
+    access_log.info("request", **fields)

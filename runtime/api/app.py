@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import audio
 from . import openai, responses
 from .access import AccessLayer
+from .auth import AuthLayer, BearerTokens
 from .errors import install_handlers
 from .schemas import SynthesizeBody, supported_format
 from .service import Runtime
@@ -27,16 +28,17 @@ from .service import Runtime
 log = structlog.get_logger(__name__)
 
 
-def create_app(runtime: Runtime) -> AccessLayer:
-    """The ASGI app to serve: the access layer around the FastAPI app (the body-size limit is
-    the access layer's, outside FastAPI)."""
+def create_app(runtime: Runtime, tokens: BearerTokens | None = None) -> AccessLayer:
+    """The ASGI app to serve: the access layer around the bearer-token check (TCP connections
+    only, auth.py) around the FastAPI app (the body-size limit is the access layer's, outside
+    FastAPI). Without `tokens` a request over TCP is always refused."""
     app = FastAPI(title="tts-runtime", lifespan=_lifespan(runtime), docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     install_handlers(app)
     _add_native_routes(app, runtime)
     openai.add_routes(app, runtime)
     _add_service_routes(app, runtime)
-    return AccessLayer(app, runtime)
+    return AccessLayer(AuthLayer(app, tokens), runtime)
 
 
 def _lifespan(runtime: Runtime):

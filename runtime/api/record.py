@@ -34,6 +34,7 @@ class AccessRecord:
     error: str | None = None
     error_kind: str | None = None  # the error shape's `type`; labels tts_errors_total
     logged_status: int | None = None  # set when the status sent is not the story (499: the client left)
+    client: str | None = None  # over TCP: the label of the bearer token used (auth.py), never the token
 
     def fail(self, message: str, kind: str) -> None:
         self.error, self.error_kind = message, kind
@@ -59,7 +60,7 @@ class AccessRecord:
     def log_fields(self, method: str | None, path: str, status: int, seconds: float) -> dict[str, Any]:
         """The access log line's fields, those with a value, in a fixed order (the text apart)."""
         fields = {
-            "id": self.id, "method": method, "path": path, "status": status,
+            "id": self.id, "method": method, "path": path, "status": status, "client": self.client,
             "voice": self.voice, "chars": self.chars,
             "audio_s": round(self.audio_s, 3) if self.audio_s else None,
             "queue_ms": self.queue_ms, "synth_ms": self.synth_ms,

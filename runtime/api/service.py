@@ -10,10 +10,12 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from tts_common.metrics_server import MetricsServer
 from tts_common.notify import notify, watchdog_interval
 
 from ..config import RuntimeConfig
@@ -38,8 +40,8 @@ class Runtime:
             queue_size=config.queue_size,
             on_batch=self.metrics.observe_batch,
         )
-        self.metrics.queue_depth.set_function(lambda: self.scheduler.depth)
-        self.metrics.ready.set_function(lambda: 1.0 if self.manager.ready else 0.0)
+        self.metrics.watch(self.scheduler, self.manager)
+        self._metrics_server: MetricsServer | None = None
         # espeak (inside the frontend) keeps global state: one thread does all text work
         self.frontend_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="frontend")
         self.started_at = time.time()
@@ -50,6 +52,8 @@ class Runtime:
     def start(self) -> None:
         self.scheduler.start()
         self.manager.start()
+        if self.config.metrics_socket:  # metrics alone, for the metrics socket unit (docs/operations.md)
+            self._metrics_server = MetricsServer(Path(self.config.metrics_socket), self.metrics.registry).serve()
         interval = watchdog_interval()
         if interval:
             self._pinger = threading.Thread(target=self._watchdog, args=(interval,), name="watchdog", daemon=True)
@@ -60,6 +64,8 @@ class Runtime:
         self._stop.set()
         self.scheduler.stop()
         self.manager.stop()
+        if self._metrics_server:
+            self._metrics_server.stop()
         self.frontend_pool.shutdown(wait=False, cancel_futures=True)
 
     def _watchdog(self, interval: float) -> None:
