@@ -3,15 +3,12 @@ any model server, docs/models.md): an OpenAI-compatible `/v1/audio/speech`, pipe
 server (`POST /synthesize`), or a Wyoming server (Home Assistant's protocol, `tcp://`).
 
 Each returns (mono float32 samples, sample rate); any failure is a `RequestFailed` naming
-the server and what went wrong.
+the server and what went wrong. Wyoming is spoken with the `wyoming` library's client.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import socket
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -41,44 +38,43 @@ def _post(url: str, body: dict, timeout: float) -> bytes:
     return response.content
 
 
-def _read_event(f) -> tuple[dict, dict, bytes]:
-    """One Wyoming event: a JSON header line, then data_length bytes of JSON data and
-    payload_length bytes of payload."""
-    line = f.readline()
-    if not line:
-        raise EOFError("connection closed")
-    header = json.loads(line)
-    data = dict(header.get("data") or {})
-    if header.get("data_length"):
-        data.update(json.loads(f.read(header["data_length"])))
-    payload = f.read(header["payload_length"]) if header.get("payload_length") else b""
-    return header, data, payload
+async def _wyoming_audio(url: str, text: str, voice: str | None) -> tuple[list[bytes], int, int]:
+    """Synthesize over Wyoming with the protocol's own library (the client Home Assistant uses)."""
+    from wyoming.audio import AudioChunk, AudioStart, AudioStop
+    from wyoming.client import AsyncClient
+    from wyoming.error import Error
+    from wyoming.tts import Synthesize, SynthesizeVoice
+
+    chunks, rate, width = [], 22050, 2
+    async with AsyncClient.from_uri(url) as client:
+        await client.write_event(Synthesize(text=text, voice=SynthesizeVoice(name=voice) if voice else None).event())
+        for _ in range(100_000):  # bounded: a sentence is far fewer chunks
+            event = await client.read_event()
+            if event is None:
+                raise EOFError("the server closed the connection before audio-stop")
+            if Error.is_type(event.type):
+                raise RequestFailed(f"{url}: the server answered error: {Error.from_event(event).text}")
+            if AudioStart.is_type(event.type):
+                start = AudioStart.from_event(event)
+                rate, width = start.rate, start.width
+            elif AudioChunk.is_type(event.type):
+                chunk = AudioChunk.from_event(event)
+                rate, width = chunk.rate, chunk.width
+                chunks.append(chunk.audio)
+            elif AudioStop.is_type(event.type):
+                break
+    return chunks, rate, width
 
 
 def _wyoming(url: str, text: str, voice: str | None, timeout: float) -> tuple[np.ndarray, int]:
-    parts = urlsplit(url)
-    if parts.scheme != "tcp" or not parts.hostname or not parts.port:
-        raise RequestFailed(f"{url}: a Wyoming server is addressed as tcp://HOST:PORT")
-    request = {"text": text, **({"voice": {"name": voice}} if voice else {})}
+    import asyncio
+
+    if not url.startswith(("tcp://", "unix://")):
+        raise RequestFailed(f"{url}: a Wyoming server is addressed as tcp://HOST:PORT or unix://PATH")
     try:
-        with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock, \
-                sock.makefile("rwb") as f:
-            body = json.dumps(request).encode()
-            f.write(json.dumps({"type": "synthesize", "data_length": len(body)}).encode() + b"\n" + body)
-            f.flush()
-            chunks, rate, width = [], 22050, 2
-            for _ in range(100_000):  # bounded: a sentence is far fewer chunks
-                kind, data, payload = _read_event(f)
-                kind = kind.get("type")
-                if kind == "error":
-                    raise RequestFailed(f"{url}: the server answered error: {data.get('text')}")
-                if kind in ("audio-start", "audio-chunk"):
-                    rate, width = data.get("rate", rate), data.get("width", width)
-                    chunks.append(payload)
-                elif kind == "audio-stop":
-                    break
-    except (OSError, EOFError, ValueError) as exc:
-        raise RequestFailed(f"{url}: {exc}") from None
+        chunks, rate, width = asyncio.run(asyncio.wait_for(_wyoming_audio(url, text, voice), timeout))
+    except (OSError, EOFError, ValueError, asyncio.TimeoutError) as exc:
+        raise RequestFailed(f"{url}: {exc or type(exc).__name__}") from None
     if width != 2:
         raise RequestFailed(f"{url}: {width}-byte samples; only 16-bit audio is checked")
     pcm = np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float32) / 32768.0
