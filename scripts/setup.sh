@@ -13,7 +13,7 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # The fleet's BitTorrent tracker (tests/test_tracker.py; ansible role tts_tracker).
 command -v opentracker >/dev/null 2>&1 || need_apt+=(opentracker)
-# The simulated fleet (tests/fleet/harness.py, tests/test_fleet.py, bench/fleet.py): an
+# The simulated fleet (tts_testkit/fleet/harness.py, tests/test_fleet.py, bench/fleet.py): an
 # sshd per node, sudo for become_user, iptables for the mirror's egress counter, ip/bridge.
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
