@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.server import request_text, run_clients  # noqa: E402
-from tests.runtime_helpers import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
+from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
 
 
 def scrape(sock: Path, gzip: bool = False) -> tuple[float, int, str]:
@@ -176,7 +176,7 @@ def provisioner_cardinality_and_daemon(tmp: Path, models: int = 5) -> tuple[int,
     """The provisioner daemon with `models` small models synced from nanio; its scrape cost
     and its series (p2p off: 2 series fewer than with p2p on)."""
     from tests.provisioner_helpers import make_keys, model_files, publish_raw, wait_status, write_config
-    from tests.s3servers import STARTERS
+    from tts_testkit.s3servers import STARTERS
 
     server = STARTERS["nanio"](tmp / "s3")
     try:

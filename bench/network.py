@@ -45,8 +45,9 @@ sys.path.insert(0, str(REPO))
 from wyoming.client import AsyncClient  # noqa: E402
 from wyoming.tts import Synthesize, SynthesizeVoice  # noqa: E402
 
-from tests.runtime_helpers import VENV_BIN, publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
-from tests.s3servers import free_port, wait_for_port  # noqa: E402
+from tts_testkit.paths import VENV_BIN  # noqa: E402
+from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
+from tts_testkit.s3servers import free_port, wait_for_port  # noqa: E402
 
 SHORT = "Turn on the kitchen lights, please."
 LONG = ("The weather today will be mostly sunny with a light breeze from the west. "

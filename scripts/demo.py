@@ -18,9 +18,8 @@ from pathlib import Path
 
 import tomli_w
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from tests.s3servers import STARTERS  # noqa: E402  (the same S3 servers the tests use)
+from tts_testkit.paths import REPO
+from tts_testkit.s3servers import STARTERS  # the same S3 servers the tests use
 
 BIN = Path(sys.executable).parent
 TEXT = "Hello from tts fleet. The model cache is verified, and the runtime is ready."

@@ -17,7 +17,7 @@ command -v opentracker >/dev/null 2>&1 || need_apt+=(opentracker)
 # role's alert rules are unit-tested with `promtool test rules`, and a real Prometheus scrapes
 # the simulated fleet.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
-# The simulated fleet (tests/fleet/harness.py, tests/test_fleet.py, bench/fleet.py): an
+# The simulated fleet (tts_testkit/fleet/harness.py, tests/test_fleet.py, bench/fleet.py): an
 # sshd per node, sudo for become_user, iptables for the mirror's egress counter, ip/bridge.
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)

@@ -21,8 +21,8 @@ from piper_import import bundled_voice_paths
 from runtime.frontend import TextFrontend
 from runtime.models import LoadedModel, ModelHolder, join_sentences
 from runtime.scheduler import Scheduler
-from tests.runtime_helpers import mixed_scripts as mixed
-from tests.runtime_helpers import start_server, voice_cache  # noqa: F401
+from tts_testkit.runtime_server import mixed_scripts as mixed
+from tts_testkit.runtime_server import start_server
 
 LIMIT = 200
 
@@ -41,6 +41,7 @@ def frontend(voice):
 
 # -- front end ---------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", [
     mixed(5000), "a" * 2000, "世" * 5000, "x" + ",.;!?" * 999, "Supercalifragilistic" * 100,
     "1234567890" * 200, ("one two three four five six seven eight nine ten " * 60).strip(),
@@ -54,6 +55,7 @@ def test_no_utterance_over_the_limit(frontend, text):
     assert sum(len(u.ids) for u in utterances) >= 0.9 * len(whole)
 
 
+@pytest.mark.unit
 def test_cuts_prefer_clause_punctuation_then_words(frontend):
     clause = "the quick brown fox jumps over the lazy dog and runs away"  # ~100 ids
     sentence = f"{clause}, {clause}; {clause}."
@@ -72,6 +74,7 @@ def test_cuts_prefer_clause_punctuation_then_words(frontend):
     assert not any(u.ends_sentence for u in pieces[:-1])
 
 
+@pytest.mark.unit
 def test_sentence_ends_of_other_scripts(frontend):
     assert frontend.sentences("你好世界。今天天气很好！你呢？好；") == ["你好世界。", "今天天气很好！", "你呢？", "好；"]
     assert frontend.sentences("नमस्ते दुनिया। आप कैसे हैं?") == ["नमस्ते दुनिया।", "आप कैसे हैं?"]
@@ -79,6 +82,7 @@ def test_sentence_ends_of_other_scripts(frontend):
     assert frontend.sentences("Pi is 3.14 here. Yes") == ["Pi is 3.14 here.", "Yes"]
 
 
+@pytest.mark.unit
 def test_joins_pause_only_between_sentences():
     waves = [np.ones(3, np.float32)] * 3
     joined = join_sentences(waves, 100, [0.0, 0.2, 0.2])  # piece, piece | sentence
@@ -119,6 +123,7 @@ def _wait_all(jobs, timeout=60.0):
         job.future.result(timeout=timeout)
 
 
+@pytest.mark.unit
 def test_batches_stay_within_the_padded_budget(tmp_path):
     sched, engine, hold = _scheduler(tmp_path, max_batch_size=8, max_batch_ids=800)
     try:
@@ -141,6 +146,7 @@ def test_batches_stay_within_the_padded_budget(tmp_path):
     assert any(len(b) > 1 for b in engine.batches)  # it does batch
 
 
+@pytest.mark.unit
 def test_a_short_request_waits_for_at_most_one_batch_of_a_long_one(tmp_path):
     sched, engine, hold = _scheduler(tmp_path, max_batch_size=8, max_batch_ids=400)
     try:
@@ -158,6 +164,7 @@ def test_a_short_request_waits_for_at_most_one_batch_of_a_long_one(tmp_path):
     assert len(engine.batches) == 21
 
 
+@pytest.mark.unit
 def test_progressive_and_dependent_jobs_are_not_skipped(tmp_path):
     sched, engine, hold = _scheduler(tmp_path, max_batch_size=4, max_batch_ids=400)
     try:
@@ -174,12 +181,11 @@ def test_progressive_and_dependent_jobs_are_not_skipped(tmp_path):
 
 # -- engine: an allocation failure halves the batch, then is EngineOOMError ----------------------
 
-def test_cpu_allocation_failure_halves_then_refuses(monkeypatch):
-    from runtime.engine import Engine, EngineOOMError, SynthesisRequest
+@pytest.mark.unit
+def test_cpu_allocation_failure_halves_then_refuses(monkeypatch, engine):
+    from runtime.engine import EngineOOMError, SynthesisRequest
     from runtime.api.synthesis import job_error
-    from tests.runtime_helpers import shared_engine
 
-    engine: Engine = shared_engine(Path(__import__("tempfile").mkdtemp()))
     ids = engine.frontend.to_ids("Hello there.")
     real = engine._forward
     seen = []
@@ -221,6 +227,7 @@ def _vm(pid: int, key: str) -> int:
     raise AssertionError(f"no {key} for {pid}")
 
 
+@pytest.mark.integration
 def test_server_bounds_a_worst_case_request(voice_cache, tmp_path):
     srv = start_server(tmp_path, voice_cache, max_chars=5000, max_utterance_ids=400, max_batch_ids=800,
                        max_request_ids=8000, deadline_s=600, request_timeout_s=10)
@@ -252,6 +259,7 @@ def test_server_bounds_a_worst_case_request(voice_cache, tmp_path):
         srv.stop()
 
 
+@pytest.mark.unit
 def test_config_keeps_one_utterance_within_a_batch():
     from runtime.config import RuntimeConfig
 

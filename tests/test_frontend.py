@@ -9,6 +9,8 @@ import pytest
 from piper_import import bundled_voice_paths
 from runtime.frontend import EmptyTextError, TextFrontend, TextTooLongError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def voice():

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.provisioner_helpers import BIN, make_keys, model_files, publish_raw, run_cli, set_channel, wait_status, \
     write_config
-from tests.runtime_helpers import publish_to_cache, start_server, voice_bundle_dir, voice_cache  # noqa: F401
+from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir
 from tts_common.metrics_server import MetricsServer, MetricsSocketError
 
 pytestmark = pytest.mark.integration

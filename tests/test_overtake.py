@@ -10,7 +10,6 @@ with each request synthesized alone.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,13 +17,11 @@ import pytest
 from runtime.engine import SynthesisRequest
 from runtime.models import LoadedModel, ModelHolder
 from runtime.scheduler import Scheduler
-from tests.ops_helpers import wait_until
-from tests.runtime_helpers import shared_engine
+from tts_testkit.waits import wait_until
 
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    return shared_engine(tmp_path_factory.getbasetemp())
+# In-process, but three real-engine batches held mid-way across threads take ~8 s: over the unit
+# budget (docs/testing.md), so integration.
+pytestmark = pytest.mark.integration
 
 
 def _scheduler(engine, **kw) -> Scheduler:

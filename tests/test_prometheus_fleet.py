@@ -26,8 +26,8 @@ import time
 
 import pytest
 
-from tests.fleet import harness
-from tests.fleet import rollout as fr
+from tts_testkit.fleet import harness
+from tts_testkit.fleet import rollout as fr
 from tests.monitoring_helpers import PROMETHEUS, Prometheus, render_monitoring
 
 REASON = harness.unavailable()

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.runtime_helpers import SERVER_MAX_CHARS, server, shared_engine, voice_cache  # noqa: F401  (fixtures)
+from tests.voice_fixtures import SERVER_MAX_CHARS
+
+pytestmark = pytest.mark.integration
 
 TEXTS = [
     "The quick brown fox jumps.",
@@ -43,8 +45,7 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and int(np.abs(a - b).max()) <= 4
 
 
-def test_same_seed_same_audio_alone_or_batched(server, tmp_path_factory):
-    engine = shared_engine(tmp_path_factory.getbasetemp())
+def test_same_seed_same_audio_alone_or_batched(server, engine):
     refs = {i: _reference(engine, t, seed=100 + i) for i, t in enumerate(TEXTS)}
     with server.client() as c:
         alone = c.post("/v1/synthesize", json={"text": TEXTS[0], "seed": 100})

@@ -17,14 +17,10 @@ import httpx
 import pytest
 
 from provisioner.status import ModelStatus, ProvisionerStatus
-from tests.runtime_helpers import (  # noqa: F401  (fixture)
-    VENV_BIN,
-    publish_to_cache,
-    start_server,
-    voice_bundle_dir,
-    voice_cache,
-    write_config,
-)
+from tts_testkit.paths import VENV_BIN
+from tts_testkit.runtime_server import publish_to_cache, start_server, write_config
+
+pytestmark = pytest.mark.integration
 
 
 class NotifyListener:
@@ -77,8 +73,8 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_gate_waits_for_cache_then_serves_and_hot_swaps(tmp_path, tmp_path_factory):
-    bundle = voice_bundle_dir(tmp_path_factory.getbasetemp())
+def test_gate_waits_for_cache_then_serves_and_hot_swaps(tmp_path, bundle_dir):
+    bundle = bundle_dir
     cache = tmp_path / "cache"
     prov = tmp_path / "srv" / "prov"
     status = ProvisionerStatus(state="syncing")
@@ -247,7 +243,7 @@ def test_refuses_a_live_socket_and_replaces_a_stale_one(voice_cache, tmp_path):
     again.close()
 
 
-def test_reload_waits_for_one_pass_not_for_the_safety_net_recheck(tmp_path, tmp_path_factory, monkeypatch):
+def test_reload_waits_for_one_pass_not_for_the_safety_net_recheck(tmp_path, bundle_dir, monkeypatch):
     """POST /v1/reload (and so the health gate's `tts-ctl check --reload`) waits for the first
     pass that begins after the request. On an idle manager that is the pass the request
     starts; waiting for one more pass meant waiting for the safety-net re-check (RECHECK_S,
@@ -257,7 +253,7 @@ def test_reload_waits_for_one_pass_not_for_the_safety_net_recheck(tmp_path, tmp_
     from runtime.config import load_config
 
     monkeypatch.setattr(models, "RECHECK_S", 3600.0)
-    bundle = voice_bundle_dir(tmp_path_factory.getbasetemp())
+    bundle = bundle_dir
     cache = tmp_path / "cache"
     publish_to_cache(cache, "joe", "1.0.0", bundle, set_current=False)
     publish_to_cache(cache, "joe", "1.1.0", bundle)

@@ -1,9 +1,9 @@
-"""Test helpers for the runtime: a real cache holding the real voice, and a real server.
+"""The runtime for tests and benchmarks: the real voice converted to a bundle, published
+into a cache through the provisioner's CacheWriter exactly as the provisioner would, and
+`tts-runtime serve` as a subprocess on a Unix socket in a temp dir.
 
-The bundled Piper voice is imported once per test session (module-level memo, since a
-fixture imported into several modules would otherwise run once per module), published
-into a cache through the provisioner's CacheWriter exactly as the provisioner would,
-and `tts-runtime serve` runs as a subprocess on a Unix socket in a temp dir.
+The pytest fixtures over these (one bundle, one engine and one cache per session, a
+server per module) are in tests/voice_fixtures.py.
 """
 
 from __future__ import annotations
@@ -12,38 +12,36 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
 
+from mirror.hashing import sha256_file
 from mirror.manifest import FileEntry, Manifest
 from provisioner.cache import CacheWriter, Snapshot
-from mirror.hashing import sha256_file
+from tts_testkit.paths import VENV_BIN
 
-VENV_BIN = Path(sys.executable).parent
-_BUNDLE: Path | None = None
-_BUNDLE_LOCK = threading.Lock()
-_ENGINE = None
+
+def import_voice(out: Path):
+    """The bundled Piper voice (joe) converted into a bundle at `out`; the ImportReport."""
+    from piper_import import bundled_voice_paths, import_piper
+
+    return import_piper(*bundled_voice_paths(), out)
 
 
 def voice_bundle_dir(base: Path) -> Path:
-    """The real voice converted to the runtime's bundle (once per session)."""
-    global _BUNDLE
-    with _BUNDLE_LOCK:
-        if _BUNDLE is None:
-            from piper_import import bundled_voice_paths, import_piper
-
-            out = base / "joe-bundle"
-            onnx_path, json_path = bundled_voice_paths()
-            import_piper(onnx_path, json_path, out)
-            _BUNDLE = out
-        return _BUNDLE
+    """The real voice as a runtime bundle under `base` (converted once per directory: a
+    complete bundle appears by one rename, so a second call only finds it)."""
+    out = base / "joe-bundle"
+    if not out.is_dir():
+        tmp = base / f".joe-bundle-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        import_voice(tmp)
+        tmp.rename(out)
+    return out
 
 
 def publish_to_cache(cache_root: Path, name: str, version: str, bundle: Path, set_current: bool = True) -> Snapshot:
@@ -62,16 +60,6 @@ def publish_to_cache(cache_root: Path, name: str, version: str, bundle: Path, se
     if set_current:
         writer.set_current(name, version)
     return snap
-
-
-def shared_engine(base: Path):
-    """One in-process engine for reference audio (loading twice is wasted time)."""
-    global _ENGINE
-    if _ENGINE is None:
-        from runtime.engine import Engine
-
-        _ENGINE = Engine.load(voice_bundle_dir(base), device="cpu")
-    return _ENGINE
 
 
 def write_config(path: Path, **values) -> Path:
@@ -188,31 +176,6 @@ def start_server(tmp: Path, cache: Path, *, extra_env: dict | None = None, **con
         proc = subprocess.Popen([str(VENV_BIN / "tts-runtime"), "serve", "--config", str(cfg)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
     return ServerProcess(proc, sock, cfg, log_path, hold)
-
-
-@pytest.fixture(scope="session")
-def voice_cache(tmp_path_factory) -> Path:
-    """A cache with the real voice published as joe 1.0.0 and current."""
-    base = tmp_path_factory.getbasetemp()
-    cache = base / "voice-cache"
-    if not (cache / "current" / "joe").exists():
-        publish_to_cache(cache, "joe", "1.0.0", voice_bundle_dir(base))
-    return cache
-
-
-SERVER_MAX_CHARS = 600  # the `server` fixture's max_chars
-
-
-@pytest.fixture(scope="module")
-def server(voice_cache, tmp_path_factory):
-    """A running, ready runtime on a temp Unix socket (one per test module)."""
-    srv = start_server(tmp_path_factory.mktemp("srv"), voice_cache, max_batch_size=8, max_wait_ms=20,
-                       queue_size=32, max_chars=SERVER_MAX_CHARS, request_timeout_s=2)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
 
 
 MIXED_WORDS = ("hello world Привет мир γειά σου κόσμε مرحبا بالعالم नमस्ते दुनिया こんにちは 世界 "
