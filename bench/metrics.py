@@ -175,7 +175,7 @@ def runtime_cardinality(voices: int = 10) -> int:
 def provisioner_cardinality_and_daemon(tmp: Path, models: int = 5) -> tuple[int, dict]:
     """The provisioner daemon with `models` small models synced from nanio; its scrape cost
     and its series (p2p off: 2 series fewer than with p2p on)."""
-    from tests.provisioner_helpers import make_keys, model_files, publish_raw, wait_status, write_config
+    from tts_testkit.provisioner_setup import make_keys, model_files, publish_raw, wait_status, write_config
     from tts_testkit.s3servers import STARTERS
 
     server = STARTERS["nanio"](tmp / "s3")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tts_testkit.paths import VENV_BIN as BIN
-from tts_testkit.provisioner_setup import make_keys, write_config
+from tts_testkit.provisioner_setup import make_keys, wait_status, write_config  # noqa: F401 (re-exported)
 
 
 def run_cli(*args: str, config: Path | None = None, timeout: float = 120, env: dict | None = None,
@@ -39,21 +39,3 @@ def provisioner_env(tmp: Path, s3_server, bucket: str) -> dict:
     mirror = dict(name="primary", endpoint=s3_server.endpoint, bucket=bucket, credentials_file=creds)
     return dict(tmp=tmp, keys=keys, client=s3_server.client(), bucket=bucket, mirror=mirror, creds=creds,
                 config=write_config(tmp, [mirror], keys), s3=s3_server)
-
-
-def wait_status(path: Path, predicate, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> dict:
-    """Poll (bounded) a status.json until `predicate` holds; fail early if `proc` exits."""
-    deadline, last = time.monotonic() + timeout, {}
-    for _ in range(int(timeout * 10) + 1):
-        try:
-            last = json.loads(path.read_text())
-            if predicate(last):
-                return last
-        except (OSError, ValueError):
-            pass
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"daemon exited {proc.returncode}: {proc.stderr.read()[-3000:] if proc.stderr else ''}")
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"status never matched within {timeout}s; last: {json.dumps(last)[:800]}")

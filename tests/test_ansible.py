@@ -482,6 +482,7 @@ def test_p2p_drop_ins_parse_without_any_warning(tmp_path):
     assert "10.20.0.0/99" in bad.stderr, bad.stderr
 
 
+@pytest.mark.fleet
 def test_role_opens_the_runtime_to_the_network_only_as_configured(tmp_path):
     """site.yml (files only) with the runtime's network settings: runtime.toml gets the
     listeners, the tokens file (0600, labels and tokens) and the allow list, and the runtime's

@@ -8,6 +8,9 @@ Deliberately low-level (raw S3 puts) so tests can publish hostile or broken mani
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import time
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,3 +88,21 @@ def write_config(tmp: Path, mirrors: list[dict], keys: Keys | None, models: str 
     path = tmp / "provisioner.toml"
     path.write_text("\n".join(parts) + "\n")
     return path
+
+
+def wait_status(path: Path, predicate, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> dict:
+    """Poll (bounded) a status.json until `predicate` holds; fail early if `proc` exits."""
+    deadline, last = time.monotonic() + timeout, {}
+    for _ in range(int(timeout * 10) + 1):
+        try:
+            last = json.loads(path.read_text())
+            if predicate(last):
+                return last
+        except (OSError, ValueError):
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"daemon exited {proc.returncode}: {proc.stderr.read()[-3000:] if proc.stderr else ''}")
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"status never matched within {timeout}s; last: {json.dumps(last)[:800]}")
