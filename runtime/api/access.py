@@ -125,6 +125,8 @@ class AccessLayer:
         metrics.latency.labels(endpoint).observe(seconds)
         if record.error_kind:
             metrics.errors.labels(record.error_kind).inc()
+        if record.aborted:
+            metrics.errors.labels("stream_aborted").inc()
         if record.audio_s:
             metrics.audio_seconds.labels(record.voice or "?").inc(record.audio_s)
         if endpoint in SYNTHESIS_PATHS and status == 200:

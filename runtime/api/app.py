@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from .. import audio
-from . import openai, responses
+from . import openai, responses, streaming
 from .access import AccessLayer
 from .errors import install_handlers
 from .schemas import SynthesizeBody, supported_format
@@ -33,6 +33,7 @@ def create_app(runtime: Runtime) -> AccessLayer:
     app = FastAPI(title="tts-runtime", lifespan=_lifespan(runtime), docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     install_handlers(app)
+    streaming.quiet_stream_aborts()
     _add_native_routes(app, runtime)
     openai.add_routes(app, runtime)
     _add_service_routes(app, runtime)
