@@ -93,7 +93,7 @@ async def _chunks(synthesis: Synthesis, first: list[np.ndarray], fmt: str, sampl
                     record.first_audio(seconds)
         complete = True
     except StreamBroken as exc:  # the status line is gone already: abort, so the client sees an error
-        record.stream_aborted(exc.error.status, f"stream aborted: {exc}", exc.error.kind)
+        record.stream_aborted(exc.error.status, str(exc), exc.error.kind)
         raise StreamAborted(str(exc)) from None
     except (asyncio.CancelledError, GeneratorExit):  # the client went away (or the server stops)
         if not complete:

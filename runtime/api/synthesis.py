@@ -52,7 +52,7 @@ class StreamBroken(TtsError):
     front end must end it so its client sees an error, never as a complete answer."""
 
     def __init__(self, error: HttpError, delivered: int, total: int):
-        super().__init__(f"stream ended after {delivered} of {total} utterances: {error.message}")
+        super().__init__(f"stream aborted after {delivered} of {total} utterances: {error.message}")
         self.error, self.delivered, self.total = error, delivered, total
 
 
@@ -217,7 +217,9 @@ class Synthesis:
                    early: asyncio.Future | None = None) -> list[np.ndarray]:
         """Wait for jobs; cancel them if the client goes away (`client_gone` returns) or the
         deadline passes. With `early` (a stream's first piece), return [that piece] as soon as
-        it comes, the jobs running on."""
+        it comes, the jobs running on. Audio that is ready is handed out, even past the deadline."""
+        if all(job.future.done() and not job.future.cancelled() for job in jobs):
+            return [job.future.result() for job in jobs]  # a failed job raises its error
         gathered = asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs))
         watchers = {gathered} if early is None else {gathered, early}
         gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
