@@ -267,15 +267,28 @@ def test_a_short_request_is_admitted_behind_a_long_one_with_more_utterances_than
 
 # -- 4. one version per request across a hot swap ---------------------------------------------------
 
+SWAPPED = (("l", "n"), ("t", "d"))
+
+
 def _variant(bundle, out, kind: str):
+    """1.0.0 with length_scale 1.5, or the same voice re-indexed: a new phoneme map (l<->n,
+    t<->d trade ids) with the embedding rows moved to match, so it speaks as 1.0.0 does from
+    its own ids and mispronounces 1.0.0's."""
     shutil.copytree(bundle, out)
     voice = json.loads((out / "voice.json").read_text())
     if kind == "length_scale":
         voice["inference"]["length_scale"] = 1.5
-    else:  # the same weights, another phoneme map: l<->n and t<->d trade ids
+    else:
+        from safetensors.torch import load_file, save_file
+
         ids = voice["phoneme_id_map"]
-        for a, b in (("l", "n"), ("t", "d")):
+        weights = load_file(str(out / "model.safetensors"))
+        emb = weights["enc_p.emb.weight"]
+        for a, b in SWAPPED:
+            (i,), (j,) = ids[a], ids[b]
+            emb[[i, j]] = emb[[j, i]]
             ids[a], ids[b] = ids[b], ids[a]
+        save_file(weights, str(out / "model.safetensors"))
     (out / "voice.json").write_text(json.dumps(voice))
     return out
 
@@ -320,13 +333,30 @@ def test_a_request_queued_across_a_hot_swap_keeps_its_version(kind, tmp_path, tm
         assert got.shape == reference.shape and int(np.abs(got - reference).max()) <= 4  # 1.0.0's audio
         assert after.headers["x-voice-version"] == "2.0.0"
         new = _pcm(after.content)
-        assert new.shape != reference.shape or int(np.abs(new - reference).max()) > 1000  # 2.0.0 differs
+        if kind == "length_scale":
+            assert len(new) > 1.2 * len(reference)  # 2.0.0 really differs (its pauses stay 0.2 s)
+        else:  # 2.0.0 speaks as 1.0.0 from its own ids; 1.0.0's ids through it would not
+            assert new.shape == reference.shape and int(np.abs(new - reference).max()) <= 4
+            _assert_old_ids_mispronounced(tmp_path / "v2", engine, text)
         wait_until(lambda: '"engine released"' in srv.log(), 60, what="1.0.0 released after its last job")
         released = [json.loads(line) for line in srv.log().splitlines() if '"engine released"' in line]
         assert [line["version"] for line in released] == ["1.0.0"]
     finally:
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()
+
+
+def _assert_old_ids_mispronounced(v2_dir, engine, text: str) -> None:
+    """The re-indexed voice is a real test: 1.0.0's ids through its engine sound otherwise."""
+    from runtime.engine import Engine
+    from runtime.models import plan_requests
+
+    old_requests = plan_requests(engine, text, seed=9)
+    with Engine.load(v2_dir, device="cpu", threads=1) as v2:
+        assert plan_requests(v2, text, seed=9) != old_requests  # its map gives other ids
+        ours = engine.synthesize_batch(old_requests[:1])[0]
+        theirs = v2.synthesize_batch(old_requests[:1])[0]
+    assert ours.shape != theirs.shape or float(np.abs(ours - theirs).max()) > 0.05
 
 
 # -- 5. minor ---------------------------------------------------------------------------------------
