@@ -1,16 +1,18 @@
 """Overtaking benchmark (issue 29): a long request under a flood of short ones, against a real server.
 
-    .venv/bin/python bench/overtake.py [--quick] [--rounds N]
+    .venv/bin/python bench/overtake.py [--quick] [--rounds N] [--peer-ref REF]
 
 Starts `tts-runtime serve` with the default limits and measures, in alternating rounds so
 drift on a shared machine hits each alike:
 * the long request alone (its solo time), then while 2 and while 8 clients loop a short
   request back to back: the long request's slowdown (target: at most 2x, docs/runtime.md
   "Share of short requests"), and what the short requests got (answers, p95 latency);
-* a short request sent right after the long one was admitted: it must be admitted (a long
-  request with more utterances than queue_size no longer fills the queue) and answered
-  before the long one.
-Writes bench/results/overtake.json and overtake.md.
+* a short request sent right after a long one of 80 sentences was admitted: it must be
+  admitted (a request with more utterances than queue_size no longer fills the queue) and
+  answered before the long one.
+--peer-ref runs the same against a server of the code at a git ref (a temporary worktree on
+PYTHONPATH), e.g. the commit before issue 29's scheduler. Writes bench/results/overtake.json
+and overtake.md.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -93,8 +96,12 @@ def flood(srv, text: str, clients: int) -> dict:
             "short_p95_s": round(lat[int(0.95 * (len(lat) - 1))], 3) if lat else None}
 
 
-def short_behind_long(srv, text: str) -> dict:
-    """The issue's case: a long request admitted, then a short one."""
+MANY_SENTENCES = "It rained again today. " * 80  # more utterances than the default queue_size (64)
+
+
+def short_behind_long(srv, text: str = MANY_SENTENCES) -> dict:
+    """The issue's case: a long request of more utterances than queue_size admitted, then a
+    short one (503 queue_full before issue 29)."""
     out: dict = {}
 
     def long_request() -> None:
@@ -105,7 +112,7 @@ def short_behind_long(srv, text: str) -> dict:
     with srv.client(60.0) as c:
         t = threading.Thread(target=long_request)
         t.start()
-        while c.get("/v1/status").json()["queue"]["requests"] < 1 and "long_status" not in out:
+        while c.get("/v1/status").json()["queue"]["depth"] < 1 and "long_status" not in out:
             time.sleep(0.01)
         t0 = time.perf_counter()
         r = c.post("/v1/synthesize", json={"text": SHORT})
@@ -116,37 +123,54 @@ def short_behind_long(srv, text: str) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="a shorter long text, one round")
-    ap.add_argument("--rounds", type=int, default=None)
-    args = ap.parse_args()
-    rounds = args.rounds or (1 if args.quick else 2)
-    text = long_text(1200 if args.quick else 2500)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-overtake-"))
-    cache = tmp / "cache"
-    publish_to_cache(cache, "joe", "1.0.0", voice_bundle_dir(tmp))
-    srv = start_server(tmp / "srv", cache, log_level="warning")
-    load_start = os.getloadavg()
+def measure(tmp: Path, cache: Path, text: str, rounds: int, name: str, env: dict | None = None) -> dict:
+    """One server: the short request behind a long one, then rounds of solo / 2 / 8 clients."""
+    srv = start_server(tmp / name, cache, log_level="warning", extra_env=env)
     runs: list[dict] = []
     try:
         srv.wait_ready(180)
         with srv.client(600.0) as c:
             c.post("/v1/synthesize", json={"text": SHORT}).raise_for_status()
-        behind = short_behind_long(srv, text)
-        print("short behind long", behind, flush=True)
+        behind = short_behind_long(srv)
+        print(name, "short behind long", behind, flush=True)
         for r in range(rounds):
             for clients in (0, 2, 8):
                 row = {"round": r, "clients": clients}
                 row.update({"long_s": round(timed_long(srv, text), 2)} if clients == 0 else flood(srv, text, clients))
                 runs.append(row)
-                print(row, flush=True)
+                print(name, row, flush=True)
     finally:
         srv.stop()
-    write(text, runs, behind, load_start, args)
+    return {"runs": runs, "short_behind_long": behind}
 
 
-def write(text: str, runs: list[dict], behind: dict, load_start, args) -> None:
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one round")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--peer-ref", default=None, help="also measure the code at this git ref")
+    args = ap.parse_args()
+    rounds = args.rounds or (1 if args.quick else 2)
+    text = long_text(1200)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-overtake-"))
+    cache = tmp / "cache"
+    publish_to_cache(cache, "joe", "1.0.0", voice_bundle_dir(tmp))
+    load_start = os.getloadavg()
+    results = {"this": measure(tmp, cache, text, rounds, "this")}
+    if args.peer_ref:
+        tree = tmp / "peer-tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.peer_ref], check=True,
+                       capture_output=True)
+        try:
+            results["peer"] = measure(tmp, cache, text, rounds, "peer", env={"PYTHONPATH": str(tree)})
+            results["peer"]["ref"] = args.peer_ref
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    write(text, results, load_start, args)
+
+
+def figures_of(result: dict) -> dict:
+    runs = result["runs"]
     solo = [r["long_s"] for r in runs if r["clients"] == 0]
     figures = {}
     for clients in (2, 8):
@@ -157,8 +181,22 @@ def write(text: str, runs: list[dict], behind: dict, load_start, args) -> None:
             "detail": f"worst of {len(loaded)} over the best solo run"}
         figures[f"short_503_{clients}_clients"] = {"value": sum(r["short_503"] for r in loaded), "target": "0",
                                                    "met": all(r["short_503"] == 0 for r in loaded)}
-    figures["short_admitted_behind_long"] = {"value": behind["short_status"], "target": "200",
-                                             "met": behind["short_status"] == 200}
+    status = result["short_behind_long"]["short_status"]
+    figures["short_admitted_behind_long"] = {"value": status, "target": "200", "met": status == 200}
+    return figures
+
+
+def _table(result: dict) -> list[str]:
+    lines = ["| round | short clients | long s | short 200 | short 503 | short p50 s | short p95 s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['round']} | {r['clients']} | {r['long_s']} | {r.get('short_200', '-')} | "
+                     f"{r.get('short_503', '-')} | {r.get('short_p50_s', '-')} | {r.get('short_p95_s', '-')} |")
+    return lines
+
+
+def write(text: str, results: dict, load_start, args) -> None:
+    figures = figures_of(results["this"])
     defaults = RuntimeConfig()
     out = {
         "benchmark": "overtake", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -167,28 +205,34 @@ def write(text: str, runs: list[dict], behind: dict, load_start, args) -> None:
         "long_text_chars": len(text), "short_text": SHORT,
         "limits": {k: getattr(defaults, k) for k in ("queue_size", "queue_ids", "max_request_ids", "express_max_ids",
                                                      "max_batch_size", "max_batch_ids", "deadline_s")},
-        "figures": figures, "short_behind_long": behind, "runs": runs,
+        "figures": figures, **results,
     }
+    if "peer" in results:
+        out["peer_figures"] = figures_of(results["peer"])
     res = REPO / "bench" / "results"
     res.mkdir(parents=True, exist_ok=True)
     (res / "overtake.json").write_text(json.dumps(out, indent=2) + "\n")
+    peer = f" --peer-ref {args.peer_ref}" if args.peer_ref else ""
     lines = [
         "# Overtaking benchmark (issue 29)", "",
         f"{out['date']}, {out['machine']['cpus']} CPUs, load average {load_start[0]:.1f} -> "
-        f"{out['machine']['load_avg_end'][0]:.1f} (a shared machine: other jobs ran beside it).",
-        f"Command: `.venv/bin/python bench/overtake.py{' --quick' if args.quick else ''}`; defaults {out['limits']}.",
+        f"{out['machine']['load_avg_end'][0]:.1f} (a shared machine: other jobs ran beside it; seconds are noisy).",
+        f"Command: `.venv/bin/python bench/overtake.py{' --quick' if args.quick else ''}{peer}`; defaults {out['limits']}.",
         f"Long request: {len(text)} characters of English; short request {SHORT!r}, looped back to back by "
-        "2 or 8 clients while the long one runs.", "",
-        "| figure | value | target | met |", "|---|---|---|---|",
+        "2 or 8 clients while the long one runs (a 503 is retried at once).", "",
+        "| figure | value | target | met |" + (" peer |" if "peer" in results else ""),
+        "|---|---|---|---|" + ("---|" if "peer" in results else ""),
     ]
     for k, f in figures.items():
-        lines.append(f"| {k} | {f['value']} | {f['target']} | {'yes' if f['met'] else 'no'} |")
-    lines += ["", f"Short request right after the long one was admitted: {behind}.", "",
-              "| round | short clients | long s | short 200 | short 503 | short p50 s | short p95 s |",
-              "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        lines.append(f"| {r['round']} | {r['clients']} | {r['long_s']} | {r.get('short_200', '-')} | "
-                     f"{r.get('short_503', '-')} | {r.get('short_p50_s', '-')} | {r.get('short_p95_s', '-')} |")
+        row = f"| {k} | {f['value']} | {f['target']} | {'yes' if f['met'] else 'no'} |"
+        if "peer" in results:
+            row += f" {out['peer_figures'][k]['value']} |"
+        lines.append(row)
+    lines += ["", f"Short request right after the long one was admitted: {results['this']['short_behind_long']}.", ""]
+    lines += _table(results["this"])
+    if "peer" in results:
+        lines += ["", f"Peer: the same server at `{args.peer_ref}`; short request behind the long one: "
+                      f"{results['peer']['short_behind_long']}.", ""] + _table(results["peer"])
     (res / "overtake.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(figures, indent=2))
 
