@@ -11,8 +11,8 @@ Promises every front end inherits:
   plans the request again on the new engine (ModelHolder keeps a replaced engine for its
   queued work).
 * Deadlines: a request must have its audio (a stream: its first audio) within deadline_s of
-  its admission. A stream that has started is not cut while it makes progress: each next
-  utterance has deadline_s from the moment the one before it was handed out.
+  its admission. A stream that has started is not cut while it makes progress: the rest has
+  until deadline_s after its latest audio was handed out (or its first deadline, if later).
 * A stream never ends as if complete when it is not: `Synthesis.audio` raises `StreamBroken`
   instead, and the front end must end the stream so its client sees an error (HTTP: abort the
   connection without the final chunk), never as a finished answer.
@@ -198,7 +198,8 @@ class Synthesis:
         self.runtime.scheduler.cancel(self.jobs if jobs is None else jobs)
 
     def progress(self) -> None:
-        """Audio went out: the rest of a stream has deadline_s from now (see the module's doc)."""
+        """Audio went out: the rest of a stream has until deadline_s from now, or its deadline so
+        far if that is later (see the module's doc)."""
         self.deadline = max(self.deadline, time.monotonic() + self.runtime.config.deadline_s)
         self.runtime.scheduler.extend(self.jobs[self.done:], self.deadline)
 
@@ -258,9 +259,7 @@ class Synthesis:
         try:
             async for piece in self._pieces(first):
                 yield piece
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:
+        except Exception as exc:  # (a client gone is CancelledError/GeneratorExit: not caught here)
             err = exc if isinstance(exc, HttpError) else job_error(exc)
             raise StreamBroken(err, self.done, len(self.jobs)) from None
         finally:
