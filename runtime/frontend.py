@@ -28,6 +28,15 @@ _ABBREVIATIONS = {
     "inc", "ltd", "co", "corp", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept",
     "oct", "nov", "dec", "approx", "dept", "fig", "gen", "gov", "lt", "col", "capt", "sgt",
 }
+# Dotted abbreviations ("U.S.", "Ph.D.", "p.m."): their last period ends a sentence only before a
+# capitalized word that usually opens one ("... in the U.S. The weather"), never before a name
+# or a lowercase word ("The U.S. Army", "the U.S. economy").
+_DOTTED = re.compile(r"(?:[a-z]{1,2}\.)+[a-z]{1,2}")
+_SENTENCE_STARTERS = {
+    "the", "a", "an", "it", "its", "this", "that", "these", "those", "there", "they", "we", "he", "she", "i",
+    "you", "my", "our", "his", "her", "their", "your", "but", "and", "so", "then", "if", "when", "what", "why",
+    "how", "who", "in", "on", "at", "yes", "no", "now", "today", "also", "however",
+}
 # Latin sentence ends need a following space ("3.14", "e.g.x" stay whole); CJK, Devanagari,
 # Arabic/Urdu and Ethiopic ends stand alone (those scripts put no space after them).
 _SENTENCE_END = re.compile(

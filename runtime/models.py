@@ -117,13 +117,22 @@ def synthesize_local(engine: SynthesisEngine, requests: list[SynthesisRequest], 
 
 # -- loaded engines ---------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
     name: str
     engine: SynthesisEngine
     snapshot: Snapshot
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
+    # ModelHolder's reference count: jobs queued or running on this engine, plus requests
+    # planned on it and not yet queued. A replaced (retired) engine is closed when it drops to 0.
+    users: int = 0
+    retired: bool = False
+    closed: bool = False
+
+    @property
+    def version(self) -> str:
+        return self.snapshot.version
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -153,6 +162,7 @@ class ModelHolder:
     def __init__(self) -> None:
         self.lock = threading.Lock()  # held by the worker for a whole batch
         self.express_lock = threading.Lock()  # likewise by the express worker (scheduler: overtaking)
+        self._refs = threading.Lock()  # LoadedModel.users / retired / closed
         self._models: dict[str, LoadedModel] = {}
 
     def get(self, name: str) -> LoadedModel | None:
@@ -162,8 +172,9 @@ class ModelHolder:
         return sorted(self._models)
 
     def install(self, name: str, snapshot: Snapshot, loader: Callable[[Snapshot], SynthesisEngine]) -> LoadedModel:
-        """Load beside the old engine, swap between batches, then release the old one.
-        Raises whatever the loader raises; the old engine then keeps serving."""
+        """Load beside the old engine, swap between batches; the old one is closed once the
+        last job planned on it is done (at once when none is). Raises whatever the loader
+        raises; the old engine then keeps serving."""
         started = time.monotonic()
         engine = loader(snapshot)
         new = LoadedModel(name, engine, snapshot, load_seconds=time.monotonic() - started)
@@ -171,19 +182,56 @@ class ModelHolder:
             old = self._models.get(name)
             self._models[name] = new
         if old is not None:
-            _close(old.engine)
+            with self._refs:
+                old.retired = True
+                done = self._closable(old)
+            if done:
+                _close(old)
+            else:
+                log.info("replaced engine kept for its queued work", model=name, version=old.version,
+                         jobs=old.users, serving=new.version)
         return new
+
+    def acquire(self, model: LoadedModel, count: int = 1, *, retired_ok: bool = False) -> bool:
+        """Count `count` more users of `model`; False (nothing counted) when it is closed, or
+        retired and not `retired_ok` (a request planned on an engine that has just been
+        replaced is planned again on the new one)."""
+        with self._refs:
+            if model.closed or (model.retired and not retired_ok):
+                return False
+            model.users += count
+            return True
+
+    def release(self, model: LoadedModel, count: int = 1) -> None:
+        """A user is done; the last user of a retired engine closes it (on a thread of its own:
+        this runs wherever a job's future completes, the scheduler's lock possibly held)."""
+        with self._refs:
+            model.users -= count
+            done = self._closable(model)
+        if done:
+            threading.Thread(target=_close, args=(model,), name="engine-release", daemon=True).start()
+
+    @staticmethod
+    def _closable(model: LoadedModel) -> bool:
+        """Under _refs: whether `model` is to be closed now (marks it closed)."""
+        if model.retired and model.users <= 0 and not model.closed:
+            model.closed = True
+            return True
+        return False
 
     def close_all(self) -> None:
         with self.lock, self.express_lock:
             models, self._models = list(self._models.values()), {}
         for model in models:
-            _close(model.engine)
+            with self._refs:
+                model.closed = True
+            _close(model)
 
 
-def _close(engine: SynthesisEngine) -> None:
+def _close(model: LoadedModel) -> None:
     try:
-        engine.close()
+        model.engine.close()
+        log.info("engine released", model=model.name, version=model.version)
     except Exception as exc:  # releasing must never take the service down
         log.warning("closing engine failed", error=str(exc))
 

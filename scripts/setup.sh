@@ -24,6 +24,8 @@ command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
 command -v sudo >/dev/null 2>&1 || need_apt+=(sudo)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+# A second MP3 decoder beside libsndfile (tests/test_runtime_trust.py).
+command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]} with apt-get" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

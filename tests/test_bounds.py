@@ -13,6 +13,7 @@ import json
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,6 +178,67 @@ def test_progressive_and_dependent_jobs_are_not_skipped(tmp_path):
         sched.stop()
     assert sorted(n for batch in engine.batches for n in batch) == [50, 50, 50, 60]
     assert engine.batches[0] == [50, 60] or engine.batches[0] == [50]  # a0 (its mates may not wait for it)
+
+
+class CostClock:
+    """The scheduler's clock in the share test: real time plus the cost of every batch run so
+    far, so each batch "takes" exactly its cost whatever the machine's speed."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
+class CostEngine(RecordingEngine):
+    LONG, SHORT = 1.0, 0.1  # seconds of a long (400 ids) and a short (20 ids) utterance
+
+    def __init__(self, clock: CostClock):
+        super().__init__()
+        self.clock = clock
+        self.timeline: list[tuple[str, float, float]] = []  # (kind, cost, finished)
+
+    def synthesize_batch(self, requests):
+        kind = "long" if len(requests[0].phoneme_ids) > 240 else "short"
+        cost = sum(self.LONG if len(r.phoneme_ids) > 240 else self.SHORT for r in requests)
+        self.clock.offset += cost
+        self.timeline.append((kind, cost, self.clock.monotonic()))
+        return super().synthesize_batch(requests)
+
+
+def test_a_flood_of_short_requests_slows_a_long_one_at_most_2x(tmp_path, monkeypatch):
+    # Virtual time (each batch costs what its utterances cost), so the share rule is checked as
+    # arithmetic: when the long request ends, short ones have had at most its time (plus the
+    # credit cap and one batch), i.e. it took at most ~2x its own work. No express worker here:
+    # this engine cannot overtake; the flood takes its turns.
+    import runtime.scheduler as scheduler_module
+    from runtime.scheduler import SHORT_CREDIT_S
+
+    clock = CostClock()
+    monkeypatch.setattr(scheduler_module, "time", SimpleNamespace(monotonic=clock.monotonic))
+    engine = CostEngine(clock)
+    holder = ModelHolder()
+    holder._models["joe"] = LoadedModel("joe", engine, None)  # type: ignore[arg-type]
+    hold = tmp_path / "hold"
+    hold.touch()
+    sched = Scheduler(holder, hold_file=str(hold), max_wait_ms=0, queue_size=1000, max_batch_size=8,
+                      max_batch_ids=800, express_max_ids=240)
+    sched.start()
+    try:
+        deadline = time.monotonic() + 3600
+        long_jobs = sched.submit("joe", [Req(400, f"L{k}") for k in range(10)], deadline)
+        shorts = [sched.submit("joe", [Req(20, f"S{k}")], deadline) for k in range(200)]
+        hold.unlink()
+        _wait_all(long_jobs + [j for s in shorts for j in s])
+    finally:
+        sched.stop()
+    end = max(j.finished for j in long_jobs)
+    long_s = sum(cost for kind, cost, done in engine.timeline if kind == "long" and done <= end)
+    short_s = sum(cost for kind, cost, done in engine.timeline if kind == "short" and done <= end)
+    assert long_s == 10 * CostEngine.LONG
+    assert short_s <= long_s + SHORT_CREDIT_S + 8 * CostEngine.SHORT, (long_s, short_s)
+    assert short_s > 0  # short requests did get turns meanwhile
 
 
 # -- engine: an allocation failure halves the batch, then is EngineOOMError ----------------------

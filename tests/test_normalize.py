@@ -29,6 +29,14 @@ US = [
     ("at 10:05 AM and 7:00", "at ten oh five AM and seven o'clock"),
     ("at 15:00", "at fifteen hundred"),
     ("Meet me at 3 p.m. Then go.", "Meet me at three PM. Then go."),
+    ("It ends at 23:59:59.", "It ends at twenty-three fifty-nine and fifty-nine seconds."),
+    ("at 10:05:01 am and 7:00:00", "at ten oh five and one second AM and seven o'clock"),
+    ("25:61:99 is no time", "twenty-five:sixty-one:ninety-nine is no time"),  # numbers, not a time
+    # fractions
+    ("Add 1/2 cup, 3/4 of it and 2/3 more.", "Add one half cup, three quarters of it and two thirds more."),
+    ("It took 1 1/2 hours, 2 3/4 days and 5/8 of 1/10.",
+     "It took one and a half hours, two and three quarters days and five eighths of one tenth."),
+    ("open 24/7 and 50/50", "open twenty-four/seven and fifty/fifty"),  # not proper fractions
     ("at 3 p.m. today", "at three PM today"),
     # ordinals, years, decades
     ("He came 3rd of 21.", "He came third of twenty-one."),

@@ -176,6 +176,14 @@ def test_deadline_is_504_and_the_job_is_dropped(voice_cache, tmp_path):
                 assert late.status_code == 504, late.text
                 assert late.json()["detail"] == "synthesis did not finish within the deadline"
                 assert waited >= 1.0  # the deadline, not an early refusal
+                # a stream whose first audio cannot come in time is a 504 too, never a 200 (native
+                # and OpenAI, streamed and whole): the status line waits for the first audio
+                for path, body in (("/v1/synthesize", {"text": "Streamed and late.", "stream": True}),
+                                   ("/v1/audio/speech", {"input": "Late mp3.", "voice": "alloy"}),
+                                   ("/v1/audio/speech", {"input": "Late flac.", "voice": "alloy",
+                                                         "response_format": "flac"})):
+                    r = c.post(path, json=body)
+                    assert r.status_code == 504 and r.json()["error"]["type"] == "deadline_exceeded", (path, r.text)
             # released: the worker drops the dead jobs instead of synthesizing them
             st = _wait(lambda: (s := c.get("/v1/status").json())["queue"]["depth"] == 0 and s, 30, "queue drained")
             assert st["sentences_served"] == served and st["worker_alive"] and st["queue"]["held"] is False

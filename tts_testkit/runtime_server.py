@@ -90,14 +90,16 @@ class ServerProcess:
     hold_file: Path
 
     @contextmanager
-    def held(self):
-        """Inside this block the inference worker starts no batch ($TTS_RUNTIME_HOLD_FILE):
-        requests are queued, refused and timed out as behind a stalled worker, by mechanism
-        rather than by hoping this machine is slow enough. Enter it with an idle worker."""
-        self.hold_file.touch()
+    def held(self, batches: int = 0):
+        """Inside this block the inference worker starts no batch ($TTS_RUNTIME_HOLD_FILE) -
+        or `batches` more and then none: requests are queued, refused and timed out as behind
+        a stalled worker, by mechanism rather than by hoping this machine is slow enough.
+        Enter it with an idle worker."""
+        self.hold_file.write_text(str(batches) if batches else "")
         try:
-            with self.client(5.0) as c:
-                assert c.get("/v1/status").json()["queue"]["held"] is True
+            if not batches:
+                with self.client(5.0) as c:
+                    assert c.get("/v1/status").json()["queue"]["held"] is True
             yield
         finally:
             self.hold_file.unlink(missing_ok=True)
@@ -161,7 +163,9 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(tmp: Path, cache: Path, *, extra_env: dict | None = None, **config) -> ServerProcess:
+def start_server(tmp: Path, cache: Path, *, extra_env: dict | None = None, argv: list[str] | None = None,
+                 **config) -> ServerProcess:
+    """`tts-runtime serve` (or `argv`, given --config after it) on a temp socket."""
     tmp.mkdir(parents=True, exist_ok=True)
     sock = tmp / "rt.sock"
     values = dict(socket_path=str(sock), cache_dir=str(cache), provisioner_runtime_dir=str(tmp / "prov"),
@@ -173,8 +177,8 @@ def start_server(tmp: Path, cache: Path, *, extra_env: dict | None = None, **con
     hold.unlink(missing_ok=True)
     env = dict(os.environ, TTS_LOG_FORMAT="json", TTS_RUNTIME_HOLD_FILE=str(hold), **(extra_env or {}))
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(VENV_BIN / "tts-runtime"), "serve", "--config", str(cfg)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([*(argv or [str(VENV_BIN / "tts-runtime"), "serve"]), "--config", str(cfg)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent.parent)
     return ServerProcess(proc, sock, cfg, log_path, hold)
 
 
