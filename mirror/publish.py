@@ -42,6 +42,8 @@ from .hashing import hash_file
 from .manifest import FileEntry, Manifest, ManifestError, channel_bytes, parse_channel, validate_name, validate_path
 from .remote import Mirror, MirrorError, describe
 from .signing import key_id, load_private_key, sign
+from . import trust_ops
+from securesystemslib.signer import CryptoSigner
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +91,7 @@ class PublishReport:
     seconds: float = 0.0
     uploaded_bytes: int = 0
     torrents_written: int = 0
+    signed: "trust_ops.SignedPublish | None" = None  # what the signed channel metadata got
 
 
 class PublishEvents:
@@ -219,8 +222,14 @@ def publish_dir(
     s3_checksum: bool = True,
     events: PublishEvents | None = None,
     torrents: bool = True,
+    trust_root: bytes | None = None,
+    trust_keys: list[Path] | tuple[Path, ...] = (),
 ) -> PublishReport:
-    """Publish `directory` as `name`/`version`; see the module docstring for the order."""
+    """Publish `directory` as `name`/`version`; see the module docstring for the order.
+
+    On a mirror with signed channel metadata the version's manifest is also signed into
+    role `ci` with `signing_key` (and `channel` moved in its role), checked against
+    `trust_root`; `trust_keys` may add the snapshot and timestamp keys to publish at once."""
     started = time.monotonic()
     events = events or PublishEvents()
     validate_name(name, "model name")
@@ -235,6 +244,10 @@ def publish_dir(
         key_id=key_id(signing_key.public_key()),
     )
     report.created_bucket = mirror.check_bucket(create=create_bucket)
+    signed_channels = not report.created_bucket and trust_ops.has_metadata(mirror)
+    if signed_channels and trust_root is None:
+        raise MirrorError(f"bucket {mirror.bucket} has signed channel metadata: pass --trust-root "
+                          "(the fleet's root.json) to publish there")
 
     known: dict[str, Hashes] = {}
     existing = mirror.manifest(name, version)
@@ -268,9 +281,16 @@ def publish_dir(
         mirror.put(layout.signature_key(name, version), sign(existing[1], signing_key), "application/octet-stream")
         report.signature_written = True
 
-    if channel is not None:
+    if signed_channels:
+        manifest_bytes = existing[1] if existing else manifest_bytes
+        keyring = trust_ops.Keyring(trust_keys, [CryptoSigner(signing_key)])
+        report.signed = trust_ops.publish_signed(mirror, trust_root, keyring, name, version, manifest_bytes,
+                                                 channel)
+    if channel is not None and (report.signed is None or report.signed.staged is None):
         report.channel = channel
-        report.previous_channel_version = set_channel(mirror, name, channel, version)
+        # The unsigned pointer too, for provisioners without [trust] root during an upgrade.
+        previous = set_channel(mirror, name, channel, version)
+        report.previous_channel_version = report.signed.previous if report.signed else previous
     events.finish()
     report.seconds = time.monotonic() - started
     log.info(

@@ -15,6 +15,12 @@ Written atomically (temp file + rename) to `<runtime_dir>/status.json`:
                                             # arrived while the mirror was a web seed (upper bound)
         "uploaded": 0, "seeding": 0         # bytes sent to peers; blobs being seeded
       },
+      "trust": null | {                   # [trust] root set: the signed channel metadata
+        "root_version": 1, "timestamp_version": 42,
+        "expires": {"root": "...", "timestamp": "...", "snapshot": "...", "targets": "..."},
+        "mirrors": {"primary": "ok" | "older: ..." | "expired: ..." | "unreachable: ..."},
+        "error": null | "..."             # e.g. expired on every mirror: nothing moves
+      },
       "models": {
         "<name>": {
           "current_version": "1.0.0" | null,
@@ -70,6 +76,7 @@ class ProvisionerStatus:
     message: str = ""
     models: dict[str, ModelStatus] = field(default_factory=dict)
     p2p: dict[str, int] | None = None
+    trust: dict[str, Any] | None = None
 
     def model(self, name: str) -> ModelStatus:
         return self.models.setdefault(name, ModelStatus())
