@@ -157,8 +157,8 @@ def register(main: click.Group, mirror_options, connect) -> None:
         """Add --key's signature to the staged change of ROLE; publish it at its threshold."""
         state = RepoState.load(connect(endpoint, bucket, credentials), read_root(trust_root))
         keyring = Keyring(keys)
-        md = trust_ops.sign_staged(state, role, keyring)
-        for line in trust_ops.describe_change(state, md, role):
+        md, change = trust_ops.sign_staged(state, role, keyring)
+        for line in change:
             click.echo(f"signed: {line}")
         report = trust_ops.refresh(state, keyring)
         click.echo(f"{role} v{md.signed.version} published" + (f"; {report.waiting}" if report.waiting else ""))

@@ -93,6 +93,7 @@ class TrustedView:
         self.deadline = deadline
         self.config = config
         self.last: Refreshed | None = None
+        self.results: list[MirrorResult] = []  # each mirror's state in the last refresh
         try:
             Metadata.from_bytes(root)
         except Exception as exc:  # any parse failure of the anchor is a config problem
@@ -126,7 +127,10 @@ class TrustedView:
                 results.append(MirrorResult(source.name, "ok", version))
             finally:
                 requests, nbytes = requests + fetcher.requests, nbytes + fetcher.bytes
+        self.results = results
         if not good:
+            for result in results:
+                log.warning("trust.mirror", mirror=result.name, state=result.state, error=result.error)
             raise TrustError(self._failure(results))
         best = max(v for _, _, v in good)
         for result in results:
@@ -181,6 +185,6 @@ class TrustedView:
             doc["root_version"] = Metadata.from_file(str(self.dir / "root.json")).signed.version
         except Exception:  # no trusted root on disk yet
             doc["root_version"] = None
-        if self.last is not None:
-            doc["mirrors"] = {r.name: r.state if not r.error else f"{r.state}: {r.error}" for r in self.last.mirrors}
+        if self.results:
+            doc["mirrors"] = {r.name: r.state if not r.error else f"{r.state}: {r.error}" for r in self.results}
         return doc

@@ -19,6 +19,8 @@ root" when it walks the root chain.
 from __future__ import annotations
 
 import http.client
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Callable
@@ -88,19 +90,31 @@ class BucketFetcher(FetcherInterface):
 def bounded_get(client, bucket: str, key: str, max_length: int | None, deadline: float, label: str,
                 clock: Callable[[], float] = time.monotonic) -> Iterator[bytes]:
     """GET one object through a presigned URL: refused before the body when its length
-    is over `max_length`, and cut off at `deadline` seconds however slowly bytes come.
-    Raises python-tuf's DownloadError family (DownloadHTTPError carries the status)."""
+    is over `max_length`, and cut off at `deadline` seconds however slowly bytes come
+    (headers included: a timer shuts the socket down at the deadline, which wakes any
+    blocked read). Raises python-tuf's DownloadError family (DownloadHTTPError carries
+    the status)."""
     ends = clock() + deadline
     presigned = client.generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS)
     parts = urlsplit(presigned)
     conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = conn_cls(parts.netloc, timeout=min(CONNECT_TIMEOUT, deadline))
+    expired = threading.Event()
+    timer = None
+    late = MetadataDeadline(f"mirror {label}: {key} took longer than the {deadline:g} s deadline for one "
+                            "metadata request")
     try:
         try:
+            conn.connect()
+            timer = threading.Timer(max(ends - clock(), 0), _cut, (conn.sock, expired))
+            timer.daemon = True
+            timer.start()
             conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
+            if expired.is_set():
+                raise late from None
             raise exceptions.DownloadError(f"mirror {label}: {key}: {type(exc).__name__}: {exc}") from None
         if resp.status != 200:
             raise exceptions.DownloadHTTPError(f"mirror {label}: {key}: HTTP {resp.status}", resp.status)
@@ -109,23 +123,30 @@ def bounded_get(client, bucket: str, key: str, max_length: int | None, deadline:
             raise exceptions.DownloadLengthMismatchError(
                 f"mirror {label}: {key} is {length} bytes, over its {max_length} byte limit")
         while True:
-            left = ends - clock()
-            if left <= 0:
-                raise MetadataDeadline(f"mirror {label}: {key} took longer than the {deadline:g} s deadline "
-                                       "for one metadata request")
-            if conn.sock is not None:
-                conn.sock.settimeout(left)
             try:
-                chunk = resp.read1(CHUNK)
-            except TimeoutError:
-                continue  # the loop's check names the deadline
+                chunk = resp.read1(CHUNK)  # returns as soon as any bytes are there
             except (OSError, http.client.HTTPException) as exc:
+                if expired.is_set():
+                    raise late from None
                 raise exceptions.DownloadError(f"mirror {label}: {key}: {type(exc).__name__}: {exc}") from None
+            if expired.is_set():
+                raise late
             if not chunk:
                 return
             yield chunk
     finally:
+        if timer is not None:
+            timer.cancel()
         conn.close()
+
+
+def _cut(sock, expired: threading.Event) -> None:
+    """The deadline passed: wake whatever read is blocked on this socket."""
+    expired.set()
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
 
 
 def read_bounded(client, bucket: str, key: str, max_length: int, deadline: float, label: str) -> bytes:

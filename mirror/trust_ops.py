@@ -22,7 +22,7 @@ from .trust import (CI_ROLE, DEFAULT_CI_CHANNELS, DEFAULT_EXPIRY, DELEGATED_ROLE
                     TrustError, channel_target, channel_version, manifest_target, manifest_targetfile, now,
                     short_id)
 from .trust_repo import (Keyring, RepoState, Staged, _parse, bump, empty_targets, fresh_root, fresh_targets,
-                         new_snapshot, new_timestamp, newer_in_bucket, serialize, snapshot_meta)
+                         new_snapshot, new_timestamp, serialize, snapshot_meta)
 
 log = structlog.get_logger(__name__)
 
@@ -61,8 +61,8 @@ def init(mirror: Mirror, keys: dict[str, list], thresholds: dict[str, int], keyr
     keyring.check_all_used("init")
     # Nothing is written until every role verified: a half-initialised bucket would freeze the fleet.
     for role, md in [*docs.items(), ("snapshot", snapshot), ("timestamp", timestamp)]:
-        name = "timestamp.json" if role == "timestamp" else f"1.{role}.json"
-        mirror.put(layout.tuf_key(name), serialize(md))
+        mirror.put(layout.tuf_key(f"1.{role}.json"), serialize(md))
+    mirror.put(layout.tuf_key("timestamp.json"), serialize(timestamp))
     log.info("trust.init", bucket=mirror.bucket, ci_channels=ci_channels)
     return serialize(root)
 
@@ -132,8 +132,9 @@ def _store_delegated(state: RepoState, role: str, md: Metadata, keyring: Keyring
     state.delegated[role] = md
 
 
-def sign_staged(state: RepoState, role: str, keyring: Keyring) -> Metadata:
-    """Add the keyring's signatures to the staged change of `role`; publish at threshold."""
+def sign_staged(state: RepoState, role: str, keyring: Keyring) -> tuple[Metadata, list[str]]:
+    """Add the keyring's signatures to the staged change of `role`; publish at threshold.
+    Returns the metadata and what it changes (one line per target)."""
     raw = state.mirror.read(layout.tuf_staged_key(role), limit=8 * 1024 * 1024)
     if raw is None:
         raise TrustError(f"no staged change for role {role} ({layout.tuf_staged_key(role)} does not exist)")
@@ -146,6 +147,7 @@ def sign_staged(state: RepoState, role: str, keyring: Keyring) -> Metadata:
               else state.role_keys(role)[0])
     if not any(k in keyring.signers for k in keyids):
         raise TrustError(f"none of the given keys is a key of role {role}: nothing was signed")
+    change = describe_change(state, md, role)
     state.store(role, md, keyring)
     if role == "root":
         state.root = md
@@ -153,7 +155,7 @@ def sign_staged(state: RepoState, role: str, keyring: Keyring) -> Metadata:
         state.targets = md
     else:
         state.delegated[role] = md
-    return md
+    return md, change
 
 
 def describe_change(state: RepoState, md: Metadata, role: str) -> list[str]:
@@ -177,7 +179,7 @@ def refresh(state: RepoState, keyring: Keyring, force: bool = False) -> RefreshR
     something changed or they are past half their life (the timer's job)."""
     state.check_root_current()
     report = RefreshReport()
-    taken = _newest_valid(state)
+    taken = state.adopt_newer()
     report.roles = {role: md.signed.version for role, (md, _) in taken.items()}
     snap_ids = state.role_keys("snapshot")[0]
     ts_ids = state.role_keys("timestamp")[0]
@@ -212,33 +214,6 @@ def _meta_of_stored(snapshot: Metadata) -> MetaFile:
 
 def _half_life(md: Metadata, role: str) -> bool:
     return md.signed.expires - now() < DEFAULT_EXPIRY[role] / 2
-
-
-def _newest_valid(state: RepoState) -> dict[str, tuple[Metadata, bytes]]:
-    """Role -> (metadata, its bytes) for each role with a newer valid version in the bucket.
-    targets first: a new targets may change who signs the delegated roles."""
-    newer = newer_in_bucket(state)
-    taken: dict[str, tuple[Metadata, bytes]] = {}
-    for role in ["targets"] + [r for r in state.targets.signed.delegations.roles]:
-        delegator = state.root.signed if role == "targets" else state.targets.signed
-        for version in newer.get(role, []):
-            raw = state.mirror.read(layout.tuf_key(f"{version}.{role}.json"), limit=8 * 1024 * 1024)
-            try:
-                md = _parse(raw or b"", f"tuf/{version}.{role}.json")
-                delegator.verify_delegate(role, md.signed_bytes, md.signatures)
-            except Exception as exc:  # forged or broken: never snapshot it
-                log.warning("trust.refresh.skip", role=role, version=version, error=str(exc))
-                continue
-            if md.signed.version != version:
-                log.warning("trust.refresh.skip", role=role, version=version, error="version mismatch")
-                continue
-            taken[role] = (md, raw)
-            if role == "targets":
-                state.targets = md
-            else:
-                state.delegated[role] = md
-            break
-    return taken
 
 
 # --------------------------------------------------------------------------- keys

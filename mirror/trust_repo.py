@@ -85,6 +85,8 @@ class RepoState:
     snapshot: Metadata | None = None
     targets: Metadata | None = None
     delegated: dict[str, Metadata] = field(default_factory=dict)
+    # roles whose newest valid version is not in the snapshot yet: role -> (metadata, bytes)
+    pending: dict[str, tuple[Metadata, bytes]] = field(default_factory=dict)
 
     # -- reading ---------------------------------------------------------------------
     @classmethod
@@ -94,18 +96,43 @@ class RepoState:
             raise TrustError(f"the trust root is {root.signed.type} metadata, not root")
         root = cls._walk_roots(mirror, root)
         state = cls(mirror, root)
-        raw = state._read("timestamp.json")
-        if raw is None:
-            if root.signed.version == 1 and state._read("1.root.json") is None:
-                raise TrustError(f"bucket {mirror.bucket} has no signed channel metadata: run `tts-mirror trust init`")
-            raise TrustError(f"bucket {mirror.bucket}: tuf/timestamp.json is missing (run `tts-mirror trust refresh`)")
-        state.timestamp = state._verified("timestamp", raw, root.signed)
+        if state._read("1.root.json") is None:
+            raise TrustError(f"bucket {mirror.bucket} has no signed channel metadata: run `tts-mirror trust init`")
+        state.timestamp = state._load_timestamp()
         snap_version = state.timestamp.signed.snapshot_meta.version
         state.snapshot = state._verified("snapshot", state._must(f"{snap_version}.snapshot.json"), root.signed)
         state.targets = state._load_meta_role("targets", root.signed)
         for role in state.targets.signed.delegations.roles:
             state.delegated[role] = state._load_meta_role(role, state.targets.signed)
+        state.pending = state.adopt_newer()
         return state
+
+    def adopt_newer(self) -> dict[str, tuple[Metadata, bytes]]:
+        """Take, for each role, the newest version in the bucket that is newer than the
+        snapshot lists and verifies (a change written but not yet snapshotted: the next
+        change builds on it). targets first: it may change who signs the others.
+        Returns role -> (metadata, its exact bytes)."""
+        newer = newer_in_bucket(self)
+        taken: dict[str, tuple[Metadata, bytes]] = {}
+        for role in ["targets", *self.targets.signed.delegations.roles]:
+            delegator = self.root.signed if role == "targets" else self.targets.signed
+            for version in newer.get(role, []):
+                raw = self._read(f"{version}.{role}.json")
+                try:
+                    md = _parse(raw or b"", f"tuf/{version}.{role}.json")
+                    delegator.verify_delegate(role, md.signed_bytes, md.signatures)
+                    if md.signed.version != version:
+                        raise TrustError(f"says version {md.signed.version}")
+                except Exception as exc:  # forged or broken: never build on it, never snapshot it
+                    log.warning("trust.skip", role=role, version=version, error=str(exc))
+                    continue
+                taken[role] = (md, raw)
+                if role == "targets":
+                    self.targets = md
+                else:
+                    self.delegated[role] = md
+                break
+        return taken
 
     @staticmethod
     def _walk_roots(mirror: Mirror, root: Metadata) -> Metadata:
@@ -123,6 +150,29 @@ class RepoState:
                 raise TrustError(f"tuf/{root.signed.version + 1}.root.json is not signed by the threshold of "
                                  f"root v{root.signed.version} and its own: refusing to go on")
             root = new
+
+    def _load_timestamp(self) -> Metadata:
+        """timestamp.json; if a bucket writer replaced or removed it, the newest valid
+        versioned copy (`<v>.timestamp.json`, written beside it), so that the next
+        refresh can publish v + 1 and heal the fleet's view."""
+        raw = self._read("timestamp.json")
+        try:
+            if raw is None:
+                raise TrustError("tuf/timestamp.json is missing")
+            return self._verified("timestamp", raw, self.root.signed)
+        except TrustError as exc:
+            problem = str(exc)
+        versions = sorted((int(m.group(1)) for obj in self.mirror.list_keys(layout.TUF_PREFIX)
+                           if (m := _ROLE_FILE.match(obj["Key"][len(layout.TUF_PREFIX):]))
+                           and m.group(2) == "timestamp"), reverse=True)
+        for version in versions:
+            try:
+                md = self._verified("timestamp", self._must(f"{version}.timestamp.json"), self.root.signed)
+            except TrustError:
+                continue
+            log.warning("trust.timestamp_replaced", problem=problem, using=version)
+            return md
+        raise TrustError(f"bucket {self.mirror.bucket}: {problem} and no valid copy is left")
 
     def _read(self, filename: str) -> bytes | None:
         return self.mirror.read(layout.tuf_key(filename), limit=MAX_METADATA_BYTES)
@@ -194,8 +244,10 @@ class RepoState:
             self.mirror.put(layout.tuf_staged_key(role), serialize(md))
             log.info("trust.staged", role=role, version=md.signed.version, signatures=len(md.signatures))
             raise Staged(role, md.signed.version, len(md.signatures), need)
-        name = "timestamp.json" if role == "timestamp" else f"{md.signed.version}.{role}.json"
-        self.mirror.put(layout.tuf_key(name), serialize(md))
+        data = serialize(md)
+        self.mirror.put(layout.tuf_key(f"{md.signed.version}.{role}.json"), data)
+        if role == "timestamp":  # what nodes read; the versioned copy is the publisher's fallback
+            self.mirror.put(layout.tuf_key("timestamp.json"), data)
         if self.mirror.head(layout.tuf_staged_key(role)) is not None:
             self.mirror.client.delete_object(Bucket=self.mirror.bucket, Key=layout.tuf_staged_key(role))
         log.info("trust.written", role=role, version=md.signed.version)
