@@ -350,7 +350,8 @@ def verify(name, version, endpoint, bucket, credentials, public_keys) -> None:
               help="Write the list to this file (atomically: a tracker reloading it never sees half of it); "
               "default: standard output.")
 @trust_root_option(False)
-@click.option("--trust-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--trust-dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTS_MIRROR_TRUST_DIR",
+              show_envvar=True,
               help="Keep the verified metadata here between runs (rollback protection); default: a temp dir.")
 def tracker_whitelist(endpoint, bucket, credentials, out, trust_root, trust_dir) -> None:
     """Print the info-hash of every file of every published version, one per line.

@@ -91,8 +91,9 @@ def register(main: click.Group, mirror_options, connect) -> None:
     @keys_option
     @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
                   help="Write root v1 here: the file every node gets as [trust] root.")
+    @click.option("--create-bucket", is_flag=True, help="Create the bucket if it does not exist.")
     def init(endpoint, bucket, credentials, root_key, root_threshold, targets_key, snapshot_key, timestamp_key,
-             ci_key, release_key, release_threshold, ci_channel, keys, out) -> None:
+             ci_key, release_key, release_threshold, ci_channel, keys, out, create_bucket) -> None:
         """Create the signed metadata of a mirror (root v1 and every role), signed with --key.
 
         Needs the private keys of every role's threshold (a one-time ceremony); writes
@@ -102,7 +103,7 @@ def register(main: click.Group, mirror_options, connect) -> None:
                 CI_ROLE: ci_key, RELEASE_ROLE: release_key}
         layout_keys = {role: [public_key(p) for p in paths] for role, paths in pubs.items()}
         mirror = connect(endpoint, bucket, credentials)
-        mirror.check_bucket()
+        mirror.check_bucket(create=create_bucket)
         root = trust_ops.init(mirror, layout_keys, {"root": root_threshold, RELEASE_ROLE: release_threshold},
                               Keyring(keys), list(ci_channel))
         write_atomic(out, root)

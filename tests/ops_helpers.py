@@ -24,8 +24,10 @@ VENV_BIN = VENV / "bin"
 # Where sandboxed services see the test venv (sandbox_prelude bind-mounts it there).
 SANDBOX_VENV = Path("/opt/tts-test-venv")
 UNITS = ["tts-provisioner.service", "tts-runtime.socket", "tts-runtime.service",
-         "tts-tracker.service", "tts-tracker-whitelist.service", "tts-tracker-whitelist.timer"]
-SERVICES = ["tts-provisioner.service", "tts-runtime.service", "tts-tracker.service", "tts-tracker-whitelist.service"]
+         "tts-tracker.service", "tts-tracker-whitelist.service", "tts-tracker-whitelist.timer",
+         "tts-trust-refresh.service", "tts-trust-refresh.timer"]
+SERVICES = ["tts-provisioner.service", "tts-runtime.service", "tts-tracker.service", "tts-tracker-whitelist.service",
+            "tts-trust-refresh.service"]
 # Where the ansible role installs the venv; the units' ExecStart= point into it.
 INSTALLED_VENV = Path("/opt/tts-fleet/venv")
 
