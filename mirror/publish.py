@@ -225,17 +225,13 @@ def publish_dir(
     trust_root: bytes | None = None,
     trust_keys: list[Path] | tuple[Path, ...] = (),
 ) -> PublishReport:
-    """Publish `directory` as `name`/`version`; see the module docstring for the order.
-
-    On a mirror with signed channel metadata the version's manifest is also signed into
-    role `ci` with `signing_key` (and `channel` moved in its role), checked against
-    `trust_root`; `trust_keys` may add the snapshot and timestamp keys to publish at once."""
+    """Publish `directory` as `name`/`version` (order: module docstring). With signed channels the
+    manifest is signed into role ci (trust_ops.publish_signed; `trust_keys`: snapshot/timestamp)."""
     started = time.monotonic()
     events = events or PublishEvents()
-    validate_name(name, "model name")
-    validate_name(version, "version")
-    if channel is not None:
-        validate_name(channel, "channel")
+    for value, what in ((name, "model name"), (version, "version"), (channel, "channel")):
+        if value is not None:
+            validate_name(value, what)
     if not isinstance(signing_key, Ed25519PrivateKey):
         signing_key = load_private_key(Path(signing_key))
     files = scan_dir(directory)
@@ -244,8 +240,7 @@ def publish_dir(
         key_id=key_id(signing_key.public_key()),
     )
     report.created_bucket = mirror.check_bucket(create=create_bucket)
-    signed_channels = not report.created_bucket and trust_ops.has_metadata(mirror)
-    if signed_channels and trust_root is None:
+    if (signed_channels := not report.created_bucket and trust_ops.has_metadata(mirror)) and trust_root is None:
         raise MirrorError(f"bucket {mirror.bucket} has signed channel metadata: pass --trust-root "
                           "(the fleet's root.json) to publish there")
 
@@ -282,15 +277,10 @@ def publish_dir(
         report.signature_written = True
 
     if signed_channels:
-        manifest_bytes = existing[1] if existing else manifest_bytes
         keyring = trust_ops.Keyring(trust_keys, [CryptoSigner(signing_key)])
-        report.signed = trust_ops.publish_signed(mirror, trust_root, keyring, name, version, manifest_bytes,
-                                                 channel)
-    if channel is not None and (report.signed is None or report.signed.staged is None):
-        report.channel = channel
-        # The unsigned pointer too, for provisioners without [trust] root during an upgrade.
-        previous = set_channel(mirror, name, channel, version)
-        report.previous_channel_version = report.signed.previous if report.signed else previous
+        report.signed = trust_ops.publish_signed(mirror, trust_root, keyring, name, version,
+                                                 existing[1] if existing else manifest_bytes, channel)
+    _move_unsigned_channel(mirror, report, channel)
     events.finish()
     report.seconds = time.monotonic() - started
     log.info(
@@ -298,6 +288,16 @@ def publish_dir(
         unchanged=report.unchanged, seconds=round(report.seconds, 3),
     )
     return report
+
+
+def _move_unsigned_channel(mirror: Mirror, report: PublishReport, channel: str | None) -> None:
+    """The unsigned pointer, for provisioners without [trust] root (the upgrade period);
+    not while a signed move waits for more signatures."""
+    if channel is None or (report.signed is not None and report.signed.staged is not None):
+        return
+    report.channel = channel
+    previous = set_channel(mirror, report.name, channel, report.version)
+    report.previous_channel_version = report.signed.previous if report.signed else previous
 
 
 def set_channel(mirror: Mirror, name: str, channel: str, version: str) -> str | None:

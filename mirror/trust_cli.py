@@ -111,6 +111,11 @@ def register(main: click.Group, mirror_options, connect) -> None:
                    f"(root threshold {root_threshold}, release threshold {release_threshold}, "
                    f"CI channels: {', '.join(ci_channel)})")
 
+    _register_status(trust, mirror_options, connect)
+    _register_keys(trust, mirror_options, connect)
+
+
+def _register_status(trust: click.Group, mirror_options, connect) -> None:
     @trust.command()
     @mirror_options
     @trust_root_option(True)
@@ -163,8 +168,6 @@ def register(main: click.Group, mirror_options, connect) -> None:
             click.echo(f"signed: {line}")
         report = trust_ops.refresh(state, keyring)
         click.echo(f"{role} v{md.signed.version} published" + (f"; {report.waiting}" if report.waiting else ""))
-
-    _register_keys(trust, mirror_options, connect)
 
 
 def _register_keys(trust: click.Group, mirror_options, connect) -> None:
