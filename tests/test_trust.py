@@ -443,3 +443,40 @@ def test_tracker_whitelist_comes_from_verified_metadata_only(signed, tmp_path):
     hashes = info_hashes(signed.mirror, signed.root.read_bytes())
     assert hashes == sorted(f["btih"] for f in good["files"] if f.get("btih"))
     assert "ab" * 20 not in hashes
+
+
+def test_upgrade_from_unsigned_channels_keeps_the_installed_version(tmp_path, s3_server, bucket):
+    """A fleet on unsigned channels (schema 1 manifest, channels/joe/stable.json) moves to
+    signed metadata: trust init, the same version re-published (nothing uploaded, its
+    manifest signed into ci) and promoted; the node, given the root, stays on it without a
+    download and then follows only signed moves."""
+    from tests.provisioner_helpers import Keys
+
+    keys = TrustKeys.make(tmp_path / "keys")
+    mirror = Mirror.connect(s3_server.endpoint, bucket, s3_server.credentials)
+    src = tmp_path / "src"
+    for path, data in model_files(9, SIZES).items():
+        (src / path).parent.mkdir(parents=True, exist_ok=True)
+        (src / path).write_bytes(data)
+    publish_dir(src, name="joe", version="1.0.0", mirror=mirror, signing_key=keys.key("ci"), channel="stable",
+                torrents=False)
+    creds = s3_server.write_credentials(tmp_path / "creds.toml")
+    mirrors = [dict(name="primary", endpoint=s3_server.endpoint, bucket=bucket, credentials_file=creds)]
+    legacy = write_config(tmp_path, mirrors, Keys(keys.key("ci"), keys.pub("ci")))
+    assert run_cli("sync", config=legacy).returncode == 0
+
+    root = trust_ops.init(mirror, keys.layout(), {"root": 2, "release": 1}, Keyring(keys.keys(*KEY_NAMES)))
+    (tmp_path / "root.json").write_bytes(root)
+    report = publish_dir(src, name="joe", version="1.0.0", mirror=mirror, signing_key=keys.key("ci"),
+                         trust_root=root, trust_keys=keys.online(), torrents=False)
+    assert report.unchanged and report.uploaded == [] and report.signed.version_signed
+    promote(mirror, "joe", "1.0.0", "stable", trust_root=root, keyring=Keyring(keys.keys("release1", *("snapshot",
+                                                                                                        "timestamp"))))
+    signed_config = node_config(tmp_path, mirrors, tmp_path / "root.json", name="signed.toml")
+    result = run_cli("sync", config=signed_config)
+    assert result.returncode == 0, result.stderr
+    assert "already at 1.0.0" in result.stdout
+    # From now on the unsigned pointer moves nothing.
+    set_channel(mirror.client, bucket, "joe", "stable", "2.0.0")
+    assert run_cli("sync", config=signed_config).returncode == 0
+    assert CacheReader(tmp_path / "cache").current("joe").version == "1.0.0"
