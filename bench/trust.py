@@ -247,7 +247,12 @@ def main() -> int:
     ap.add_argument("--server", choices=sorted(STARTERS), default="nanio")
     ap.add_argument("--skip-sync", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="results dir (default bench/results; none with --quick)")
+    ap.add_argument("--sync-compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
+                    help="add the loopback figures of two bench/sync.py results (sync.json of the code before, "
+                         "after) to the results in --out, without measuring anything else")
     args = ap.parse_args()
+    if args.sync_compare:
+        return add_sync_compare(args.out or REPO / "bench" / "results", *args.sync_compare)
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     rounds = args.rounds or (1 if args.quick else 3)
     out = args.out or (None if args.quick else REPO / "bench" / "results")
@@ -274,6 +279,23 @@ def main() -> int:
     if out is not None:
         write(out, doc)
     return 0 if all(f["met"] is not False for f in figures) else 1
+
+
+def add_sync_compare(out: Path, before: Path, after: Path) -> int:
+    """bench/sync.py's loopback figures for the code before and after, side by side."""
+    doc = json.loads((out / "trust.json").read_text())
+    wanted = ("loopback sync / bare aria2c", "loopback sync wall time", "loopback bare aria2c wall time",
+              "provisioner peak RSS (VmHWM) during sync")
+    for label, path in (("before", before), ("after", after)):
+        run = json.loads(Path(path).read_text())
+        for f in run["figures"]:
+            if any(f["name"].startswith(w) and "[faster" not in f["name"] for w in wanted):
+                doc["figures"].append(fig(f"bench/sync.py {label}: {f['name']}", round(f["value"], 2), f["unit"]))
+        doc["notes"].append(f"bench/sync.py {label}: `{run['command']}`, {run['date']}, load average at start "
+                            f"{' '.join(run['loadavg_at_start'])}; rounds "
+                            f"{ {k: v.get('loopback_rounds') for k, v in run['extra'].items() if isinstance(v, dict)} }")
+    write(out, doc)
+    return 0
 
 
 NOTES = [
