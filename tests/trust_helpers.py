@@ -88,7 +88,16 @@ class TrickleProxy:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        import asyncio
+
+        async def shutdown() -> None:  # cancel open connections first: no coroutine left pending
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
