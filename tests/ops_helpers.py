@@ -22,9 +22,10 @@ ANSIBLE_DIR = REPO / "ansible"
 UNITS = ["tts-provisioner.service", "tts-runtime.socket", "tts-runtime.service",
          "tts-tracker.service", "tts-tracker-whitelist.service", "tts-tracker-whitelist.timer",
          "tts-provisioner-metrics.socket", "tts-provisioner-metrics.service",
-         "tts-runtime-metrics.socket", "tts-runtime-metrics.service"]
+         "tts-runtime-metrics.socket", "tts-runtime-metrics.service",
+         "tts-trust-refresh.service", "tts-trust-refresh.timer"]
 SERVICES = ["tts-provisioner.service", "tts-runtime.service", "tts-tracker.service", "tts-tracker-whitelist.service",
-            "tts-provisioner-metrics.service", "tts-runtime-metrics.service"]
+            "tts-provisioner-metrics.service", "tts-runtime-metrics.service", "tts-trust-refresh.service"]
 # Where the ansible role installs the venv; the units' ExecStart= point into it.
 INSTALLED_VENV = Path("/opt/tts-fleet/venv")
 

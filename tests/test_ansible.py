@@ -538,3 +538,45 @@ def test_role_opens_the_runtime_to_the_network_only_as_configured(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:]
     plain = load_config(etc / "runtime.toml")
     assert plain.tcp_listen == "" and plain.wyoming_listen == []
+
+
+@pytest.mark.fleet
+def test_role_distributes_the_trust_root(tmp_path):
+    """site.yml (files only) with tts_node_trust_root: root.json installed byte for byte,
+    `[trust] root` pointing at it, accepted by the provisioner's schema even with
+    require_signature and no manifest keys (the signed metadata pins each manifest)."""
+    import tomllib
+
+    from tuf.api.metadata import Metadata
+
+    from mirror.trust import now
+    from mirror.trust_repo import fresh_root, serialize
+    from provisioner.config import load_config
+    from tts_testkit.trust_keys import TrustKeys
+
+    keys = TrustKeys.make(tmp_path / "keys", ("root1",))
+    pub = keys.public("root1")
+    root = Metadata(fresh_root({r: [pub] for r in ("root", "targets", "snapshot", "timestamp")}, {}, now()))
+    text = serialize(root).decode()
+    host = tmp_path / "node"
+    variables = {
+        "tts_node_mirrors": [{"name": "primary", "endpoint": "http://127.0.0.1:9", "bucket": "b"}],
+        "tts_node_mirror_credentials": {"primary": {"access_key": "AK", "secret_key": "not-a-real-secret"}},
+        "tts_node_service_manager": "none", "tts_node_create_user": False, "tts_node_user": "root",
+        "tts_node_group": "root", "tts_node_install_venv": False, "tts_node_install_packages": False,
+        "tts_node_venv": str(VENV), "tts_node_require_signature": True, "tts_node_trust_root": text,
+        "tts_node_trust_metadata_deadline": 7,
+    }
+    inventory = {"tts_nodes": {"vars": variables, "hosts": {"node": {
+        "ansible_connection": "local", "ansible_become": False, "ansible_python_interpreter": sys.executable,
+        "tts_node_root": str(host)}}}}
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    out = subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", str(tmp_path / "inventory.yml"), "site.yml"], cwd=ANSIBLE_DIR,
+                         capture_output=True, text=True, timeout=300, env=ansible_env(tmp_path))
+    assert out.returncode == 0, out.stdout[-5000:]
+    installed = host / "etc/tts-fleet/trust/root.json"
+    assert installed.read_text() == text
+    conf = host / "etc/tts-fleet/provisioner.toml"
+    assert tomllib.loads(conf.read_text())["trust"] == {"root": str(installed), "metadata_deadline": 7.0}
+    config = load_config(conf)
+    assert config.trust.root == installed and config.public_keys == []

@@ -77,7 +77,7 @@ def exposure(root: Path, unit: str, threshold: float) -> tuple[subprocess.Comple
 
 @pytest.mark.parametrize("unit,gpu", [(u, False) for u in SERVICES] + [("tts-runtime.service", True)],
                          ids=["provisioner", "runtime", "tracker", "tracker-whitelist", "provisioner-metrics",
-                              "runtime-metrics", "runtime+gpu-dropin"])
+                              "runtime-metrics", "trust-refresh", "runtime+gpu-dropin"])
 def test_security_exposure_at_most_2(tmp_path, unit, gpu, record_property):
     root = make_fake_root(tmp_path / "root", gpu=gpu)
     # --threshold makes systemd-analyze itself fail above the target.
