@@ -207,6 +207,7 @@ class CostEngine(RecordingEngine):
         return super().synthesize_batch(requests)
 
 
+@pytest.mark.unit
 def test_a_flood_of_short_requests_slows_a_long_one_at_most_2x(tmp_path, monkeypatch):
     # Virtual time (each batch costs what its utterances cost), so the share rule is checked as
     # arithmetic: when the long request ends, short ones have had at most its time (plus the
