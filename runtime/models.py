@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import structlog
 
-from provisioner.cache import Snapshot
+from provisioner.cache import COMPLETE_MARKER, Snapshot
+from tts_common.backoff import backoff_delay
 from tts_common.notify import notify
 
 from .config import RuntimeConfig
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 RECHECK_S = 30.0  # safety-net re-check when no filesystem event arrives
+# A version that failed to load is tried again when its snapshot changes, on an operator's
+# reload, or after this backoff (doubling per failure, at most LOAD_RETRY_CAP_S): never merely
+# because something else changed in the watched directories (the provisioner's status file).
+LOAD_RETRY_BASE_S = 30.0
+LOAD_RETRY_CAP_S = 1800.0
 SEED_LIMIT = 2**63
 
 
@@ -116,6 +122,30 @@ def synthesize_local(engine: SynthesisEngine, requests: list[SynthesisRequest], 
 
 
 # -- loaded engines ---------------------------------------------------------------------
+
+def snapshot_identity(snap: Snapshot) -> tuple:
+    """What changes when a snapshot is rebuilt or repaired in place: its directory and
+    COMPLETE marker (a repaired file is re-linked by a rename in its directory)."""
+    try:
+        marker = (snap.path / COMPLETE_MARKER).stat().st_mtime_ns
+        return (str(snap.path), marker, snap.path.stat().st_mtime_ns)
+    except OSError:
+        return (str(snap.path), None, None)
+
+
+@dataclass
+class LoadFailure:
+    """The version current/<name> names that did not load, and when to try it again."""
+
+    version: str
+    identity: tuple
+    failures: int
+    retry_at: float  # time.monotonic()
+
+    def due(self, snap: Snapshot, now: float) -> bool:
+        return (snap.version != self.version or snapshot_identity(snap) != self.identity
+                or now >= self.retry_at)
+
 
 @dataclass(eq=False)
 class LoadedModel:
@@ -248,7 +278,7 @@ class ModelManager:
         self.loader = loader or (lambda snap: load_engine(config, snap))
         self.reasons: dict[str, str] = {name: "starting" for name in self.names}
         self.errors: dict[str, str | None] = {name: None for name in self.names}
-        self._failed: dict[str, str] = {}  # name -> version whose load failed
+        self._failed: dict[str, LoadFailure] = {}  # name -> the version whose load failed
         self.load_failures: dict[str, int] = {name: 0 for name in self.names}  # since start (metrics)
         self._stop = threading.Event()
         self._force = threading.Event()
@@ -271,7 +301,8 @@ class ModelManager:
 
     def failed_version(self, name: str) -> str | None:
         """The version current/<name> names, when its load failed (the old one serves)."""
-        return self._failed.get(name)
+        failure = self._failed.get(name)
+        return failure.version if failure else None
 
     def describe(self) -> dict[str, Any]:
         out = {}
@@ -317,22 +348,28 @@ class ModelManager:
 
     # -- loop -------------------------------------------------------------------
     def _run(self) -> None:
-        event = True
         while not self._stop.is_set():
             with self._cycle_cond:  # with request_reload's: a forced pass is counted as begun
                 self._started += 1
                 forced = self._force.is_set()
                 self._force.clear()
             try:
-                self.check_once(retry_failed=event or forced)
+                self.check_once(retry_failed=forced)
             except Exception:  # never let a surprise end the loop: status shows the rest
                 log.exception("model check failed")
             with self._cycle_cond:
                 self._cycles += 1
                 self._cycle_cond.notify_all()
-            event = self.watcher.wait(RECHECK_S)
+            self.watcher.wait(self._next_wait())
+
+    def _next_wait(self) -> float:
+        """Until the next event, the safety-net re-check, or the earliest load retry."""
+        retries = [f.retry_at - time.monotonic() for f in self._failed.values()]
+        return max(0.05, min([RECHECK_S, *retries]))
 
     def check_once(self, retry_failed: bool = True) -> None:
+        """One pass over the voices. A version that failed to load is tried again only with
+        `retry_failed` (an operator's reload) or when due (LoadFailure.due)."""
         for name in self.names:
             if self._stop.is_set():
                 return
@@ -348,7 +385,8 @@ class ModelManager:
             if loaded is not None and loaded.snapshot.path == snap.path:
                 self._failed.pop(name, None)  # current is back at what serves (a rollback)
                 continue
-            if self._failed.get(name) == snap.version and not retry_failed:
+            failure = self._failed.get(name)
+            if failure is not None and not retry_failed and not failure.due(snap, time.monotonic()):
                 continue
             self._load(name, snap, previous=loaded)
         self._report()
@@ -360,7 +398,11 @@ class ModelManager:
         try:
             model = self.holder.install(name, snap, self.loader)
         except Exception as exc:  # a bad model must not take the old one (or the service) down
-            self._failed[name] = snap.version
+            before = self._failed.get(name)
+            failures = before.failures + 1 if before and before.version == snap.version else 1
+            delay = backoff_delay(failures - 1, base=LOAD_RETRY_BASE_S, cap=LOAD_RETRY_CAP_S)
+            self._failed[name] = LoadFailure(snap.version, snapshot_identity(snap), failures,
+                                             time.monotonic() + delay)
             self.load_failures[name] = self.load_failures.get(name, 0) + 1
             self.errors[name] = f"loading {name} {snap.version} failed: {type(exc).__name__}: {exc}"
             self.reasons[name] = self.errors[name]

@@ -279,3 +279,59 @@ def test_reload_waits_for_one_pass_not_for_the_safety_net_recheck(tmp_path, bund
         assert manager.describe()["joe"]["version"] == "1.0.0"
     finally:
         manager.stop()
+
+
+def test_a_version_that_fails_to_load_is_not_retried_on_every_cache_event(tmp_path, monkeypatch):
+    """A broken version named by current/ is loaded once, then again only when the snapshot
+    itself changes, when an operator asks (reload), or after a backoff - not on every event in
+    the watched directories: the provisioner rewrites its status file about once a second
+    during a download, and each rewrite used to load the broken version again. Each step waits
+    for the manager's pass count, not for time; the backoff is an hour here so that only the
+    events could cause a retry."""
+    from provisioner.cache import CacheWriter
+    from runtime import models
+    from runtime.config import load_config
+
+    monkeypatch.setattr(models, "RECHECK_S", 3600.0)
+    monkeypatch.setattr(models, "LOAD_RETRY_BASE_S", 3600.0)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "model.safetensors").write_bytes(b"not weights" * 100)
+    cache = tmp_path / "cache"
+    snap = publish_to_cache(cache, "joe", "2.0.0", bundle)
+    prov = tmp_path / "prov"
+    prov.mkdir()
+    config = load_config(write_config(tmp_path / "runtime.toml", socket_path=str(tmp_path / "rt.sock"),
+                                      cache_dir=str(cache), provisioner_runtime_dir=str(prov), device="cpu"))
+    attempts: list[str] = []
+
+    def broken(snapshot):
+        attempts.append(snapshot.version)
+        raise RuntimeError("this version does not load")
+
+    manager = models.ModelManager(config, loader=broken)
+    manager.start()
+    try:
+        assert manager.wait_cycle(0, 120) and attempts == ["2.0.0"]
+        for i in range(5):  # what the provisioner's status writes look like to the watcher
+            passes = manager._cycles
+            (prov / "status.json").write_text(f'{{"syncs_completed": {i}}}\n')
+            assert manager.wait_cycle(passes, 60)  # a pass ran for that event
+        assert attempts == ["2.0.0"], attempts
+        assert manager.failed_version("joe") == "2.0.0"
+
+        # The provisioner repairs the snapshot (a file re-linked) and says so in its status.
+        writer = CacheWriter(cache)
+        repaired = tmp_path / "repaired"
+        shutil.copyfile(bundle / "model.safetensors", repaired)
+        writer.add_blob(repaired, "f" * 64)
+        writer.replace_snapshot_file(snap, "model.safetensors", "f" * 64)
+        passes = manager._cycles
+        (prov / "status.json").write_text('{"syncs_completed": 9}\n')
+        assert manager.wait_cycle(passes, 60) and attempts == ["2.0.0", "2.0.0"], attempts
+
+        assert manager.wait_cycle(manager.request_reload(), 60)  # an operator's reload retries at once
+        assert attempts == ["2.0.0"] * 3, attempts
+    finally:
+        manager.stop()
+
