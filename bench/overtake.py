@@ -20,22 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 from runtime.config import RuntimeConfig  # noqa: E402
+from tts_testkit import benchresult as br  # noqa: E402
+from tts_testkit.paths import REPO  # noqa: E402
 from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
 
 SHORT = "Hello there."
@@ -145,7 +141,7 @@ def measure(tmp: Path, cache: Path, text: str, rounds: int, name: str, env: dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one round")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--peer-ref", default=None, help="also measure the code at this git ref")
@@ -166,23 +162,47 @@ def main() -> None:
             results["peer"]["ref"] = args.peer_ref
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
-    write(text, results, load_start, args)
+    defaults = RuntimeConfig()
+    details = {"long_text_chars": len(text), "short_text": SHORT,
+               "limits": {k: getattr(defaults, k) for k in ("queue_size", "queue_ids", "max_request_ids",
+                                                           "express_max_ids", "max_batch_size", "max_batch_ids",
+                                                           "deadline_s")},
+               **results}
+    doc = br.document("overtake", figures_of(results), details=details,
+                      machine=br.machine(load_avg_start=list(load_start), load_avg_end=list(os.getloadavg())))
+    write(REPO / "bench" / "results", doc)
 
 
-def figures_of(result: dict) -> dict:
+def measured(result: dict) -> dict[str, tuple]:
+    """One server's figures, by name: (value, unit, target, met, note)."""
     runs = result["runs"]
-    solo = [r["long_s"] for r in runs if r["clients"] == 0]
-    figures = {}
+    best_solo = min(r["long_s"] for r in runs if r["clients"] == 0)
+    out = {}
     for clients in (2, 8):
         loaded = [r for r in runs if r["clients"] == clients]
-        ratio = max(r["long_s"] for r in loaded) / min(solo)
-        figures[f"long_slowdown_{clients}_clients"] = {
-            "value": round(ratio, 2), "target": f"<= {TARGET}", "met": ratio <= TARGET,
-            "detail": f"worst of {len(loaded)} over the best solo run"}
-        figures[f"short_503_{clients}_clients"] = {"value": sum(r["short_503"] for r in loaded), "target": "0",
-                                                   "met": all(r["short_503"] == 0 for r in loaded)}
+        slowdown = max(r["long_s"] for r in loaded) / best_solo
+        out[f"long_slowdown_{clients}_clients"] = (round(slowdown, 2), "x", f"<= {TARGET}", slowdown <= TARGET,
+                                                   f"worst of {len(loaded)} over the best solo run")
+        out[f"short_503_{clients}_clients"] = (sum(r["short_503"] for r in loaded), "responses", "0",
+                                               all(r["short_503"] == 0 for r in loaded), None)
     status = result["short_behind_long"]["short_status"]
-    figures["short_admitted_behind_long"] = {"value": status, "target": "200", "met": status == 200}
+    out["short_admitted_behind_long"] = (status, "HTTP status", "200", status == 200, None)
+    return out
+
+
+def figures_of(results: dict) -> list[dict]:
+    """Our server's figures; with a peer run, each carries the peer's value (the slowdowns their
+    ratio, ours / the peer's; a ratio of counts or status codes would mean nothing)."""
+    ours = measured(results["this"])
+    theirs = measured(results["peer"]) if "peer" in results else {}
+    figures = []
+    for name, (value, unit, target, met, note) in ours.items():
+        extra = {}
+        if name in theirs:
+            peer_value = theirs[name][0]
+            extra["peer"] = br.peer(f"the same server at {results['peer']['ref']}", peer_value, unit)
+            extra["ratio"] = round(value / peer_value, 2) if name.startswith("long_slowdown") else None
+        figures.append(br.figure(name, value, unit, target, met, note=note, **extra))
     return figures
 
 
@@ -195,46 +215,33 @@ def _table(result: dict) -> list[str]:
     return lines
 
 
-def write(text: str, results: dict, load_start, args) -> None:
-    figures = figures_of(results["this"])
-    defaults = RuntimeConfig()
-    out = {
-        "benchmark": "overtake", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_start": load_start,
-                    "load_avg_end": os.getloadavg()},
-        "long_text_chars": len(text), "short_text": SHORT,
-        "limits": {k: getattr(defaults, k) for k in ("queue_size", "queue_ids", "max_request_ids", "express_max_ids",
-                                                     "max_batch_size", "max_batch_ids", "deadline_s")},
-        "figures": figures, **results,
-    }
-    if "peer" in results:
-        out["peer_figures"] = figures_of(results["peer"])
-    res = REPO / "bench" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "overtake.json").write_text(json.dumps(out, indent=2) + "\n")
-    peer = f" --peer-ref {args.peer_ref}" if args.peer_ref else ""
+def markdown(doc: dict) -> str:
+    """The report of a results document (written from the document alone)."""
+    m, d = doc["machine"], doc["details"]
     lines = [
         "# Overtaking benchmark (issue 29)", "",
-        f"{out['date']}, {out['machine']['cpus']} CPUs, load average {load_start[0]:.1f} -> "
-        f"{out['machine']['load_avg_end'][0]:.1f} (a shared machine: other jobs ran beside it; seconds are noisy).",
-        f"Command: `.venv/bin/python bench/overtake.py{' --quick' if args.quick else ''}{peer}`; defaults {out['limits']}.",
-        f"Long request: {len(text)} characters of English; short request {SHORT!r}, looped back to back by "
-        "2 or 8 clients while the long one runs (a 503 is retried at once).", "",
-        "| figure | value | target | met |" + (" peer |" if "peer" in results else ""),
-        "|---|---|---|---|" + ("---|" if "peer" in results else ""),
+        f"{doc['date']}, {m['cpus']} CPUs, load average {m['load_avg_start'][0]:.1f} -> "
+        f"{m['load_avg_end'][0]:.1f} (a shared machine: other jobs ran beside it; seconds are noisy).",
+        f"Command: `{doc['command']}`; defaults {d['limits']}.",
+        f"Long request: {d['long_text_chars']} characters of English; short request {d['short_text']!r}, looped "
+        "back to back by 2 or 8 clients while the long one runs (a 503 is retried at once).",
     ]
-    for k, f in figures.items():
-        row = f"| {k} | {f['value']} | {f['target']} | {'yes' if f['met'] else 'no'} |"
-        if "peer" in results:
-            row += f" {out['peer_figures'][k]['value']} |"
-        lines.append(row)
-    lines += ["", f"Short request right after the long one was admitted: {results['this']['short_behind_long']}.", ""]
-    lines += _table(results["this"])
-    if "peer" in results:
-        lines += ["", f"Peer: the same server at `{args.peer_ref}`; short request behind the long one: "
-                      f"{results['peer']['short_behind_long']}.", ""] + _table(results["peer"])
-    (res / "overtake.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps(figures, indent=2))
+    if "peer" in d:
+        lines.append(f"Peer: the same benchmark against the server at `{d['peer']['ref']}` (a worktree of that "
+                     "commit), run after ours in the same invocation; ratio = our slowdown / the peer's.")
+    lines += ["", *br.markdown_table(doc["figures"]), "",
+              f"Short request right after the long one was admitted: {d['this']['short_behind_long']}.", "",
+              *_table(d["this"])]
+    if "peer" in d:
+        lines += ["", f"Peer: the same server at `{d['peer']['ref']}`; short request behind the long one: "
+                      f"{d['peer']['short_behind_long']}.", "", *_table(d["peer"])]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, doc: dict) -> None:
+    br.write(out / "overtake.json", doc)
+    (out / "overtake.md").write_text(markdown(doc))
+    print(json.dumps(doc["figures"], indent=2))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ release key, snapshot/timestamp refreshed):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -28,25 +27,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from mirror import layout, trust_ops
+from mirror.catalog import promote
+from mirror.publish import publish_dir
+from mirror.remote import Mirror
+from mirror.s3 import make_client
+from mirror.trust import channel_target
+from mirror.trust_client import Source, TrustedView
+from mirror.trust_repo import Keyring
+from tts_testkit import benchresult as br
+from tts_testkit.paths import REPO, VENV_BIN
+from tts_testkit.s3servers import STARTERS
+from tts_testkit.trust_keys import KEY_NAMES, TrustKeys
 
-from mirror import layout  # noqa: E402
-from mirror.catalog import promote  # noqa: E402
-from mirror.publish import publish_dir  # noqa: E402
-from mirror.remote import Mirror  # noqa: E402
-from mirror import trust_ops  # noqa: E402
-from mirror.trust import channel_target  # noqa: E402
-from mirror.trust_client import Source, TrustedView  # noqa: E402
-from mirror.trust_repo import Keyring  # noqa: E402
-from mirror.s3 import make_client  # noqa: E402
-from tts_testkit.s3servers import STARTERS  # noqa: E402
-from tts_testkit.trust_keys import KEY_NAMES, TrustKeys  # noqa: E402
-
-BIN = Path(sys.executable).parent
 MiB = 1024 * 1024
 FULL_SIZES = {"model.safetensors": 600, "vocoder.safetensors": 300, "frontend.bin": 124}  # as bench/sync.py
 QUICK_SIZES = {"model.safetensors": 60, "vocoder.safetensors": 30, "frontend.bin": 12}
@@ -106,7 +101,8 @@ def poll(view: TrustedView) -> tuple[float, int, int]:
     return elapsed, refreshed.requests, refreshed.bytes
 
 
-def bench_polls(repo: Repo, polls: int, figures: list, extra: dict) -> None:
+def bench_polls(repo: Repo, polls: int, m: dict) -> None:
+    """Unchanged and changed polls of one node, and what one timestamp GET costs the server, into `m`."""
     small = repo.work / "small"
     make_model(small, {"a.bin": 1}, 1)
     repo.publish(small, "0.1")
@@ -116,35 +112,46 @@ def bench_polls(repo: Repo, polls: int, figures: list, extra: dict) -> None:
     for _ in range(polls):
         t, r, b = poll(view)
         times.append(t), reqs.append(r), sizes.append(b)
-    med = statistics.median(times) * 1000
-    figures.append(fig("unchanged poll: time (refresh + channel lookup), median", round(med, 1), "ms",
-                       f"<= {TARGETS['unchanged_poll_ms']:.0f}", med <= TARGETS["unchanged_poll_ms"]))
-    figures.append(fig("unchanged poll: metadata requests per node per mirror", statistics.median(reqs), "requests"))
-    figures.append(fig("unchanged poll: metadata bytes per node per mirror", statistics.median(sizes), "bytes"))
-    figures.append(fig("first poll of a fresh node: requests / bytes", f"{first[1]} / {first[2]}", ""))
-    figures.append(fig("first poll of a fresh node: time (what a sync pays for trust)", round(first[0] * 1000, 1),
-                       "ms"))
-    extra["first_poll_ms"] = round(first[0] * 1000, 1)
-    extra["unchanged_poll_ms"] = [round(t * 1000, 1) for t in times]
+    m["first_poll"] = {"ms": first[0] * 1000, "requests": first[1], "bytes": first[2]}
+    m["unchanged_poll"] = {"median_ms": statistics.median(times) * 1000, "requests": statistics.median(reqs),
+                           "bytes": statistics.median(sizes)}
+    m["unchanged_poll_ms"] = [round(t * 1000, 1) for t in times]
     # Changed: a new version on stable since the last poll.
     make_model(small, {"a.bin": 1}, 2)
     repo.publish(small, "0.2")
     t, r, b = poll(view)
-    fetcher_bytes = _delegated_bytes(repo)
-    figures.append(fig("changed poll: requests / bytes (timestamp, snapshot, targets roles)",
-                       f"{r} / {b} (+ the changed role on lookup: {fetcher_bytes} bytes)", ""))
-    extra["changed_poll_ms"] = round(t * 1000, 1)
+    m["changed_poll"] = {"ms": t * 1000, "requests": r, "bytes": b, "changed_role_bytes": _delegated_bytes(repo)}
+    m["timestamp_get_ms"] = _server_time_per_get(repo, 200) * 1000
+
+
+def poll_figures(m: dict, server: str) -> list[dict]:
+    """The per-poll and mirror-load figures of `bench_polls`' measurements."""
+    unchanged, first, changed = m["unchanged_poll"], m["first_poll"], m["changed_poll"]
+    med = unchanged["median_ms"]
     # Mirror load: 1,000 nodes, one poll each per 300 s.
     nodes, period = 1000, 300
-    per_poll_req, per_poll_bytes = statistics.median(reqs), statistics.median(sizes)
-    serve = _server_time_per_get(repo, 200)
-    rate = nodes / period * per_poll_req
-    figures.append(fig("mirror load, 1,000 nodes / 300 s: requests per second", round(rate, 2), "req/s"))
-    figures.append(fig("mirror load, 1,000 nodes / 300 s: bytes per second", round(nodes / period * per_poll_bytes),
-                       "B/s"))
-    figures.append(fig("server time per timestamp GET (nanio, measured, sequential)", round(serve * 1000, 2), "ms"))
-    figures.append(fig("mirror load, 1,000 nodes / 300 s: share of one server core", f"{rate * serve * 100:.1f} %",
-                       ""))
+    rate = nodes / period * unchanged["requests"]
+    return [
+        br.figure("unchanged poll: time (refresh + channel lookup), median", round(med, 1), "ms",
+                  f"<= {TARGETS['unchanged_poll_ms']:.0f}", med <= TARGETS["unchanged_poll_ms"]),
+        br.figure("unchanged poll: metadata requests per node per mirror", unchanged["requests"], "requests"),
+        br.figure("unchanged poll: metadata bytes per node per mirror", unchanged["bytes"], "bytes"),
+        br.figure("first poll of a fresh node: metadata requests", first["requests"], "requests"),
+        br.figure("first poll of a fresh node: metadata bytes", first["bytes"], "bytes"),
+        br.figure("first poll of a fresh node: time (what a sync pays for trust)", round(first["ms"], 1), "ms"),
+        br.figure("changed poll: metadata requests (timestamp, snapshot, targets roles)", changed["requests"],
+                  "requests"),
+        br.figure("changed poll: metadata bytes (timestamp, snapshot, targets roles)", changed["bytes"], "bytes"),
+        br.figure("changed poll: the changed role, fetched on the channel lookup", changed["changed_role_bytes"],
+                  "bytes"),
+        br.figure("mirror load, 1,000 nodes / 300 s: requests per second", round(rate, 2), "req/s"),
+        br.figure("mirror load, 1,000 nodes / 300 s: bytes per second",
+                  round(nodes / period * unchanged["bytes"]), "B/s"),
+        br.figure(f"server time per timestamp GET ({server}, measured, sequential)",
+                  round(m["timestamp_get_ms"], 2), "ms"),
+        br.figure("mirror load, 1,000 nodes / 300 s: share of one server core",
+                  round(rate * m["timestamp_get_ms"] / 1000 * 100, 1), "%"),
+    ]
 
 
 def _delegated_bytes(repo: Repo) -> int:
@@ -161,14 +168,15 @@ def _server_time_per_get(repo: Repo, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def bench_growth(repo: Repo, versions: int, figures: list) -> None:
+def bench_growth(repo: Repo, versions: int) -> float:
+    """Bytes the `ci` role grows by per published version."""
     state = trust_ops.RepoState.load(repo.mirror, repo.root.read_bytes())
     before = len(trust_ops.serialize(state.delegated["ci"]))
     ring = Keyring(repo.keys.keys("ci"))
     for i in range(versions):
         trust_ops.add_version(state, "joe", f"9.{i}", f"manifest {i}\n".encode(), ring)
     after = len(trust_ops.serialize(state.delegated["ci"]))
-    figures.append(fig("ci role growth per published version", round((after - before) / versions), "bytes"))
+    return (after - before) / versions
 
 
 def sync_once(repo: Repo, root: Path, trust: bool) -> float:
@@ -181,7 +189,7 @@ def sync_once(repo: Repo, root: Path, trust: bool) -> float:
         f'bucket = "{repo.bucket}"\ncredentials_file = "{repo.creds}"\n\n[[models]]\nname = "joe"\n'
         'channel = "stable"\n')
     t0 = time.perf_counter()
-    out = subprocess.run([str(BIN / "tts-provisioner"), "--config", str(root / "p.toml"), "sync"],
+    out = subprocess.run([str(VENV_BIN / "tts-provisioner"), "--config", str(root / "p.toml"), "sync"],
                          capture_output=True, text=True, timeout=1800, env=dict(os.environ, TTS_LOG_FORMAT="json"))
     elapsed = time.perf_counter() - t0
     if out.returncode != 0:
@@ -190,7 +198,8 @@ def sync_once(repo: Repo, root: Path, trust: bool) -> float:
     return elapsed
 
 
-def bench_sync(repo: Repo, sizes: dict[str, int], rounds: int, figures: list, extra: dict) -> None:
+def bench_sync(repo: Repo, sizes: dict[str, int], rounds: int) -> dict:
+    """Pairs of unsigned (the state before) and signed syncs, alternated: their times in seconds."""
     src = repo.work / "model"
     make_model(src, sizes, 7)
     repo.publish(src, "1.0")
@@ -201,43 +210,46 @@ def bench_sync(repo: Repo, sizes: dict[str, int], rounds: int, figures: list, ex
         unsigned.append(sync_once(repo, repo.work / "sync-u", trust=False))
         signed.append(sync_once(repo, repo.work / "sync-s", trust=True))
         log(f"sync round {i + 1}: unsigned {unsigned[-1]:.2f} s, signed {signed[-1]:.2f} s")
-    u, s = statistics.median(unsigned), statistics.median(signed)
+    return {"unsigned": unsigned, "signed": signed}
+
+
+def sync_figures(rounds_s: dict, model_mib: int, first_poll_ms: float) -> list[dict]:
+    """Signed against unsigned sync (medians), and the trust layer's own share of a sync."""
+    u, s = statistics.median(rounds_s["unsigned"]), statistics.median(rounds_s["signed"])
     added = (s - u) / u * 100
-    mib = sum(sizes.values())
-    figures.append(fig(f"sync of {mib} MiB, unsigned channel (before), median", round(u, 2), "s"))
-    figures.append(fig(f"sync of {mib} MiB, signed channel ([trust] root), median", round(s, 2), "s"))
-    # Informational: one sync varies by seconds on a shared machine, far more than the
-    # trust layer's share; the judged figure is the in-process one below.
-    figures.append(fig("signed minus unsigned sync, medians (noise-dominated)", f"{s - u:+.2f} s ({added:+.1f} %)", ""))
-    extra["sync_rounds_s"] = {"unsigned": [round(x, 2) for x in unsigned], "signed": [round(x, 2) for x in signed]}
     # The noise of one sync here is seconds; the trust layer's own work in a sync is the
     # first poll of a fresh node (plus the manifest's sha256 over a few KiB), measured in-process.
-    share = extra["first_poll_ms"] / 1000 / u * 100
-    figures.append(fig(f"trust layer's own time in a sync of {mib} MiB (first poll / unsigned sync)",
-                       f"{share:.2f} %", "", f"< {TARGETS['sync_added_pct']:.0f} %", share < TARGETS["sync_added_pct"]))
+    share = first_poll_ms / 1000 / u * 100
+    return [
+        # Informational: one sync varies by seconds on a shared machine, far more than the
+        # trust layer's share; the judged figure is the in-process one below.
+        br.figure(f"sync of {model_mib} MiB, signed channel ([trust] root), median", round(s, 2), "s",
+                  peer=br.peer(f"sync of {model_mib} MiB, unsigned channel (before), median", round(u, 2), "s"),
+                  ratio=round(s / u, 3), note="noise-dominated: one sync varies by more than the trust layer adds"),
+        br.figure("signed minus unsigned sync, medians (noise-dominated)", round(s - u, 2), "s",
+                  percent=round(added, 1)),
+        br.figure(f"trust layer's own time in a sync of {model_mib} MiB (first poll / unsigned sync)",
+                  round(share, 2), "%", f"< {TARGETS['sync_added_pct']:.0f}", share < TARGETS["sync_added_pct"]),
+    ]
 
 
-def fig(name: str, value, unit: str, target: str | None = None, met: bool | None = None) -> dict:
-    return {"name": name, "value": value, "unit": unit, "target": target, "met": met}
+def markdown(doc: dict) -> str:
+    """The report of a results document (written from the document alone)."""
+    m, d = doc["machine"], doc["details"]
+    return "\n".join([
+        "# bench/trust: what signed channel metadata costs", "",
+        f"`{doc['command']}`; {doc['date']}; {m['cpus']} cores; S3 server {d['server']} on 127.0.0.1; load average",
+        f"{' '.join(m['loadavg_at_start'])} at start, {' '.join(m['loadavg_at_end'])} at end (a shared, noisy "
+        "machine).", "",
+        *br.markdown_table(doc["figures"]), "",
+        "Notes:", "",
+        *(f"- {n}" for n in d["notes"]),
+    ]) + "\n"
 
 
 def write(out: Path, doc: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "trust.json").write_text(json.dumps(doc, indent=2) + "\n")
-    rows = "\n".join(f"| {f['name']} | {f['value']} {f['unit']} | {f['target'] or '-'} | "
-                     f"{'-' if f['met'] is None else ('yes' if f['met'] else '**no**')} |" for f in doc["figures"])
-    (out / "trust.md").write_text(f"""# bench/trust: what signed channel metadata costs
-
-`{doc['command']}`; {doc['date']}; {doc['cores']} cores; S3 server {doc['server']} on 127.0.0.1; load average
-{' '.join(doc['loadavg_at_start'])} at start, {' '.join(doc['loadavg_at_end'])} at end (a shared, noisy machine).
-
-| figure | value | target | met |
-|---|---|---|---|
-{rows}
-
-Notes:
-
-""" + "\n".join(f"- {n}" for n in doc["notes"]) + "\n")
+    br.write(out / "trust.json", doc)
+    (out / "trust.md").write_text(markdown(doc))
 
 
 def main() -> int:
@@ -259,42 +271,57 @@ def main() -> int:
     out = args.out or (None if args.quick else REPO / "bench" / "results")
     load0 = open("/proc/loadavg").read().split()[:3]
     work = Path(tempfile.mkdtemp(prefix="tts-bench-trust-", dir="/tmp"))
-    figures: list[dict] = []
-    extra: dict = {}
+    m: dict = {}
     repo = Repo(work, args.server)
     try:
-        bench_polls(repo, args.polls, figures, extra)
-        bench_growth(repo, 100, figures)
+        bench_polls(repo, args.polls, m)
+        m["ci_growth_bytes"] = bench_growth(repo, 100)
         if not args.skip_sync:
-            bench_sync(repo, sizes, rounds, figures, extra)
+            m["sync_rounds_s"] = bench_sync(repo, sizes, rounds)
     finally:
         repo.close()
         shutil.rmtree(work, ignore_errors=True)
+    figures = figures_of(m, args.server, sum(sizes.values()))
     for f in figures:
         log(f"{f['name']}: {f['value']} {f['unit']}" + (f" (target {f['target']}: {'met' if f['met'] else 'NOT met'})"
                                                          if f["target"] else ""))
-    doc = {"benchmark": "trust", "command": ".venv/bin/python bench/trust.py " + " ".join(sys.argv[1:]),
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cores": os.cpu_count(),
-           "server": args.server, "loadavg_at_start": load0, "loadavg_at_end": open("/proc/loadavg").read().split()[:3],
-           "figures": figures, "extra": extra, "notes": NOTES}
+    details = {"server": args.server, "polls": args.polls, "sync_rounds": None if args.skip_sync else rounds,
+               "model_mib": sum(sizes.values()), "first_poll_ms": round(m["first_poll"]["ms"], 1),
+               "unchanged_poll_ms": m["unchanged_poll_ms"], "changed_poll_ms": round(m["changed_poll"]["ms"], 1)}
+    if "sync_rounds_s" in m:
+        details["sync_rounds_s"] = {k: [round(x, 2) for x in v] for k, v in m["sync_rounds_s"].items()}
+    machine = br.machine(loadavg_at_start=load0, loadavg_at_end=open("/proc/loadavg").read().split()[:3])
+    doc = br.document("trust", figures, machine=machine, details={**details, "notes": list(NOTES)})
     if out is not None:
         write(out, doc)
     return 0 if all(f["met"] is not False for f in figures) else 1
 
 
+def figures_of(m: dict, server: str, model_mib: int) -> list[dict]:
+    """Every figure of a run's measurements (`m`: what bench_polls, bench_growth and bench_sync measured)."""
+    figures = poll_figures(m, server)
+    figures.append(br.figure("ci role growth per published version", round(m["ci_growth_bytes"]), "bytes"))
+    if "sync_rounds_s" in m:
+        figures += sync_figures(m["sync_rounds_s"], model_mib, m["first_poll"]["ms"])
+    return figures
+
+
 def add_sync_compare(out: Path, before: Path, after: Path) -> int:
     """bench/sync.py's loopback figures for the code before and after, side by side."""
-    doc = json.loads((out / "trust.json").read_text())
+    doc = br.load(out / "trust.json")
     wanted = ("loopback sync / bare aria2c", "loopback sync wall time", "loopback bare aria2c wall time",
               "provisioner peak RSS (VmHWM) during sync")
     for label, path in (("before", before), ("after", after)):
-        run = json.loads(Path(path).read_text())
+        run = br.load(path)
+        d = run["details"]
         for f in run["figures"]:
             if any(f["name"].startswith(w) and "[faster" not in f["name"] for w in wanted):
-                doc["figures"].append(fig(f"bench/sync.py {label}: {f['name']}", round(f["value"], 2), f["unit"]))
-        doc["notes"].append(f"bench/sync.py {label}: `{run['command']}`, {run['date']}, load average at start "
-                            f"{' '.join(run['loadavg_at_start'])}; rounds "
-                            f"{ {k: v.get('loopback_rounds') for k, v in run['extra'].items() if isinstance(v, dict)} }")
+                doc["figures"].append(br.figure(f"bench/sync.py {label}: {f['name']}", round(f["value"], 2),
+                                                f["unit"]))
+        rounds = {k: v["loopback_rounds"] for k, v in d["extra"].items()
+                  if isinstance(v, dict) and "loopback_rounds" in v}
+        doc["details"]["notes"].append(f"bench/sync.py {label}: `{run['command']}`, {run['date']}, load average at "
+                                       f"start {' '.join(d['loadavg_at_start'])}; rounds {rounds}")
     write(out, doc)
     return 0
 
@@ -309,9 +336,9 @@ NOTES = [
     "published version into fresh caches; the difference of the medians is what the trust layer adds "
     "(refresh of 5 metadata files, lookups, manifest checked against its target's length and sha256). "
     "On this shared machine one sync varies by more than that difference: read it against the spread "
-    "in extra.sync_rounds_s.",
-    "Server time per GET is measured with boto3 from this process (signing, HTTP and nanio's handling): an upper "
-    "bound on what one request costs the server.",
+    "in details.sync_rounds_s.",
+    "Server time per GET is measured with boto3 from this process (signing, HTTP and the S3 server's handling): an "
+    "upper bound on what one request costs the server.",
 ]
 
 

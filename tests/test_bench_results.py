@@ -38,6 +38,14 @@ def test_a_valid_document_round_trips(tmp_path):
     assert "| x_ratio | 1.2 | x | 1.3 | **no** | the old way: 2.0 x (ratio 0.6) |" in table
 
 
+
+def test_a_peer_without_a_meaningful_ratio_shows_no_ratio():
+    # A peer's count or status code beside ours: ratio null, and the table says nothing of one.
+    doc = _doc(value=0, unit="responses", target="0", met=True, peer=br.peer("the old server", 0, "responses"),
+               ratio=None)
+    assert br.validate(doc) == []
+    assert "| the old server: 0 responses |" in "\n".join(br.markdown_table(doc["figures"]))
+
 @pytest.mark.parametrize("change,problem", [
     ({"met": "yes"}, "met must be true, false or null"),                 # the fleet files' "yes"/"no"
     ({"met": None}, "has a target and a value, so met must be"),

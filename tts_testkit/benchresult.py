@@ -247,7 +247,8 @@ def markdown_table(figures: list[dict]) -> list[str]:
     for f in figures:
         met = "" if f["met"] is None else ("yes" if f["met"] else "**no**")
         p = f.get("peer")
-        peer_cell = f"{p['name']}: {p['value']} {p['unit']} (ratio {f['ratio']})" if p else ""
+        ratio = "" if f.get("ratio") is None else f" (ratio {f['ratio']})"  # null: no meaningful ratio
+        peer_cell = f"{p['name']}: {p['value']} {p['unit']}{ratio}" if p else ""
         rows.append(f"| {f['name']} | {cell(f['value'])} | {f['unit']} | {cell(f['target'])} | {met} | {peer_cell} |")
     return rows
 
