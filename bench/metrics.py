@@ -7,8 +7,9 @@ request latency with metrics scraped vs not, in one run.
    scraper ("off"), then with its metrics socket scraped every second ("on": 15x
    Prometheus's default rate), alternating off/on rounds so drift of the shared machine
    falls on both; each round sends the same sequential requests (bench/server.py's texts
-   and client). The per-request instrumentation (three histogram observations in the
-   access layer) cannot be switched off: its cost is timed in-process as well.
+   and client, from tts_testkit/load.py). The per-request instrumentation (three histogram
+   observations in the access layer) cannot be switched off: its cost is timed in-process
+   as well.
 2. Scrape cost: time and bytes of one GET /metrics over each daemon's metrics socket (the
    runtime after the requests above; the provisioner daemon with 5 models synced from
    nanio), plain and gzip (Prometheus asks for gzip).
@@ -40,10 +41,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import httpx  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench.server import request_text, run_clients  # noqa: E402
+from tts_testkit.load import request_text, run_clients  # noqa: E402
+from tts_testkit.paths import REPO  # noqa: E402
 from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
 
 

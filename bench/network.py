@@ -39,13 +39,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads of one serve
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 from wyoming.client import AsyncClient  # noqa: E402
 from wyoming.tts import Synthesize, SynthesizeVoice  # noqa: E402
 
-from tts_testkit.paths import VENV_BIN  # noqa: E402
+from tts_testkit.paths import REPO, VENV_BIN  # noqa: E402
 from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
 from tts_testkit.s3servers import free_port, wait_for_port  # noqa: E402
 
