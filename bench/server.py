@@ -25,19 +25,14 @@ from pathlib import Path
 # one steal the cores from the other unless they sleep (see bench/results/engine.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
 from tts_testkit import benchresult as br  # noqa: E402
+from tts_testkit.load import request_text, run_clients  # noqa: E402
 from tts_testkit.paths import REPO  # noqa: E402
 from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
 
-SENTENCES = [
-    "The service answers quickly.", "Every request has its own seed.", "Short sentences keep this fast.",
-    "Batching groups similar lengths.", "The queue is bounded.", "Nothing is shared between requests.",
-    "Clients wait on the socket.", "Audio comes back as a file.",
-]
 PARAGRAPH = ("The first sentence starts the stream. The second follows it closely. A third one is here. "
              "The fourth sentence is nearly the last. The fifth ends the paragraph.")
 
@@ -49,30 +44,6 @@ def pcm(data: bytes) -> np.ndarray:
 def audio_seconds(data: bytes) -> float:
     info = sf.info(io.BytesIO(data))
     return info.frames / info.samplerate
-
-
-def request_text(i: int) -> str:
-    n = 1 + i % 3  # 1-3 sentences
-    return " ".join(SENTENCES[(i + k) % len(SENTENCES)] for k in range(n))
-
-
-async def run_clients(sock: Path, clients: int, per_client: int, seed_base: int = 0, text_fn=request_text):
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    results = []
-    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sock), limits=limits),
-                                 base_url="http://tts", timeout=600) as c:
-
-        async def client(k: int):
-            for j in range(per_client):
-                i = k * per_client + j
-                t0 = time.perf_counter()
-                r = await c.post("/v1/synthesize", json={"text": text_fn(i), "seed": seed_base + i})
-                results.append((i, r.status_code, r.content if r.status_code == 200 else b"", time.perf_counter() - t0))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(k) for k in range(clients)))
-        wall = time.perf_counter() - t0
-    return results, wall
 
 
 def main() -> None:

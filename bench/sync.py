@@ -47,13 +47,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import requests
+import tomli_w
 from boto3.s3.transfer import TransferConfig
 
 from mirror import layout
@@ -220,30 +220,16 @@ def presigned(bench: Bench, endpoint: str, version: str) -> list[tuple[str, str]
 
 def write_config(bench: Bench, root: Path, endpoint: str, version: str, aria2: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    text = textwrap.dedent(f"""\
-        cache_dir = "{root / 'cache'}"
-        runtime_dir = "{root / 'run'}"
-        require_signature = true
-        public_keys = ["{bench.keys.public}"]
-        disk_margin_mb = 16
-        log_level = "info"
-
-        [aria2]
-        connections = {aria2['connections']}
-        min_split_size = "{aria2['min_split_size']}"
-        max_concurrent_downloads = {aria2['max_concurrent_downloads']}
-        resume_piece_selector = "{aria2.get('resume_piece_selector', 'geom')}"
-
-        [[mirrors]]
-        name = "bench"
-        endpoint = "{endpoint}"
-        bucket = "{bench.bucket}"
-        credentials_file = "{bench.creds_file}"
-
-        [[models]]
-        name = "{MODEL}"
-        version = "{version}"
-        """)
+    text = tomli_w.dumps({
+        "cache_dir": str(root / "cache"), "runtime_dir": str(root / "run"), "require_signature": True,
+        "public_keys": [str(bench.keys.public)], "disk_margin_mb": 16, "log_level": "info",
+        "aria2": {"connections": aria2["connections"], "min_split_size": aria2["min_split_size"],
+                  "max_concurrent_downloads": aria2["max_concurrent_downloads"],
+                  "resume_piece_selector": aria2.get("resume_piece_selector", "geom")},
+        "mirrors": [{"name": "bench", "endpoint": endpoint, "bucket": bench.bucket,
+                     "credentials_file": str(bench.creds_file)}],
+        "models": [{"name": MODEL, "version": version}],
+    })
     path = root / "provisioner.toml"
     path.write_text(text)
     return path

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import tomli_w
+
 from mirror import layout, trust_ops
 from mirror.catalog import promote
 from mirror.publish import publish_dir
@@ -182,12 +184,14 @@ def bench_growth(repo: Repo, versions: int) -> float:
 def sync_once(repo: Repo, root: Path, trust: bool) -> float:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    trust_part = f'[trust]\nroot = "{repo.root}"\n' if trust else ""
-    (root / "p.toml").write_text(
-        f'cache_dir = "{root / "cache"}"\nruntime_dir = "{root / "run"}"\nrequire_signature = false\n'
-        f'disk_margin_mb = 16\n{trust_part}\n[[mirrors]]\nname = "bench"\nendpoint = "{repo.server.endpoint}"\n'
-        f'bucket = "{repo.bucket}"\ncredentials_file = "{repo.creds}"\n\n[[models]]\nname = "joe"\n'
-        'channel = "stable"\n')
+    config = {"cache_dir": str(root / "cache"), "runtime_dir": str(root / "run"), "require_signature": False,
+              "disk_margin_mb": 16,
+              "mirrors": [{"name": "bench", "endpoint": repo.server.endpoint, "bucket": repo.bucket,
+                           "credentials_file": str(repo.creds)}],
+              "models": [{"name": "joe", "channel": "stable"}]}
+    if trust:
+        config["trust"] = {"root": str(repo.root)}
+    (root / "p.toml").write_text(tomli_w.dumps(config))
     t0 = time.perf_counter()
     out = subprocess.run([str(VENV_BIN / "tts-provisioner"), "--config", str(root / "p.toml"), "sync"],
                          capture_output=True, text=True, timeout=1800, env=dict(os.environ, TTS_LOG_FORMAT="json"))

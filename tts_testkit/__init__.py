@@ -8,6 +8,7 @@ imports pytest: pytest fixtures live in tests/ (conftest.py and the plugins it r
 - s3servers: nanio and `rclone serve s3` on 127.0.0.1 (S3Server, STARTERS, free_port)
 - provisioner_setup: signing keys, models put on a mirror byte by byte, provisioner configs
 - runtime_server: the real voice as a bundle, published into a cache; `tts-runtime serve`
+- load: the request texts and concurrent client loop of the runtime benchmarks
 - tracker: a real opentracker configured by the tts_tracker role's template
 - asr: pocketsphinx round trip and word error rate
 - voice_factory: test voices of every Piper shape, built with piper's own model code

@@ -49,6 +49,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tts_common.atomic import write_atomic
+
 SCHEMA = "tts-fleet-bench/1"
 TOP_KEYS = ("schema", "benchmark", "date", "command", "machine", "figures", "details")
 FIGURE_KEYS = ("name", "value", "unit", "target", "met")
@@ -113,11 +115,7 @@ def write(path: Path, doc: dict) -> dict:
     problems = validate(doc)
     if problems:
         raise BenchResultError(f"{path}: not a valid bench result: " + "; ".join(problems))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return doc
 
 

@@ -11,9 +11,11 @@ import hashlib
 import json
 import subprocess
 import time
-import textwrap
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomli_w
 
 from mirror import layout
 from mirror.manifest import FileEntry, Manifest, channel_bytes
@@ -64,30 +66,37 @@ def set_channel(client, bucket: str, name: str, channel: str, version: str) -> N
 
 def write_config(tmp: Path, mirrors: list[dict], keys: Keys | None, models: str = 'name = "joe"\nchannel = "stable"',
                  extra: str = "", aria2: str = "") -> Path:
-    """Write a provisioner config; each mirror dict: name, endpoint, bucket, credentials_file, priority."""
-    parts = [
-        f'cache_dir = "{tmp / "cache"}"',
-        f'runtime_dir = "{tmp / "run"}"',
-        "poll_interval = 1",
-        f"require_signature = {'true' if keys else 'false'}",
-        f'public_keys = ["{keys.public}"]' if keys else "public_keys = []",
-        "disk_margin_mb = 1",
-        extra,
-        "[aria2]\nconnections = 4\nmin_split_size = \"1M\"\n" + aria2,
-    ]
-    for m in mirrors:
-        parts.append(textwrap.dedent(f"""
-            [[mirrors]]
-            name = "{m['name']}"
-            endpoint = "{m['endpoint']}"
-            bucket = "{m['bucket']}"
-            credentials_file = "{m['credentials_file']}"
-            priority = {m.get('priority', 10)}
-        """))
-    parts.append("[[models]]\n" + models)
+    """Write tmp/provisioner.toml; each mirror dict: name, endpoint, bucket, credentials_file, priority.
+
+    The rest is given as TOML text: `models` the body of the [[models]] entry (more entries
+    after "[[models]]" lines), `extra` top-level keys and tables (its keys win over the
+    defaults here, tables merge), `aria2` keys of the [aria2] table."""
+    config = {
+        "cache_dir": str(tmp / "cache"),
+        "runtime_dir": str(tmp / "run"),
+        "poll_interval": 1,
+        "require_signature": keys is not None,
+        "public_keys": [str(keys.public)] if keys else [],
+        "disk_margin_mb": 1,
+        "aria2": {"connections": 4, "min_split_size": "1M"},
+        "mirrors": [{"name": m["name"], "endpoint": m["endpoint"], "bucket": m["bucket"],
+                     "credentials_file": str(m["credentials_file"]), "priority": m.get("priority", 10)}
+                    for m in mirrors],
+        "models": tomllib.loads("[[models]]\n" + models)["models"],
+    }
+    _merge(config, tomllib.loads(extra))
+    _merge(config, {"aria2": tomllib.loads(aria2)})
     path = tmp / "provisioner.toml"
-    path.write_text("\n".join(parts) + "\n")
+    path.write_text(tomli_w.dumps(config))
     return path
+
+
+def _merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def wait_status(path: Path, predicate, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> dict:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import tomli_w
 
 from mirror.hashing import sha256_file
 from mirror.manifest import FileEntry, Manifest
@@ -63,22 +64,17 @@ def publish_to_cache(cache_root: Path, name: str, version: str, bundle: Path, se
 
 
 def write_config(path: Path, **values) -> Path:
-    """A runtime.toml; a dict value becomes a table (after the plain keys, as TOML needs)."""
-    lines, tables = [], []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            tables.append(f"[{key}]")
-            tables.extend(f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in value.items())
-        elif isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, (int, float)):
-            lines.append(f"{key} = {value}")
-        elif isinstance(value, (list, tuple)):
-            lines.append(f"{key} = [{', '.join(repr(str(v)).replace(chr(39), chr(34)) for v in value)}]")
-        else:
-            lines.append(f'{key} = "{value}"')
-    path.write_text("\n".join(lines + tables) + "\n")
+    """A runtime.toml of `values` (a dict value becomes a table; paths become strings)."""
+    path.write_text(tomli_w.dumps(_toml_values(values)))
     return path
+
+
+def _toml_values(value):
+    if isinstance(value, dict):
+        return {k: _toml_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_toml_values(v) for v in value]
+    return str(value) if isinstance(value, os.PathLike) else value
 
 
 @dataclass
