@@ -44,19 +44,20 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import numpy as np
+from sync import _proc_status, aria2_bare_args  # bench/sync.py, beside this script (sys.path[0])
 
-import numpy as np  # noqa: E402
-
-from bench.sync import _proc_status, aria2_bare_args, machine  # noqa: E402
-from bench.throttle_proxy import read_stats  # noqa: E402
-from mirror import layout  # noqa: E402
-from mirror.publish import publish_dir  # noqa: E402
-from mirror.remote import Mirror  # noqa: E402
-from mirror.s3 import make_client  # noqa: E402
-from tests.provisioner_helpers import make_keys, publish_raw, set_channel  # noqa: E402
-from tests.s3servers import STARTERS, free_port, wait_for_port  # noqa: E402
+from mirror import layout
+from mirror.publish import publish_dir
+from mirror.remote import Mirror
+from mirror.s3 import make_client
+from tts_testkit import benchresult as br
+from tts_testkit.paths import REPO
+from tts_testkit.piper_versions import voice_files
+from tts_testkit.provisioner_setup import make_keys, publish_raw, set_channel
+from tts_testkit.runtime_server import voice_bundle_dir
+from tts_testkit.s3servers import STARTERS, free_port, wait_for_port
+from tts_testkit.throttle_proxy import read_stats
 
 MiB, GiB = 1024**2, 1024**3
 BIN = Path(sys.executable).parent
@@ -82,8 +83,9 @@ def log(msg: str) -> None:
 
 
 def figure(name, value, unit, target=None, met=None) -> dict:
-    return {"name": name, "value": round(value, 3) if isinstance(value, float) else value, "unit": unit,
-            "target": target, "met": met}
+    """A figure of the one results schema (tts_testkit/benchresult.py); ratios in "x"."""
+    value = round(value, 3) if isinstance(value, float) and not isinstance(value, bool) else value
+    return br.figure(name, value, unit, target, met)
 
 
 class Env:
@@ -101,7 +103,7 @@ class Env:
     def start_proxy(self, rate: float = RATE_MIB, delay: float = DELAY_MS) -> str:
         port = free_port()
         self.proxy = subprocess.Popen(
-            [sys.executable, str(REPO / "bench/throttle_proxy.py"), "--listen-port", str(port), "--target-port",
+            [sys.executable, str(REPO / "tts_testkit/throttle_proxy.py"), "--listen-port", str(port), "--target-port",
              self.server.endpoint.rsplit(":", 1)[1], "--rate-mib", str(rate), "--delay-ms", str(delay),
              "--stats-file", str(self.stats)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proxy.stdout.readline().strip() == "ready"
@@ -288,10 +290,10 @@ def bench_sync(env: Env, rounds: int, figures: list, extra: dict) -> None:
     size = sum(CHECKPOINT.values())
     figures += [
         figure("6.0 GiB checkpoint (8 files), throttled: daemon channel-moved -> snapshot switched / bare aria2c",
-               s / b, "ratio", f"<= {TARGETS['daemon_vs_aria2c']}", s / b <= TARGETS["daemon_vs_aria2c"]),
-        figure("the same, per round (alternated pairs): daemon / bare aria2c", [round(x, 3) for x in ratios], "ratios"),
+               s / b, "x", TARGETS["daemon_vs_aria2c"], s / b <= TARGETS["daemon_vs_aria2c"]),
+        figure("the same, per round (alternated pairs): daemon / bare aria2c", [round(x, 3) for x in ratios], "x"),
         figure("daemon / bare aria2c followed by `sync` (its bytes on disk, as the daemon's fsynced blobs are)",
-               s / d, "ratio"),
+               s / d, "x"),
         figure("daemon: channel moved -> snapshot switched", s, "s"),
         figure("bare aria2c, same bytes and options", b, "s"),
         figure("bare aria2c + sync", d, "s"),
@@ -344,10 +346,10 @@ def bench_resume(env: Env, kills: int, figures: list, extra: dict, seed: int) ->
     ratio = fetched / size
     log(f"resume: {done_kills} SIGKILLs, {fetched} bytes through the proxy for {size} ({ratio:.4f}); "
         f"verify exit {verify.returncode}")
-    figures += [figure(f"resume after {done_kills} SIGKILLs of the daemon: bytes fetched / model size", ratio, "ratio",
-                       f"<= {TARGETS['resume']}", ratio <= TARGETS["resume"] and verify.returncode == 0),
+    figures += [figure(f"resume after {done_kills} SIGKILLs of the daemon: bytes fetched / model size", ratio, "x",
+                       TARGETS["resume"], ratio <= TARGETS["resume"] and verify.returncode == 0),
                 figure("resume: `tts-provisioner verify` of the snapshot after the last restart",
-                       verify.returncode == 0, "bool", "true", verify.returncode == 0)]
+                       verify.returncode == 0, "", "true", verify.returncode == 0)]
     extra["resume"] = {"kill_points": [round(p, 3) for p in points], "kills": done_kills, "fetched": fetched,
                        "verify": verify.stdout[-500:]}
     shutil.rmtree(root, ignore_errors=True)
@@ -380,7 +382,7 @@ def bench_large(env: Env, figures: list, extra: dict) -> None:
     snap = root / "cache/current/large/weights.bin"
     ok = sync.returncode == 0 and verify.returncode == 0 and snap.stat().st_size == size
     log(f"large: 4.5 GiB file synced in {elapsed:.0f} s, verify exit {verify.returncode}, size ok {ok}")
-    figures.append(figure("a 4.5 GiB file (> 2^32 bytes): published, synced, verified, snapshotted", ok, "bool",
+    figures.append(figure("a 4.5 GiB file (> 2^32 bytes): published, synced, verified, snapshotted", ok, "",
                           "true", ok))
     extra["large"] = {"bytes": size, "sync_s": round(elapsed, 1), "sync_stderr": sync.stderr[-300:],
                       "verify": verify.stdout[-300:]}
@@ -478,9 +480,6 @@ def _json_or_none(line: str) -> dict | None:
 def bench_swap(env: Env, figures: list, extra: dict, repeats: int) -> None:
     import httpx
 
-    from tests.anymodel_helpers import voice_files
-    from tests.runtime_helpers import voice_bundle_dir
-
     client = make_client(env.server.endpoint, env.server.credentials)
     for version, scale in (("1", 1.0), ("2", 2.0)):
         publish_raw(client, env.bucket, "piperswap", version, voice_files(length_scale=scale), env.keys, channel=None)
@@ -550,26 +549,18 @@ def _calibrated(ask, port: int):
 
 
 def write_results(out: Path, doc: dict, name: str = "anymodel") -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    rows = "\n".join(f"| {f['name']} | {f['value']} {f['unit']} | {f['target'] or '-'} | "
-                     f"{'-' if f['met'] is None else ('yes' if f['met'] else '**no**')} |" for f in doc["figures"])
-    m = doc["machine"]
+    """NAME.json through the one results schema, and a short NAME.md."""
+    br.write(out / f"{name}.json", doc)
+    m, details = doc["machine"], doc["details"]
     files = ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in CHECKPOINT.items())
-    (out / f"{name}.md").write_text(f"""# bench/{name}: third-party models on the cache
-
-`{doc['command']}` on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, kernel {m['kernel']}, {m['aria2c']};
-{doc['date']}; mirror: `rclone serve s3` on 127.0.0.1 behind bench/throttle_proxy.py ({RATE_MIB:.0f} MiB/s per
-connection, {2 * DELAY_MS:.0f} ms per round trip); aria2 {ARIA2}. Load average at start {doc['loadavg_at_start']},
-at end {m['loadavg_at_end']}. Checkpoint ({sum(CHECKPOINT.values()) / GiB:.2f} GiB, random bytes): {files}.
-
-| figure | value | target | met |
-|---|---|---|---|
-{rows}
-
-Notes:
-
-""" + "\n".join(f"- {n}" for n in doc["notes"]) + "\n")
+    (out / f"{name}.md").write_text("\n".join([
+        f"# bench/{name}: third-party models on the cache", "",
+        f"`{doc['command']}` on {m['cpu']}, {m['cpus']} CPUs, {m.get('aria2c', '')}; {doc['date']}; mirror: "
+        f"`rclone serve s3` on 127.0.0.1 behind tts_testkit/throttle_proxy.py ({RATE_MIB:.0f} MiB/s per connection, "
+        f"{2 * DELAY_MS:.0f} ms per round trip); aria2 {ARIA2}. Load average at start {m.get('loadavg_at_start')}, "
+        f"at end {m.get('loadavg_at_end')}. Checkpoint ({sum(CHECKPOINT.values()) / GiB:.2f} GiB, random bytes): "
+        f"{files}.", "", *br.markdown_table(doc["figures"]), "", "Notes:", "",
+        *[f"- {n}" for n in details["notes"]], ""]))
 
 
 NOTES = [
@@ -633,13 +624,16 @@ def main() -> int:
     finally:
         env.close()
         shutil.rmtree(env.work, ignore_errors=True)
-    doc = {"benchmark": "anymodel", "command": ".venv/bin/python bench/anymodel.py " + " ".join(sys.argv[1:]),
-           "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "loadavg_at_start": load, "seed": seed, "duration_s": round(time.perf_counter() - started, 1),
-           "checkpoint": CHECKPOINT, "figures": figures, "notes": NOTES, "extra": extra}
+    loadavg_end = open("/proc/loadavg").read().split()[:3]
+    aria2c = subprocess.run(["aria2c", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    doc = br.document("anymodel", figures, machine=br.machine(loadavg_at_start=load, loadavg_at_end=loadavg_end,
+                                                               aria2c=aria2c),
+                      details={"seed": seed, "duration_s": round(time.perf_counter() - started, 1),
+                               "checkpoint": CHECKPOINT, "aria2": ARIA2, "notes": NOTES, **extra},
+                      command=".venv/bin/python bench/anymodel.py " + " ".join(sys.argv[1:]))
     for f in figures:
         print(f"{f['name']}: {f['value']} {f['unit']}" + (f" (target {f['target']}: {'met' if f['met'] else 'NOT met'})"
-                                                          if f["target"] else ""))
+                                                          if f["target"] is not None else ""))
     if args.out:
         write_results(args.out, doc, args.name)
     return 0

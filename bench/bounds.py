@@ -17,26 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
-import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import httpx  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 from runtime.config import RuntimeConfig  # noqa: E402
-from tests.runtime_helpers import mixed_scripts as mixed  # noqa: E402
-from tests.runtime_helpers import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
+from tts_testkit import benchresult as br  # noqa: E402
+from tts_testkit.paths import REPO  # noqa: E402
+from tts_testkit.runtime_server import mixed_scripts as mixed  # noqa: E402
+from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
 
 SHORT = "Hello there, how are you today?"
 RSS_TARGET = 1.5 * 2**30
@@ -234,57 +230,48 @@ def main() -> None:
     write(results, args)
 
 
-def write(results: dict, args, date: str | None = None) -> None:
+def write(results: dict, args) -> None:
     worst_rss = max(r["peak_rss_above_idle_mib"] for r in results["worst"].values())
     rows = results["linearity"]
     every = [*results["worst"].values(), *rows]
     admitted = [r for r in every if r["status"] == 200]
     per_id = [r["ms_per_id"] for r in rows if r["status"] == 200]
     # linear: time per id within 1.5x across sizes (the smallest size carries fixed overheads)
-    spread = max(per_id[1:]) / min(per_id[1:]) if len(per_id) > 2 else float("nan")
+    spread = round(max(per_id[1:]) / min(per_id[1:]), 2) if len(per_id) > 2 else None
     bad = [r for r in every if r["status"] >= 500]
-    figures = {
-        "peak_rss_above_idle_mib": {"value": worst_rss, "target": "<= 1536", "met": worst_rss <= 1536},
-        "time_per_id_spread": {"value": round(spread, 2), "target": "<= 1.5 (sizes >= 250 chars)",
-                               "met": spread <= 1.5},
-        "short_p95_ratio": {"value": results["short"]["p95_ratio"], "target": "<= 2.0",
-                            "met": results["short"]["p95_ratio"] <= 2.0},
-        "server_errors": {"value": len(bad), "target": "0 (no 5xx for any admitted-size text)", "met": not bad},
-        "longest_admitted_seconds": {"value": max((r["seconds"] for r in admitted), default=0),
-                                     "target": f"< deadline {DEFAULTS.deadline_s:.0f} s",
-                                     "met": all(r["seconds"] < DEFAULTS.deadline_s for r in every)},
-    }
     lc = results["short_no_overtaking"]
-    figures["short_p95_ratio_no_overtaking"] = {
-        "value": lc["p95_ratio"], "target": f"peer: the same server with {lc['config']} (informational)", "met": None}
+    figures = [
+        br.figure("peak_rss_above_idle_mib", worst_rss, "MiB", "<= 1536", worst_rss <= 1536),
+        br.figure("time_per_id_spread", spread, "x", "<= 1.5 (sizes >= 250 chars)",
+                  None if spread is None else spread <= 1.5,
+                  **({} if spread is not None else {"note": "not measured: fewer than 3 admitted sizes"})),
+        br.figure("short_p95_ratio", results["short"]["p95_ratio"], "x", "<= 2.0", results["short"]["p95_ratio"] <= 2.0),
+        br.figure("server_errors", len(bad), "responses", "0 (no 5xx for any admitted-size text)", not bad),
+        br.figure("longest_admitted_seconds", max((r["seconds"] for r in admitted), default=0), "s",
+                  f"< deadline {DEFAULTS.deadline_s:.0f} s", all(r["seconds"] < DEFAULTS.deadline_s for r in every)),
+        br.figure("short_p95_ratio_no_overtaking", lc["p95_ratio"], "x",
+                  note=f"peer: the same server with {lc['config']} (informational)"),
+    ]
     if "peer" in results:
         p = results["peer"]
-        figures["peer_rss_ratio"] = {
-            "value": round(p["unbounded"]["peak_rss_above_idle_mib"] / max(1.0, p["bounded"]["peak_rss_above_idle_mib"]), 2),
-            "target": "informational: unbounded / bounded peak RSS above idle, same 700-char text", "met": None}
-    out = {
-        "benchmark": "bounds", "date": date or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_avg_at_end": os.getloadavg()},
-        "quick": args.quick,
-        "limits": {k: getattr(DEFAULTS, k) for k in ("max_chars", "max_utterance_ids", "max_batch_ids",
-                                                     "max_request_ids", "max_batch_size", "deadline_s",
-                                                     "express_max_ids")},
-        "figures": figures, **results,
-    }
-    res = REPO / "bench" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "bounds.json").write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        figures.append(br.figure(
+            "peer_rss_ratio",
+            round(p["unbounded"]["peak_rss_above_idle_mib"] / max(1.0, p["bounded"]["peak_rss_above_idle_mib"]), 2),
+            "x", note="informational: unbounded / bounded peak RSS above idle, same 700-char text"))
+    command = f".venv/bin/python bench/bounds.py{' --quick' if args.quick else ''}{' --peer' if args.peer else ''}"
+    limits = {k: getattr(DEFAULTS, k) for k in ("max_chars", "max_utterance_ids", "max_batch_ids", "max_request_ids",
+                                                "max_batch_size", "deadline_s", "express_max_ids")}
+    out = br.write(REPO / "bench" / "results" / "bounds.json", br.document(
+        "bounds", figures, command=command, machine=br.machine(load_avg_at_end=os.getloadavg()),
+        details={"quick": args.quick, "limits": limits, **results}))
+    m = out["machine"]
     lines = [
         "# Bounds benchmark (issue 13)", "",
-        f"{out['date']}, {out['machine']['cpus']} CPUs, load average at the end {out['machine']['load_avg_at_end']} "
+        f"{out['date']}, {m['cpus']} CPUs, load average at the end {m['load_avg_at_end']} "
         "(a shared machine: other jobs ran beside it; seconds are noisy, RSS is not).",
-        f"Command: `.venv/bin/python bench/bounds.py{' --quick' if args.quick else ''}{' --peer' if args.peer else ''}`; "
-        f"defaults {out['limits']}.", "",
-        "| figure | value | target | met |", "|---|---|---|---|",
+        f"Command: `{command}`; defaults {limits}.", "",
+        *br.markdown_table(figures),
     ]
-    for k, f in figures.items():
-        lines.append(f"| {k} | {f['value']} | {f['target']} | {'-' if f['met'] is None else ('yes' if f['met'] else 'no')} |")
     lines += ["", f"Idle server RSS {results['idle_rss_mib']} MiB.", "",
               "| text | chars | status | seconds | audio s | peak RSS above idle MiB |", "|---|---|---|---|---|---|"]
     for name, r in results["worst"].items():
@@ -306,8 +293,8 @@ def write(results: dict, args, date: str | None = None) -> None:
         p = results["peer"]
         lines += ["", f"Peer (same run, 700 chars unpunctuated mixed, one utterance however long = before issue 13): "
                   f"{p['unbounded']}; bounded: {p['bounded']}."]
-    (res / "bounds.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps(figures, indent=2))
+    (REPO / "bench" / "results" / "bounds.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps(figures, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

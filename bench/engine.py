@@ -17,7 +17,7 @@ Figures (bench/results/engine.json + engine.md):
 
     .venv/bin/python bench/engine.py --shapes x_low,high,multi [--threads 2] [--repeats 5]
 
-measures the other Piper voice shapes (built full size by tests/voice_factory.py with piper's
+measures the other Piper voice shapes (built full size by tts_testkit/voice_factory.py with piper's
 own model code, random weights) beside onnxruntime running piper's exported graph in the same
 run, and merges their figures into the same files (joe's figures are kept):
   * CPU RTF ratio ours / onnxruntime (median over the 20 sentences of joe's figure, German ones
@@ -37,19 +37,16 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import torch  # noqa: E402
+
+from tts_testkit import benchresult as br  # noqa: E402
+from tts_testkit.paths import REPO as ROOT  # noqa: E402
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -80,32 +77,11 @@ SETTLE_S = 0.05
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import onnxruntime
 
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "isa": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "loadavg_start": list(os.getloadavg()),
-    }
-
-
-def _figure(name, value, unit, target=None, met=None, **extra) -> dict:
-    fig = {"name": name, "value": value, "unit": unit, "target": target, "met": met}
-    fig.update(extra)
-    return fig
+    return br.machine(isa=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__,
+                      onnxruntime=onnxruntime.__version__, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                      loadavg_start=list(os.getloadavg()))
 
 
 def _piper_voice(threads: int):
@@ -216,8 +192,8 @@ def measure_load(bundle: Path, threads: int, repeats: int = 3) -> dict:
 def measure_gpu(bundle: Path) -> list[dict]:
     if not torch.cuda.is_available():
         reason = "no CUDA device on this machine (and none was lent to this task)"
-        return [_figure("gpu_single_rtf", None, "x", 0.005, None, note=f"not measured: {reason}"),
-                _figure("gpu_best_audio_seconds_per_s", None, "audio-s/s", 500, None, note=f"not measured: {reason}")]
+        return [br.figure("gpu_single_rtf", None, "x", 0.005, None, note=f"not measured: {reason}"),
+                br.figure("gpu_best_audio_seconds_per_s", None, "audio-s/s", 500, None, note=f"not measured: {reason}")]
     from runtime.engine import Engine, SynthesisRequest
 
     eng = Engine.load(bundle, device="cuda")
@@ -233,7 +209,7 @@ def measure_gpu(bundle: Path) -> list[dict]:
         torch.cuda.synchronize()
         single.append((time.perf_counter() - t0) / (len(w) / eng.sample_rate))
     rtf = statistics.median(single)
-    figs.append(_figure("gpu_single_rtf", round(rtf, 5), "x", 0.005, rtf <= 0.005, device=name))
+    figs.append(br.figure("gpu_single_rtf", round(rtf, 5), "x", 0.005, rtf <= 0.005, device=name))
     best = 0.0
     for bs in (1, 8, 32, 64):
         reqs = [SynthesisRequest(ids[k % len(ids)], seed=k) for k in range(bs)]
@@ -245,10 +221,10 @@ def measure_gpu(bundle: Path) -> list[dict]:
         torch.cuda.synchronize()
         aps = sum(len(w) for w in waves) / eng.sample_rate / (time.perf_counter() - t0)
         best = max(best, aps)
-        figs.append(_figure(f"gpu_audio_seconds_per_s_batch{bs}", round(aps, 1), "audio-s/s", None, None, device=name))
-        figs.append(_figure(f"gpu_peak_memory_batch{bs}", round(torch.cuda.max_memory_allocated() / 2**20, 1), "MiB",
-                            None, None, device=name))
-    figs.append(_figure("gpu_best_audio_seconds_per_s", round(best, 1), "audio-s/s", 500, best >= 500, device=name))
+        figs.append(br.figure(f"gpu_audio_seconds_per_s_batch{bs}", round(aps, 1), "audio-s/s", None, None, device=name))
+        figs.append(br.figure(f"gpu_peak_memory_batch{bs}", round(torch.cuda.max_memory_allocated() / 2**20, 1), "MiB",
+                              None, None, device=name))
+    figs.append(br.figure("gpu_best_audio_seconds_per_s", round(best, 1), "audio-s/s", 500, best >= 500, device=name))
     eng.close()
     return figs
 
@@ -294,7 +270,7 @@ def measure_shape(shape: str, base: Path, threads: int, repeats: int) -> list[di
     from runtime import heap
     from runtime.engine import Engine, SynthesisRequest
     from piper_import import import_piper
-    from tests import voice_factory
+    from tts_testkit import voice_factory
 
     onnx_path, json_path = voice_factory.build(shape, base / "onnx")
     bundle = import_piper(onnx_path, json_path, base / shape).out_dir
@@ -332,40 +308,37 @@ def measure_shape(shape: str, base: Path, threads: int, repeats: int) -> list[di
     desc = (f"{spec['quality']}, resblock {spec['resblock']}, hidden {spec['hidden']}, {spec['sample_rate']} Hz, "
             f"{spec['speakers']} speaker(s), {spec['espeak']}")
     return [
-        _figure(f"shape_{shape}_cpu_rtf_ratio_ours_over_onnxruntime_median", round(ratio, 3), "x", 1.0, ratio <= 1.0,
-                threads=threads, sentences=len(rows), per_sentence=[round(r, 3) for r in rows], voice=desc),
-        _figure(f"shape_{shape}_rss_per_loaded_voice", round(rss_ours / 2**20, 1), "MiB", None, None,
-                onnxruntime_session_mib=round(rss_ort / 2**20, 1), voice=desc,
-                note="RSS after Engine.load + first synthesis minus before (onnxruntime: its session, same graph)"),
-        _figure(f"shape_{shape}_load_to_first_synthesis_cpu", round(load_s, 3), "s", 3.0, load_s <= 3.0, voice=desc,
-                note="Engine.load(bundle) + first synthesis, torch already imported"),
+        br.figure(f"shape_{shape}_cpu_rtf_ratio_ours_over_onnxruntime_median", round(ratio, 3), "x", 1.0, ratio <= 1.0,
+                  threads=threads, sentences=len(rows), per_sentence=[round(r, 3) for r in rows], voice=desc),
+        br.figure(f"shape_{shape}_rss_per_loaded_voice", round(rss_ours / 2**20, 1), "MiB", None, None,
+                  onnxruntime_session_mib=round(rss_ort / 2**20, 1), voice=desc,
+                  note="RSS after Engine.load + first synthesis minus before (onnxruntime: its session, same graph)"),
+        br.figure(f"shape_{shape}_load_to_first_synthesis_cpu", round(load_s, 3), "s", 3.0, load_s <= 3.0, voice=desc,
+                  note="Engine.load(bundle) + first synthesis, torch already imported"),
     ]
 
 
 def _write(result: dict, out: Path) -> None:
+    br.write(out, result)
     machine, figures = result["machine"], result["figures"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    md = ["# Engine benchmark", "", f"{result['date']} on {machine['cpu']} ({machine['cores']} cores, {machine['isa']}), "
+    md = ["# Engine benchmark", "", f"{result['date']} on {machine['cpu']} ({machine['cpus']} cores, {machine['isa']}), "
           f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, OMP_WAIT_POLICY={machine['omp_wait_policy']}, "
           f"load average {machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f}.", "",
-          "| figure | value | unit | target | met |", "|---|---|---|---|---|"]
-    for f in figures:
-        md.append(f"| {f['name']} | {f['value']} | {f['unit']} | {f['target'] if f['target'] is not None else ''} | "
-                  f"{'' if f['met'] is None else ('yes' if f['met'] else 'no')} |")
+          *br.markdown_table(figures)]
     md += ["", f"Every timed call follows a {SETTLE_S * 1000:.0f} ms pause, so neither engine is timed while the other's "
            "threads still spin (docs/engine.md, 'Measuring fairly').", ""]
-    shapes = result.get("shapes")
+    shapes = result["details"].get("shapes")
     if shapes:
         md += ["## Other voice shapes", "",
                f"{shapes['date']}, load average {shapes['loadavg'][0]:.1f} -> {shapes['loadavg'][1]:.1f}: the machine is "
                "shared with other jobs and was loaded, so absolute RTFs are noisy; the ratios are measured in the same "
                "run, alternating calls, minimum of repeats. Voices: full-size random-weight voices built with piper's "
-               "SynthesizerTrn (tests/voice_factory.py); onnxruntime runs piper's exported graph of the same voice.", ""]
+               "SynthesizerTrn (tts_testkit/voice_factory.py); onnxruntime runs piper's exported graph of the same voice.", ""]
         for f in figures:
-            if f["name"].startswith("shape_") and "voice" in f:
-                extra = f" (onnxruntime session {f['onnxruntime_session_mib']} MiB)" if "onnxruntime_session_mib" in f else ""
-                md.append(f"* `{f['name']}` = {f['value']} {f['unit']}{extra} - {f['voice']}")
+            d = f.get("details", {})
+            if f["name"].startswith("shape_") and "voice" in d:
+                extra = f" (onnxruntime session {d['onnxruntime_session_mib']} MiB)" if "onnxruntime_session_mib" in d else ""
+                md.append(f"* `{f['name']}` = {f['value']} {f['unit']}{extra} - {d['voice']}")
         md.append("")
     md += ["Reproduce: `.venv/bin/python bench/engine.py` (joe) and `.venv/bin/python bench/engine.py --shapes "
            "x_low,high,multi` (see docs/engine.md for what the figures mean).", ""]
@@ -377,14 +350,14 @@ def main_shapes(args) -> int:
     loadavg0 = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="bench-shapes-") as tmp:
         figures = [f for shape in shapes for f in measure_shape(shape, Path(tmp), args.threads, args.repeats)]
-    result = json.loads(args.out.read_text()) if args.out.is_file() else {
-        "machine": _machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "figures": []}
-    result.setdefault("machine", _machine()).setdefault("loadavg_end", list(os.getloadavg()))
+    # joe's figures (and the run they came from: date, command, machine) stay; this run is in details.shapes
+    result = br.load(args.out) if args.out.is_file() else br.document("engine", [], machine=_machine())
+    result["machine"].setdefault("loadavg_end", list(os.getloadavg()))
     keep = [f for f in result["figures"] if not any(f["name"].startswith(f"shape_{s}_") for s in shapes)]
     result["figures"] = keep + figures
-    result["shapes"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "loadavg": [loadavg0[0], os.getloadavg()[0]], "threads": args.threads,
-                        "repeats": args.repeats, "shapes": shapes}
+    result["details"]["shapes"] = {"date": br.now(), "command": br.command_line(),
+                                   "loadavg": [loadavg0[0], os.getloadavg()[0]], "threads": args.threads,
+                                   "repeats": args.repeats, "shapes": shapes}
     _write(result, args.out)
     for f in figures:
         print(f"{f['name']:<64} {f['value']!s:>10} {f['unit']:<6} target {f['target']}  met {f['met']}")
@@ -427,37 +400,39 @@ def main() -> int:
     batches = measure_batch({args.threads: engine, 1: one_lane}, args.repeats)
     batch, per_core = batches[args.threads], batches[1]
     figures = [
-        _figure("cpu_rtf_ratio_ours_over_piper_median", round(rtf["median_ratio"], 3), "x", 1.0,
-                rtf["median_ratio"] <= 1.0, threads=args.threads, sentences=len(SENTENCES)),
-        _figure("cpu_rtf_ours_median", round(rtf["ours_median_rtf"], 4), "x", None, None, threads=args.threads),
-        _figure("cpu_rtf_piper_median", round(rtf["piper_median_rtf"], 4), "x", None, None, threads=args.threads),
-        _figure("cpu_batch8_throughput_ratio", round(batch["batched_aps"] / batch["sequential_aps"], 3), "x", 1.3,
-                batch["batched_aps"] / batch["sequential_aps"] >= 1.3,
-                batched_audio_s_per_s=round(batch["batched_aps"], 2),
-                sequential_audio_s_per_s=round(batch["sequential_aps"], 2), threads=args.threads),
-        _figure("cpu_batch8_throughput_ratio_one_lane", round(per_core["batched_aps"] / per_core["sequential_aps"], 3),
-                "x", None, None, threads=1,
-                note="the same 8 requests on a 1-lane engine: what batching saves per core"),
-        _figure("cpu_lane_scaling_single_requests", round(batch["sequential_aps"] / per_core["sequential_aps"], 3),
-                "x", None, None, note=f"one request at a time, {args.threads} lanes over 1"),
-        _figure("cpu_lane_scaling_batch8", round(batch["batched_aps"] / per_core["batched_aps"], 3),
-                "x", None, None, note=f"batch of 8, {args.threads} lanes over 1"),
-        _figure("load_to_first_synthesis_cpu", round(load["warm_median"], 3), "s", 3.0, load["warm_median"] <= 3.0,
-                note="Engine.load(bundle) + first synthesis, torch already imported"),
-        _figure("load_to_first_synthesis_cpu_cold_process", round(load["cold_process"], 3), "s", None, None,
-                note="fresh interpreter incl. importing torch (informational)"),
+        br.figure("cpu_rtf_ratio_ours_over_piper_median", round(rtf["median_ratio"], 3), "x", 1.0,
+                  rtf["median_ratio"] <= 1.0, threads=args.threads, sentences=len(SENTENCES),
+                  peer=br.peer("piper-tts (onnxruntime), median RTF", round(rtf["piper_median_rtf"], 4), "x"),
+                  ratio=round(rtf["median_ratio"], 3)),
+        br.figure("cpu_rtf_ours_median", round(rtf["ours_median_rtf"], 4), "x", None, None, threads=args.threads),
+        br.figure("cpu_rtf_piper_median", round(rtf["piper_median_rtf"], 4), "x", None, None, threads=args.threads),
+        br.figure("cpu_batch8_throughput_ratio", round(batch["batched_aps"] / batch["sequential_aps"], 3), "x", 1.3,
+                  batch["batched_aps"] / batch["sequential_aps"] >= 1.3,
+                  batched_audio_s_per_s=round(batch["batched_aps"], 2), threads=args.threads,
+                  peer=br.peer("the same 8 requests one at a time", round(batch["sequential_aps"], 2), "audio-s/s"),
+                  ratio=round(batch["batched_aps"] / batch["sequential_aps"], 3)),
+        br.figure("cpu_batch8_throughput_ratio_one_lane", round(per_core["batched_aps"] / per_core["sequential_aps"], 3),
+                  "x", None, None, threads=1,
+                  note="the same 8 requests on a 1-lane engine: what batching saves per core"),
+        br.figure("cpu_lane_scaling_single_requests", round(batch["sequential_aps"] / per_core["sequential_aps"], 3),
+                  "x", None, None, note=f"one request at a time, {args.threads} lanes over 1"),
+        br.figure("cpu_lane_scaling_batch8", round(batch["batched_aps"] / per_core["batched_aps"], 3),
+                  "x", None, None, note=f"batch of 8, {args.threads} lanes over 1"),
+        br.figure("load_to_first_synthesis_cpu", round(load["warm_median"], 3), "s", 3.0, load["warm_median"] <= 3.0,
+                  note="Engine.load(bundle) + first synthesis, torch already imported"),
+        br.figure("load_to_first_synthesis_cpu_cold_process", round(load["cold_process"], 3), "s", None, None,
+                  note="fresh interpreter incl. importing torch (informational)"),
     ]
     if import_s is not None:
-        figures.append(_figure("import_piper_seconds", round(import_s, 2), "s", None, None))
+        figures.append(br.figure("import_piper_seconds", round(import_s, 2), "s", None, None))
     figures.extend(measure_gpu(bundle))
     machine["loadavg_end"] = list(os.getloadavg())
-    result = {"machine": machine, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "figures": figures, "per_sentence": rtf["rows"]}
+    result = br.document("engine", figures, machine=machine, details={"per_sentence": rtf["rows"]})
     if args.out.is_file():  # keep the other shapes' figures from an earlier --shapes run
-        old = json.loads(args.out.read_text())
-        result["figures"] += [f for f in old.get("figures", []) if f["name"].startswith("shape_")]
-        if "shapes" in old:
-            result["shapes"] = old["shapes"]
+        old = br.load(args.out)
+        result["figures"] += [f for f in old["figures"] if f["name"].startswith("shape_")]
+        if "shapes" in old["details"]:
+            result["details"]["shapes"] = old["details"]["shapes"]
     _write(result, args.out)
     for f in figures:
         print(f"{f['name']:<48} {f['value']!s:>10} {f['unit']:<10} target {f['target']}  met {f['met']}")

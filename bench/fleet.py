@@ -1,4 +1,4 @@
-"""Fleet rollout benchmark: N nodes (default 10) of tests/fleet/harness.py, ansible over SSH.
+"""Fleet rollout benchmark: N nodes (default 10) of tts_testkit/fleet/harness.py, ansible over SSH.
 
 Steps, on one fleet: site.yml from nothing (then again: changed=0 expected); a load client on
 every node; rollout-model.yml 1.0.0 -> 1.1.0 (canary 1, then waves of --batch); rollback.yml
@@ -24,21 +24,20 @@ writes bench/results/fleet-rollback.json. The target is judged on the slowest of
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.fleet import harness  # noqa: E402
-from tests.fleet import rollout as fr  # noqa: E402
+from tts_testkit import benchresult as br
+from tts_testkit.fleet import harness
+from tts_testkit.fleet import rollout as fr
+from tts_testkit.paths import REPO
+from tts_testkit.waits import wait_until
+from tts_testkit.wheel import build_wheel
 
 
 PROFILE = "ansible.posix.profile_tasks"
@@ -74,18 +73,9 @@ def timed_rollback(fleet: harness.Fleet, clients: "fr.Clients", version: str, lo
         "requests_sent": sum(s["sent"] for s in summary.values()),
         "requests_failed": sum(s["failed"] for s in summary.values()),
         "failures": {n: s["failures"] for n, s in summary.items() if s["failures"]},
-        "nodes_on_version": len(firsts), "first_answer_p50_s": pct(firsts, 0.5), "first_answer_max_s": max(firsts, default=None),
+        "nodes_on_version": len(firsts), "first_answer_p50_s": br.percentile(firsts, 0.5), "first_answer_max_s": max(firsts, default=None),
         "task_s": task_times(out.stdout),
     }
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return round(values[lo] + (values[hi] - values[lo]) * (k - lo), 2)
 
 
 class Sampler(threading.Thread):
@@ -101,26 +91,40 @@ class Sampler(threading.Thread):
                 pass
 
 
-def machine() -> dict:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+# Units of the figures (each a key of the run's `figures` dict); the targets join them by name.
+UNITS = {"site_install_s": "s", "site_install_egress_ratio": "x", "site_install_cpu_s": "s", "site_second_run_s": "s",
+         "site_second_run_changed": "tasks", "rollout_rc": "exit code", "rollout_wall_s": "s",
+         "time_to_new_version_p50_s": "s", "time_to_new_version_p95_s": "s", "nodes_on_new_version": "nodes",
+         "rollout_requests_sent": "requests", "rollout_requests_failed": "requests",
+         "rollout_requests_retried_503": "requests", "rollout_mirror_egress_bytes": "bytes", "model_bytes": "bytes",
+         "rollout_mirror_egress_ratio": "x", "rollout_harness_cpu_s": "s", "rollback_rc": "exit code",
+         "rollback_wall_s": "s", "rollback_loadavg_at_end": "load", "rollback_requests_sent": "requests",
+         "rollback_requests_failed": "requests", "serving_after_rollback": "versions", "harness_peak_rss_mib": "MiB",
+         "harness_cpu_total_s": "s", "bench_wall_s": "s", "channel_move_to_all_serving_s": "s",
+         "rollback_wall_s_ours": "s", "rollback_wall_s_peer": "s", "peer_over_ours_median": "x",
+         "rollback_wall_s_slowest": "s", "nodes_on_version": "nodes"}
 
 
-def write(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+def write(out: Path, benchmark: str, figures: dict, targets: dict, details: dict) -> None:
+    """`figures`: name -> value; `targets`: name -> (target, value, met), joined to the figure
+    of that name or a figure of its own."""
+    figs = {name: br.figure(name, value, UNITS[name]) for name, value in figures.items()}
+    for name, (target, value, met) in targets.items():
+        figs.setdefault(name, br.figure(name, value, UNITS[name])).update(target=target, met=bool(met))
+    machine = br.machine(mem_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                         loadavg_at_end=[round(x, 2) for x in os.getloadavg()])
+    doc = br.write(out, br.document(benchmark, list(figs.values()), machine=machine, details=details))
+    print(json.dumps(doc, indent=2))
 
 
 def rollback_only(args, fleet: harness.Fleet, bucket: str, figures: dict, t_all: float) -> int:
     """Both versions on every node the cheap way (the channel moves; each provisioner syncs
     by itself), then rollback.yml back and forth under traffic."""
-    from tests.provisioner_helpers import set_channel
+    from tts_testkit.provisioner_setup import set_channel
 
     t0 = time.monotonic()
     set_channel(fleet.mirror.server.client(), bucket, fr.MODEL, "stable", "1.1.0")
-    harness.wait_until(lambda: all(fr.serving(n) == "1.1.0" for n in fleet.nodes), 900, interval=2,
+    wait_until(lambda: all(fr.serving(n) == "1.1.0" for n in fleet.nodes), 900, interval=2,
                        what="every node serving 1.1.0 after the channel moved")
     figures["channel_move_to_all_serving_s"] = round(time.monotonic() - t0, 1)
     peer_dir = None
@@ -154,7 +158,6 @@ def rollback_only(args, fleet: harness.Fleet, bucket: str, figures: dict, t_all:
     if peer_runs:
         figures["rollback_wall_s_ours"] = [r["wall_s"] for r in runs]
         figures["rollback_wall_s_peer"] = [r["wall_s"] for r in peer_runs]
-        figures["rollback_peer_ref"] = args.peer_ref
         figures["peer_over_ours_median"] = round(statistics.median(r["wall_s"] for r in peer_runs)
                                                  / statistics.median(r["wall_s"] for r in runs), 2)
         print(f"rollback wall time, peer ({args.peer_ref}) / ours, medians: {figures['peer_over_ours_median']}",
@@ -167,17 +170,13 @@ def rollback_only(args, fleet: harness.Fleet, bucket: str, figures: dict, t_all:
         "nodes_on_version": (f"== {args.nodes} every run", [r["nodes_on_version"] for r in runs],
                              all(r["nodes_on_version"] == args.nodes for r in runs)),
     }
-    write(args.out, {
-        "benchmark": "fleet-rollback", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "setup": {"nodes": args.nodes, "mirror": args.mirror, "rollbacks": args.rollbacks,
-                  "client": "one per node, sequential requests without pause, 'Fleet check.'",
-                  "two_versions": "site.yml installs 1.0.0; the channel moves to 1.1.0 and every node syncs it"},
-        "figures": figures,
-        "rollbacks": runs,
-        "peer_rollbacks": peer_runs,
-        "targets": {k: {"target": t, "value": v, "met": "yes" if ok else "no"} for k, (t, v, ok) in targets.items()},
-    })
+    setup = {"nodes": args.nodes, "mirror": args.mirror, "rollbacks": args.rollbacks,
+             "client": "one per node, sequential requests without pause, 'Fleet check.'",
+             "two_versions": "site.yml installs 1.0.0; the channel moves to 1.1.0 and every node syncs it"}
+    if peer_runs:
+        setup["peer_ref"] = args.peer_ref
+    write(args.out, "fleet-rollback", figures, targets,
+          {"setup": setup, "rollbacks": runs, "peer_rollbacks": peer_runs})
     return 0 if all(ok for _, _, ok in targets.values()) else 1
 
 
@@ -205,13 +204,13 @@ def main() -> int:
         return 2
     import shutil
 
-    from tests.provisioner_helpers import make_keys
+    from tts_testkit.provisioner_setup import make_keys
 
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     figures: dict = {}
     t_all = time.monotonic()
-    wheel = fr.build_wheel(args.work / "wheel")
+    wheel = build_wheel(args.work / "wheel")
     with harness.Fleet(args.work, args.nodes, mirror_kind=args.mirror) as fleet:
         sampler = Sampler(fleet)
         sampler.start()
@@ -262,8 +261,8 @@ def main() -> int:
         figures.update({
             "rollout_rc": rollout_rc,
             "rollout_wall_s": round(rollout_s, 1),
-            "time_to_new_version_p50_s": pct(firsts, 0.5),
-            "time_to_new_version_p95_s": pct(firsts, 0.95),
+            "time_to_new_version_p50_s": br.percentile(firsts, 0.5),
+            "time_to_new_version_p95_s": br.percentile(firsts, 0.95),
             "nodes_on_new_version": len(firsts),
             "rollout_requests_sent": sum(s["sent"] for s in summary.values()),
             "rollout_requests_failed": sum(s["failed"] for s in summary.values()),
@@ -274,10 +273,8 @@ def main() -> int:
             "rollout_harness_cpu_s": round(rollout_cpu, 1),
             "rollback_rc": rollback["rc"],
             "rollback_wall_s": rollback["wall_s"],
-            "rollback_loadavg_at_end": rollback["loadavg_at_end"],
             "rollback_requests_sent": rollback["requests_sent"],
             "rollback_requests_failed": rollback["requests_failed"],
-            "rollback_task_s": rollback["task_s"],
             "serving_after_rollback": sorted(set(map(str, serving))),
             "harness_peak_rss_mib": round(sampler.peak / 2**20),
             "harness_cpu_total_s": round(fleet.cpu_seconds(), 1),
@@ -287,21 +284,20 @@ def main() -> int:
     figures["bench_wall_s"] = round(time.monotonic() - t_all, 1)
 
     targets = {
-        "rollout_requests_failed": ("== 0", figures["rollout_requests_failed"] == 0),
-        "rollback_requests_failed": ("== 0", figures["rollback_requests_failed"] == 0),
-        "rollback_wall_s": ("< 60", figures["rollback_wall_s"] < 60),
-        "nodes_on_new_version": (f"== {args.nodes}", figures["nodes_on_new_version"] == args.nodes),
+        "rollout_requests_failed": ("== 0", figures["rollout_requests_failed"], figures["rollout_requests_failed"] == 0),
+        "rollback_requests_failed": ("== 0", figures["rollback_requests_failed"],
+                                     figures["rollback_requests_failed"] == 0),
+        "rollback_wall_s": ("< 60", figures["rollback_wall_s"], figures["rollback_wall_s"] < 60),
+        "nodes_on_new_version": (f"== {args.nodes}", figures["nodes_on_new_version"],
+                                 figures["nodes_on_new_version"] == args.nodes),
     }
-    write(args.out, {
-        "benchmark": "fleet", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+    write(args.out, "fleet", figures, targets, {
         "setup": {"nodes": args.nodes, "canary": 1, "batch": args.batch, "mirror": args.mirror,
                   "client": "one per node, sequential requests without pause, 'Fleet check.'"},
-        "figures": figures,
-        "targets": {k: {"target": t, "value": figures[k], "met": "yes" if ok else "no"} for k, (t, ok) in targets.items()},
+        "rollback": {"loadavg_at_end": rollback["loadavg_at_end"], "task_s": rollback["task_s"]},
         "per_node": per_node,
     })
-    return 0 if all(ok for _, ok in targets.values()) and rollout_rc == 0 else 1
+    return 0 if all(ok for _, _, ok in targets.values()) and rollout_rc == 0 else 1
 
 
 if __name__ == "__main__":

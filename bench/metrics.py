@@ -7,8 +7,9 @@ request latency with metrics scraped vs not, in one run.
    scraper ("off"), then with its metrics socket scraped every second ("on": 15x
    Prometheus's default rate), alternating off/on rounds so drift of the shared machine
    falls on both; each round sends the same sequential requests (bench/server.py's texts
-   and client). The per-request instrumentation (three histogram observations in the
-   access layer) cannot be switched off: its cost is timed in-process as well.
+   and client, from tts_testkit/load.py). The per-request instrumentation (three histogram
+   observations in the access layer) cannot be switched off: its cost is timed in-process
+   as well.
 2. Scrape cost: time and bytes of one GET /metrics over each daemon's metrics socket (the
    runtime after the requests above; the provisioner daemon with 5 models synced from
    nanio), plain and gzip (Prometheus asks for gzip).
@@ -23,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -33,18 +32,17 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import httpx  # noqa: E402
+import tomli_w  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench.server import request_text, run_clients  # noqa: E402
-from tests.runtime_helpers import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
+from tts_testkit import benchresult as br  # noqa: E402
+from tts_testkit.load import request_text, run_clients  # noqa: E402
+from tts_testkit.paths import REPO  # noqa: E402
+from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
 
 
 def scrape(sock: Path, gzip: bool = False) -> tuple[float, int, str]:
@@ -175,8 +173,8 @@ def runtime_cardinality(voices: int = 10) -> int:
 def provisioner_cardinality_and_daemon(tmp: Path, models: int = 5) -> tuple[int, dict]:
     """The provisioner daemon with `models` small models synced from nanio; its scrape cost
     and its series (p2p off: 2 series fewer than with p2p on)."""
-    from tests.provisioner_helpers import make_keys, model_files, publish_raw, wait_status, write_config
-    from tests.s3servers import STARTERS
+    from tts_testkit.provisioner_setup import make_keys, model_files, publish_raw, wait_status, write_config
+    from tts_testkit.s3servers import STARTERS
 
     server = STARTERS["nanio"](tmp / "s3")
     try:
@@ -191,8 +189,7 @@ def provisioner_cardinality_and_daemon(tmp: Path, models: int = 5) -> tuple[int,
         config = write_config(tmp, [dict(name="primary", endpoint=server.endpoint, bucket=bucket,
                                          credentials_file=creds)], keys,
                               models="\n[[models]]\n".join(f'name = "{n}"\nchannel = "stable"' for n in names),
-                              extra=f'metrics_socket = "{sock}"')
-        config.write_text(config.read_text().replace("poll_interval = 1", "poll_interval = 3600"))
+                              extra=tomli_w.dumps({"metrics_socket": str(sock), "poll_interval": 3600}))
         proc = subprocess.Popen([str(Path(sys.executable).parent / "tts-provisioner"), "--config", str(config), "run"],
                                 stderr=subprocess.DEVNULL, env=dict(os.environ, TTS_LOG_FORMAT="json"))
         try:
@@ -206,8 +203,78 @@ def provisioner_cardinality_and_daemon(tmp: Path, models: int = 5) -> tuple[int,
         server.stop()
 
 
+SCRAPES = (("runtime_1_voice", "runtime, 1 voice, after traffic"), ("provisioner_5_models", "provisioner, 5 models"))
+
+
+def figures_from(latency: dict, instrumentation_us: float, scrape: dict, series: dict) -> list[dict]:
+    """The run's figures: latency with metrics on against off (the peer, same run), the
+    instrumentation's cost, one scrape of each daemon, series per node."""
+    off = "metrics off (no metrics socket, no scraper)"
+    med, p95 = latency["median_ms"], latency["p95_ms"]
+    figures = [
+        br.figure("latency_median_metrics_on", med["on"], "ms", peer=br.peer(f"{off}, median", med["off"], "ms"),
+                  ratio=latency["median_ratio_on_over_off"], note="metrics socket scraped every second"),
+        br.figure("latency_p95_metrics_on", p95["on"], "ms", peer=br.peer(f"{off}, p95", p95["off"], "ms"),
+                  ratio=round(p95["on"] / p95["off"], 3), note="metrics socket scraped every second"),
+        br.figure("latency_off_rounds_spread", latency["off_rounds_spread_ratio"], "x",
+                  note="slowest over fastest median of the 'off' rounds: the machine's own noise"),
+        br.figure("instrumentation_per_request", instrumentation_us, "us",
+                  note="the access layer's metric calls for one request, in-process (always on)"),
+    ]
+    for key, label in SCRAPES:
+        cost = scrape[key]
+        figures += [
+            br.figure(f"scrape_{key}_ms", cost["ms_median"], "ms", note=f"{label}: median of 20 plain GETs"),
+            br.figure(f"scrape_{key}_bytes", cost["bytes"], "B", note=f"{label}: plain"),
+            br.figure(f"scrape_{key}_gzip_ms", cost["gzip_ms_median"], "ms", note=f"{label}: median of 20 gzip GETs"),
+            br.figure(f"scrape_{key}_gzip_bytes", cost["gzip_bytes"], "B", note=f"{label}: gzip"),
+        ]
+    figures += [
+        br.figure("series_runtime_1_voice", scrape["runtime_1_voice"]["series"], "series",
+                  note="the runtime scraped above, 1 voice after traffic"),
+        br.figure("series_runtime_10_voices", series["runtime_10_voices"], "series"),
+        br.figure("series_provisioner_5_models", series["provisioner_5_models"], "series"),
+        br.figure("series_per_node", series["total"], "series", note="10 voices and 5 models"),
+    ]
+    return figures
+
+
+def markdown(doc: dict) -> str:
+    """metrics.md: the figures and what they were measured on (from the results document alone)."""
+    d, m = doc["details"], doc["machine"]
+    s, lat = d["settings"], d["latency"]
+    fig = {f["name"]: f for f in doc["figures"]}
+    series = {k: fig[f"series_{k}"]["value"] for k in ("runtime_10_voices", "provisioner_5_models", "per_node")}
+    return f"""# What the metrics cost (bench/metrics.py)
+
+{doc['date']}, {m['cpus']} cores, load average {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f} (shared machine).
+
+Latency: {s['rounds']} alternating rounds per mode, {s['requests_per_round']} sequential requests of 1-3 short
+sentences each (bench/server.py's texts and client), real voice on CPU; "on" = the metrics socket
+scraped every second ({lat['scrapes_during_on']} scrapes), "off" = no metrics socket, no scraper (the
+peer in the table). Per-round medians (ms): off {lat['round_medians_ms']['off']}, on
+{lat['round_medians_ms']['on']}; the "off" rounds alone differ by up to
+{fig['latency_off_rounds_spread']['value']}x from one another, so a difference smaller than that is not
+measurable on this machine. The per-request instrumentation (always on: counter, latency, audio
+seconds, time to first audio, queue wait, real-time factor) costs
+**{fig['instrumentation_per_request']['value']} µs** per request in-process.
+
+Scrapes: the median of 20 GETs over each daemon's metrics socket (the TCP relay adds one local
+connection); the runtime with 1 voice after traffic, the provisioner with 5 models synced from nanio.
+
+Series per node (10 voices, 5 models): runtime {series['runtime_10_voices']} + provisioner
+{series['provisioner_5_models']} = **{series['per_node']}** (runtime: every voice served, both synthesis
+endpoints answering 200/404/413/422/499/503/504, every probe path; the per-voice histograms -
+time to first audio, real-time factor - are most of it).
+
+{chr(10).join(br.markdown_table(doc['figures']))}
+
+Reproduce: `{doc['command'] or '.venv/bin/python bench/metrics.py'}`.
+"""
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--requests", type=int, default=24, help="sequential requests per round and mode")
     args = ap.parse_args()
@@ -228,60 +295,19 @@ def main() -> None:
     finally:
         srv.stop()
     prov_series, prov_scrape = provisioner_cardinality_and_daemon(tmp / "prov")
-    result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-        "latency_metrics_on_vs_off": latency,
-        "instrumentation_us_per_request": instrumentation_cost(),
-        "scrape": {"runtime_1_voice": runtime_scrape, "provisioner_5_models": prov_scrape},
-        "series_per_node": {"runtime_10_voices": runtime_cardinality(10), "provisioner_5_models": prov_series},
-    }
-    result["series_per_node"]["total"] = sum(result["series_per_node"].values())
-    out = REPO / "bench/results"
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    lat, sc, card = latency, result["scrape"], result["series_per_node"]
-    (out / "metrics.md").write_text(f"""# What the metrics cost (bench/metrics.py)
-
-{result['date']}, {os.cpu_count()} cores, load average {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f} (shared machine).
-
-## Runtime request latency, metrics scraped vs not (same run)
-
-{args.rounds} alternating rounds per mode, {args.requests} sequential requests of 1-3 short sentences each
-(bench/server.py's texts and client), real voice on CPU; "on" = the metrics socket scraped every
-second ({lat['scrapes_during_on']} scrapes), "off" = no metrics socket, no scraper.
-
-| | off | on |
-|---|---|---|
-| median | {lat['median_ms']['off']} ms | {lat['median_ms']['on']} ms |
-| p95 | {lat['p95_ms']['off']} ms | {lat['p95_ms']['on']} ms |
-
-Median on/off: **{lat['median_ratio_on_over_off']}x**. Per-round medians (ms): off
-{lat['round_medians_ms']['off']}, on {lat['round_medians_ms']['on']}; the "off" rounds alone
-differ by up to {lat['off_rounds_spread_ratio']}x from one another, so a difference smaller than
-that is not measurable on this machine. The per-request instrumentation (always on:
-counter, latency, audio seconds, time to first audio, queue wait, real-time factor) costs
-**{result['instrumentation_us_per_request']} µs** per request in-process.
-
-## One scrape
-
-| daemon | series | plain | gzip |
-|---|---|---|---|
-| runtime, 1 voice, after traffic | {sc['runtime_1_voice']['series']} | {sc['runtime_1_voice']['bytes']} B, {sc['runtime_1_voice']['ms_median']} ms | {sc['runtime_1_voice']['gzip_bytes']} B, {sc['runtime_1_voice']['gzip_ms_median']} ms |
-| provisioner, 5 models | {sc['provisioner_5_models']['series']} | {sc['provisioner_5_models']['bytes']} B, {sc['provisioner_5_models']['ms_median']} ms | {sc['provisioner_5_models']['gzip_bytes']} B, {sc['provisioner_5_models']['gzip_ms_median']} ms |
-
-Times are the median of 20 GETs over the daemon's metrics socket (the TCP relay adds one
-local connection).
-
-## Series per node (10 voices, 5 models)
-
-runtime {card['runtime_10_voices']} + provisioner {card['provisioner_5_models']} = **{card['total']}** series per node
-(runtime: every voice served, both synthesis endpoints answering 200/404/413/422/499/503/504,
-every probe path; the per-voice histograms - time to first audio, real-time factor - are most of it).
-
-Reproduce: `.venv/bin/python bench/metrics.py --rounds {args.rounds} --requests {args.requests}`.
-""")
-    print(json.dumps(result, indent=2))
+    series = {"runtime_10_voices": runtime_cardinality(10), "provisioner_5_models": prov_series}
+    series["total"] = sum(series.values())
+    scrape = {"runtime_1_voice": runtime_scrape, "provisioner_5_models": prov_scrape}
+    figures = figures_from(latency, instrumentation_cost(), scrape, series)
+    details = {"settings": {"rounds": args.rounds, "requests_per_round": args.requests, "scrape_every_s": 1.0,
+                            "latency_server": {"max_batch_size": 8, "max_wait_ms": 15, "device": "cpu"}},
+               "latency": {k: latency[k] for k in ("requests_per_mode", "scrapes_during_on", "round_medians_ms")}}
+    machine = br.machine(loadavg_start=list(load_start), loadavg_end=list(os.getloadavg()))
+    out = REPO / "bench" / "results"
+    doc = br.write(out / "metrics.json", br.document("metrics", figures, machine=machine, details=details))
+    (out / "metrics.md").write_text(markdown(doc))
+    for f in figures:
+        print(f"{f['name']}: {f['value']} {f['unit']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -32,21 +30,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads of one server must not spin
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 from wyoming.client import AsyncClient  # noqa: E402
 from wyoming.tts import Synthesize, SynthesizeVoice  # noqa: E402
 
-from tests.runtime_helpers import VENV_BIN, publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
-from tests.s3servers import free_port, wait_for_port  # noqa: E402
+from tts_testkit import benchresult as br  # noqa: E402
+from tts_testkit.paths import REPO, VENV_BIN  # noqa: E402
+from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
+from tts_testkit.s3servers import free_port, wait_for_port  # noqa: E402
 
 SHORT = "Turn on the kitchen lights, please."
 LONG = ("The weather today will be mostly sunny with a light breeze from the west. "
@@ -55,6 +51,7 @@ LONG = ("The weather today will be mostly sunny with a light breeze from the wes
         "Tomorrow brings a chance of rain in the morning, clearing up by noon.")
 TOKEN = "bench-" + "0123456789abcdef" * 3
 CLIENTS = 8
+SERVER = {"max_batch_size": 8, "max_wait_ms": 10, "queue_size": 64, "deadline_s": 300}  # ours, on CPU
 
 
 async def one(uri: str, text: str, voice: str) -> tuple[float, float, float]:
@@ -151,11 +148,23 @@ def http_added_latency(srv, base: str, blocks: int = 10, per_block: int = 50) ->
     return {k: statistics.median(v) * 1000 for k, v in times.items()} | {"n_voices": blocks * per_block // 2}
 
 
+COMPARISONS = (  # (raw measure, figure, what the peer's number is, unit, target, met)
+    ("c8_throughput", "c8_{label}_throughput", f"{CLIENTS} clients, throughput", "audio-s/s", ">= 2.0",
+     lambda ratio: ratio >= 2.0),
+    ("c1_first", "c1_{label}_first_chunk", "1 client, first audio-chunk", "s", "<= 1.0", lambda ratio: ratio <= 1.0),
+    ("c8_first", "c8_{label}_first_chunk", f"{CLIENTS} clients, median first audio-chunk", "s", "<= 1.0",
+     lambda ratio: ratio <= 1.0),
+)
+HTTP_REQUESTS = {"voices": "GET /v1/voices", "synth": "POST /v1/synthesize of a short text"}
+
+
 def figures_from(raw: dict, http: dict) -> list[dict]:
+    """Each side's medians; ours over wyoming-piper's, with the peer's median beside it; HTTP
+    over TCP with a token against the Unix socket."""
     figures: list[dict] = []
 
-    def fig(name, value, unit, target=None, met=None):
-        figures.append({"name": name, "value": round(value, 4), "unit": unit, "target": target, "met": met})
+    def fig(name, value, unit, target=None, met=None, **extra):
+        figures.append(br.figure(name, round(value, 4), unit, target, met, **extra))
 
     med = {key: statistics.median(values) for key, values in raw.items()}
     for label in ("short", "long"):
@@ -164,50 +173,49 @@ def figures_from(raw: dict, http: dict) -> list[dict]:
             fig(f"{side}_c1_{label}_total", med[(side, "c1_total", label)], "s")
             fig(f"{side}_c8_{label}_throughput", med[(side, "c8_throughput", label)], "audio-s/s")
             fig(f"{side}_c8_{label}_median_first_chunk", med[(side, "c8_first", label)], "s")
-        ratio = med[("ours", "c8_throughput", label)] / med[("peer", "c8_throughput", label)]
-        fig(f"c8_{label}_throughput_ours_over_peer", ratio, "x", 2.0, ratio >= 2.0)
-        for clients in ("c1", "c8"):
-            first = med[("ours", f"{clients}_first", label)] / med[("peer", f"{clients}_first", label)]
-            fig(f"{clients}_{label}_first_chunk_ours_over_peer", first, "x", 1.0, first <= 1.0)
+        for measure, name, what, unit, target, judge in COMPARISONS:
+            peer = med[("peer", measure, label)]
+            ratio = med[("ours", measure, label)] / peer
+            fig(f"{name.format(label=label)}_ours_over_peer", ratio, "x", target, judge(ratio),
+                peer=br.peer(f"wyoming-piper, {what}, {label} text", round(peer, 4), unit),
+                ratio=round(ratio, 4))
     for what in ("voices", "synth"):
         fig(f"http_unix_{what}_median", http[f"unix_{what}"], "ms")
         fig(f"http_tcp_token_{what}_median", http[f"tcp_{what}"], "ms")
-    added = http["tcp_voices"] - http["unix_voices"]
-    fig("http_tcp_token_added_latency", added, "ms", 2.0, added < 2.0)
-    fig("http_tcp_token_added_latency_synth", http["tcp_synth"] - http["unix_synth"], "ms")
+    for what, suffix, limit in (("voices", "", 2.0), ("synth", "_synth", None)):
+        added = http[f"tcp_{what}"] - http[f"unix_{what}"]
+        fig(f"http_tcp_token_added_latency{suffix}", added, "ms", None if limit is None else f"< {limit}",
+            None if limit is None else added < limit,
+            peer=br.peer(f"the Unix socket, median {HTTP_REQUESTS[what]}", round(http[f"unix_{what}"], 4), "ms"),
+            ratio=round(http[f"tcp_{what}"] / http[f"unix_{what}"], 4),
+            note=f"TCP with a bearer token minus the Unix socket, median {HTTP_REQUESTS[what]}, keep-alive")
     return figures
 
 
-def write(figures: list[dict], meta: dict) -> None:
-    out = REPO / "bench" / "results"
-    (out / "network.json").write_text(json.dumps({**meta, "figures": figures}, indent=2) + "\n")
-    rows = "\n".join(
-        f"| {f['name']} | {f['value']} | {f['unit']} | {'' if f['target'] is None else f['target']} | "
-        f"{'' if f['met'] is None else ('yes' if f['met'] else 'no')} |" for f in figures)
-    machine = meta["machine"]
-    (out / "network.md").write_text(
+def markdown(doc: dict) -> str:
+    """network.md: the figures and what they were measured on (from the results document alone)."""
+    m, s = doc["machine"], doc["details"]["settings"]
+    return (
         f"# The runtime from the network: Wyoming vs wyoming-piper, HTTP over TCP vs the Unix socket\n\n"
-        f"{meta['date']} on {machine['cpu']} ({machine['cores']} cores), load average "
-        f"{machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f}; both servers on CPU, "
-        f"{meta['rounds']} rounds alternating the sides; wyoming-piper {meta['peer_version']} with onnxruntime, "
-        f"ours with max_batch_size 8, max_wait_ms 10.\n\n"
-        f"Short text: \"{SHORT}\" (1 sentence). Long text: {len(LONG)} characters, 4 sentences. "
+        f"{doc['date']} on {m['cpu']} ({m['cpus']} cores), load average "
+        f"{m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}; both servers on CPU, "
+        f"{s['rounds']} rounds alternating the sides; wyoming-piper {m['wyoming_piper']} with onnxruntime, "
+        f"ours with max_batch_size {s['server']['max_batch_size']}, max_wait_ms {s['server']['max_wait_ms']}.\n\n"
+        f"Short text: \"{s['short_text']}\" (1 sentence). Long text: {len(s['long_text'])} characters, 4 sentences. "
         f"One connection per request, `synthesize` with the voice's name (Home Assistant's exchange); "
-        f"c1 = one client, c8 = {CLIENTS} clients at once (throughput = seconds of audio / wall seconds). "
+        f"c1 = one client, c8 = {s['clients']} clients at once (throughput = seconds of audio / wall seconds). "
         f"Ours adds the 0.2 s sentence pause between sentences, the peer none: throughput counts each side's "
-        f"own audio. HTTP: medians over {meta['http']['n_voices']} requests per side, keep-alive.\n\n"
-        f"| figure | value | unit | target | met |\n|---|---|---|---|---|\n{rows}\n\n"
-        "Reproduce: `.venv/bin/python bench/network.py` (docs/runtime.md, \"From the network\").\n")
+        f"own audio; each figure is the median over the rounds. HTTP: medians over "
+        f"{s['http_requests_per_side']} requests per side, keep-alive. The peer column: wyoming-piper's own "
+        f"median (Wyoming) or the Unix socket's (HTTP), same run; raw rounds in network.json.\n\n"
+        + "\n".join(br.markdown_table(doc["figures"])) + "\n\n"
+        f"Reproduce: `{doc['command'] or '.venv/bin/python bench/network.py'}` (docs/runtime.md, \"From the network\").\n")
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+def settings(rounds: int, http_requests: int) -> dict:
+    return {"rounds": rounds, "clients": CLIENTS, "short_text": SHORT, "long_text": LONG,
+            "http_requests_per_side": http_requests,
+            "server": dict(SERVER, device="cpu")}
 
 
 def main() -> None:
@@ -225,7 +233,7 @@ def main() -> None:
         tokens.write_text(f"bench {TOKEN}\n")
         tokens.chmod(0o600)
         http_port, wy_port = free_port(), free_port()
-        srv = start_server(tmp / "srv", cache, max_batch_size=8, max_wait_ms=10, queue_size=64, deadline_s=300,
+        srv = start_server(tmp / "srv", cache, **SERVER,
                            tcp_listen=f"127.0.0.1:{http_port}", tcp_tokens_file=str(tokens),
                            wyoming_listen=[f"tcp://127.0.0.1:{wy_port}"], log_level="warning")
         srv.wait_ready(120)
@@ -244,15 +252,15 @@ def main() -> None:
             srv.stop()
     from importlib.metadata import version
 
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rounds": args.rounds,
-            "peer_version": version("wyoming-piper"), "http": http,
-            "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
-                        "python": platform.python_version(), "loadavg_start": load_start,
-                        "loadavg_end": os.getloadavg()},
-            "raw": {"|".join(k): [round(v, 4) for v in vs] for k, vs in raw.items()}}
-    figures = figures_from(raw, http)
-    write(figures, meta)
-    for f in figures:
+    machine = br.machine(loadavg_start=list(load_start), loadavg_end=list(os.getloadavg()),
+                         wyoming_piper=version("wyoming-piper"))
+    details = {"settings": settings(args.rounds, http.pop("n_voices")), "http_medians_ms": http,
+               "raw": {"|".join(k): [round(v, 4) for v in vs] for k, vs in raw.items()}}
+    out = REPO / "bench" / "results"
+    doc = br.write(out / "network.json", br.document("network", figures_from(raw, http), machine=machine,
+                                                     details=details))
+    (out / "network.md").write_text(markdown(doc))
+    for f in doc["figures"]:
         print(f"{f['name']}: {f['value']} {f['unit']}" + ("" if f["target"] is None else
                                                             f" (target {f['target']}, met {f['met']})"))
     shutil.rmtree(tmp, ignore_errors=True)

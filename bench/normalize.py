@@ -5,7 +5,7 @@ years and abbreviations understood as a person would read it? ASR round trip on 
     .venv/bin/python bench/normalize.py [--draws 3]
 
 Every sentence of SENTENCES is synthesized three ways in the same run and transcribed by
-pocketsphinx (tests/asr_helpers.py, as tests/test_engine_intelligibility.py does):
+pocketsphinx (tts_testkit/asr.py, as tests/test_engine_intelligibility.py does):
   * piper   - piper-tts itself (onnxruntime, espeak reads the text: the peer);
   * before  - our engine with normalize_text off (the same reading as piper's);
   * after   - our engine with normalize_text on (runtime/normalize.py).
@@ -26,18 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tts_testkit import benchresult as br
+from tts_testkit.paths import REPO as ROOT
 
 # (category, text as written, text as a person reads it)
 SENTENCES = [
@@ -72,13 +69,9 @@ CANONICAL = {"dr": "doctor", "mr": "mister", "mrs": "missus", "etc": "et cetera"
 
 
 def _canonical(text: str) -> str:
-    from tests.asr_helpers import words
+    from tts_testkit.asr import words
 
     return " ".join(CANONICAL.get(w, w) for w in words(text))
-
-
-def _figure(name, value, unit, target, met, **extra):
-    return {"name": name, "value": value, "unit": unit, "target": target, "met": met, **extra}
 
 
 def main() -> int:
@@ -92,7 +85,7 @@ def main() -> int:
 
     from runtime.engine import Engine
     from piper_import import bundled_voice_paths, import_piper
-    from tests.asr_helpers import make_recognizer, word_error_rate
+    from tts_testkit.asr import make_recognizer, word_error_rate
 
     load0 = os.getloadavg()
     recognize = make_recognizer()
@@ -149,34 +142,28 @@ def main() -> int:
                    for side in ("piper", "before", "after")} for c in categories}
     off, on = statistics.median(cost[False]), statistics.median(cost[True])
     added = on / off - 1
+    wer_ratio = round(mean["after"] / mean["piper"], 3) if mean["piper"] else None
     figures = [
-        _figure("wer_after_over_piper", round(mean["after"] / mean["piper"], 3) if mean["piper"] else None, "x", 0.5,
-                mean["after"] <= 0.5 * mean["piper"], after=round(mean["after"], 3), piper=round(mean["piper"], 3),
-                before=round(mean["before"], 3), note="mean WER over the set; ours with normalization / piper-tts"),
-        _figure("categories_improved", sum(per_cat[c]["after"] < per_cat[c]["before"] for c in categories), "of",
-                None, None, of=len(categories),
-                per_category={c: {s: round(v, 3) for s, v in per_cat[c].items()} for c in categories}),
-        _figure("categories_worse_by_over_0.05", sum(per_cat[c]["after"] > per_cat[c]["before"] + 0.05
-                                                     for c in categories), "of", 0,
-                not any(per_cat[c]["after"] > per_cat[c]["before"] + 0.05 for c in categories), of=len(categories)),
-        _figure("normalizer_ms_per_sentence", round(1000 * statistics.median(normalizer_s) / len(texts), 3), "ms", 1.0,
-                statistics.median(normalizer_s) / len(texts) <= 0.001, sentences=len(texts)),
-        _figure("frontend_ms_per_sentence_on", round(1000 * on / len(texts), 3), "ms", None, None,
-                off=round(1000 * off / len(texts), 3), added_percent=round(100 * added, 1),
-                note="text -> ids, median of 20 alternating rounds; synthesis of one sentence takes ~100x this"),
+        br.figure("wer_after_over_piper", wer_ratio, "x", 0.5, mean["after"] <= 0.5 * mean["piper"],
+                  after=round(mean["after"], 3), before=round(mean["before"], 3),
+                  peer=br.peer("piper-tts (espeak reads the text), mean WER", round(mean["piper"], 3), "WER"),
+                  ratio=wer_ratio, note="mean WER over the set; ours with normalization / piper-tts"),
+        br.figure("categories_improved", sum(per_cat[c]["after"] < per_cat[c]["before"] for c in categories), "of",
+                  None, None, of=len(categories),
+                  per_category={c: {s: round(v, 3) for s, v in per_cat[c].items()} for c in categories}),
+        br.figure("categories_worse_by_over_0.05", sum(per_cat[c]["after"] > per_cat[c]["before"] + 0.05
+                                                       for c in categories), "of", 0,
+                  not any(per_cat[c]["after"] > per_cat[c]["before"] + 0.05 for c in categories), of=len(categories)),
+        br.figure("normalizer_ms_per_sentence", round(1000 * statistics.median(normalizer_s) / len(texts), 3), "ms", 1.0,
+                  statistics.median(normalizer_s) / len(texts) <= 0.001, sentences=len(texts)),
+        br.figure("frontend_ms_per_sentence_on", round(1000 * on / len(texts), 3), "ms", None, None,
+                  off=round(1000 * off / len(texts), 3), added_percent=round(100 * added, 1),
+                  note="text -> ids, median of 20 alternating rounds; synthesis of one sentence takes ~100x this"),
     ]
-    result = {
-        "benchmark": "normalize",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": list(load0),
-                    "loadavg_end": list(os.getloadavg())},
-        "command": f".venv/bin/python bench/normalize.py --draws {args.draws}",
-        "draws": args.draws,
-        "figures": figures,
-        "sentences": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "normalize.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    result = br.write(args.out / "normalize.json", br.document(
+        "normalize", figures, command=f".venv/bin/python bench/normalize.py --draws {args.draws}",
+        machine=br.machine(loadavg_start=list(load0), loadavg_end=list(os.getloadavg())),
+        details={"draws": args.draws, "sentences": rows}))
     (args.out / "normalize.md").write_text(_markdown(result, per_cat, mean))
     print(json.dumps(figures, indent=2, ensure_ascii=False))
     return 0
@@ -187,20 +174,16 @@ def _markdown(result: dict, per_cat: dict, mean: dict) -> str:
     md = ["# Text normalization: ASR round trip on joe", "",
           f"{result['date']}, {m['cpus']} CPUs, load average {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}. "
           f"Command: `{result['command']}`. pocketsphinx (its US English model) transcribes each waveform; "
-          f"WER against the sentence as a person reads it aloud, mean of {result['draws']} noise draws per "
+          f"WER against the sentence as a person reads it aloud, mean of {result['details']['draws']} noise draws per "
           "sentence and side. piper = piper-tts on the written text (espeak reads it), before/after = our "
           "engine with `normalize_text` off/on.", "",
-          "| figure | value | unit | target | met |", "|---|---|---|---|---|"]
-    for f in result["figures"]:
-        met = "" if f["met"] is None else ("yes" if f["met"] else "no")
-        target = "" if f["target"] is None else f["target"]
-        md.append(f"| {f['name']} | {f['value']} | {f['unit']} | {target} | {met} |")
+          *br.markdown_table(result["figures"])]
     md += ["", "| category | piper | before | after |", "|---|---|---|---|"]
     for c, v in per_cat.items():
         md.append(f"| {c} | {v['piper']:.2f} | {v['before']:.2f} | {v['after']:.2f} |")
     md.append(f"| **all** | **{mean['piper']:.2f}** | **{mean['before']:.2f}** | **{mean['after']:.2f}** |")
     md += ["", "| written | read out (after) | heard before | heard after |", "|---|---|---|---|"]
-    for r in result["sentences"]:
+    for r in result["details"]["sentences"]:
         md.append(f"| {r['text']} | {r['read_out']} | {r['heard']['before']} | {r['heard']['after']} |")
     md += ["", "The references are how a person reads each sentence; the normalizer was written to read it that "
            "way, so `after` measures whether the voice says it intelligibly, `before`/`piper` how far espeak's "

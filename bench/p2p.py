@@ -2,9 +2,9 @@
 over plain HTTP and with [p2p], in the same run, then the faults; mirror egress counted
 at the mirror's side.
 
-The fleet is tests/fleet/harness.py (each node a network namespace on one bridge, the
+The fleet is tts_testkit/fleet/harness.py (each node a network namespace on one bridge, the
 mirror - a real S3 server - in its own). In the mirror's namespace, in front of the S3
-server: bench/throttle_proxy.py capping every TCP connection (--rate-mib MiB/s, the
+server: tts_testkit/throttle_proxy.py capping every TCP connection (--rate-mib MiB/s, the
 scarce mirror), with an iptables byte counter on the proxy's port (what left the mirror
 for the nodes), and Debian's opentracker with the model's info-hashes whitelisted. Each
 node runs `tts-provisioner run` directly (no ansible: what is measured is the
@@ -31,7 +31,6 @@ Targets (issue 16): p2p egress / model <= 1.5 (HTTP about N); kill <= 2.0; every
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -44,17 +43,16 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench.fleet import pct  # noqa: E402
-from mirror.publish import publish_dir  # noqa: E402
-from mirror.remote import Mirror  # noqa: E402
-from provisioner.cache import CacheReader  # noqa: E402
-from provisioner.p2p import rank  # noqa: E402
-from tests.fleet import harness  # noqa: E402
-from tests.provisioner_helpers import make_keys, write_config  # noqa: E402
-from tests.tracker_helpers import OPENTRACKER, render_config  # noqa: E402
+from mirror.publish import publish_dir
+from mirror.remote import Mirror
+from provisioner.cache import CacheReader
+from provisioner.p2p import rank
+from tts_testkit import benchresult as br
+from tts_testkit.benchresult import percentile as pct
+from tts_testkit.fleet import harness
+from tts_testkit.paths import REPO
+from tts_testkit.provisioner_setup import make_keys, write_config
+from tts_testkit.tracker import OPENTRACKER, render_config
 
 TRACKER_PORT = 6969
 PROXY_PORT = 9100
@@ -87,7 +85,7 @@ class Bench:
     def start_proxy(self, rate_mib: float) -> None:
         mirror = self.fleet.mirror
         self.proxy = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{mirror.netns}", sys.executable, str(REPO / "bench/throttle_proxy.py"),
+            ["nsenter", f"--net=/run/netns/{mirror.netns}", sys.executable, "-m", "tts_testkit.throttle_proxy",
              "--listen-host", mirror.address, "--listen-port", str(PROXY_PORT), "--target-host", mirror.address,
              "--target-port", str(harness.MIRROR_PORT), "--rate-mib", str(rate_mib),
              "--stats-file", str(self.work / "proxy.stats")],
@@ -330,54 +328,48 @@ def status_of(root: Path) -> dict:
 
 def figures_of(by: dict, nodes: int) -> list[dict]:
     http, p2p = by["http"], by["p2p"]
+    f = br.figure
     figs = [
-        {"figure": "mirror egress / model, HTTP (every node from the mirror)", "value": http["egress_over_model"],
-         "target": None, "met": None},
-        {"figure": "mirror egress / model, p2p", "value": p2p["egress_over_model"], "target": f"<= {TARGETS['p2p']}",
-         "met": p2p["egress_over_model"] <= TARGETS["p2p"]},
-        {"figure": "p2p egress / HTTP egress", "value": round(p2p["egress_bytes"] / http["egress_bytes"], 3),
-         "target": None, "met": None},
-        {"figure": "time to the last node READY, HTTP / p2p (s)", "value": f"{http['ready_max_s']} / {p2p['ready_max_s']}",
-         "target": None, "met": None},
-        {"figure": "p2p time to last READY / HTTP",
-         "value": round(p2p["ready_max_s"] / http["ready_max_s"], 2) if http["ready_max_s"] and p2p["ready_max_s"] else None,
-         "target": None, "met": None},
-        {"figure": "every node READY and verified (http, p2p)",
-         "value": f"{http['verified']}/{nodes}, {p2p['verified']}/{nodes}", "target": "all",
-         "met": http["verified"] == p2p["verified"] == nodes},
+        f("mirror egress / model, HTTP (every node from the mirror)", http["egress_over_model"], "x"),
+        f("mirror egress / model, p2p", p2p["egress_over_model"], "x", f"<= {TARGETS['p2p']}",
+          p2p["egress_over_model"] <= TARGETS["p2p"]),
+        f("p2p egress / HTTP egress", round(p2p["egress_bytes"] / http["egress_bytes"], 3), "x"),
+        f("time to the last node READY, HTTP / p2p (s)", f"{http['ready_max_s']} / {p2p['ready_max_s']}", "s"),
+        f("p2p time to last READY / HTTP",
+          round(p2p["ready_max_s"] / http["ready_max_s"], 2) if http["ready_max_s"] and p2p["ready_max_s"] else None, "x"),
+        f("every node READY and verified (http, p2p)", f"{http['verified']}/{nodes}, {p2p['verified']}/{nodes}", "",
+          "all", http["verified"] == p2p["verified"] == nodes),
     ]
     if "kill" in by:
         k = by["kill"]
-        figs += [{"figure": "fault: the node fetching the largest file from the mirror SIGKILLed at 25 %: egress / model",
-                  "value": k["egress_over_model"], "target": f"<= {TARGETS['kill']}",
-                  "met": k["egress_over_model"] <= TARGETS["kill"]},
-                 {"figure": "fault kill: the other nodes READY and verified", "value": f"{k['verified']}/{k['expected']}",
-                  "target": "all", "met": k["verified"] == k["expected"] == k["ready"]}]
+        figs += [f("fault: the node fetching the largest file from the mirror SIGKILLed at 25 %: egress / model",
+                   k["egress_over_model"], "x", f"<= {TARGETS['kill']}", k["egress_over_model"] <= TARGETS["kill"]),
+                 f("fault kill: the other nodes READY and verified", f"{k['verified']}/{k['expected']}", "", "all",
+                   k["verified"] == k["expected"] == k["ready"])]
     if "corrupt" in by:
         c = by["corrupt"]
-        figs += [{"figure": "fault: a peer serving corrupted pieces: the others READY and verified",
-                  "value": f"{c['verified']}/{c['expected']} (the liar uploaded {c['liar_uploaded_bytes'] / MiB:.0f} MiB)",
-                  "target": "all", "met": c["verified"] == c["expected"] == c["ready"]},
-                 {"figure": "fault corrupt: bad blobs on the other nodes", "value": len(c["bad_blobs_on_honest_nodes"]),
-                  "target": 0, "met": not c["bad_blobs_on_honest_nodes"]},
-                 {"figure": "fault corrupt: egress / model", "value": c["egress_over_model"], "target": None, "met": None}]
+        figs += [f("fault: a peer serving corrupted pieces: the others READY and verified",
+                   f"{c['verified']}/{c['expected']} (the liar uploaded {c['liar_uploaded_bytes'] / MiB:.0f} MiB)", "",
+                   "all", c["verified"] == c["expected"] == c["ready"]),
+                 f("fault corrupt: bad blobs on the other nodes", len(c["bad_blobs_on_honest_nodes"]), "blobs", 0,
+                   not c["bad_blobs_on_honest_nodes"]),
+                 f("fault corrupt: egress / model", c["egress_over_model"], "x")]
     if "tracker-down" in by:
         t = by["tracker-down"]
-        figs += [{"figure": "fault: tracker down: nodes READY and verified (fell back to the mirror)",
-                  "value": f"{t['verified']}/{t['expected']}", "target": "all",
-                  "met": t["verified"] == t["expected"] == t["ready"]},
-                 {"figure": "fault tracker down: egress / model, time to last READY (s)",
-                  "value": f"{t['egress_over_model']}, {t['ready_max_s']}", "target": None, "met": None}]
+        figs += [f("fault: tracker down: nodes READY and verified (fell back to the mirror)",
+                   f"{t['verified']}/{t['expected']}", "", "all", t["verified"] == t["expected"] == t["ready"]),
+                 f("fault tracker down: egress / model, time to last READY (s)",
+                   f"{t['egress_over_model']}, {t['ready_max_s']}", "")]
     if "restart" in by:
         r = by["restart"]
-        figs += [{"figure": "fault: a node restarted after completion: bytes re-fetched, files seeded",
-                  "value": f"{r['restart_refetched_bytes']} B, {r['restarted_seeding']} "
-                           f"(mirror egress meanwhile {r['restart_egress_bytes'] / 1024:.0f} KiB)",
-                  "target": "0 B, all", "met": r["restart_refetched_bytes"] == 0
-                  and r["restarted_seeding"].split("/")[0] == r["restarted_seeding"].split("/")[1]},
-                 {"figure": "fault restart: a fresh node fed by the restarted seed alone: from peers / from mirror (MiB)",
-                  "value": f"{(r['fresh_from_peers'] or 0) / MiB:.0f} / {(r['fresh_from_mirror'] or 0) / MiB:.0f}",
-                  "target": "model / 0", "met": r["fresh_from_peers"] == r["model_bytes"] and r["fresh_from_mirror"] == 0}]
+        seeding, of = r["restarted_seeding"].split("/")
+        figs += [f("fault: a node restarted after completion: bytes re-fetched, files seeded",
+                   f"{r['restart_refetched_bytes']} B, {r['restarted_seeding']} "
+                   f"(mirror egress meanwhile {r['restart_egress_bytes'] / 1024:.0f} KiB)", "",
+                   "0 B, all", r["restart_refetched_bytes"] == 0 and seeding == of),
+                 f("fault restart: a fresh node fed by the restarted seed alone: from peers / from mirror (MiB)",
+                   f"{(r['fresh_from_peers'] or 0) / MiB:.0f} / {(r['fresh_from_mirror'] or 0) / MiB:.0f}", "",
+                   "model / 0", r["fresh_from_peers"] == r["model_bytes"] and r["fresh_from_mirror"] == 0)]
     return figs
 
 
@@ -442,19 +434,13 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     by = {r["scenario"]: r for r in results}
     figures = figures_of(by, args.nodes) if {"http", "p2p"} <= set(by) else []
-    doc = {
-        "benchmark": "p2p", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "kernel": platform.release(), "load_average": [round(x, 1) for x in load]},
-        "command": "bench/p2p.py " + " ".join(sys.argv[1:]), "mirror": args.mirror, "nodes": args.nodes,
-        "model": {"files": {p: f.size for p, f in files.items()}, "bytes": sum(f.size for f in files.values())},
-        "rate_mib_per_connection": args.rate_mib,
-        "figures": figures, "scenarios": results,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "p2p.json").write_text(json.dumps(doc, indent=2) + "\n")
+    br.write(args.out / "p2p.json", br.document(
+        "p2p", figures, machine=br.machine(kernel=platform.release(), load_average=[round(x, 1) for x in load]),
+        details={"mirror": args.mirror, "nodes": args.nodes,
+                 "model": {"files": {p: f.size for p, f in files.items()}, "bytes": sum(f.size for f in files.values())},
+                 "rate_mib_per_connection": args.rate_mib, "scenarios": results}))
     for f in figures:
-        print(f"{f['figure']}: {f['value']} (target {f['target']}, met {f['met']})")
+        print(f"{f['name']}: {f['value']} (target {f['target']}, met {f['met']})")
     return 0
 
 

@@ -23,7 +23,6 @@ is recorded too: it shares the same cores. Writes bench/results/publish.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -31,21 +30,19 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from boto3.s3.transfer import create_transfer_manager
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from minio import Minio
 
-from boto3.s3.transfer import create_transfer_manager  # noqa: E402
-from minio import Minio  # noqa: E402
-
-from tts_common.logs import configure_logging  # noqa: E402
-from mirror.publish import default_transfer_config, hash_files, publish_dir, scan_dir  # noqa: E402
-from mirror.remote import Mirror  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-from mirror.s3 import Credentials  # noqa: E402
-from tests.s3servers import STARTERS, S3Server  # noqa: E402
+from mirror.publish import default_transfer_config, hash_files, publish_dir, scan_dir
+from mirror.remote import Mirror
+from mirror.s3 import Credentials
+from tts_common.logs import configure_logging
+from tts_testkit import benchresult as br
+from tts_testkit.paths import REPO
+from tts_testkit.s3servers import STARTERS, S3Server
 
 MiB = 1024 * 1024
 SIZES_MIB = {"model.safetensors": 600, "vocoder.safetensors": 300, "frontend.bin": 124}
@@ -91,10 +88,6 @@ def fsync_write_mibs(directory: Path, mib: int = 256) -> float:
     seconds = time.perf_counter() - t0
     path.unlink()
     return mib / seconds
-
-
-def machine() -> str:
-    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def measure(label: str, kind: str, workers: int, data_dir: Path, model: Path, args) -> dict:
@@ -258,20 +251,12 @@ def main() -> int:
     figures.append({"name": "hashing alone (sha256, files in parallel, page cache warm)",
                     "value": round(total / MiB / statistics.median(hash_times), 1), "unit": "MiB/s",
                     "target": None, "met": None})
-    result = {
-        "machine": machine(),
-        "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-        "command": ".venv/bin/python bench/publish.py " + " ".join(sys.argv[1:]),
-        "settings": {"files_mib": SIZES_MIB, "rounds": args.rounds, "max_concurrency": args.concurrency,
-                     "chunk_mib": args.chunk_mib, "s3_checksum": not args.no_s3_checksum,
-                     "quick": args.quick,
-                     "servers": "each on 127.0.0.1, data dir on the local disk, same machine and cores"},
-        "hashing_seconds": hash_times,
-        "measurements": measurements,
-        "figures": figures,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "publish.json").write_text(json.dumps(result, indent=2) + "\n")
+    settings = {"files_mib": SIZES_MIB, "rounds": args.rounds, "max_concurrency": args.concurrency,
+                "chunk_mib": args.chunk_mib, "s3_checksum": not args.no_s3_checksum, "quick": args.quick,
+                "servers": "each on 127.0.0.1, data dir on the local disk, same machine and cores"}
+    br.write(args.out / "publish.json", br.document(
+        "publish", figures, machine=br.machine(host=platform.node()),
+        details={"settings": settings, "hashing_seconds": hash_times, "measurements": measurements}))
     for f in figures:
         met = f" (target {f['target']}: {'met' if f['met'] else 'NOT met'})" if f["target"] else ""
         print(f"{f['name']}: {f['value']} {f['unit']}{met}")

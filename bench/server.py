@@ -13,35 +13,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 # Two processes with OpenMP threads (this one and the server): spinning idle threads of
 # one steal the cores from the other unless they sleep (see bench/results/engine.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import httpx
-import numpy as np
-import soundfile as sf
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tts_testkit import benchresult as br  # noqa: E402
+from tts_testkit.load import request_text, run_clients  # noqa: E402
+from tts_testkit.paths import REPO  # noqa: E402
+from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
 
-from tests.runtime_helpers import publish_to_cache, start_server, voice_bundle_dir  # noqa: E402
-
-SENTENCES = [
-    "The service answers quickly.", "Every request has its own seed.", "Short sentences keep this fast.",
-    "Batching groups similar lengths.", "The queue is bounded.", "Nothing is shared between requests.",
-    "Clients wait on the socket.", "Audio comes back as a file.",
-]
 PARAGRAPH = ("The first sentence starts the stream. The second follows it closely. A third one is here. "
              "The fourth sentence is nearly the last. The fifth ends the paragraph.")
 
@@ -55,30 +46,6 @@ def audio_seconds(data: bytes) -> float:
     return info.frames / info.samplerate
 
 
-def request_text(i: int) -> str:
-    n = 1 + i % 3  # 1-3 sentences
-    return " ".join(SENTENCES[(i + k) % len(SENTENCES)] for k in range(n))
-
-
-async def run_clients(sock: Path, clients: int, per_client: int, seed_base: int = 0, text_fn=request_text):
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    results = []
-    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sock), limits=limits),
-                                 base_url="http://tts", timeout=600) as c:
-
-        async def client(k: int):
-            for j in range(per_client):
-                i = k * per_client + j
-                t0 = time.perf_counter()
-                r = await c.post("/v1/synthesize", json={"text": text_fn(i), "seed": seed_base + i})
-                results.append((i, r.status_code, r.content if r.status_code == 200 else b"", time.perf_counter() - t0))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(k) for k in range(clients)))
-        wall = time.perf_counter() - t0
-    return results, wall
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller runs")
@@ -87,7 +54,7 @@ def main() -> None:
     figures = []
 
     def fig(name, value, unit, target=None, met=None, **extra):
-        figures.append({"name": name, "value": value, "unit": unit, "target": target, "met": met, **extra})
+        figures.append(br.figure(name, value, unit, target, met, **extra))
         print(f"{name}: {value} {unit}" + (f" (target {target}, met {met})" if target is not None else ""), flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
@@ -197,27 +164,19 @@ def main() -> None:
         engine.close()
     finally:
         srv.stop()
-    result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                    "server": {"max_batch_size": 8, "max_wait_ms": 15, "queue_size": 48, "deadline_s": 300,
-                               "device": "cpu"}},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "figures": figures,
-    }
+    machine = br.machine(loadavg_start=load_start, loadavg_end=os.getloadavg(),
+                         server={"max_batch_size": 8, "max_wait_ms": 15, "queue_size": 48, "deadline_s": 300,
+                                 "device": "cpu"})
     out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "server.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = "\n".join(
-        f"| {f['name']} | {f['value']} | {f['unit']} | {'' if f['target'] is None else f['target']} | "
-        f"{'' if f['met'] is None else ('yes' if f['met'] else 'no')} |" for f in figures)
+    result = br.write(out / "server.json", br.document("server", figures, machine=machine))
+    rows = "\n".join(br.markdown_table(figures))
     (out / "server.md").write_text(
         f"# Runtime server benchmark\n\n{result['date']}, {os.cpu_count()} cores, load average "
         f"{load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}; server on CPU, max_batch_size 8, max_wait_ms 15.\n\n"
         "Requests are 1-3 short sentences; the load run is 64 clients x "
         f"{per} requests; batch is {lines} one-sentence lines, tts-ctl at --concurrency 16 vs a "
         "sequential loop with a 0.1 s sleep per line.\n\n"
-        f"| figure | value | unit | target | met |\n|---|---|---|---|---|\n{rows}\n\n"
+        f"{rows}\n\n"
         "Reproduce: `.venv/bin/python bench/server.py` (see docs/runtime.md).\n")
 
 

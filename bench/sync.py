@@ -12,7 +12,7 @@ beside the headline ones.
    download, sha256 of each file as soon as it lands, snapshot, fsync, atomic switch,
    exit) vs a bare `aria2c` of the same presigned URLs with the same options and no
    checksum; also boto3's transfer manager and a single-stream `requests` download;
-2. throttled: the same through bench/throttle_proxy.py (each TCP connection capped at
+2. throttled: the same through tts_testkit/throttle_proxy.py (each TCP connection capped at
    40 MiB/s, 20 ms per round trip): sync vs bare aria2c (16 connections) vs one stream;
 3. resume: SIGKILL the provisioner at 20 points spread over the download (one random
    point in each twentieth of 5-95 % of the model on disk in its cache), restart it each
@@ -47,25 +47,24 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import requests
+import tomli_w
+from boto3.s3.transfer import TransferConfig
 
-import requests  # noqa: E402
-from boto3.s3.transfer import TransferConfig  # noqa: E402
-
-from bench.throttle_proxy import read_stats  # noqa: E402
-from mirror import layout  # noqa: E402
-from mirror.publish import publish_dir  # noqa: E402
-from mirror.remote import Mirror  # noqa: E402
-from mirror.s3 import make_client  # noqa: E402
-from tests.s3servers import STARTERS, S3Server, free_port, wait_for_port  # noqa: E402
-from tests.provisioner_helpers import make_keys  # noqa: E402
+from mirror import layout
+from mirror.publish import publish_dir
+from mirror.remote import Mirror
+from mirror.s3 import make_client
+from tts_testkit import benchresult as br
+from tts_testkit.paths import REPO
+from tts_testkit.provisioner_setup import make_keys
+from tts_testkit.s3servers import STARTERS, S3Server, free_port, wait_for_port
+from tts_testkit.throttle_proxy import read_stats
 
 MiB = 1024 * 1024
 BIN = Path(sys.executable).parent
@@ -138,7 +137,7 @@ class Bench:
         port = free_port()
         stats = self.work / f"proxy-{port}.stats"
         proc = subprocess.Popen(
-            [sys.executable, str(REPO / "bench" / "throttle_proxy.py"), "--listen-port", str(port),
+            [sys.executable, "-m", "tts_testkit.throttle_proxy", "--listen-port", str(port),
              "--target-port", self.server.endpoint.rsplit(":", 1)[1], "--rate-mib", str(rate_mib),
              "--delay-ms", str(delay_ms), "--stats-file", str(stats)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -221,30 +220,16 @@ def presigned(bench: Bench, endpoint: str, version: str) -> list[tuple[str, str]
 
 def write_config(bench: Bench, root: Path, endpoint: str, version: str, aria2: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    text = textwrap.dedent(f"""\
-        cache_dir = "{root / 'cache'}"
-        runtime_dir = "{root / 'run'}"
-        require_signature = true
-        public_keys = ["{bench.keys.public}"]
-        disk_margin_mb = 16
-        log_level = "info"
-
-        [aria2]
-        connections = {aria2['connections']}
-        min_split_size = "{aria2['min_split_size']}"
-        max_concurrent_downloads = {aria2['max_concurrent_downloads']}
-        resume_piece_selector = "{aria2.get('resume_piece_selector', 'geom')}"
-
-        [[mirrors]]
-        name = "bench"
-        endpoint = "{endpoint}"
-        bucket = "{bench.bucket}"
-        credentials_file = "{bench.creds_file}"
-
-        [[models]]
-        name = "{MODEL}"
-        version = "{version}"
-        """)
+    text = tomli_w.dumps({
+        "cache_dir": str(root / "cache"), "runtime_dir": str(root / "run"), "require_signature": True,
+        "public_keys": [str(bench.keys.public)], "disk_margin_mb": 16, "log_level": "info",
+        "aria2": {"connections": aria2["connections"], "min_split_size": aria2["min_split_size"],
+                  "max_concurrent_downloads": aria2["max_concurrent_downloads"],
+                  "resume_piece_selector": aria2.get("resume_piece_selector", "geom")},
+        "mirrors": [{"name": "bench", "endpoint": endpoint, "bucket": bench.bucket,
+                     "credentials_file": str(bench.creds_file)}],
+        "models": [{"name": MODEL, "version": version}],
+    })
     path = root / "provisioner.toml"
     path.write_text(text)
     return path
@@ -472,25 +457,19 @@ def run_sync(bench: Bench, config: Path, sha: dict[str, str], kill_at: float | N
 
 
 def machine() -> dict:
-    cpu = "unknown"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
         mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     except (OSError, StopIteration):
         mem = 0
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "loadavg_at_end": open("/proc/loadavg").read().split()[:3],
-            "aria2c": subprocess.run([ARIA2C, "--version"], capture_output=True, text=True).stdout.split("\n")[0]}
+    return br.machine(memory_gib=round(mem / 2**30, 1), kernel=platform.release(),
+                      loadavg_at_end=open("/proc/loadavg").read().split()[:3],
+                      aria2c=subprocess.run([ARIA2C, "--version"], capture_output=True, text=True).stdout.split("\n")[0])
 
 
 def figure(name: str, value, unit: str, target: str | None, met: bool | None) -> dict:
     if isinstance(value, float):
         value = round(value, 3)
-    return {"name": name, "value": value, "unit": unit, "target": target, "met": met}
+    return br.figure(name, value, unit, target, met)
 
 
 def timed_pairs(bench: Bench, label: str, rounds: int, baseline, sync) -> tuple[list[float], list]:
@@ -789,32 +768,29 @@ def bench_resume_incremental(bench: Bench, shas, kills: int, seed: int, figures:
 
 
 def write_results(out: Path, doc: dict, args) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sync.json").write_text(json.dumps(doc, indent=2) + "\n")
-    rows = "\n".join(
-        f"| {f['name']} | {f['value']} {f['unit']} | {f['target'] or '-'} | "
-        f"{'-' if f['met'] is None else ('yes' if f['met'] else '**no**')} |" for f in doc["figures"])
-    m = doc["machine"]
-    phases = {k: v["loopback_phases_s"] for k, v in doc["extra"].items()
+    br.write(out / "sync.json", doc)
+    rows = "\n".join(br.markdown_table(doc["figures"]))
+    m, d = doc["machine"], doc["details"]
+    phases = {k: v["loopback_phases_s"] for k, v in d["extra"].items()
               if isinstance(v, dict) and "loopback_phases_s" in v}
     md = f"""# bench/sync: provisioner sync vs its peers
 
-`{doc['command']}` on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, kernel {m['kernel']},
-{m['aria2c']}; {doc['date']}. Model: {doc['model_mib']} MiB in 3 files ({doc['files']}), random data,
-served in turn by each local S3 server on 127.0.0.1 ({', '.join(doc['servers'])}: nanio with one uvicorn
-worker, `rclone serve s3`). Targets are judged on the faster server ({doc['extra'].get('faster_server')}, the lower
+`{doc['command']}` on {m['cpu']}, {m['cpus']} cores, {m['memory_gib']} GiB, kernel {m['kernel']},
+{m['aria2c']}; {doc['date']}. Model: {d['model_mib']} MiB in 3 files ({d['files']}), random data,
+served in turn by each local S3 server on 127.0.0.1 ({', '.join(d['servers'])}: nanio with one uvicorn
+worker, `rclone serve s3`). Targets are judged on the faster server ({d['extra'].get('faster_server')}, the lower
 bare-aria2c loopback time), where resume and incremental run too; every server's figures follow.
 
 What is measured (one run, peers side by side, timed pairs alternate, medians):
 
 - **loopback**: wall time of the `tts-provisioner sync` process (start-up, channel/manifest,
   aria2 download, sha256 of each file as it lands, snapshot, fsync, atomic switch, exit)
-  vs a bare `aria2c` with the same options ({doc['loopback_aria2']}, presigned URLs,
+  vs a bare `aria2c` with the same options ({d['loopback_aria2']}, presigned URLs,
   `--file-allocation=none --auto-save-interval=1`, no checksum); boto3's transfer
   manager (default TransferConfig) and one `requests` stream per file for reference.
-- **throttled**: the same through `bench/throttle_proxy.py` ({RATE_MIB:.0f} MiB/s per TCP connection and
+- **throttled**: the same through `tts_testkit/throttle_proxy.py` ({RATE_MIB:.0f} MiB/s per TCP connection and
   direction, {DELAY_MS:.0f} ms one way = {2 * DELAY_MS:.0f} ms per round trip, one round trip per connect),
-  aria2 with {doc['throttled_aria2']}.
+  aria2 with {d['throttled_aria2']}.
 - **resume**: SIGKILL of the provisioner at 20 points spread over the download (fractions of the
   model on disk in its cache, one random point per twentieth of 5-95 %), restart, `tts-provisioner
   verify`; bytes counted by a proxy (server->client, HTTP headers included), with no throttle and
@@ -824,15 +800,13 @@ What is measured (one run, peers side by side, timed pairs alternate, medians):
 - **incremental**: v2 shares 2 of 3 files with v1; bytes forwarded vs the changed file's size.
 - **RSS**: /proc VmRSS every 0.1 s and VmHWM of the provisioner process; aria2c separately.
 
-| figure | value | target | met |
-|---|---|---|---|
 {rows}
 
 Sync phases of the median loopback run (seconds since spawn), per server: {phases}
 
 Notes:
 
-""" + "\n".join(f"- {n}" for n in doc["notes"]) + "\n"
+""" + "\n".join(f"- {n}" for n in d["notes"]) + "\n"
     (out / "sync.md").write_text(md)
 
 
@@ -925,17 +899,13 @@ def main() -> int:
         "count adds HTTP headers and the bytes aria2 over-reads when split segments meet (the bare aria2c peer "
         "over-reads too, by less: see its figure; both vary run to run).",
         "Throttled here is CPU-bound, not link-bound: 3 files x 16 connections x 40 MiB/s would allow ~1.9 GiB/s, but the Python proxy, nanio and aria2c share 2 cores with the provisioner, so the provisioner's overlapped hashing competes with the proxy for CPU and stretches its download phase; on a real per-connection-limited link the hashing would ride on idle CPU.",
-        "Throttled: proxy = bench/throttle_proxy.py (uvloop, per-connection token bucket + delay line); the "
+        "Throttled: proxy = tts_testkit/throttle_proxy.py (uvloop, per-connection token bucket + delay line); the "
         "single-stream peer is one requests stream per file, files in turn.",
     ]
     if out is None:
         return 0 if all(f["met"] is not False for f in figures) else 1
-    doc = {
-        "benchmark": "sync",
-        "command": ".venv/bin/python bench/sync.py " + " ".join(sys.argv[1:]),
+    doc = br.document("sync", figures, machine=machine(), details={
         "servers": args.servers,
-        "machine": machine(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_mib": bench.total // MiB,
         "files": ", ".join(f"{k} {v} MiB" for k, v in sizes.items()),
         "loopback_aria2": LOOPBACK_ARIA2,
@@ -945,10 +915,9 @@ def main() -> int:
         "loadavg_at_start": load_start,
         "seed": seed,
         "duration_s": round(elapsed, 1),
-        "figures": figures,
         "notes": notes,
         "extra": extra,
-    }
+    })
     write_results(out, doc, args)
     log(f"wrote {out / 'sync.json'} and {out / 'sync.md'}")
     return 0

@@ -7,6 +7,7 @@ after checking that the version is complete (manifest, signature, every object's
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +22,12 @@ from .manifest import ManifestError, parse_channel
 from .publish import set_channel
 from .remote import Mirror, MirrorError, describe
 from .signing import SignatureError, verify
+from . import trust_ops
+from .manifest import Manifest
+from .trust import TrustError, manifest_target
+from .trust_client import Source, TrustedView
+from tuf.api.exceptions import LengthOrHashMismatchError
+from pathlib import Path
 
 log = structlog.get_logger(__name__)
 
@@ -147,14 +154,27 @@ def verify_version(
     return result
 
 
-def info_hashes(mirror: Mirror) -> list[str]:
-    """Every info-hash a published manifest names: the tracker's whitelist."""
+def info_hashes(mirror: Mirror, trust_root: bytes | None = None, trust_dir: Path | None = None) -> list[str]:
+    """Every info-hash a published manifest names: the tracker's whitelist.
+
+    With signed channel metadata only manifests whose bytes match a signed target count
+    (a bucket writer cannot whitelist a torrent); it then needs the fleet's trust root."""
+    if trust_root is None and trust_ops.has_metadata(mirror):
+        raise MirrorError(f"bucket {mirror.bucket} has signed channel metadata: pass --trust-root so that the "
+                          "whitelist is built from verified metadata only")
+    if trust_root is not None and trust_dir is None:
+        with tempfile.TemporaryDirectory(prefix="tts-trust-") as tmp:
+            return info_hashes(mirror, trust_root, Path(tmp))
+    view = None
+    if trust_root is not None:
+        view = TrustedView(trust_root, trust_dir, [Source(mirror.bucket, lambda: mirror.client, mirror.bucket)])
+        view.refresh()
     found: set[str] = set()
     for name in mirror.list_prefixes(layout.MODELS_PREFIX):
         for version in mirror.list_prefixes(f"{layout.MODELS_PREFIX}{name}/"):
             try:
-                manifest = mirror.manifest(name, version)
-            except (MirrorError, ManifestError) as exc:
+                manifest = _signed_manifest(mirror, view, name, version) if view else mirror.manifest(name, version)
+            except (MirrorError, ManifestError, TrustError) as exc:
                 log.warning("whitelist.skip", model=name, version=version, error=str(exc))
                 continue
             if manifest is not None:
@@ -162,10 +182,29 @@ def info_hashes(mirror: Mirror) -> list[str]:
     return sorted(found)
 
 
+def _signed_manifest(mirror: Mirror, view: TrustedView, name: str, version: str):
+    target, _ = view.target(manifest_target(name, version))
+    if target is None:
+        raise TrustError(f"{name} {version} has no signed manifest target: not whitelisted")
+    raw = mirror.read(layout.manifest_key(name, version), limit=target.length + 1)
+    if raw is None:
+        return None
+    try:
+        target.verify_length_and_hashes(raw)
+    except LengthOrHashMismatchError:
+        raise TrustError(f"the manifest of {name} {version} does not match its signed target") from None
+    return Manifest.parse_for(raw, name, version), raw
+
+
 def promote(
-    mirror: Mirror, name: str, version: str, channel: str, public_keys: list[Ed25519PublicKey] | None = None
+    mirror: Mirror, name: str, version: str, channel: str, public_keys: list[Ed25519PublicKey] | None = None,
+    trust_root: bytes | None = None, keyring: "trust_ops.Keyring | None" = None,
 ) -> str | None:
-    """Point `channel` at a complete version; return the version it pointed at before."""
+    """Point `channel` at a complete version; return the version it pointed at before.
+
+    On a mirror with signed channel metadata the channel's target is signed with the
+    keyring's keys of its role (`ci` for the CI's channels, `release` for the others);
+    below the role's threshold the change is staged (trust_repo.Staged is raised)."""
     layout.channel_key(name, channel)  # validates name and channel before any request
     found = mirror.manifest(name, version)
     if found is None:
@@ -193,6 +232,17 @@ def promote(
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise MirrorError(f"cannot promote {name} {version}: {problems[0]}{more}")
-    previous = set_channel(mirror, name, channel, version)
+    previous = None
+    if trust_ops.has_metadata(mirror):
+        if trust_root is None:
+            raise MirrorError(f"bucket {mirror.bucket} has signed channel metadata: pass --trust-root and the "
+                              f"key(s) of the channel's role (--key)")
+        state = trust_ops.RepoState.load(mirror, trust_root)
+        keyring = keyring or trust_ops.Keyring()
+        previous = trust_ops.set_channel(state, name, channel, version, raw, keyring)  # raises Staged below threshold
+        trust_ops.refresh(state, keyring)
+        set_channel(mirror, name, channel, version)  # the unsigned pointer, for nodes without a trust root
+    else:
+        previous = set_channel(mirror, name, channel, version)
     log.info("promote.done", model=name, version=version, channel=channel, previous=previous)
     return previous

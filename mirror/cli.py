@@ -21,6 +21,7 @@ from tts_common.logs import configure_logging
 from .manifest import ManifestError
 from .remote import Mirror, resolve_credentials
 from .signing import generate_keypair, load_public_key
+from .trust_cli import keys_option, read_root, register as register_trust, trust_root_option
 
 ENV_ENDPOINT = "TTS_MIRROR_ENDPOINT"
 ENV_BUCKET = "TTS_MIRROR_BUCKET"
@@ -173,14 +174,21 @@ class RichEvents:
               help="Also write each file's BitTorrent torrent and sign its info-hash into the manifest "
               "(schema 2), for peer-to-peer fleets. --no-torrents writes a schema 1 manifest, which "
               "provisioners older than peer-to-peer support can read.")
+@trust_root_option(False)
+@keys_option
 def publish(directory, name, version, channel, endpoint, bucket, credentials, signing_key, create_bucket,
-            concurrency, chunk_mib, s3_checksum, torrents) -> None:
+            concurrency, chunk_mib, s3_checksum, torrents, trust_root, keys) -> None:
     """Hash and upload DIRECTORY as NAME/VERSION, then write its signed manifest.
 
     Files already on the mirror with the same sha256 and size are skipped, so a re-run
     after a failure uploads only what is missing. The manifest is written only after
     every object is confirmed. A published version is immutable: different content is
     refused, identical content is a no-op.
+
+    On a mirror with signed channel metadata (`tts-mirror trust init`) the version is
+    also signed into role ci with --signing-key (the CI's key) and --channel moved in
+    its role; pass --trust-root, and --key for the snapshot/timestamp keys to make it
+    visible at once (else the signing host's timer does).
     """
     from .publish import LogEvents, default_transfer_config, publish_dir
     from .signing import load_private_key
@@ -193,6 +201,7 @@ def publish(directory, name, version, channel, endpoint, bucket, credentials, si
             directory, name=name, version=version, mirror=mirror, signing_key=key, channel=channel,
             create_bucket=create_bucket, s3_checksum=s3_checksum, events=events, torrents=torrents,
             transfer_config=default_transfer_config(max_concurrency=concurrency, chunk_mib=chunk_mib),
+            trust_root=read_root(trust_root), trust_keys=list(keys),
         )
     finally:
         if isinstance(events, RichEvents):
@@ -209,9 +218,20 @@ def publish(directory, name, version, channel, endpoint, bucket, credentials, si
             f"({len(report.uploaded)} uploaded, {len(report.present)} already on the mirror) "
             f"in {report.seconds:.1f} s, {rate:.0f} MiB/s; signed by {report.key_id}"
         )
+    if report.signed is not None:
+        _echo_signed(report.signed, channel)
     if report.channel:
         before = report.previous_channel_version or "none"
         click.echo(f"channel {report.channel} of {name}: {before} -> {version}")
+
+
+def _echo_signed(signed, channel) -> None:
+    if signed.staged:
+        click.echo(signed.staged, err=True)
+    if signed.refresh is not None and signed.refresh.waiting:
+        click.echo(f"signed, not yet visible to the fleet: {signed.refresh.waiting}", err=True)
+    elif signed.refresh is not None and signed.refresh.timestamp:
+        click.echo(f"signed metadata published (timestamp v{signed.refresh.timestamp})")
 
 
 # --------------------------------------------------------------------------- promote / list / verify
@@ -226,17 +246,25 @@ def publish(directory, name, version, channel, endpoint, bucket, credentials, si
 @click.option("--public-key", "public_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               envvar=ENV_PUBLIC_KEY, show_envvar=True,
               help="Trusted ed25519 public key (repeatable): the signature must verify against one.")
-def promote(name, version, channel, endpoint, bucket, credentials, public_keys) -> None:
+@trust_root_option(False)
+@keys_option
+def promote(name, version, channel, endpoint, bucket, credentials, public_keys, trust_root, keys) -> None:
     """Point CHANNEL of NAME at VERSION, after checking the version is complete.
 
     Checks first: the manifest and its signature exist (and verify, with --public-key)
-    and every object exists with the manifest's size.
+    and every object exists with the manifest's size. With signed channel metadata the
+    channel's target is signed with --key: the CI's key for its channels (canary),
+    release keys for the others (stable); below the release threshold the change is
+    staged until `tts-mirror trust sign release` adds the missing signatures.
+    Reverting a channel is promoting the older version again (a new metadata version).
     """
     from .catalog import promote as do_promote
+    from .trust_repo import Keyring
 
     mirror = _connect(endpoint, bucket, credentials)
     mirror.check_bucket()
-    previous = do_promote(mirror, name, version, channel, _public_keys(public_keys))
+    previous = do_promote(mirror, name, version, channel, _public_keys(public_keys), trust_root=read_root(trust_root),
+                          keyring=Keyring(keys))
     click.echo(f"channel {channel} of {name}: {previous or 'none'} -> {version}")
 
 
@@ -321,18 +349,23 @@ def verify(name, version, endpoint, bucket, credentials, public_keys) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the list to this file (atomically: a tracker reloading it never sees half of it); "
               "default: standard output.")
-def tracker_whitelist(endpoint, bucket, credentials, out) -> None:
+@trust_root_option(False)
+@click.option("--trust-dir", type=click.Path(file_okay=False, path_type=Path), envvar="TTS_MIRROR_TRUST_DIR",
+              show_envvar=True,
+              help="Keep the verified metadata here between runs (rollback protection); default: a temp dir.")
+def tracker_whitelist(endpoint, bucket, credentials, out, trust_root, trust_dir) -> None:
     """Print the info-hash of every file of every published version, one per line.
 
     This is opentracker's `access.whitelist` format: a tracker fed this list serves the
     fleet's torrents and nothing else. Re-run it after each publish and reload the
-    tracker (opentracker: SIGHUP).
+    tracker (opentracker: SIGHUP). On a mirror with signed channel metadata only
+    manifests that match a signed target count, verified from --trust-root.
     """
     from .catalog import info_hashes
 
     mirror = _connect(endpoint, bucket, credentials)
     mirror.check_bucket()
-    hashes = info_hashes(mirror)
+    hashes = info_hashes(mirror, read_root(trust_root), trust_dir)
     text = "".join(h + "\n" for h in hashes)
     if out is None:
         click.echo(text, nl=False)
@@ -356,6 +389,9 @@ def keygen(out_dir: Path, key_name: str, force: bool) -> None:
     click.echo(f"private key: {private} (mode {os.stat(private).st_mode & 0o777:04o})")
     click.echo(f"public key:  {public}")
     click.echo(f"key id:      {kid}")
+
+
+register_trust(main, mirror_options, _connect)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,9 @@
     models/<name>/<version>/manifest.json.sig   ed25519 signature of the manifest bytes
     channels/<name>/<channel>.json              {"version": "..."}
     torrents/<sha256>.torrent                   a file's BitTorrent metadata, by content
+    tuf/<N>.root.json, tuf/timestamp.json,      signed channel metadata (python-tuf, consistent
+    tuf/<N>.<role>.json                         snapshots): see mirror/trust.py
+    tuf-staged/<role>.json                      a role's next version waiting for more signatures
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from .manifest import _SHA256_RE, MANIFEST_NAME, SIGNATURE_NAME, ManifestError, 
 MODELS_PREFIX = "models/"
 CHANNELS_PREFIX = "channels/"
 TORRENTS_PREFIX = "torrents/"
+TUF_PREFIX = "tuf/"
+TUF_STAGED_PREFIX = "tuf-staged/"
 
 
 def version_prefix(name: str, version: str) -> str:
@@ -40,3 +45,14 @@ def torrent_key(sha256: str) -> str:
     if not _SHA256_RE.match(sha256):
         raise ManifestError(f"not a sha256 hex digest: {sha256!r}")
     return f"{TORRENTS_PREFIX}{sha256}.torrent"
+
+
+def tuf_key(filename: str) -> str:
+    """A TUF metadata file as python-tuf names it (`timestamp.json`, `3.snapshot.json`)."""
+    if "/" in filename or not filename.endswith(".json"):
+        raise ManifestError(f"not a metadata file name: {filename!r}")
+    return TUF_PREFIX + filename
+
+
+def tuf_staged_key(role: str) -> str:
+    return f"{TUF_STAGED_PREFIX}{validate_name(role, 'role')}.json"

@@ -42,6 +42,8 @@ from .hashing import hash_file
 from .manifest import FileEntry, Manifest, ManifestError, channel_bytes, parse_channel, validate_name, validate_path
 from .remote import Mirror, MirrorError, describe
 from .signing import key_id, load_private_key, sign
+from . import trust_ops
+from securesystemslib.signer import CryptoSigner
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +91,7 @@ class PublishReport:
     seconds: float = 0.0
     uploaded_bytes: int = 0
     torrents_written: int = 0
+    signed: "trust_ops.SignedPublish | None" = None  # what the signed channel metadata got
 
 
 class PublishEvents:
@@ -219,14 +222,16 @@ def publish_dir(
     s3_checksum: bool = True,
     events: PublishEvents | None = None,
     torrents: bool = True,
+    trust_root: bytes | None = None,
+    trust_keys: list[Path] | tuple[Path, ...] = (),
 ) -> PublishReport:
-    """Publish `directory` as `name`/`version`; see the module docstring for the order."""
+    """Publish `directory` as `name`/`version` (order: module docstring). With signed channels the
+    manifest is signed into role ci (trust_ops.publish_signed; `trust_keys`: snapshot/timestamp)."""
     started = time.monotonic()
     events = events or PublishEvents()
-    validate_name(name, "model name")
-    validate_name(version, "version")
-    if channel is not None:
-        validate_name(channel, "channel")
+    for value, what in ((name, "model name"), (version, "version"), (channel, "channel")):
+        if value is not None:
+            validate_name(value, what)
     if not isinstance(signing_key, Ed25519PrivateKey):
         signing_key = load_private_key(Path(signing_key))
     files = scan_dir(directory)
@@ -235,6 +240,9 @@ def publish_dir(
         key_id=key_id(signing_key.public_key()),
     )
     report.created_bucket = mirror.check_bucket(create=create_bucket)
+    if (signed_channels := not report.created_bucket and trust_ops.has_metadata(mirror)) and trust_root is None:
+        raise MirrorError(f"bucket {mirror.bucket} has signed channel metadata: pass --trust-root "
+                          "(the fleet's root.json) to publish there")
 
     known: dict[str, Hashes] = {}
     existing = mirror.manifest(name, version)
@@ -268,9 +276,11 @@ def publish_dir(
         mirror.put(layout.signature_key(name, version), sign(existing[1], signing_key), "application/octet-stream")
         report.signature_written = True
 
-    if channel is not None:
-        report.channel = channel
-        report.previous_channel_version = set_channel(mirror, name, channel, version)
+    if signed_channels:
+        keyring = trust_ops.Keyring(trust_keys, [CryptoSigner(signing_key)])
+        report.signed = trust_ops.publish_signed(mirror, trust_root, keyring, name, version,
+                                                 existing[1] if existing else manifest_bytes, channel)
+    _move_unsigned_channel(mirror, report, channel)
     events.finish()
     report.seconds = time.monotonic() - started
     log.info(
@@ -278,6 +288,16 @@ def publish_dir(
         unchanged=report.unchanged, seconds=round(report.seconds, 3),
     )
     return report
+
+
+def _move_unsigned_channel(mirror: Mirror, report: PublishReport, channel: str | None) -> None:
+    """The unsigned pointer, for provisioners without [trust] root (the upgrade period);
+    not while a signed move waits for more signatures."""
+    if channel is None or (report.signed is not None and report.signed.staged is not None):
+        return
+    report.channel = channel
+    previous = set_channel(mirror, report.name, channel, report.version)
+    report.previous_channel_version = report.signed.previous if report.signed else previous
 
 
 def set_channel(mirror: Mirror, name: str, channel: str, version: str) -> str | None:

@@ -163,6 +163,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
     Console().print(table)
     if daemon:
         click.echo(f"daemon: {daemon.get('state')} - {daemon.get('message', '')} (updated {daemon.get('updated')})")
+        if trust := daemon.get("trust"):
+            expires = (trust.get("expires") or {}).get("timestamp", "?")
+            mirrors = ", ".join(f"{n}: {st}" for n, st in (trust.get("mirrors") or {}).items())
+            click.echo(f"trust: root v{trust.get('root_version')}, timestamp v{trust.get('timestamp_version')} "
+                       f"(expires {expires}); mirrors: {mirrors or '-'}")
+            if trust.get("error"):
+                click.echo(f"trust: {trust['error']}")
         if p2p := daemon.get("p2p"):
             click.echo(f"p2p: {human_bytes(p2p['from_peers'])} from peers, {human_bytes(p2p['from_mirror'])} "
                        f"from the mirror (web seeds), {human_bytes(p2p['uploaded'])} uploaded, "

@@ -14,6 +14,11 @@
     quarantine_max_bytes = "1G"              # quarantine/ in all (one copy per file, oldest go first)
     quarantine_max_age = 604800              # seconds a quarantined copy is kept
 
+    [trust]                                  # signed channel metadata (docs/mirror.md, "Trust")
+    root = "/etc/tts-fleet/trust/root.json"  # set: channels and pinned versions must be signed TUF
+                                             # metadata; unset: unsigned channels (legacy)
+    metadata_deadline = 20                   # seconds for one metadata request, then the next mirror
+
     [aria2]                                  # all optional
     connections = 8                          # per server (-x) and split (-s)
     min_split_size = "8M"
@@ -140,6 +145,27 @@ class Aria2Config(_Strict):
     presign_expiry: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
 
 
+class TrustConfig(_Strict):
+    """Signed channel metadata (python-tuf). `root` is the initial root.json the fleet
+    trusts; the node keeps what it verified under `<cache_dir>/trust/`."""
+    root: Path | None = None
+    metadata_deadline: Annotated[float, Field(gt=0, le=600)] = 20.0
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _path(cls, v):
+        if v is not None and not isinstance(v, str):
+            raise ValueError("must be a path string")
+        return Path(v) if v is not None else None
+
+    @field_validator("metadata_deadline", mode="before")
+    @classmethod
+    def _seconds(cls, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError("must be a number of seconds")
+        return float(v)
+
+
 class P2PConfig(_Strict):
     """Peer-to-peer distribution (docs/p2p.md). Off: every file comes from the mirrors."""
     enabled: bool = False
@@ -195,6 +221,7 @@ class ProvisionerConfig(_Strict):
     quarantine_max_age: Annotated[float, Field(gt=0)] = 7 * 24 * 3600.0
     aria2: Aria2Config = Aria2Config()
     p2p: P2PConfig = P2PConfig()
+    trust: TrustConfig = TrustConfig()
     mirrors: Annotated[list[MirrorConfig], Field(min_length=1)]
     models: Annotated[list[ModelConfig], Field(min_length=1)]
 
@@ -229,8 +256,11 @@ class ProvisionerConfig(_Strict):
             dupes = {n for n in names if names.count(n) > 1}
             if dupes:
                 raise ValueError(f"duplicate {what} names: {sorted(dupes)}")
-        if self.require_signature and not self.public_keys:
-            raise ValueError("require_signature is true but no public_keys are configured")
+        # With a trust root the signed metadata pins each manifest's bytes: the manifest's
+        # own signature is then not needed (public_keys are for unsigned channels).
+        if self.require_signature and not self.public_keys and self.trust.root is None:
+            raise ValueError("require_signature is true but no public_keys are configured "
+                             "(or set [trust] root for signed channel metadata)")
         return self
 
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import requests.exceptions
 import structlog
@@ -18,6 +19,7 @@ import structlog
 from mirror.manifest import FileEntry, Manifest
 from mirror.remote import MirrorError
 from mirror.signing import load_public_key
+from mirror.trust import TrustError
 
 from tts_common.errors import TtsError
 
@@ -79,9 +81,24 @@ def _same_inode(a, b) -> bool:
 
 def make_mirror_set(config: ProvisionerConfig) -> MirrorSet:
     keys = [load_public_key(p) for p in config.public_keys]
-    if not config.require_signature:
+    root = None
+    if config.trust.root is not None:
+        try:
+            root = Path(config.trust.root).read_bytes()
+        except OSError as exc:
+            raise TrustError(f"cannot read the trust root {config.trust.root}: {exc.strerror}") from None
+    elif not config.require_signature:
         log.warning("manifest signatures are NOT required (require_signature = false)")
-    return MirrorSet(config.mirrors, keys, config.require_signature, config.size_limits)
+    else:
+        log.warning("channels are not signed ([trust] root unset): a mirror can choose the version; "
+                    "see docs/operations.md, 'Signed channels'")
+    return MirrorSet(config.mirrors, keys, config.require_signature, config.size_limits, trust_root=root,
+                     trust_dir=trust_dir(config), deadline=config.trust.metadata_deadline)
+
+
+def trust_dir(config: ProvisionerConfig) -> Path:
+    """Where a node keeps the metadata python-tuf verified (rollback protection lives here)."""
+    return Path(config.cache_dir) / "trust"
 
 
 class Syncer:
@@ -98,6 +115,8 @@ class Syncer:
 
     def sync_all(self) -> dict[str, SyncResult | Exception]:
         results: dict[str, SyncResult | Exception] = {}
+        self.mirrors.begin_pass()
+        self.reporter.status.trust = self.mirrors.trust_status()
         for model in self.config.models:
             try:
                 results[model.name] = self.sync_model(model)

@@ -10,10 +10,11 @@
     max_batch_size = 8
     max_batch_ids = 800                      # a batch's padded size: longest utterance x batch size
     max_utterance_ids = 400                  # longer sentences are cut (clause, word, anywhere)
-    max_request_ids = 12500                  # per request (all utterances), 413 past it
+    max_request_ids = 15000                  # per request (all utterances), 413 past it; default 3 x max_chars
     express_max_ids = 240                    # requests up to this many ids overtake a long batch (CPU); 0 = off
     max_wait_ms = 10                         # how long the worker waits to fill a batch
-    queue_size = 64                          # queued sentences beyond it get 503
+    queue_size = 64                          # queued requests; beyond it 503
+    queue_ids = 30000                        # queued work in phoneme ids; beyond it 503; default 2 x max_request_ids
     deadline_s = 60                          # per request, 504 past it
     max_chars = 5000                         # per request, 413 past it
     normalize_text = true                    # read numbers, dates, abbreviations out; or per voice:
@@ -52,6 +53,14 @@ from tts_common.config import ConfigError, LogLevel, SocketPath, load_toml
 from .network_config import NetworkSettings
 from .normalize import DEFAULT_NORMALIZE_TEXT
 
+# max_request_ids, when not set: phoneme ids per character of max_chars. Plain English takes
+# 2.2-2.7 (short sentences the most: each adds its begin/end ids, "Yes. " x 1000 is 13000 ids
+# for 5000 characters), so max_chars of it is always admitted; what is over it costs more than
+# English of that length (e.g. CJK read letter by letter by an English voice).
+IDS_PER_CHAR = 3
+# queue_ids, when not set: this many of the largest requests.
+QUEUE_REQUESTS_OF_WORK = 2
+
 DEFAULT_CONFIG_PATH = Path(os.environ.get("TTS_RUNTIME_CONFIG", "/etc/tts-fleet/runtime.toml"))
 DEFAULT_SOCKET_PATH = Path("/run/tts/runtime.sock")
 
@@ -78,11 +87,13 @@ class RuntimeConfig(NetworkSettings, BaseModel):
     # Cost bounds, measured in bench/results/bounds.md (docs/runtime.md "Bounds").
     max_batch_ids: Annotated[int, Field(ge=32, le=1_000_000)] = 800
     max_utterance_ids: Annotated[int, Field(ge=32, le=100_000)] = 400
-    max_request_ids: Annotated[int, Field(ge=32, le=10_000_000)] = 12500
+    max_request_ids: Annotated[int, Field(ge=32, le=10_000_000)] = IDS_PER_CHAR * 5000
     # Short requests overtake a long batch in progress (runtime/scheduler.py, docs/runtime.md).
     express_max_ids: Annotated[int, Field(ge=0, le=100_000)] = 240
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 10.0
-    queue_size: Annotated[int, Field(ge=1, le=100_000)] = 64
+    queue_size: Annotated[int, Field(ge=1, le=100_000)] = 64  # queued requests
+    # queued work, in phoneme ids: one request cannot fill it (see _batch_vs_queue)
+    queue_ids: Annotated[int, Field(ge=32, le=100_000_000)] = QUEUE_REQUESTS_OF_WORK * IDS_PER_CHAR * 5000
     deadline_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     max_chars: Annotated[int, Field(ge=1, le=1_000_000)] = 5000
     # runtime/normalize.py; a language without rules passes through whatever this says
@@ -92,6 +103,20 @@ class RuntimeConfig(NetworkSettings, BaseModel):
     tcp_listen: str = ""
     metrics_socket: SocketPath = ""
     log_level: LogLevel = "info"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_defaults(cls, data):
+        """max_request_ids and queue_ids follow max_chars unless set (see IDS_PER_CHAR)."""
+        if isinstance(data, dict):
+            data = dict(data)
+            chars, utterance = data.get("max_chars", 5000), data.get("max_utterance_ids", 400)
+            if "max_request_ids" not in data and all(type(v) is int for v in (chars, utterance)):
+                data["max_request_ids"] = max(IDS_PER_CHAR * chars, utterance)  # one utterance always fits
+            request_ids = data.get("max_request_ids")
+            if "queue_ids" not in data and type(request_ids) is int:
+                data["queue_ids"] = QUEUE_REQUESTS_OF_WORK * request_ids
+        return data
 
     @field_validator("socket_path", "cache_dir", "provisioner_runtime_dir", mode="before")
     @classmethod
@@ -141,6 +166,9 @@ class RuntimeConfig(NetworkSettings, BaseModel):
             raise ValueError("max_batch_ids must be at least max_utterance_ids (one utterance must fit a batch)")
         if self.max_request_ids < self.max_utterance_ids:
             raise ValueError("max_request_ids must be at least max_utterance_ids")
+        if self.queue_ids < self.max_request_ids + self.express_max_ids:
+            # the largest request alone must leave room for a short one (it overtakes)
+            raise ValueError("queue_ids must be at least max_request_ids + express_max_ids")
         if isinstance(self.normalize_text, dict):
             unknown = sorted(set(self.normalize_text) - set(self.models))
             if unknown:

@@ -28,6 +28,15 @@ _ABBREVIATIONS = {
     "inc", "ltd", "co", "corp", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept",
     "oct", "nov", "dec", "approx", "dept", "fig", "gen", "gov", "lt", "col", "capt", "sgt",
 }
+# Dotted abbreviations ("U.S.", "Ph.D.", "p.m."): their last period ends a sentence only before a
+# capitalized word that usually opens one ("... in the U.S. The weather"), never before a name
+# or a lowercase word ("The U.S. Army", "the U.S. economy").
+_DOTTED = re.compile(r"(?:[a-z]{1,2}\.)+[a-z]{1,2}")
+_SENTENCE_STARTERS = {
+    "the", "a", "an", "it", "its", "this", "that", "these", "those", "there", "they", "we", "he", "she", "i",
+    "you", "my", "our", "his", "her", "their", "your", "but", "and", "so", "then", "if", "when", "what", "why",
+    "how", "who", "in", "on", "at", "yes", "no", "now", "today", "also", "however",
+}
 # Latin sentence ends need a following space ("3.14", "e.g.x" stay whole); CJK, Devanagari,
 # Arabic/Urdu and Ethiopic ends stand alone (those scripts put no space after them).
 _SENTENCE_END = re.compile(
@@ -268,19 +277,31 @@ class TextFrontend:
 
 def sentence_ends(text: str) -> Iterator[tuple[int, int]]:
     """Where sentences end in `text`: (end of the sentence, start of what follows), at . ! ?
-    followed by a space (not after common abbreviations or initials) and at the sentence ends
+    followed by a space (not after abbreviations: _abbreviation_period) and at the sentence ends
     of other scripts (。！？； । ؟ ۔ ...)."""
     start = 0
     for m in _SENTENCE_END.finditer(text):
         if m.group(1) is not None:
-            before = text[start:m.start()].rsplit(" ", 1)[-1].lower().rstrip(".")
-            if m.group(1).startswith(".") and (before in _ABBREVIATIONS or (len(before) == 1 and before.isalpha())):
+            if m.group(1).startswith(".") and _abbreviation_period(text[start:m.start()], text[m.end():]):
                 continue
             end = m.end(1)
         else:
             end = m.end(3)
         yield end, m.end()
         start = m.end()
+
+
+def _abbreviation_period(before: str, after: str) -> bool:
+    """Whether the period between `before` and `after` belongs to an abbreviation and does not
+    end the sentence: a common abbreviation ("Dr.", "etc.", "e.g."), an initial ("J."), or a
+    dotted one ("U.S.") unless a sentence plainly starts after it."""
+    word = before.rsplit(" ", 1)[-1].lower().rstrip(".")
+    if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
+        return True
+    if _DOTTED.fullmatch(word):
+        following = after.split(" ", 1)[0]
+        return not (following[:1].isupper() and following.lower().strip("\"'”’,") in _SENTENCE_STARTERS)
+    return False
 
 
 def complete_sentences(text: str) -> tuple[list[str], str]:

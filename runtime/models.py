@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import structlog
 
-from provisioner.cache import Snapshot
+from provisioner.cache import COMPLETE_MARKER, Snapshot
+from tts_common.backoff import backoff_delay
 from tts_common.notify import notify
 
 from .config import RuntimeConfig
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 RECHECK_S = 30.0  # safety-net re-check when no filesystem event arrives
+# A version that failed to load is tried again when its snapshot changes, on an operator's
+# reload, or after this backoff (doubling per failure, at most LOAD_RETRY_CAP_S): never merely
+# because something else changed in the watched directories (the provisioner's status file).
+LOAD_RETRY_BASE_S = 30.0
+LOAD_RETRY_CAP_S = 1800.0
 SEED_LIMIT = 2**63
 
 
@@ -117,13 +123,46 @@ def synthesize_local(engine: SynthesisEngine, requests: list[SynthesisRequest], 
 
 # -- loaded engines ---------------------------------------------------------------------
 
+def snapshot_identity(snap: Snapshot) -> tuple:
+    """What changes when a snapshot is rebuilt or repaired in place: its directory and
+    COMPLETE marker (a repaired file is re-linked by a rename in its directory)."""
+    try:
+        marker = (snap.path / COMPLETE_MARKER).stat().st_mtime_ns
+        return (str(snap.path), marker, snap.path.stat().st_mtime_ns)
+    except OSError:
+        return (str(snap.path), None, None)
+
+
 @dataclass
+class LoadFailure:
+    """The version current/<name> names that did not load, and when to try it again."""
+
+    version: str
+    identity: tuple
+    failures: int
+    retry_at: float  # time.monotonic()
+
+    def due(self, snap: Snapshot, now: float) -> bool:
+        return (snap.version != self.version or snapshot_identity(snap) != self.identity
+                or now >= self.retry_at)
+
+
+@dataclass(eq=False)
 class LoadedModel:
     name: str
     engine: SynthesisEngine
     snapshot: Snapshot
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
+    # ModelHolder's reference count: jobs queued or running on this engine, plus requests
+    # planned on it and not yet queued. A replaced (retired) engine is closed when it drops to 0.
+    users: int = 0
+    retired: bool = False
+    closed: bool = False
+
+    @property
+    def version(self) -> str:
+        return self.snapshot.version
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -153,6 +192,7 @@ class ModelHolder:
     def __init__(self) -> None:
         self.lock = threading.Lock()  # held by the worker for a whole batch
         self.express_lock = threading.Lock()  # likewise by the express worker (scheduler: overtaking)
+        self._refs = threading.Lock()  # LoadedModel.users / retired / closed
         self._models: dict[str, LoadedModel] = {}
 
     def get(self, name: str) -> LoadedModel | None:
@@ -162,8 +202,9 @@ class ModelHolder:
         return sorted(self._models)
 
     def install(self, name: str, snapshot: Snapshot, loader: Callable[[Snapshot], SynthesisEngine]) -> LoadedModel:
-        """Load beside the old engine, swap between batches, then release the old one.
-        Raises whatever the loader raises; the old engine then keeps serving."""
+        """Load beside the old engine, swap between batches; the old one is closed once the
+        last job planned on it is done (at once when none is). Raises whatever the loader
+        raises; the old engine then keeps serving."""
         started = time.monotonic()
         engine = loader(snapshot)
         new = LoadedModel(name, engine, snapshot, load_seconds=time.monotonic() - started)
@@ -171,19 +212,56 @@ class ModelHolder:
             old = self._models.get(name)
             self._models[name] = new
         if old is not None:
-            _close(old.engine)
+            with self._refs:
+                old.retired = True
+                done = self._closable(old)
+            if done:
+                _close(old)
+            else:
+                log.info("replaced engine kept for its queued work", model=name, version=old.version,
+                         jobs=old.users, serving=new.version)
         return new
+
+    def acquire(self, model: LoadedModel, count: int = 1, *, retired_ok: bool = False) -> bool:
+        """Count `count` more users of `model`; False (nothing counted) when it is closed, or
+        retired and not `retired_ok` (a request planned on an engine that has just been
+        replaced is planned again on the new one)."""
+        with self._refs:
+            if model.closed or (model.retired and not retired_ok):
+                return False
+            model.users += count
+            return True
+
+    def release(self, model: LoadedModel, count: int = 1) -> None:
+        """A user is done; the last user of a retired engine closes it (on a thread of its own:
+        this runs wherever a job's future completes, the scheduler's lock possibly held)."""
+        with self._refs:
+            model.users -= count
+            done = self._closable(model)
+        if done:
+            threading.Thread(target=_close, args=(model,), name="engine-release", daemon=True).start()
+
+    @staticmethod
+    def _closable(model: LoadedModel) -> bool:
+        """Under _refs: whether `model` is to be closed now (marks it closed)."""
+        if model.retired and model.users <= 0 and not model.closed:
+            model.closed = True
+            return True
+        return False
 
     def close_all(self) -> None:
         with self.lock, self.express_lock:
             models, self._models = list(self._models.values()), {}
         for model in models:
-            _close(model.engine)
+            with self._refs:
+                model.closed = True
+            _close(model)
 
 
-def _close(engine: SynthesisEngine) -> None:
+def _close(model: LoadedModel) -> None:
     try:
-        engine.close()
+        model.engine.close()
+        log.info("engine released", model=model.name, version=model.version)
     except Exception as exc:  # releasing must never take the service down
         log.warning("closing engine failed", error=str(exc))
 
@@ -200,7 +278,7 @@ class ModelManager:
         self.loader = loader or (lambda snap: load_engine(config, snap))
         self.reasons: dict[str, str] = {name: "starting" for name in self.names}
         self.errors: dict[str, str | None] = {name: None for name in self.names}
-        self._failed: dict[str, str] = {}  # name -> version whose load failed
+        self._failed: dict[str, LoadFailure] = {}  # name -> the version whose load failed
         self.load_failures: dict[str, int] = {name: 0 for name in self.names}  # since start (metrics)
         self._stop = threading.Event()
         self._force = threading.Event()
@@ -223,7 +301,8 @@ class ModelManager:
 
     def failed_version(self, name: str) -> str | None:
         """The version current/<name> names, when its load failed (the old one serves)."""
-        return self._failed.get(name)
+        failure = self._failed.get(name)
+        return failure.version if failure else None
 
     def describe(self) -> dict[str, Any]:
         out = {}
@@ -269,22 +348,28 @@ class ModelManager:
 
     # -- loop -------------------------------------------------------------------
     def _run(self) -> None:
-        event = True
         while not self._stop.is_set():
             with self._cycle_cond:  # with request_reload's: a forced pass is counted as begun
                 self._started += 1
                 forced = self._force.is_set()
                 self._force.clear()
             try:
-                self.check_once(retry_failed=event or forced)
+                self.check_once(retry_failed=forced)
             except Exception:  # never let a surprise end the loop: status shows the rest
                 log.exception("model check failed")
             with self._cycle_cond:
                 self._cycles += 1
                 self._cycle_cond.notify_all()
-            event = self.watcher.wait(RECHECK_S)
+            self.watcher.wait(self._next_wait())
+
+    def _next_wait(self) -> float:
+        """Until the next event, the safety-net re-check, or the earliest load retry."""
+        retries = [f.retry_at - time.monotonic() for f in self._failed.values()]
+        return max(0.05, min([RECHECK_S, *retries]))
 
     def check_once(self, retry_failed: bool = True) -> None:
+        """One pass over the voices. A version that failed to load is tried again only with
+        `retry_failed` (an operator's reload) or when due (LoadFailure.due)."""
         for name in self.names:
             if self._stop.is_set():
                 return
@@ -300,7 +385,8 @@ class ModelManager:
             if loaded is not None and loaded.snapshot.path == snap.path:
                 self._failed.pop(name, None)  # current is back at what serves (a rollback)
                 continue
-            if self._failed.get(name) == snap.version and not retry_failed:
+            failure = self._failed.get(name)
+            if failure is not None and not retry_failed and not failure.due(snap, time.monotonic()):
                 continue
             self._load(name, snap, previous=loaded)
         self._report()
@@ -312,7 +398,11 @@ class ModelManager:
         try:
             model = self.holder.install(name, snap, self.loader)
         except Exception as exc:  # a bad model must not take the old one (or the service) down
-            self._failed[name] = snap.version
+            before = self._failed.get(name)
+            failures = before.failures + 1 if before and before.version == snap.version else 1
+            delay = backoff_delay(failures - 1, base=LOAD_RETRY_BASE_S, cap=LOAD_RETRY_CAP_S)
+            self._failed[name] = LoadFailure(snap.version, snapshot_identity(snap), failures,
+                                             time.monotonic() + delay)
             self.load_failures[name] = self.load_failures.get(name, 0) + 1
             self.errors[name] = f"loading {name} {snap.version} failed: {type(exc).__name__}: {exc}"
             self.reasons[name] = self.errors[name]

@@ -109,6 +109,7 @@ _LATIN = [(re.compile(r"\bNo\.\s?(?=\d)|(?<!\w)#(?=\d)"), "number "),
           (re.compile(r"\bdept\.(?=\s)", re.I), "department")]
 
 _NUM = r"\d{1,3}(?:,\d{3})+|\d+"  # 12,500 or 12500
+_FRACTIONS = {2: ("half", "halves"), 4: ("quarter", "quarters")}  # other denominators: ordinals
 _ENDS_SENTENCE = re.compile(r"\s+[A-Z\"']|\s*$")
 
 
@@ -126,6 +127,9 @@ class EnglishNormalizer:
             (re.compile(_MONTH_RE + r"\.?\s+(\d{1,2})(?:st|nd|rd|th)?\b(?!:)(?:(,?)\s+(\d{4})\b)?"), self._month_day),
             (re.compile(r"\b(\d{1,2})(?:st|nd|rd|th)?\s+(?:of\s+)?" + _MONTH_RE + r"\b\.?(?:(,?)\s+(\d{4})\b)?"),
              self._day_month),
+            (re.compile(r"(?<![\w/.,])(?:(\d{1,2})\s)?(\d{1,2})/(\d{1,2})(?![\w/]|[.,]\d)"), self._fraction),
+            (re.compile(r"(?<![\w:.])(\d{1,2}):(\d{2}):(\d{2})(?![\d:])(?:\s?([AaPp])\.?[Mm]\b(\.?))?"),
+             self._time_seconds),
             (re.compile(r"(?<![\w:.])(\d{1,2}):(\d{2})(?!:?\d)(?:\s?([AaPp])\.?[Mm]\b(\.?))?"), self._time),
             (re.compile(r"(?<![\w:.])(\d{1,2})\s?([AaPp])\.?[Mm]\b(\.?)"), self._hour_ampm),
             (re.compile(r"(?<![\w.])([$£€¥])\s?(" + _NUM + r")(?:\.(\d+))?(?:\s?(thousand|million|billion|trillion)\b)?"),
@@ -219,20 +223,40 @@ class EnglishNormalizer:
         end = "." if period and _ENDS_SENTENCE.match(m.string, m.end()) else ""
         return f" {letter.upper()}M{end}"
 
-    def _time(self, m: re.Match) -> str:
-        h, mins = int(m.group(1)), int(m.group(2))
-        if h > 23 or mins > 59:
-            return m.group(0)
-        suffix = self._ampm(m.group(3), m.group(4), m)
-        if suffix and (h == 0 or h > 12):
-            return m.group(0)  # "0:30 am", "13:00 pm": not a 12-hour time
+    def _clock(self, h: int, mins: int, suffix: str) -> str | None:
+        """h:mm as a person reads it, or None when it is no time of day."""
+        if h > 23 or mins > 59 or (suffix and (h == 0 or h > 12)):  # "0:30 am", "13:00 pm": not 12-hour
+            return None
         if mins == 0:
-            words = self._n(h) + ("" if suffix else " o'clock" if 1 <= h <= 12 else " hundred")
-        elif mins < 10:
-            words = f"{self._n(h)} oh {self._n(mins)}"
-        else:
-            words = f"{self._n(h)} {self._n(mins)}"
+            return self._n(h) + ("" if suffix else " o'clock" if 1 <= h <= 12 else " hundred")
+        if mins < 10:
+            return f"{self._n(h)} oh {self._n(mins)}"
+        return f"{self._n(h)} {self._n(mins)}"
+
+    def _time(self, m: re.Match) -> str:
+        suffix = self._ampm(m.group(3), m.group(4), m)
+        words = self._clock(int(m.group(1)), int(m.group(2)), suffix)
+        return m.group(0) if words is None else words + suffix
+
+    def _time_seconds(self, m: re.Match) -> str:
+        # 23:59:59 -> twenty-three fifty-nine and fifty-nine seconds
+        suffix = self._ampm(m.group(4), m.group(5), m)
+        words, secs = self._clock(int(m.group(1)), int(m.group(2)), suffix), int(m.group(3))
+        if words is None or secs > 59:
+            return m.group(0)
+        if secs:
+            words += f" and {self._n(secs)} second{'' if secs == 1 else 's'}"
         return words + suffix
+
+    def _fraction(self, m: re.Match) -> str:
+        # 1/2 -> one half, 3/4 -> three quarters, 2/3 -> two thirds, 1 1/2 -> one and a half;
+        # only proper fractions with a denominator up to 10 (12/25 may be a date, 24/7 is not a fraction)
+        whole, num, den = m.group(1), int(m.group(2)), int(m.group(3))
+        if not 0 < num < den <= 10:
+            return m.group(0)
+        one, many = _FRACTIONS.get(den) or (self._n(den, to="ordinal"), self._n(den, to="ordinal") + "s")
+        part = f"{'a' if whole and num == 1 else self._n(num)} {one if num == 1 else many}"
+        return f"{self.cardinal(whole)} and {part}" if whole else part
 
     def _hour_ampm(self, m: re.Match) -> str:
         h = int(m.group(1))

@@ -1,7 +1,8 @@
 """The main job on the embedded default, end to end, through the CLIs an operator types:
 
-  local S3 server (nanio; TTS_DEMO_S3=rclone for rclone serve s3) -> tts-mirror keygen / import-piper (bundled joe voice) / publish
-  -> tts-provisioner sync -> tts-runtime serve on a Unix socket -> tts-ctl synth -> WAV
+  local S3 server (nanio; TTS_DEMO_S3=rclone for rclone serve s3) -> tts-mirror keygen (one key per
+  role) / trust init (signed channel metadata, root.json) / import-piper (bundled joe voice) /
+  publish to canary (the CI's key) / promote to stable (a release key) -> tts-provisioner sync -> tts-runtime serve on a Unix socket -> tts-ctl synth -> WAV
 
 Everything lives under ./demo-out (or $TTS_DEMO_DIR); the S3 server and the runtime
 are stopped at the end. Prints the snapshot that was provisioned and the WAV's path.
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import tomli_w
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from tests.s3servers import STARTERS  # noqa: E402  (the same S3 servers the tests use)
+from tts_testkit.paths import REPO
+from tts_testkit.s3servers import STARTERS  # the same S3 servers the tests use
 
 BIN = Path(sys.executable).parent
+ROLE_KEYS = ("root", "targets", "snapshot", "timestamp", "ci", "release")
 TEXT = "Hello from tts fleet. The model cache is verified, and the runtime is ready."
 
 
@@ -73,19 +74,33 @@ def main() -> None:
     creds = server.write_credentials(out / "mirror-credentials.toml")
     runtime = None
     try:
-        step("creating a signing key and importing the bundled voice (en_US-joe-medium)")
-        run(tool("tts-mirror"), "keygen", "--out-dir", str(out / "keys"), log=log)
+        keys = out / "keys"
+        step("creating one key per role and the mirror's signed channel metadata (trust root)")
+        # A demo keeps every key in one place; production keeps root and release keys offline.
+        for role in ROLE_KEYS:
+            run(tool("tts-mirror"), "keygen", "--out-dir", str(keys), "--name", role, log=log)
+        mirror_args = ["--endpoint", endpoint, "--bucket", "tts-models", "--credentials", str(creds)]
+        init = ["--root-key", str(keys / "root.pub"), "--root-threshold", "1"]
+        for role in ("targets", "snapshot", "timestamp", "ci", "release"):
+            init += [f"--{role}-key", str(keys / f"{role}.pub")]
+        run(tool("tts-mirror"), "trust", "init", *mirror_args, "--create-bucket", *init,
+            *[arg for role in ROLE_KEYS for arg in ("--key", str(keys / f"{role}.key"))],
+            "--out", str(out / "root.json"), log=log)
+        online = ["--trust-root", str(out / "root.json"), "--key", str(keys / "snapshot.key"),
+                  "--key", str(keys / "timestamp.key")]
+        step("importing the bundled voice (en_US-joe-medium)")
         run(tool("tts-mirror"), "import-piper", "--bundled", "--out", str(out / "bundle"), log=log)
-        step("publishing joe 1.0.0 to the mirror, channel stable")
+        step("publishing joe 1.0.0 to canary (the CI's key), promoting it to stable (a release key)")
         run(tool("tts-mirror"), "publish", str(out / "bundle"), "--name", "joe", "--version", "1.0.0",
-            "--channel", "stable", "--endpoint", endpoint, "--bucket", "tts-models", "--create-bucket",
-            "--credentials", str(creds), "--signing-key", str(out / "keys" / "mirror-signing.key"), log=log)
+            "--channel", "canary", *mirror_args, "--signing-key", str(keys / "ci.key"), *online, log=log)
+        run(tool("tts-mirror"), "promote", "joe", "1.0.0", "--channel", "stable", *mirror_args, *online,
+            "--key", str(keys / "release.key"), log=log)
 
         cache, prov_run = out / "cache", out / "run-provisioner"
         prov_cfg = out / "provisioner.toml"
         prov_cfg.write_text(tomli_w.dumps({
             "cache_dir": str(cache), "runtime_dir": str(prov_run),
-            "public_keys": [str(out / "keys" / "mirror-signing.pub")],
+            "trust": {"root": str(out / "root.json")},
             "mirrors": [{"name": "local", "endpoint": endpoint, "bucket": "tts-models", "credentials_file": str(creds)}],
             "models": [{"name": "joe", "channel": "stable"}],
         }))

@@ -17,13 +17,15 @@ command -v opentracker >/dev/null 2>&1 || need_apt+=(opentracker)
 # role's alert rules are unit-tested with `promtool test rules`, and a real Prometheus scrapes
 # the simulated fleet.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
-# The simulated fleet (tests/fleet/harness.py, tests/test_fleet.py, bench/fleet.py): an
+# The simulated fleet (tts_testkit/fleet/harness.py, tests/test_fleet.py, bench/fleet.py): an
 # sshd per node, sudo for become_user, iptables for the mirror's egress counter, ip/bridge.
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
 command -v sudo >/dev/null 2>&1 || need_apt+=(sudo)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+# A second MP3 decoder beside libsndfile (tests/test_runtime_trust.py).
+command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]} with apt-get" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

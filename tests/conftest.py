@@ -1,4 +1,13 @@
-"""Shared test harness: real S3 servers and real aria2c.
+"""Shared test harness: the test kinds (markers), real S3 servers and real aria2c.
+
+Every test is exactly one of three kinds (docs/testing.md), marked in its module
+(`pytestmark`) or on the test; collection fails for a test with none or with two:
+
+- `unit`: in-process, no subprocess, no server, no network - `pytest -m unit` runs in under a
+  minute on a 2-core machine;
+- `integration`: real aria2c, S3 servers, socket servers, subprocesses (or in-process work
+  too slow for the unit budget);
+- `fleet`: the simulated fleet (network namespaces, sshd) and ansible sandbox runs.
 
 Every test that takes `s3_server` (or `bucket`) runs once per S3 implementation, each
 started as a subprocess on 127.0.0.1 in a temp dir (MinIO's server binary does not
@@ -11,7 +20,11 @@ With TTS_TEST_S3_ENDPOINT, TTS_TEST_S3_ACCESS_KEY and TTS_TEST_S3_SECRET_KEY set
 same tests also run against that endpoint (a real MinIO) as `external`.
 TTS_TEST_S3_SERVERS=nanio (or rclone, or a comma list) narrows the matrix for a quick
 local run; CI runs both. Where the servers behave differently, `S3Server.kind` says
-which one a test talks to (see docs/testing.md).
+which one a test talks to (see docs/testing.md). The servers themselves are
+tts_testkit/s3servers.py (bench/ and the demo start the same ones).
+
+Fixtures over the real voice (bundle, engine, cache, server) are in tests/voice_fixtures.py,
+the mirror CLI's in tests/mirror_fixtures.py: plugins registered here.
 
 Timing rule for every test here: no verdict may depend on how fast the machine is
 (docs/testing.md).
@@ -21,15 +34,30 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
+import subprocess
 
 import pytest
 
 from mirror.s3 import Credentials
-from tests.s3servers import (STARTERS, S3Server, free_port, start_nanio, start_rclone,  # noqa: F401 (re-exported)
-                             wait_for_port)
+from tts_testkit.s3servers import STARTERS, S3Server
 
-REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.voice_fixtures", "tests.mirror_fixtures"]
+
+KINDS = ("unit", "integration", "fleet")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: an unmarked test fails every run, not only a full one
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test with no kind, or more than one, is an error: new tests must be classified."""
+    wrong = []
+    for item in items:
+        kinds = sorted({m.name for m in item.iter_markers() if m.name in KINDS})
+        if len(kinds) != 1:
+            wrong.append(f"{item.nodeid}: {kinds or 'no kind'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"every test needs exactly one of the markers {', '.join(KINDS)} (docs/testing.md); "
+            f"{len(wrong)} do not:\n  " + "\n  ".join(wrong[:20]) + ("\n  ..." if len(wrong) > 20 else ""))
 
 
 def s3_kinds() -> list[str]:
@@ -66,3 +94,23 @@ def aria2c_path() -> str:
     if not path:
         pytest.fail("aria2c is not installed: run scripts/setup.sh (apt-get install aria2)")
     return path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(size)` mounts a tmpfs of `size` (e.g. "12M") to fill up and returns its
+    path; unmounted after the test. Skips where mounting is not allowed."""
+    mounted = []
+
+    def mount(size: str):
+        mnt = tmp_path / f"small-{len(mounted)}"
+        mnt.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill up ({res.stderr.decode().strip()})")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

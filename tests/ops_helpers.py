@@ -10,25 +10,22 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tts_testkit.paths import REPO, SANDBOX_VENV, VENV
+
 SYSTEMD_DIR = REPO / "systemd"
 ANSIBLE_DIR = REPO / "ansible"
-VENV = Path(sys.executable).parent.parent
-VENV_BIN = VENV / "bin"
-# Where sandboxed services see the test venv (sandbox_prelude bind-mounts it there).
-SANDBOX_VENV = Path("/opt/tts-test-venv")
 UNITS = ["tts-provisioner.service", "tts-runtime.socket", "tts-runtime.service",
          "tts-tracker.service", "tts-tracker-whitelist.service", "tts-tracker-whitelist.timer",
          "tts-provisioner-metrics.socket", "tts-provisioner-metrics.service",
-         "tts-runtime-metrics.socket", "tts-runtime-metrics.service"]
+         "tts-runtime-metrics.socket", "tts-runtime-metrics.service",
+         "tts-trust-refresh.service", "tts-trust-refresh.timer"]
 SERVICES = ["tts-provisioner.service", "tts-runtime.service", "tts-tracker.service", "tts-tracker-whitelist.service",
-            "tts-provisioner-metrics.service", "tts-runtime-metrics.service"]
+            "tts-provisioner-metrics.service", "tts-runtime-metrics.service", "tts-trust-refresh.service"]
 # Where the ansible role installs the venv; the units' ExecStart= point into it.
 INSTALLED_VENV = Path("/opt/tts-fleet/venv")
 
@@ -193,13 +190,3 @@ def run_in_sandbox(script: str, timeout: float, env: dict | None = None) -> subp
     return subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
-
-def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)

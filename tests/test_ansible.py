@@ -26,17 +26,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.ops_helpers import (ANSIBLE_DIR, REPO, SANDBOX_VENV, VENV, VENV_BIN, namespace_unavailable, run_in_sandbox,
-                               sandbox_prelude)
 from tests.conftest import s3_kinds
-from tests.provisioner_helpers import Keys, make_keys, publish_raw
+from tests.ops_helpers import ANSIBLE_DIR, namespace_unavailable, run_in_sandbox, sandbox_prelude
+from tts_testkit.paths import SANDBOX_VENV, VENV, VENV_BIN
+from tts_testkit.provisioner_setup import Keys, make_keys, publish_raw
+from tts_testkit.wheel import build_wheel
 
 PLAYBOOKS = ["site.yml", "rollout-model.yml", "rollback.yml", "mirror.yml", "monitoring.yml"]
 ANSIBLE_PLAYBOOK = VENV_BIN / "ansible-playbook"
@@ -58,6 +58,7 @@ def recap(output: str) -> dict[str, dict[str, int]]:
     return hosts
 
 
+@pytest.mark.integration
 def test_ansible_lint_production_profile(tmp_path):
     lint = VENV_BIN / "ansible-lint"
     if not lint.exists():
@@ -67,33 +68,22 @@ def test_ansible_lint_production_profile(tmp_path):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
 
 
+@pytest.mark.integration
 def test_syntax_check(tmp_path):
     out = subprocess.run([str(ANSIBLE_PLAYBOOK), "--syntax-check", *PLAYBOOKS], cwd=ANSIBLE_DIR,
                          capture_output=True, text=True, timeout=120, env=ansible_env(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def build_wheel(out_dir: Path) -> Path:
-    """A wheel of this checkout, built from a copy so the shared tree gets no build/ dir."""
-    src = out_dir / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "bench", "demo-out",
-                                                             "ansible", "*.egg-info", "build", "dist", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(out_dir), str(src)], check=True, timeout=180, capture_output=True)
-    return next(out_dir.glob("tts_fleet-*.whl"))
-
-
-def publish_voice(s3_server, bucket: str, tmp: Path, version: str = "1.0.0", channel: str | None = "stable",
-                  broken: bool = False):
-    from tests.runtime_helpers import voice_bundle_dir
-
+def publish_voice(s3_server, bucket: str, tmp: Path, bundle: Path, version: str = "1.0.0",
+                  channel: str | None = "stable", broken: bool = False):
     keys_dir = tmp / "keys"
     if (keys_dir / "mirror.key").exists():
         keys = Keys(keys_dir / "mirror.key", keys_dir / "mirror.pub")
     else:
         keys_dir.mkdir()
         keys = make_keys(keys_dir)
-    files = {p.name: p.read_bytes() for p in voice_bundle_dir(tmp).iterdir() if p.is_file()}
+    files = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
     if broken:
         # Passes every checksum (the manifest lists these bytes) but cannot be loaded:
         # the failure a bad export or a wrong conversion would cause.
@@ -177,7 +167,8 @@ def one_server(s3_server) -> None:
         pytest.skip(f"role tests run on {s3_kinds()[0]} only; the provisioner's tests cover {s3_server.kind}")
 
 
-def test_site_in_sandbox_under_user_manager(tmp_path, s3_server, bucket):
+@pytest.mark.fleet
+def test_site_in_sandbox_under_user_manager(tmp_path, s3_server, bucket, bundle_dir):
     one_server(s3_server)
     reason = namespace_unavailable()
     if reason:
@@ -186,7 +177,7 @@ def test_site_in_sandbox_under_user_manager(tmp_path, s3_server, bucket):
         pytest.skip("systemd binary missing: cannot start a user manager (Debian package systemd)")
     work = tmp_path / "work"
     work.mkdir()
-    keys = publish_voice(s3_server, bucket, tmp_path)
+    keys = publish_voice(s3_server, bucket, tmp_path, bundle_dir)
     wheel = build_wheel(tmp_path / "wheel")
     purelib = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -309,11 +300,12 @@ class LocalHost:
                 self.runtime.wait(timeout=10)
 
 
-def test_rollout_canary_then_fleet_and_rollback_on_failed_canary(tmp_path, s3_server, bucket):
+@pytest.mark.fleet
+def test_rollout_canary_then_fleet_and_rollback_on_failed_canary(tmp_path, s3_server, bucket, bundle_dir):
     one_server(s3_server)
-    keys = publish_voice(s3_server, bucket, tmp_path, "1.0.0", channel="stable")
-    publish_voice(s3_server, bucket, tmp_path, "1.1.0", channel=None)
-    publish_voice(s3_server, bucket, tmp_path, "2.0.0", channel=None, broken=True)
+    keys = publish_voice(s3_server, bucket, tmp_path, bundle_dir, "1.0.0", channel="stable")
+    publish_voice(s3_server, bucket, tmp_path, bundle_dir, "1.1.0", channel=None)
+    publish_voice(s3_server, bucket, tmp_path, bundle_dir, "2.0.0", channel=None, broken=True)
     hosts = [LocalHost(n, tmp_path / n) for n in ("node-a", "node-b")]
     variables = node_vars(s3_server, bucket, keys, tts_node_service_manager="none", tts_node_create_user=False,
                           tts_node_user="root", tts_node_group="root", tts_node_install_venv=False,
@@ -383,6 +375,7 @@ def test_rollout_canary_then_fleet_and_rollback_on_failed_canary(tmp_path, s3_se
 
 # -- [p2p] from the inventory ----------------------------------------------------------------
 
+@pytest.mark.fleet
 def test_role_writes_p2p_from_the_inventory_and_refuses_bad_settings(tmp_path):
     """site.yml (files only: service manager none) over three local "hosts" with p2p on:
     each provisioner.toml gets [p2p] with the fleet = the tts_nodes group, the trackers =
@@ -450,6 +443,7 @@ def test_role_writes_p2p_from_the_inventory_and_refuses_bad_settings(tmp_path):
     assert "[p2p]" not in (roots["node-a"] / "etc/tts-fleet/provisioner.toml").read_text()
 
 
+@pytest.mark.integration
 def test_p2p_drop_ins_parse_without_any_warning(tmp_path):
     """The role's p2p drop-ins, rendered, over the shipped units: systemd's own parser
     accepts them (any stderr line fails: `verify` only warns), and a bad network in
@@ -488,6 +482,7 @@ def test_p2p_drop_ins_parse_without_any_warning(tmp_path):
     assert "10.20.0.0/99" in bad.stderr, bad.stderr
 
 
+@pytest.mark.fleet
 def test_role_opens_the_runtime_to_the_network_only_as_configured(tmp_path):
     """site.yml (files only) with the runtime's network settings: runtime.toml gets the
     listeners, the tokens file (0600, labels and tokens) and the allow list, and the runtime's
@@ -543,3 +538,45 @@ def test_role_opens_the_runtime_to_the_network_only_as_configured(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:]
     plain = load_config(etc / "runtime.toml")
     assert plain.tcp_listen == "" and plain.wyoming_listen == []
+
+
+@pytest.mark.fleet
+def test_role_distributes_the_trust_root(tmp_path):
+    """site.yml (files only) with tts_node_trust_root: root.json installed byte for byte,
+    `[trust] root` pointing at it, accepted by the provisioner's schema even with
+    require_signature and no manifest keys (the signed metadata pins each manifest)."""
+    import tomllib
+
+    from tuf.api.metadata import Metadata
+
+    from mirror.trust import now
+    from mirror.trust_repo import fresh_root, serialize
+    from provisioner.config import load_config
+    from tts_testkit.trust_keys import TrustKeys
+
+    keys = TrustKeys.make(tmp_path / "keys", ("root1",))
+    pub = keys.public("root1")
+    root = Metadata(fresh_root({r: [pub] for r in ("root", "targets", "snapshot", "timestamp")}, {}, now()))
+    text = serialize(root).decode()
+    host = tmp_path / "node"
+    variables = {
+        "tts_node_mirrors": [{"name": "primary", "endpoint": "http://127.0.0.1:9", "bucket": "b"}],
+        "tts_node_mirror_credentials": {"primary": {"access_key": "AK", "secret_key": "not-a-real-secret"}},
+        "tts_node_service_manager": "none", "tts_node_create_user": False, "tts_node_user": "root",
+        "tts_node_group": "root", "tts_node_install_venv": False, "tts_node_install_packages": False,
+        "tts_node_venv": str(VENV), "tts_node_require_signature": True, "tts_node_trust_root": text,
+        "tts_node_trust_metadata_deadline": 7,
+    }
+    inventory = {"tts_nodes": {"vars": variables, "hosts": {"node": {
+        "ansible_connection": "local", "ansible_become": False, "ansible_python_interpreter": sys.executable,
+        "tts_node_root": str(host)}}}}
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    out = subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", str(tmp_path / "inventory.yml"), "site.yml"], cwd=ANSIBLE_DIR,
+                         capture_output=True, text=True, timeout=300, env=ansible_env(tmp_path))
+    assert out.returncode == 0, out.stdout[-5000:]
+    installed = host / "etc/tts-fleet/trust/root.json"
+    assert installed.read_text() == text
+    conf = host / "etc/tts-fleet/provisioner.toml"
+    assert tomllib.loads(conf.read_text())["trust"] == {"root": str(installed), "metadata_deadline": 7.0}
+    config = load_config(conf)
+    assert config.trust.root == installed and config.public_keys == []

@@ -30,8 +30,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import s3_kinds
-from tests.ops_helpers import VENV_BIN, make_fake_root, namespace_unavailable
-from tests.provisioner_helpers import make_keys, model_files, publish_raw, run_cli, write_config
+from tests.ops_helpers import make_fake_root, namespace_unavailable
+from tests.provisioner_helpers import run_cli
+from tts_testkit.paths import VENV_BIN
+from tts_testkit.provisioner_setup import make_keys, model_files, publish_raw, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -216,7 +218,7 @@ def node(tmp_path, s3_server, bucket):
 
 def test_piper_http_server_gated_hot_swapped_and_rolled_back(node, s3_server, bucket):
     from tests.anymodel_helpers import voice_files, wait_for
-    from tests.s3servers import free_port
+    from tts_testkit.s3servers import free_port
 
     port = free_port()
     # 4 MiB/s per download: the 60 MiB ONNX takes at least 15 s, so "mid-download" is arithmetic.
@@ -287,7 +289,7 @@ def test_piper_http_server_gated_hot_swapped_and_rolled_back(node, s3_server, bu
 
 def test_wyoming_piper_gated_hot_swapped_and_rolled_back(node, s3_server, bucket):
     from tests.anymodel_helpers import voice_files, wait_for
-    from tests.s3servers import free_port
+    from tts_testkit.s3servers import free_port
 
     port = free_port()
     health = f"--health-audio tcp://127.0.0.1:{port} --health-api wyoming --health-timeout 60"
@@ -326,7 +328,7 @@ def test_wyoming_piper_gated_hot_swapped_and_rolled_back(node, s3_server, bucket
 
 def test_bad_model_servers_each_get_one_clear_line(node, s3_server, bucket):
     from tests.anymodel_helpers import voice_files, wait_for
-    from tests.s3servers import free_port
+    from tts_testkit.s3servers import free_port
 
     port, crash_port = free_port(), free_port()
     python = "/opt/tts-fleet/venv/bin/python"
@@ -431,7 +433,7 @@ def test_rollout_canaries_and_rolls_back_a_third_party_server(tmp_path, s3_serve
     import yaml
 
     from tests.anymodel_helpers import voice_files
-    from tests.s3servers import free_port
+    from tts_testkit.s3servers import free_port
     from tests.test_ansible import ANSIBLE_DIR, ANSIBLE_PLAYBOOK, ansible_env, node_vars, recap
 
     if s3_server.kind != s3_kinds()[0]:

@@ -17,6 +17,8 @@ from runtime.audio import (
     resample,
 )
 
+pytestmark = pytest.mark.unit
+
 RATE = 22050
 
 

@@ -13,6 +13,7 @@ import json
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,8 +22,8 @@ from piper_import import bundled_voice_paths
 from runtime.frontend import TextFrontend
 from runtime.models import LoadedModel, ModelHolder, join_sentences
 from runtime.scheduler import Scheduler
-from tests.runtime_helpers import mixed_scripts as mixed
-from tests.runtime_helpers import start_server, voice_cache  # noqa: F401
+from tts_testkit.runtime_server import mixed_scripts as mixed
+from tts_testkit.runtime_server import start_server
 
 LIMIT = 200
 
@@ -41,6 +42,7 @@ def frontend(voice):
 
 # -- front end ---------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", [
     mixed(5000), "a" * 2000, "世" * 5000, "x" + ",.;!?" * 999, "Supercalifragilistic" * 100,
     "1234567890" * 200, ("one two three four five six seven eight nine ten " * 60).strip(),
@@ -54,6 +56,7 @@ def test_no_utterance_over_the_limit(frontend, text):
     assert sum(len(u.ids) for u in utterances) >= 0.9 * len(whole)
 
 
+@pytest.mark.unit
 def test_cuts_prefer_clause_punctuation_then_words(frontend):
     clause = "the quick brown fox jumps over the lazy dog and runs away"  # ~100 ids
     sentence = f"{clause}, {clause}; {clause}."
@@ -72,6 +75,7 @@ def test_cuts_prefer_clause_punctuation_then_words(frontend):
     assert not any(u.ends_sentence for u in pieces[:-1])
 
 
+@pytest.mark.unit
 def test_sentence_ends_of_other_scripts(frontend):
     assert frontend.sentences("你好世界。今天天气很好！你呢？好；") == ["你好世界。", "今天天气很好！", "你呢？", "好；"]
     assert frontend.sentences("नमस्ते दुनिया। आप कैसे हैं?") == ["नमस्ते दुनिया।", "आप कैसे हैं?"]
@@ -79,6 +83,7 @@ def test_sentence_ends_of_other_scripts(frontend):
     assert frontend.sentences("Pi is 3.14 here. Yes") == ["Pi is 3.14 here.", "Yes"]
 
 
+@pytest.mark.unit
 def test_joins_pause_only_between_sentences():
     waves = [np.ones(3, np.float32)] * 3
     joined = join_sentences(waves, 100, [0.0, 0.2, 0.2])  # piece, piece | sentence
@@ -119,6 +124,7 @@ def _wait_all(jobs, timeout=60.0):
         job.future.result(timeout=timeout)
 
 
+@pytest.mark.unit
 def test_batches_stay_within_the_padded_budget(tmp_path):
     sched, engine, hold = _scheduler(tmp_path, max_batch_size=8, max_batch_ids=800)
     try:
@@ -141,6 +147,7 @@ def test_batches_stay_within_the_padded_budget(tmp_path):
     assert any(len(b) > 1 for b in engine.batches)  # it does batch
 
 
+@pytest.mark.unit
 def test_a_short_request_waits_for_at_most_one_batch_of_a_long_one(tmp_path):
     sched, engine, hold = _scheduler(tmp_path, max_batch_size=8, max_batch_ids=400)
     try:
@@ -158,6 +165,7 @@ def test_a_short_request_waits_for_at_most_one_batch_of_a_long_one(tmp_path):
     assert len(engine.batches) == 21
 
 
+@pytest.mark.unit
 def test_progressive_and_dependent_jobs_are_not_skipped(tmp_path):
     sched, engine, hold = _scheduler(tmp_path, max_batch_size=4, max_batch_ids=400)
     try:
@@ -172,14 +180,75 @@ def test_progressive_and_dependent_jobs_are_not_skipped(tmp_path):
     assert engine.batches[0] == [50, 60] or engine.batches[0] == [50]  # a0 (its mates may not wait for it)
 
 
+class CostClock:
+    """The scheduler's clock in the share test: real time plus the cost of every batch run so
+    far, so each batch "takes" exactly its cost whatever the machine's speed."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
+class CostEngine(RecordingEngine):
+    LONG, SHORT = 1.0, 0.1  # seconds of a long (400 ids) and a short (20 ids) utterance
+
+    def __init__(self, clock: CostClock):
+        super().__init__()
+        self.clock = clock
+        self.timeline: list[tuple[str, float, float]] = []  # (kind, cost, finished)
+
+    def synthesize_batch(self, requests):
+        kind = "long" if len(requests[0].phoneme_ids) > 240 else "short"
+        cost = sum(self.LONG if len(r.phoneme_ids) > 240 else self.SHORT for r in requests)
+        self.clock.offset += cost
+        self.timeline.append((kind, cost, self.clock.monotonic()))
+        return super().synthesize_batch(requests)
+
+
+@pytest.mark.unit
+def test_a_flood_of_short_requests_slows_a_long_one_at_most_2x(tmp_path, monkeypatch):
+    # Virtual time (each batch costs what its utterances cost), so the share rule is checked as
+    # arithmetic: when the long request ends, short ones have had at most its time (plus the
+    # credit cap and one batch), i.e. it took at most ~2x its own work. No express worker here:
+    # this engine cannot overtake; the flood takes its turns.
+    import runtime.scheduler as scheduler_module
+    from runtime.scheduler import SHORT_CREDIT_S
+
+    clock = CostClock()
+    monkeypatch.setattr(scheduler_module, "time", SimpleNamespace(monotonic=clock.monotonic))
+    engine = CostEngine(clock)
+    holder = ModelHolder()
+    holder._models["joe"] = LoadedModel("joe", engine, None)  # type: ignore[arg-type]
+    hold = tmp_path / "hold"
+    hold.touch()
+    sched = Scheduler(holder, hold_file=str(hold), max_wait_ms=0, queue_size=1000, max_batch_size=8,
+                      max_batch_ids=800, express_max_ids=240)
+    sched.start()
+    try:
+        deadline = time.monotonic() + 3600
+        long_jobs = sched.submit("joe", [Req(400, f"L{k}") for k in range(10)], deadline)
+        shorts = [sched.submit("joe", [Req(20, f"S{k}")], deadline) for k in range(200)]
+        hold.unlink()
+        _wait_all(long_jobs + [j for s in shorts for j in s])
+    finally:
+        sched.stop()
+    end = max(j.finished for j in long_jobs)
+    long_s = sum(cost for kind, cost, done in engine.timeline if kind == "long" and done <= end)
+    short_s = sum(cost for kind, cost, done in engine.timeline if kind == "short" and done <= end)
+    assert long_s == 10 * CostEngine.LONG
+    assert short_s <= long_s + SHORT_CREDIT_S + 8 * CostEngine.SHORT, (long_s, short_s)
+    assert short_s > 0  # short requests did get turns meanwhile
+
+
 # -- engine: an allocation failure halves the batch, then is EngineOOMError ----------------------
 
-def test_cpu_allocation_failure_halves_then_refuses(monkeypatch):
-    from runtime.engine import Engine, EngineOOMError, SynthesisRequest
+@pytest.mark.unit
+def test_cpu_allocation_failure_halves_then_refuses(monkeypatch, engine):
+    from runtime.engine import EngineOOMError, SynthesisRequest
     from runtime.api.synthesis import job_error
-    from tests.runtime_helpers import shared_engine
 
-    engine: Engine = shared_engine(Path(__import__("tempfile").mkdtemp()))
     ids = engine.frontend.to_ids("Hello there.")
     real = engine._forward
     seen = []
@@ -221,6 +290,7 @@ def _vm(pid: int, key: str) -> int:
     raise AssertionError(f"no {key} for {pid}")
 
 
+@pytest.mark.integration
 def test_server_bounds_a_worst_case_request(voice_cache, tmp_path):
     srv = start_server(tmp_path, voice_cache, max_chars=5000, max_utterance_ids=400, max_batch_ids=800,
                        max_request_ids=8000, deadline_s=600, request_timeout_s=10)
@@ -252,6 +322,7 @@ def test_server_bounds_a_worst_case_request(voice_cache, tmp_path):
         srv.stop()
 
 
+@pytest.mark.unit
 def test_config_keeps_one_utterance_within_a_batch():
     from runtime.config import RuntimeConfig
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -10,11 +9,14 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from provisioner.cache import CacheWriter
-from tests.runtime_helpers import (VENV_BIN, publish_to_cache, server, start_server,  # noqa: F401  (fixtures)
-                                   voice_bundle_dir, voice_cache)
+from tts_testkit.paths import VENV_BIN
+from tts_testkit.runtime_server import publish_to_cache, start_server
+
+pytestmark = pytest.mark.integration
 
 
 def ctl(*args, socket=None, config=None, timeout=180):
@@ -137,11 +139,11 @@ def test_status_voices_wait_ready(server, tmp_path):
     assert r.returncode == 0 and "snapshots" in r.stdout
 
 
-def test_check_reload_is_the_health_gate_in_one_call(tmp_path, tmp_path_factory):
+def test_check_reload_is_the_health_gate_in_one_call(tmp_path, bundle_dir):
     """`check --reload` is what rollout-model.yml and rollback.yml run on each host: it makes
     the runtime re-check the cache, gates on the version that pass left, then checks the
     audio; a version that did not load fails at once with the runtime's load error."""
-    bundle = voice_bundle_dir(tmp_path_factory.getbasetemp())
+    bundle = bundle_dir
     cache = tmp_path / "cache"
     publish_to_cache(cache, "joe", "1.0.0", bundle)
     publish_to_cache(cache, "joe", "1.1.0", bundle)

@@ -10,7 +10,10 @@ import sys
 import pytest
 import soundfile as sf
 
-from tests.conftest import REPO, s3_kinds
+from tests.conftest import s3_kinds
+from tts_testkit.paths import REPO
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("kind", [k for k in s3_kinds() if k != "external"])

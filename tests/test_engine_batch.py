@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from runtime.engine import Engine, EngineError, EngineOOMError, SynthesisRequest
-from tests.engine_fixtures import bundle_dir, engine, import_report  # noqa: F401
+
+pytestmark = pytest.mark.unit
 
 TEXTS = [
     "Hi.",

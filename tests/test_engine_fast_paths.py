@@ -13,7 +13,8 @@ import threading
 import pytest
 import torch
 
-from tests.engine_fixtures import bundle_dir, engine, import_report  # noqa: F401
+pytestmark = pytest.mark.unit
+
 
 
 def _reference_model(bundle_dir):
@@ -94,7 +95,7 @@ def test_decoder_lanes_do_not_change_the_waveform(models):
 
 
 def test_cpu_engine_runs_its_threads_as_lanes(engine):
-    # tests/engine_fixtures.py loads the engine with threads=2
+    # tests/voice_fixtures.py loads the engine with threads=2
     assert engine.threads == 2
     assert torch.get_num_threads() == 1  # each lane runs its ops on one core
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.asr_helpers import make_recognizer, word_error_rate
-from tests.asr_helpers import words as _words
-from tests.engine_fixtures import bundle_dir, engine, import_report  # noqa: F401
+from tts_testkit.asr import make_recognizer, word_error_rate
+from tts_testkit.asr import words as _words
 
 pocketsphinx = pytest.importorskip("pocketsphinx")
 
@@ -39,11 +38,13 @@ def recognize():
     return make_recognizer()
 
 
+@pytest.mark.unit
 def test_white_noise_decodes_to_nothing(recognize):
     noise = np.random.default_rng(0).normal(0, 0.3, 16000 * 3).astype(np.float32)
     assert len(_words(recognize(noise, 16000))) <= 1
 
 
+@pytest.mark.integration
 def test_wer_matches_piper(engine, recognize):
     from piper.config import SynthesisConfig
     from piper.voice import PiperVoice

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine_fixtures import bundle_dir, engine, import_report, ort_session, ort_synthesize  # noqa: F401
+from tests.voice_fixtures import ort_synthesize
 
 SENTENCES = [
     "Hello world.",
@@ -34,6 +34,7 @@ SENTENCES = [
 ]
 
 
+@pytest.mark.integration
 def test_twenty_sentences_match_onnxruntime(engine, ort_session):
     from runtime.engine import SynthesisRequest
 
@@ -49,6 +50,7 @@ def test_twenty_sentences_match_onnxruntime(engine, ort_session):
     assert worst <= 1e-3, worst
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("length_scale", [0.7, 1.6])
 def test_length_scale_matches_onnxruntime(engine, ort_session, length_scale):
     from runtime.engine import SynthesisRequest
@@ -60,6 +62,7 @@ def test_length_scale_matches_onnxruntime(engine, ort_session, length_scale):
     assert float(np.abs(ours - ref).max()) <= 1e-3
 
 
+@pytest.mark.unit
 def test_fast_decoder_matches_reference_decoder(bundle_dir):
     """The channels-last/polyphase decoder is a rewrite of the plain HiFi-GAN forward."""
     import json

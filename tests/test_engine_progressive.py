@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from runtime.engine import FIRST_PIECE_S, SynthesisRequest
-from tests.engine_fixtures import bundle_dir, engine, import_report  # noqa: F401
+
+pytestmark = pytest.mark.unit
 
 
 def _request(engine, text, seed=11):

@@ -21,6 +21,8 @@ from provisioner.fetch_policy import (
 )
 from provisioner.transfer import ERR_CANNOT_RESUME, ERR_DISK_FULL, ERR_HTTP_STATUS, ERR_NOT_FOUND
 
+pytestmark = pytest.mark.unit
+
 SHA = "a" * 64
 BAD = "b" * 64
 ENTRY = FileEntry(path="sub/model.safetensors", size=1000, sha256=SHA)

@@ -1,4 +1,4 @@
-"""The role and playbooks over SSH against a simulated fleet of 3 nodes (tests/fleet/harness.py:
+"""The role and playbooks over SSH against a simulated fleet of 3 nodes (tts_testkit/fleet/harness.py:
 each node a network namespace on a bridge, private /etc /opt /var /run, its own sshd and
 `systemd --user` manager; the mirror in its own namespace).
 
@@ -32,11 +32,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet import harness
-from tests.fleet import rollout as fr
+from tts_testkit.fleet import harness
+from tts_testkit.fleet import rollout as fr
+from tts_testkit.wheel import build_wheel
 
 REASON = harness.unavailable()
 pytestmark = [
+    pytest.mark.fleet,
     pytest.mark.skipif(REASON is not None, reason=f"fleet harness unavailable: {REASON}"),
     pytest.mark.skipif(not (harness.VENV / "bin/ansible-playbook").exists(),
                        reason="ansible is not installed: run scripts/setup.sh"),
@@ -52,10 +54,10 @@ class FleetState:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    from tests.provisioner_helpers import make_keys
+    from tts_testkit.provisioner_setup import make_keys
 
     work = tmp_path_factory.mktemp("fleet")
-    wheel = fr.build_wheel(work / "wheel")
+    wheel = build_wheel(work / "wheel")
     with harness.Fleet(work, NODES) as fleet:
         (work / "keys").mkdir()
         keys = make_keys(work / "keys")

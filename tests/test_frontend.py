@@ -9,6 +9,8 @@ import pytest
 from piper_import import bundled_voice_paths
 from runtime.frontend import EmptyTextError, TextFrontend, TextTooLongError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def voice():
@@ -27,6 +29,16 @@ def test_sentence_split(frontend):
     ]
     assert frontend.sentences("  one\n\ntwo  ") == ["one two"]
     assert frontend.sentences("Hi! ... !!") == ["Hi!"]
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["read-out", "as-written"])
+def test_abbreviation_periods_do_not_end_sentences(voice, normalize):
+    frontend = TextFrontend(voice, max_chars=500, normalize_text=normalize)
+    for text in ("The U.S. economy grew fast.", "See e.g. the manual.", "Dr. Smith arrived.",
+                 "I saw the Dr. yesterday.", "The U.S. Army left.", "Call the Ph.D. students.", "At 3 p.m. today."):
+        assert len(frontend.spoken_sentences(text)) == 1, text
+    # a dotted abbreviation can still end a sentence: before a word that plainly starts one
+    assert len(frontend.spoken_sentences("I live in the U.S. The weather is fine.")) == 2
 
 
 def test_ids_use_the_voice_map(frontend, voice):

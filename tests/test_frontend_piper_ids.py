@@ -10,6 +10,8 @@ import pytest
 from runtime.frontend import TextFrontend
 from piper_import import bundled_voice_paths
 
+pytestmark = pytest.mark.unit
+
 piper_voice = pytest.importorskip("piper.voice")
 piper_config = pytest.importorskip("piper.config")
 

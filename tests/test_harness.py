@@ -12,7 +12,9 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import S3Server
+from tts_testkit.s3servers import S3Server
+
+pytestmark = pytest.mark.integration
 
 LOCAL = ("nanio", "rclone")
 

@@ -11,7 +11,7 @@ import torch
 
 from runtime import heap
 
-pytestmark = pytest.mark.skipif(not heap.available(), reason="not glibc: the policy is a no-op there")
+pytestmark = [pytest.mark.unit, pytest.mark.skipif(not heap.available(), reason="not glibc: the policy is a no-op there")]
 
 # a small "batch": activation buffers of a few MiB, as a stage of the decoder allocates
 SIZES = [3 << 20, 1 << 20, 2 << 20, 4 << 20, 2 << 20]

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.provisioner_helpers import BIN, make_keys, write_config
+from tts_testkit.paths import VENV_BIN as BIN
+from tts_testkit.provisioner_setup import make_keys, write_config
 
 pytestmark = pytest.mark.integration
 

@@ -22,6 +22,8 @@ from mirror.manifest import (
     validate_path,
 )
 
+pytestmark = pytest.mark.unit
+
 SHA = "ab" * 32
 
 

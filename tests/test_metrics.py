@@ -26,9 +26,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.provisioner_helpers import BIN, make_keys, model_files, publish_raw, run_cli, set_channel, wait_status, \
-    write_config
-from tests.runtime_helpers import publish_to_cache, start_server, voice_bundle_dir, voice_cache  # noqa: F401
+from tests.provisioner_helpers import BIN, run_cli
+from tts_testkit.provisioner_setup import make_keys, model_files, publish_raw, set_channel, wait_status, write_config
+from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir
 from tts_common.metrics_server import MetricsServer, MetricsSocketError
 
 pytestmark = pytest.mark.integration

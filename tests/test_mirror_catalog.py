@@ -13,11 +13,11 @@ from mirror import layout
 from mirror.cli import main
 from mirror.manifest import parse_channel
 from mirror.signing import generate_keypair
-from tests.test_mirror_publish import keys, mirror_env, model_dir, run  # noqa: F401  (fixtures)
+from tests.mirror_fixtures import run
 
 
 @pytest.fixture
-def published(mirror_env, model_dir) -> dict[str, str]:  # noqa: F811
+def published(mirror_env, model_dir) -> dict[str, str]:
     for version in ("1.0", "1.1"):
         result = run(mirror_env, "publish", str(model_dir), "--name", "joe", "--version", version)
         assert result.exit_code == 0, result.output
@@ -32,7 +32,8 @@ def channel_of(s3_server, bucket: str, channel: str) -> str:
 # --------------------------------------------------------------------------- promote
 
 
-def test_promote_moves_the_channel(s3_server, bucket, published, keys) -> None:  # noqa: F811
+@pytest.mark.integration
+def test_promote_moves_the_channel(s3_server, bucket, published, keys) -> None:
     result = run(published, "promote", "joe", "1.0", "--channel", "stable", "--public-key", str(keys.public))
     assert result.exit_code == 0, result.output
     assert "channel stable of joe: none -> 1.0" in result.stdout
@@ -41,23 +42,27 @@ def test_promote_moves_the_channel(s3_server, bucket, published, keys) -> None: 
     assert channel_of(s3_server, bucket, "stable") == "1.1"
 
 
+@pytest.mark.integration
 def test_promote_refuses_an_unpublished_version(published) -> None:
     result = run(published, "promote", "joe", "9.9", "--channel", "stable")
     assert result.exit_code == 1 and "has no manifest" in result.output
 
 
+@pytest.mark.integration
 def test_promote_refuses_a_missing_signature(s3_server, bucket, published) -> None:
     s3_server.client().delete_object(Bucket=bucket, Key=layout.signature_key("joe", "1.0"))
     result = run(published, "promote", "joe", "1.0", "--channel", "stable")
     assert result.exit_code == 1 and "manifest.json.sig is missing" in result.output
 
 
+@pytest.mark.integration
 def test_promote_refuses_a_signature_by_an_unknown_key(published, tmp_path) -> None:
     generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
     result = run(published, "promote", "joe", "1.0", "--channel", "stable", "--public-key", str(tmp_path / "other.pub"))
     assert result.exit_code == 1 and "does not verify" in result.output
 
 
+@pytest.mark.integration
 def test_promote_refuses_a_truncated_object(s3_server, bucket, published) -> None:
     key = layout.object_key("joe", "1.0", "sub/weights.bin")
     s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"short")
@@ -70,7 +75,8 @@ def test_promote_refuses_a_truncated_object(s3_server, bucket, published) -> Non
 # --------------------------------------------------------------------------- list
 
 
-def test_list_table_and_json(s3_server, bucket, published, model_dir) -> None:  # noqa: F811
+@pytest.mark.integration
+def test_list_table_and_json(s3_server, bucket, published, model_dir) -> None:
     run(published, "promote", "joe", "1.1", "--channel", "canary")
     # A version whose publish never finished: objects but no manifest.
     s3_server.client().put_object(Bucket=bucket, Key=layout.object_key("joe", "2.0", "x.bin"), Body=b"x")
@@ -90,7 +96,8 @@ def test_list_table_and_json(s3_server, bucket, published, model_dir) -> None:  
     assert versions["2.0"]["state"] == "incomplete"
 
 
-def test_list_of_an_empty_bucket(mirror_env) -> None:  # noqa: F811
+@pytest.mark.integration
+def test_list_of_an_empty_bucket(mirror_env) -> None:
     result = run(mirror_env, "list")
     assert result.exit_code == 0 and "no models" in result.stdout
 
@@ -98,12 +105,14 @@ def test_list_of_an_empty_bucket(mirror_env) -> None:  # noqa: F811
 # --------------------------------------------------------------------------- verify
 
 
-def test_verify_passes_on_an_intact_version(published, keys) -> None:  # noqa: F811
+@pytest.mark.integration
+def test_verify_passes_on_an_intact_version(published, keys) -> None:
     result = run(published, "verify", "joe", "1.0", "--public-key", str(keys.public))
     assert result.exit_code == 0, result.output
     assert "3 files" in result.stdout and "all sha256 match" in result.stdout and "ed25519:" in result.stdout
 
 
+@pytest.mark.integration
 def test_verify_reports_every_mismatch(s3_server, bucket, published) -> None:
     client = s3_server.client()
     weights = layout.object_key("joe", "1.0", "sub/weights.bin")
@@ -117,12 +126,14 @@ def test_verify_reports_every_mismatch(s3_server, bucket, published) -> None:
     assert "2 problem(s)" in result.output
 
 
+@pytest.mark.integration
 def test_verify_checks_the_signature_with_a_key(s3_server, bucket, published, tmp_path) -> None:
     generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
     result = run(published, "verify", "joe", "1.0", "--public-key", str(tmp_path / "other.pub"))
     assert result.exit_code == 1 and "does not verify" in result.stdout
 
 
+@pytest.mark.integration
 def test_verify_of_a_missing_version(published) -> None:
     result = run(published, "verify", "joe", "7.0")
     assert result.exit_code == 1 and "no manifest" in result.output
@@ -131,6 +142,7 @@ def test_verify_of_a_missing_version(published) -> None:
 # --------------------------------------------------------------------------- keygen, import-piper
 
 
+@pytest.mark.unit
 def test_keygen_writes_a_private_key_0600(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["keygen", "--out-dir", str(tmp_path / "k")])
     assert result.exit_code == 0, result.output
@@ -140,6 +152,7 @@ def test_keygen_writes_a_private_key_0600(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "already exists" in again.output
 
 
+@pytest.mark.unit
 def test_import_piper_usage_errors(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["import-piper", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
@@ -149,6 +162,7 @@ def test_import_piper_usage_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2
 
 
+@pytest.mark.unit
 def test_import_piper_bad_onnx_is_a_clear_error(tmp_path: Path) -> None:
     pytest.importorskip("piper_import")
     onnx, cfg = tmp_path / "v.onnx", tmp_path / "v.onnx.json"
@@ -159,7 +173,7 @@ def test_import_piper_bad_onnx_is_a_clear_error(tmp_path: Path) -> None:
     assert result.output.startswith("main: error: ") and "Traceback" not in result.output  # CliRunner: prog "main"
 
 
-@pytest.mark.slow
+@pytest.mark.unit
 def test_import_piper_bundled_voice(tmp_path: Path) -> None:
     piper_import = pytest.importorskip("piper_import")
     try:

@@ -19,47 +19,13 @@ from mirror.manifest import Manifest, parse_channel
 from mirror.publish import default_transfer_config, publish_dir
 from mirror.remote import Mirror, MirrorError
 from mirror.s3 import Credentials
-from mirror.signing import generate_keypair, load_private_key, load_public_key, verify
+from mirror.signing import load_private_key, load_public_key, verify
+from tests.mirror_fixtures import MiB, run
 
-MiB = 1024 * 1024
+pytestmark = pytest.mark.integration
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> SimpleNamespace:
-    generate_keypair(tmp_path / "keys" / "sign.key", tmp_path / "keys" / "sign.pub")
-    return SimpleNamespace(private=tmp_path / "keys" / "sign.key", public=tmp_path / "keys" / "sign.pub")
-
-
-@pytest.fixture
-def mirror_env(s3_server, bucket, keys, tmp_path) -> dict[str, str]:
-    """Everything `tts-mirror` needs, passed the documented way: environment variables."""
-    creds = s3_server.write_credentials(tmp_path / "creds.toml")
-    return {
-        "TTS_MIRROR_ENDPOINT": s3_server.endpoint,
-        "TTS_MIRROR_BUCKET": bucket,
-        "TTS_MIRROR_CREDENTIALS": str(creds),
-        "TTS_MIRROR_SIGNING_KEY": str(keys.private),
-        "TTS_LOG_FORMAT": "json",
-    }
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "model"
-    (d / "sub").mkdir(parents=True)
-    (d / "config.json").write_text('{"sample_rate": 22050}\n')
-    (d / "sub" / "weights.bin").write_bytes(os.urandom(3 * MiB + 17))
-    (d / "empty.txt").write_bytes(b"")
-    return d
-
-
-def run(env: dict[str, str], *args: str):
-    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
-    assert "Traceback" not in result.output
-    return result
 
 
 def mirror_for(s3_server, bucket: str) -> Mirror:
@@ -268,7 +234,7 @@ def test_world_readable_credentials_are_refused(mirror_env, model_dir) -> None:
 
 
 def test_unreachable_endpoint_is_a_clear_error(mirror_env, model_dir) -> None:
-    from tests.conftest import free_port
+    from tts_testkit.s3servers import free_port
 
     env = dict(mirror_env, TTS_MIRROR_ENDPOINT=f"http://127.0.0.1:{free_port()}")
     result = run(env, "publish", str(model_dir), "--name", "joe", "--version", "1.0")

@@ -25,6 +25,8 @@ from mirror.publish import publish_dir
 from mirror.remote import Mirror
 from mirror.signing import generate_keypair
 
+pytestmark = pytest.mark.integration
+
 MiB = 1024 * 1024
 
 

@@ -29,6 +29,14 @@ US = [
     ("at 10:05 AM and 7:00", "at ten oh five AM and seven o'clock"),
     ("at 15:00", "at fifteen hundred"),
     ("Meet me at 3 p.m. Then go.", "Meet me at three PM. Then go."),
+    ("It ends at 23:59:59.", "It ends at twenty-three fifty-nine and fifty-nine seconds."),
+    ("at 10:05:01 am and 7:00:00", "at ten oh five and one second AM and seven o'clock"),
+    ("25:61:99 is no time", "twenty-five:sixty-one:ninety-nine is no time"),  # numbers, not a time
+    # fractions
+    ("Add 1/2 cup, 3/4 of it and 2/3 more.", "Add one half cup, three quarters of it and two thirds more."),
+    ("It took 1 1/2 hours, 2 3/4 days and 5/8 of 1/10.",
+     "It took one and a half hours, two and three quarters days and five eighths of one tenth."),
+    ("open 24/7 and 50/50", "open twenty-four/seven and fifty/fifty"),  # not proper fractions
     ("at 3 p.m. today", "at three PM today"),
     # ordinals, years, decades
     ("He came 3rd of 21.", "He came third of twenty-one."),
@@ -65,11 +73,13 @@ def voice() -> dict:
     return dict(cfg, espeak_voice=cfg["espeak"]["voice"])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("written,spoken", US, ids=[w for w, _ in US])
 def test_english_us(written, spoken):
     assert normalizer_for("en_US")(written) == spoken
 
 
+@pytest.mark.unit
 def test_region_decides_slash_dates_and_and():
     gb = normalizer_for("en_GB")
     assert gb("On 12/01/2026 we met.") == "On the twelfth of January, twenty twenty-six we met."
@@ -78,12 +88,14 @@ def test_region_decides_slash_dates_and_and():
     assert normalizer_for("en-gb-x-rp") is not None  # an espeak voice name works too
 
 
+@pytest.mark.unit
 def test_long_numbers_are_read_digit_by_digit():
     n = normalizer_for("en_US")
     assert n("9" * MAX_CARDINAL_DIGITS).startswith("nine hundred ninety-nine billion")
     assert n("9" * (MAX_CARDINAL_DIGITS + 1)) == " ".join(["nine"] * (MAX_CARDINAL_DIGITS + 1))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("language", ["de_DE", "fr_FR", "zh_CN", "ar_JO", "", "xx"])
 def test_languages_without_rules_pass_through(voice, language):
     assert normalizer_for(language) is None
@@ -92,6 +104,7 @@ def test_languages_without_rules_pass_through(voice, language):
     assert fe.spoken_sentences(text) == fe.sentences(text)  # unchanged, and no error
 
 
+@pytest.mark.unit
 def test_language_of_bundle_and_espeak_fallback():
     assert language_of({"language": {"code": "en_GB", "family": "en"}}) == "en_GB"
     assert language_of({"language": "de_DE"}) == "de_DE"
@@ -99,6 +112,7 @@ def test_language_of_bundle_and_espeak_fallback():
     assert language_of({}) == ""
 
 
+@pytest.mark.unit
 def test_frontend_reads_out_only_when_on(voice):
     on, off = TextFrontend(voice), TextFrontend(voice, normalize_text=False)
     text = "Dr. Smith paid $3.50. It was 3:30 pm."
@@ -112,6 +126,7 @@ def test_frontend_reads_out_only_when_on(voice):
     assert len(on.spoken_sentences("I live on Elm St. It is nice.")) == 2
 
 
+@pytest.mark.unit
 def test_bounds_hold_on_read_out_text(voice):
     """max_chars counts what the client sent (the read-out text may be longer); utterances
     are cut on the read-out text, so max_utterance_ids holds for what the engine gets."""
@@ -124,6 +139,7 @@ def test_bounds_hold_on_read_out_text(voice):
         fe.text_to_utterances(text + " 1")
 
 
+@pytest.mark.unit
 def test_request_ids_grow_little(voice):
     """max_request_ids counts the ids of the read-out text: reading out must not inflate
     a request much beyond espeak's own reading, even for a text of nothing but numbers."""
@@ -134,6 +150,7 @@ def test_request_ids_grow_little(voice):
         assert grown <= 1.5, (unit, grown)
 
 
+@pytest.mark.unit
 def test_config_per_voice(tmp_path):
     from runtime.config import ConfigError, RuntimeConfig, load_config
 
@@ -151,6 +168,7 @@ def test_config_per_voice(tmp_path):
         load_config(cfg)
 
 
+@pytest.mark.unit
 def test_odd_input_never_fails():
     """Random mixes of digits and the characters the rules look at: always a string back."""
     import random
@@ -164,18 +182,18 @@ def test_odd_input_never_fails():
     assert n("1" * 40 + "th") == "1" * 40 + "th"  # too long for an ordinal: left to espeak
 
 
+@pytest.mark.unit
 def test_not_a_date_is_not_read_as_one():
     assert "December" not in normalizer_for("en_US")("2026-13-45 and 13/13/2026")
 
 
-def test_asr_hears_the_read_out_price(tmp_path_factory):
+@pytest.mark.integration
+def test_asr_hears_the_read_out_price(engine):
     """The real voice, one sentence, pocketsphinx: read out, the price is heard as a person
     says it; through espeak alone it is not (bench/normalize.py measures the whole set)."""
     pytest.importorskip("pocketsphinx")
-    from tests.asr_helpers import make_recognizer, word_error_rate
-    from tests.runtime_helpers import shared_engine
+    from tts_testkit.asr import make_recognizer, word_error_rate
 
-    engine = shared_engine(tmp_path_factory.getbasetemp())
     recognize = make_recognizer()
     text, spoken = "The ticket costs $3.50 at the door.", "the ticket costs three dollars and fifty cents at the door"
     wer = {}

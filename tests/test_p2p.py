@@ -26,11 +26,12 @@ from mirror.remote import Mirror
 from provisioner.cache import CacheReader
 from provisioner.p2p import rank
 from tests.cut_proxy import CuttingProxy
-from tests.provisioner_helpers import BIN, make_keys, wait_status, write_config
-from tests.s3servers import free_port
-from tests.tracker_helpers import OPENTRACKER, run_tracker
+from tests.provisioner_helpers import BIN, wait_status
+from tts_testkit.provisioner_setup import make_keys, write_config
+from tts_testkit.s3servers import free_port
+from tts_testkit.tracker import OPENTRACKER, run_tracker
 
-pytestmark = pytest.mark.skipif(OPENTRACKER is None, reason="opentracker missing: run scripts/setup.sh (Debian package opentracker)")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(OPENTRACKER is None, reason="opentracker missing: run scripts/setup.sh (Debian package opentracker)")]
 
 MiB = 1024 * 1024
 FLEET = ["node-a", "node-b", "node-c"]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from piper_import import PiperImportError, bundled_voice_paths, import_piper
-from tests.engine_fixtures import bundle_dir, import_report  # noqa: F401
+
+pytestmark = pytest.mark.unit
 
 onnx = pytest.importorskip("onnx")
 

@@ -26,8 +26,8 @@ import time
 
 import pytest
 
-from tests.fleet import harness
-from tests.fleet import rollout as fr
+from tts_testkit.fleet import harness
+from tts_testkit.fleet import rollout as fr
 from tests.monitoring_helpers import PROMETHEUS, Prometheus, render_monitoring
 
 REASON = harness.unavailable()
@@ -52,7 +52,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory):
-    from tests.provisioner_helpers import make_keys
+    from tts_testkit.provisioner_setup import make_keys
 
     work = tmp_path_factory.mktemp("prom-fleet")
     wheel = fr.build_wheel(work / "wheel")

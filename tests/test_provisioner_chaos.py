@@ -19,9 +19,11 @@ import pytest
 from mirror import layout
 from mirror.manifest import FileEntry, Manifest
 from provisioner.cache import KNOWN_BAD_FILE, CacheReader, CacheWriter
-from tests.conftest import free_port
 from tests.cut_proxy import CuttingProxy
-from tests.provisioner_helpers import BIN, model_files, provisioner_env, publish_raw, run_cli, write_config
+from tests.provisioner_helpers import BIN, provisioner_env, run_cli
+from tts_testkit.provisioner_setup import model_files, publish_raw, write_config
+
+pytestmark = pytest.mark.integration
 
 SIZES = {"model.safetensors": 3_000_000, "voice.json": 2_000, "card.md": 500}
 NO_CUT = 1 << 40  # the counting proxy never cuts and never slows here
@@ -239,25 +241,15 @@ def test_aria2c_killed_during_its_start_is_started_again(env, aria2c_path):
 
 # -- 5: ENOSPC while the snapshot is assembled --------------------------------------------------
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up ({res.stderr.decode().strip()})")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_disk_full_while_the_snapshot_is_assembled_leaves_a_true_status_and_no_staging(env, small_disk):
+    disk = small_disk("16M")
     state = env["tmp"] / "tmpfs-state"
     state.mkdir()
     config = write_config(state, [env["mirror"]], env["keys"])
     # The cache on the small tmpfs; status and logs elsewhere (they must not be what fails).
     config.write_text(config.read_text().replace(f'cache_dir = "{state / "cache"}"',
-                                                 f'cache_dir = "{small_disk / "cache"}"'))
-    cache = CacheReader(small_disk / "cache")
+                                                 f'cache_dir = "{disk / "cache"}"'))
+    cache = CacheReader(disk / "cache")
     assert run_cli("sync", config=config).returncode == 0
 
     # The disk fills the moment the last blob lands: blobs fit, the snapshot's manifest
@@ -269,11 +261,11 @@ def test_disk_full_while_the_snapshot_is_assembled_leaves_a_true_status_and_no_s
         created="x" * (3 * 1024 * 1024))
     publish_raw(env["client"], env["bucket"], "joe", "2.0.0", files, env["keys"], manifest_bytes=manifest.to_bytes())
     # A stale staging directory from a crashed run: cleaned at start, never kept.
-    stale = small_disk / "cache" / "partial" / "staging-joe-9.9.9-12345"
+    stale = disk / "cache" / "partial" / "staging-joe-9.9.9-12345"
     stale.mkdir()
     (stale / "junk").write_bytes(b"j" * 1000)
-    free = os.statvfs(small_disk)
-    filler = small_disk / "filler"
+    free = os.statvfs(disk)
+    filler = disk / "filler"
     stale_bytes = 4096
     leave = sum(len(d) for d in files.values()) + 2 * 1024 * 1024 + stale_bytes
     filler.write_bytes(b"\0" * (free.f_bavail * free.f_frsize - leave))
@@ -286,7 +278,7 @@ def test_disk_full_while_the_snapshot_is_assembled_leaves_a_true_status_and_no_s
     doc = json.loads((state / "run" / "status.json").read_text())
     assert doc["models"]["joe"]["state"] == "error" and doc["models"]["joe"]["error"] == failed["error"]
     assert doc["models"]["joe"]["current_version"] == "1.0.0" and doc["state"] == "degraded"
-    assert [p.name for p in (small_disk / "cache" / "partial").iterdir() if p.name.startswith("staging-")] == []
+    assert [p.name for p in (disk / "cache" / "partial").iterdir() if p.name.startswith("staging-")] == []
     assert cache.current("joe").version == "1.0.0"
     assert cache.check_snapshot(cache.current("joe"), full_hash=True) == []
 
@@ -294,7 +286,7 @@ def test_disk_full_while_the_snapshot_is_assembled_leaves_a_true_status_and_no_s
     result = run_cli("sync", config=config)
     assert result.returncode == 0, result.stderr
     assert cache.current("joe").version == "2.0.0"
-    assert list((small_disk / "cache" / "partial").iterdir()) == []
+    assert list((disk / "cache" / "partial").iterdir()) == []
 
 
 # -- 6: sizes no model has, refused at parse time by the configured limits ---------------------

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from provisioner.cache import CacheReader
-from tests.provisioner_helpers import BIN, make_keys, model_files, publish_raw, run_cli, wait_status, write_config
+from tests.provisioner_helpers import BIN, run_cli, wait_status
+from tts_testkit.provisioner_setup import make_keys, model_files, publish_raw, write_config
+
+pytestmark = pytest.mark.integration
 
 SIZES = {"model.safetensors": 2_000_000, "voice.json": 1_000, "card.md": 300}
 

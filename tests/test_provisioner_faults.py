@@ -14,10 +14,12 @@ import pytest
 
 from mirror.manifest import FileEntry, Manifest
 from provisioner.cache import CacheReader
-from tests.conftest import free_port
 from tests.cut_proxy import CuttingProxy
-from tests.provisioner_helpers import (BIN, make_keys, model_files, provisioner_env, publish_raw, run_cli, set_channel,
-                                       tree, write_config)
+from tests.provisioner_helpers import BIN, provisioner_env, run_cli, tree
+from tts_testkit.provisioner_setup import make_keys, model_files, publish_raw, set_channel, write_config
+from tts_testkit.s3servers import free_port
+
+pytestmark = pytest.mark.integration
 
 SIZES = {"model.safetensors": 3_000_000, "voice.json": 2_000, "card.md": 500}
 
@@ -246,19 +248,9 @@ def test_expired_presigned_url_is_presigned_again(env):
     assert env["cache"].check_snapshot(env["cache"].current("joe"), full_hash=True) == []
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12M", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up ({res.stderr.decode().strip()})")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk(env, small_disk):
-    cfg_dir = small_disk / "state"
+    disk = small_disk("12M")
+    cfg_dir = disk / "state"
     cfg_dir.mkdir()
     config = write_config(cfg_dir, [env["mirror"]], env["keys"])
     v1 = model_files(7, {"model.safetensors": 2_000_000, "voice.json": 100, "card.md": 100})

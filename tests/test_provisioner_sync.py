@@ -11,8 +11,10 @@ import pytest
 
 from mirror.manifest import Manifest
 from provisioner.cache import CacheReader
-from tests.provisioner_helpers import (model_files, provisioner_env, publish_raw, read_json, run_cli, set_channel,
-                                       write_config)
+from tests.provisioner_helpers import provisioner_env, read_json, run_cli
+from tts_testkit.provisioner_setup import model_files, publish_raw, set_channel, write_config
+
+pytestmark = pytest.mark.integration
 
 SIZES = {"model.safetensors": 6_000_000, "voice.json": 3_000, "docs/card.md": 700}
 

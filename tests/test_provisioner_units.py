@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 
+import pytest
+
 from mirror.hashing import PrefixHasher, complete_prefix_bytes, sha256_file
+
+pytestmark = pytest.mark.unit
 
 
 def test_complete_prefix_bytes_reads_aria2_bitfield():

@@ -18,6 +18,8 @@ import pytest
 
 from runtime.client import RequestFailed, RuntimeClient
 
+pytestmark = pytest.mark.integration
+
 
 def _read_request(conn: socket.socket) -> bytes:
     data = b""

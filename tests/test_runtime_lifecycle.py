@@ -17,14 +17,10 @@ import httpx
 import pytest
 
 from provisioner.status import ModelStatus, ProvisionerStatus
-from tests.runtime_helpers import (  # noqa: F401  (fixture)
-    VENV_BIN,
-    publish_to_cache,
-    start_server,
-    voice_bundle_dir,
-    voice_cache,
-    write_config,
-)
+from tts_testkit.paths import VENV_BIN
+from tts_testkit.runtime_server import publish_to_cache, start_server, write_config
+
+pytestmark = pytest.mark.integration
 
 
 class NotifyListener:
@@ -77,8 +73,8 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_gate_waits_for_cache_then_serves_and_hot_swaps(tmp_path, tmp_path_factory):
-    bundle = voice_bundle_dir(tmp_path_factory.getbasetemp())
+def test_gate_waits_for_cache_then_serves_and_hot_swaps(tmp_path, bundle_dir):
+    bundle = bundle_dir
     cache = tmp_path / "cache"
     prov = tmp_path / "srv" / "prov"
     status = ProvisionerStatus(state="syncing")
@@ -180,6 +176,14 @@ def test_deadline_is_504_and_the_job_is_dropped(voice_cache, tmp_path):
                 assert late.status_code == 504, late.text
                 assert late.json()["detail"] == "synthesis did not finish within the deadline"
                 assert waited >= 1.0  # the deadline, not an early refusal
+                # a stream whose first audio cannot come in time is a 504 too, never a 200 (native
+                # and OpenAI, streamed and whole): the status line waits for the first audio
+                for path, body in (("/v1/synthesize", {"text": "Streamed and late.", "stream": True}),
+                                   ("/v1/audio/speech", {"input": "Late mp3.", "voice": "alloy"}),
+                                   ("/v1/audio/speech", {"input": "Late flac.", "voice": "alloy",
+                                                         "response_format": "flac"})):
+                    r = c.post(path, json=body)
+                    assert r.status_code == 504 and r.json()["error"]["type"] == "deadline_exceeded", (path, r.text)
             # released: the worker drops the dead jobs instead of synthesizing them
             st = _wait(lambda: (s := c.get("/v1/status").json())["queue"]["depth"] == 0 and s, 30, "queue drained")
             assert st["sentences_served"] == served and st["worker_alive"] and st["queue"]["held"] is False
@@ -247,7 +251,7 @@ def test_refuses_a_live_socket_and_replaces_a_stale_one(voice_cache, tmp_path):
     again.close()
 
 
-def test_reload_waits_for_one_pass_not_for_the_safety_net_recheck(tmp_path, tmp_path_factory, monkeypatch):
+def test_reload_waits_for_one_pass_not_for_the_safety_net_recheck(tmp_path, bundle_dir, monkeypatch):
     """POST /v1/reload (and so the health gate's `tts-ctl check --reload`) waits for the first
     pass that begins after the request. On an idle manager that is the pass the request
     starts; waiting for one more pass meant waiting for the safety-net re-check (RECHECK_S,
@@ -257,7 +261,7 @@ def test_reload_waits_for_one_pass_not_for_the_safety_net_recheck(tmp_path, tmp_
     from runtime.config import load_config
 
     monkeypatch.setattr(models, "RECHECK_S", 3600.0)
-    bundle = voice_bundle_dir(tmp_path_factory.getbasetemp())
+    bundle = bundle_dir
     cache = tmp_path / "cache"
     publish_to_cache(cache, "joe", "1.0.0", bundle, set_current=False)
     publish_to_cache(cache, "joe", "1.1.0", bundle)
@@ -275,3 +279,59 @@ def test_reload_waits_for_one_pass_not_for_the_safety_net_recheck(tmp_path, tmp_
         assert manager.describe()["joe"]["version"] == "1.0.0"
     finally:
         manager.stop()
+
+
+def test_a_version_that_fails_to_load_is_not_retried_on_every_cache_event(tmp_path, monkeypatch):
+    """A broken version named by current/ is loaded once, then again only when the snapshot
+    itself changes, when an operator asks (reload), or after a backoff - not on every event in
+    the watched directories: the provisioner rewrites its status file about once a second
+    during a download, and each rewrite used to load the broken version again. Each step waits
+    for the manager's pass count, not for time; the backoff is an hour here so that only the
+    events could cause a retry."""
+    from provisioner.cache import CacheWriter
+    from runtime import models
+    from runtime.config import load_config
+
+    monkeypatch.setattr(models, "RECHECK_S", 3600.0)
+    monkeypatch.setattr(models, "LOAD_RETRY_BASE_S", 3600.0)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "model.safetensors").write_bytes(b"not weights" * 100)
+    cache = tmp_path / "cache"
+    snap = publish_to_cache(cache, "joe", "2.0.0", bundle)
+    prov = tmp_path / "prov"
+    prov.mkdir()
+    config = load_config(write_config(tmp_path / "runtime.toml", socket_path=str(tmp_path / "rt.sock"),
+                                      cache_dir=str(cache), provisioner_runtime_dir=str(prov), device="cpu"))
+    attempts: list[str] = []
+
+    def broken(snapshot):
+        attempts.append(snapshot.version)
+        raise RuntimeError("this version does not load")
+
+    manager = models.ModelManager(config, loader=broken)
+    manager.start()
+    try:
+        assert manager.wait_cycle(0, 120) and attempts == ["2.0.0"]
+        for i in range(5):  # what the provisioner's status writes look like to the watcher
+            passes = manager._cycles
+            (prov / "status.json").write_text(f'{{"syncs_completed": {i}}}\n')
+            assert manager.wait_cycle(passes, 60)  # a pass ran for that event
+        assert attempts == ["2.0.0"], attempts
+        assert manager.failed_version("joe") == "2.0.0"
+
+        # The provisioner repairs the snapshot (a file re-linked) and says so in its status.
+        writer = CacheWriter(cache)
+        repaired = tmp_path / "repaired"
+        shutil.copyfile(bundle / "model.safetensors", repaired)
+        writer.add_blob(repaired, "f" * 64)
+        writer.replace_snapshot_file(snap, "model.safetensors", "f" * 64)
+        passes = manager._cycles
+        (prov / "status.json").write_text('{"syncs_completed": 9}\n')
+        assert manager.wait_cycle(passes, 60) and attempts == ["2.0.0", "2.0.0"], attempts
+
+        assert manager.wait_cycle(manager.request_reload(), 60)  # an operator's reload retries at once
+        assert attempts == ["2.0.0"] * 3, attempts
+    finally:
+        manager.stop()
+

@@ -22,8 +22,9 @@ import pytest
 from wyoming.client import AsyncClient
 from wyoming.info import Describe
 
-from tests.runtime_helpers import VENV_BIN, start_server, voice_cache, write_config  # noqa: F401  (fixture)
-from tests.s3servers import free_port
+from tts_testkit.paths import VENV_BIN
+from tts_testkit.runtime_server import start_server, write_config
+from tts_testkit.s3servers import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
 """Several voices in one runtime, each hot-swapped on its own - real process, real socket,
-the real joe voice beside a small test voice (tests/voice_factory.py).
+the real joe voice beside a small test voice (tts_testkit/voice_factory.py).
 
 tests/test_runtime_lifecycle.py swaps and fails one voice; tests/test_voice_shapes.py serves
 several at once. The gap filled here: moving one voice's `current/` swaps only that voice
@@ -15,8 +15,10 @@ import threading
 
 import pytest
 
-from tests.ops_helpers import wait_until
-from tests.runtime_helpers import publish_to_cache, shared_engine, start_server, voice_bundle_dir
+from tts_testkit.runtime_server import publish_to_cache, start_server
+from tts_testkit.waits import wait_until
+
+pytestmark = pytest.mark.integration
 
 pytest.importorskip("piper.train.vits.models")
 pytest.importorskip("onnx")
@@ -38,19 +40,19 @@ def _loads(srv, model: str) -> list[str]:
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory):
     from piper_import import import_piper
-    from tests import voice_factory
+    from tts_testkit import voice_factory
 
     base = tmp_path_factory.mktemp("small-voice")
     onnx_path, json_path = voice_factory.build("x_low", base / "onnx", small=True)
     return import_piper(onnx_path, json_path, base / "bundle").out_dir
 
 
-def test_each_voice_swaps_and_fails_on_its_own(small_bundle, tmp_path, tmp_path_factory):
+def test_each_voice_swaps_and_fails_on_its_own(small_bundle, tmp_path, bundle_dir, engine):
     import soundfile as sf
 
     from runtime.engine import Engine
 
-    joe = voice_bundle_dir(tmp_path_factory.getbasetemp())
+    joe = bundle_dir
     cache = tmp_path / "cache"
     publish_to_cache(cache, "joe", "1.0.0", joe)
     publish_to_cache(cache, "small", "1.0.0", small_bundle)
@@ -88,7 +90,7 @@ def test_each_voice_swaps_and_fails_on_its_own(small_bundle, tmp_path, tmp_path_
                 small_lengths = local_lengths(small_local)
             finally:
                 small_local.close()
-            joe_lengths = local_lengths(shared_engine(tmp_path_factory.getbasetemp()))
+            joe_lengths = local_lengths(engine)
             assert small_lengths[True] != small_lengths[False] and joe_lengths[True] != joe_lengths[False]
             assert len(speak(c, "small")) == small_lengths[False]
             assert len(speak(c, "joe")) == joe_lengths[True]

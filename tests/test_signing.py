@@ -19,6 +19,8 @@ from mirror.signing import (
     verify,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def keypair(tmp_path: Path):

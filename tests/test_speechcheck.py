@@ -8,15 +8,14 @@ import pytest
 
 from runtime.speechcheck import check_speech
 
+pytestmark = pytest.mark.unit
+
 SR = 22050
 TEXT = "Health check."
 
 
 @pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    from tests.runtime_helpers import shared_engine
-
-    engine = shared_engine(tmp_path_factory.mktemp("voice"))
+def speech(engine):
     return engine.synthesize_text(TEXT), engine.sample_rate
 
 

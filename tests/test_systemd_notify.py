@@ -19,8 +19,12 @@ import httpx
 import pytest
 
 from provisioner.cache import CacheReader
-from tests.ops_helpers import VENV_BIN, NotifyListener, wait_until
-from tests.provisioner_helpers import make_keys, model_files, publish_raw, write_config
+from tests.ops_helpers import NotifyListener
+from tts_testkit.paths import VENV_BIN
+from tts_testkit.provisioner_setup import make_keys, model_files, publish_raw, write_config
+from tts_testkit.waits import wait_until
+
+pytestmark = pytest.mark.integration
 
 ACTIVATE = shutil.which("systemd-socket-activate")
 
@@ -105,14 +109,13 @@ def test_provisioner_ready_only_after_cache_complete(tmp_path, s3_server, bucket
 
 
 @pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate missing (Debian package systemd)")
-def test_socket_activated_runtime_waits_for_provisioner(tmp_path, s3_server, bucket):
+def test_socket_activated_runtime_waits_for_provisioner(tmp_path, s3_server, bucket, bundle_dir):
     """The whole chain as the units wire it: runtime socket-activated on first connect,
     waiting (not crash-looping) until the provisioner has downloaded the real voice,
     READY only when it can synthesize, synthesis through the activated socket."""
-    from tests.runtime_helpers import voice_bundle_dir
-    from tests.runtime_helpers import write_config as write_runtime_config
+    from tts_testkit.runtime_server import write_config as write_runtime_config
 
-    bundle = voice_bundle_dir(tmp_path)
+    bundle = bundle_dir
     keys = make_keys(tmp_path)
     config = _mirror_config(tmp_path, s3_server, bucket, keys)
     cache, prov_run = tmp_path / "cache", tmp_path / "run"

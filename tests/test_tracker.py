@@ -18,9 +18,9 @@ import pytest
 from mirror.publish import publish_dir
 from mirror.remote import Mirror
 from mirror.signing import generate_keypair
-from tests.tracker_helpers import NOT_AUTHORIZED, OPENTRACKER, announce, run_tracker
+from tts_testkit.tracker import NOT_AUTHORIZED, OPENTRACKER, announce, run_tracker
 
-pytestmark = pytest.mark.skipif(OPENTRACKER is None, reason="opentracker missing: run scripts/setup.sh (Debian package opentracker)")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(OPENTRACKER is None, reason="opentracker missing: run scripts/setup.sh (Debian package opentracker)")]
 
 
 def test_tracker_serves_published_info_hashes_only(s3_server, bucket, tmp_path) -> None:

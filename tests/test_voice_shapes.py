@@ -1,4 +1,4 @@
-"""Every Piper voice shape (tests/voice_factory.py): import by graph structure, parity with
+"""Every Piper voice shape (tts_testkit/voice_factory.py): import by graph structure, parity with
 onnxruntime on piper's own exported graph, batch invariance across speakers."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("piper.train.vits.models")
 
 from piper_import import import_piper  # noqa: E402
-from tests import voice_factory  # noqa: E402
-from tests.runtime_helpers import voice_cache  # noqa: E402,F401  (fixture)
+from tts_testkit import voice_factory  # noqa: E402
+
+pytestmark = pytest.mark.integration
 
 SHAPES = list(voice_factory.SHAPES)
 TOL = 1e-4  # of full scale (1.0)
@@ -163,7 +164,7 @@ def test_server_serves_several_voices_and_their_speakers(shape_voices, voice_cac
     import httpx
     import soundfile as sf
 
-    from tests.runtime_helpers import publish_to_cache, start_server
+    from tts_testkit.runtime_server import publish_to_cache, start_server
 
     publish_to_cache(voice_cache, "multi", "1.0.0", shape_voices["multi"][2].out_dir)
     engine = _engine(shape_voices["multi"][2].out_dir)

@@ -22,8 +22,9 @@ from wyoming.client import AsyncClient, AsyncTcpClient
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
-from tests.runtime_helpers import SERVER_MAX_CHARS, start_server, voice_cache  # noqa: F401  (fixture)
-from tests.s3servers import free_port
+from tests.voice_fixtures import SERVER_MAX_CHARS
+from tts_testkit.runtime_server import start_server
+from tts_testkit.s3servers import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -131,6 +131,8 @@ def account(runtime: Runtime, record: AccessRecord, *, endpoint: str, method: st
     metrics.latency.labels(endpoint).observe(seconds)
     if record.error_kind:
         metrics.errors.labels(record.error_kind).inc()
+    if record.aborted:
+        metrics.errors.labels("stream_aborted").inc()
     if record.audio_s:
         metrics.audio_seconds.labels(record.voice or "?").inc(record.audio_s)
     if synthesis and status == 200:

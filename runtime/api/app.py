@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from .. import audio
-from . import openai, responses
+from . import openai, responses, streaming
 from .access import AccessLayer
 from .auth import AuthLayer, BearerTokens
 from .errors import install_handlers
@@ -35,6 +35,7 @@ def create_app(runtime: Runtime, tokens: BearerTokens | None = None) -> AccessLa
     app = FastAPI(title="tts-runtime", lifespan=_lifespan(runtime), docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     install_handlers(app)
+    streaming.quiet_stream_aborts()
     _add_native_routes(app, runtime)
     openai.add_routes(app, runtime)
     _add_service_routes(app, runtime)

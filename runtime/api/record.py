@@ -35,6 +35,7 @@ class AccessRecord:
     error_kind: str | None = None  # the error shape's `type`; labels tts_errors_total
     logged_status: int | None = None  # set when the status sent is not the story (499: the client left)
     client: str | None = None  # over TCP: the label of the bearer token used (auth.py), never the token
+    aborted: bool = False  # a stream cut short: its connection closed without the final chunk
 
     def fail(self, message: str, kind: str) -> None:
         self.error, self.error_kind = message, kind
@@ -42,6 +43,13 @@ class AccessRecord:
     def client_gone(self) -> None:
         self.logged_status = 499
         self.fail("client disconnected", "client_gone")
+
+    def stream_aborted(self, status: int, message: str, kind: str) -> None:
+        """A stream that had sent its 200 could not finish: logged and counted with the status
+        it would have had, and as `stream_aborted` (tts_errors_total)."""
+        self.logged_status = status
+        self.fail(message, kind)
+        self.aborted = True
 
     def synthesizing(self, voice: str, text: str) -> None:
         self.voice, self.chars, self.text = voice, len(text), text
@@ -66,6 +74,7 @@ class AccessRecord:
             "queue_ms": self.queue_ms, "synth_ms": self.synth_ms,
             "first_audio_ms": self.first_audio_ms, "first_piece_s": self.first_piece_s,
             "total_ms": round(seconds * 1000, 1),
+            "aborted": self.aborted or None,
             "error": self.error or None,
         }
         return {k: v for k, v in fields.items() if v is not None}

@@ -15,7 +15,7 @@ from .. import audio
 from .errors import HttpError
 from .record import access_record
 from .service import Runtime
-from .streaming import PROGRESSIVE_FORMATS, streamable, streamed_response
+from .streaming import streamable, streamed_response
 from .synthesis import ClientGone, admit, prepare
 
 
@@ -40,9 +40,10 @@ async def synthesize(
                         "invalid_request_error", "format")
     synthesis = await prepare(runtime, model, voice, text, param, speaker_param, **scales)
     sr = synthesis.sample_rate
+    # the version that planned it synthesizes all of it (synthesis.py: one version per request)
     headers = {"X-Voice": voice, "X-Voice-Version": synthesis.version,
                "X-Sample-Rate": str(audio.output_rate(fmt, sample_rate or sr))}
-    synthesis.submit(stream=stream, progressive=stream and fmt in PROGRESSIVE_FORMATS)
+    synthesis.submit(stream=stream, progressive=stream)
     try:
         first = await synthesis.first(partial(until_disconnect, request))
     except ClientGone:

@@ -38,6 +38,7 @@ class Runtime:
             express_max_ids=config.express_max_ids,
             max_wait_ms=config.max_wait_ms,
             queue_size=config.queue_size,
+            queue_ids=config.queue_ids,
             on_batch=self.metrics.observe_batch,
         )
         self.metrics.watch(self.scheduler, self.manager)
@@ -90,8 +91,11 @@ class Runtime:
             "default_voice": self.config.default_voice,
             "models": self.manager.describe(),
             "queue": {
-                "depth": s.depth,
-                "capacity": s.queue_size,
+                "depth": s.depth,  # queued utterances
+                "capacity": s.queue_size,  # queued requests
+                "requests": s.queued_requests,
+                "ids": s.queued_ids,  # queued work, phoneme ids
+                "capacity_ids": s.queue_ids,
                 "max_batch_size": s.max_batch_size,
                 "max_batch_ids": s.max_batch_ids,
                 "largest_batch_ids": s.largest_batch_ids,  # since start: padded size of the largest batch

@@ -1,13 +1,19 @@
-"""Streamed answers: a chunked body that starts with the first sentence (or its first piece).
+"""Streamed answers: a chunked body that starts with the first piece of the first sentence.
 
-WAV, PCM and Ogg (Opus, Vorbis) stream progressively: their pieces go through one resampler
-and one encoder run, so they join seamlessly and a stream can start before its first sentence
-is fully decoded. MP3 pieces are separate encoder runs (see audio.StreamEncoder), which leave a
-gap where they meet, so MP3 streams send whole sentences.
+Every streamed format goes through one resampler and one encoder run (raw samples for WAV and
+PCM, audio.StreamEncoder for MP3, Ogg Opus and Ogg Vorbis), so its pieces join seamlessly
+into one stream and it can start before its first sentence is fully decoded.
+
+A stream that cannot deliver all of its audio (Synthesis.audio raises StreamBroken) is
+aborted: the connection closes without the final chunk, so every HTTP client reports an
+error instead of a complete answer; the access log and the metrics count it with the status it
+would have had (504 deadline, 500 failure, 503 shutting down) and `stream_aborted`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import struct
 from contextlib import aclosing
 from typing import AsyncIterator
@@ -16,15 +22,22 @@ import numpy as np
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from tts_common.errors import TtsError
+
 from .. import audio
 from .record import AccessRecord
-from .synthesis import Synthesis, job_error
+from .synthesis import StreamBroken, Synthesis
 
-# Formats that can go out piece by piece as one valid stream.
-STREAMABLE_FORMATS = frozenset({"wav", "pcm", "mp3", "ogg", "opus"})
-# Streamed formats whose pieces go through one resampler and one encoder run (raw samples, or
-# audio.StreamEncoder), so a stream can start with part of its first sentence.
-PROGRESSIVE_FORMATS = frozenset({"wav", "pcm"} | (audio.STREAM_ENCODED & set(audio.SUPPORTED_FORMATS)))
+# Formats that go out piece by piece as one valid stream, through one encoder run.
+STREAMABLE_FORMATS = frozenset({"wav", "pcm"} | (audio.STREAM_ENCODED & set(audio.SUPPORTED_FORMATS)))
+# All of them start before the first sentence is whole (kept as a name for the callers).
+PROGRESSIVE_FORMATS = STREAMABLE_FORMATS
+
+
+class StreamAborted(TtsError):
+    """Raised out of a streamed body that cannot finish: the server then closes the connection
+    without the final chunk (the status line went out already; this is the only way left to say
+    the answer is not complete). Already in the access log; uvicorn's traceback is dropped."""
 
 
 def streamable(fmt: str) -> bool:
@@ -44,13 +57,10 @@ class PieceEncoder:
     def __init__(self, fmt: str, voice_rate: int, sample_rate: int | None, volume: float):
         self.fmt, self.voice_rate, self.sample_rate, self.volume = fmt, voice_rate, sample_rate, volume
         self.out_rate = sample_rate or voice_rate
-        one_run = fmt in PROGRESSIVE_FORMATS
-        self.resampler = audio.StreamResampler(voice_rate, self.out_rate) if one_run else None
+        self.resampler = audio.StreamResampler(voice_rate, self.out_rate)
         self.encoder = audio.StreamEncoder(fmt, self.out_rate, volume) if fmt in audio.STREAM_ENCODED else None
 
     def __call__(self, wave: np.ndarray, last: bool) -> bytes:
-        if self.resampler is None:  # whole sentences, each its own encoder run
-            return audio.encode(wave, self.voice_rate, self.fmt, target_rate=self.sample_rate, volume=self.volume)
         if self.encoder is not None:
             return self.encoder(self.resampler(wave, last), last)
         return audio.encode(self.resampler(wave, last), self.out_rate, "pcm", volume=self.volume)
@@ -67,6 +77,7 @@ async def _chunks(synthesis: Synthesis, first: list[np.ndarray], fmt: str, sampl
                   volume: float, record: AccessRecord) -> AsyncIterator[bytes]:
     sr = synthesis.sample_rate
     produced = 0.0
+    complete = False
     try:
         if fmt == "wav":
             yield wav_stream_header(sample_rate or sr)
@@ -80,9 +91,35 @@ async def _chunks(synthesis: Synthesis, first: list[np.ndarray], fmt: str, sampl
                 yield await run_in_threadpool(encode, piece.wave, piece.last)
                 if piece.partial or record.first_audio_ms is None:
                     record.first_audio(seconds)
-    except Exception as exc:  # the status line is gone already: end the stream early, say so in the log
-        err = job_error(exc)
-        record.fail(f"stream ended after {synthesis.done} of {len(synthesis.jobs)} sentences: {err.message}", err.kind)
+        complete = True
+    except StreamBroken as exc:  # the status line is gone already: abort, so the client sees an error
+        record.stream_aborted(exc.error.status, str(exc), exc.error.kind)
+        raise StreamAborted(str(exc)) from None
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away (or the server stops)
+        if not complete:
+            record.client_gone()
+        raise
     finally:
-        synthesis.cancel(synthesis.jobs[synthesis.done:])
         record.timings(synthesis.jobs[:max(synthesis.done, 1)])
+
+
+class _QuietAborts(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for a StreamAborted: the abort is the
+    intended way to end such a stream, and the access log has said so already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not _is_abort(exc)
+
+
+def _is_abort(exc: BaseException | None) -> bool:
+    if isinstance(exc, StreamAborted):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and all(_is_abort(e) for e in exc.exceptions)
+
+
+def quiet_stream_aborts() -> None:
+    """Install the filter on uvicorn's error log (once per process)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietAborts) for f in logger.filters):
+        logger.addFilter(_QuietAborts())

@@ -9,7 +9,7 @@ answered if a retry succeeds (what a well-behaved client does); anything else - 
 status, a broken connection, a timeout, retries exhausted - is a failed request. Wall-clock
 times (time.time) so the controller can line them up with the playbook's start.
 
-    python tests/fleet/client.py --socket /run/tts/runtime.sock [--text T] [--stop-file F]
+    python tts_testkit/fleet/client.py --socket /run/tts/runtime.sock [--text T] [--stop-file F]
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ cgroup's processes and teardown can prove nothing is left. Teardown (`Fleet.clos
 runs: processes, cgroups, namespaces, veths, the bridge; a fleet left behind by a killed
 test run is removed by the next `Fleet` (state files in /run/tts-fleet-harness).
 
-No pytest here: tests/test_fleet.py and bench/fleet.py both use it (and the P2P work).
+No pytest here: tests/test_fleet.py, bench/fleet.py and bench/p2p.py use it.
 Every wait is bounded.
 """
 
@@ -52,11 +52,9 @@ from pathlib import Path
 
 import yaml
 
-from tests.ops_helpers import wait_until
+from tts_testkit.paths import REPO, SANDBOX_VENV, VENV
+from tts_testkit.waits import wait_until
 
-REPO = Path(__file__).resolve().parents[2]
-VENV = Path(sys.executable).parent.parent
-SANDBOX_VENV = Path("/opt/tts-test-venv")
 STATE_DIR = Path("/run/tts-fleet-harness")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MIRROR_PORT = 9000
@@ -218,7 +216,7 @@ exec {sshd} -D -e -f /etc/ssh/sshd_config
 """
 
 SSHD_CONFIG = """\
-# Written by tests/fleet/harness.py for node {name}.
+# Written by tts_testkit/fleet/harness.py for node {name}.
 ListenAddress {address}
 Port 22
 HostKey /etc/ssh/ssh_host_ed25519_key
@@ -301,7 +299,7 @@ class Node:
             upper.mkdir(parents=True, exist_ok=True)
             work.mkdir(parents=True, exist_ok=True)
             overlays.append(f"mount -t overlay overlay -o lowerdir=/{tree},upperdir={upper},workdir={work} /{tree}")
-        # What nodes run from the host - the checkout (tests/fleet/client.py), its venv and
+        # What nodes run from the host - the checkout (tts_testkit/fleet/client.py), its venv and
         # the venv's interpreter (pyenv) - may live under /tmp, /root or /run (a CI clone
         # in /tmp), which the node hides behind tmpfs: bind each aside before, move it back
         # after, read-only.
@@ -357,7 +355,7 @@ def _port_open(host: str, port: int) -> bool:
 
 @dataclass
 class Mirror:
-    server: object  # tests.s3servers.S3Server
+    server: object  # tts_testkit.s3servers.S3Server
     netns: str
     address: str
     cgroup: Cgroup
@@ -473,7 +471,7 @@ class Fleet:
         return ns
 
     def _start_mirror(self) -> None:
-        from tests.s3servers import STARTERS
+        from tts_testkit.s3servers import STARTERS
 
         address = f"{self.subnet}.2"
         ns = self._netns_add("mirror", address)
@@ -517,7 +515,7 @@ class Fleet:
             "vars": {"ansible_user": "root", "ansible_ssh_private_key_file": str(self.client_key),
                      "ansible_ssh_common_args": ssh_args, "ansible_python_interpreter": "/usr/bin/python3",
                      **group_vars}}}
-        path.write_text("# Written by tests/fleet/harness.py\n" + yaml.safe_dump(inventory, sort_keys=False))
+        path.write_text("# Written by tts_testkit/fleet/harness.py\n" + yaml.safe_dump(inventory, sort_keys=False))
         return path
 
     def ansible_env(self) -> dict:

@@ -1,7 +1,8 @@
 """Real S3 servers on 127.0.0.1 for tests, benchmarks and the demo: nanio (Python) and
 `rclone serve s3` (Go), each a subprocess over a temp data dir with a fresh key pair.
 
-No pytest here: bench/ and scripts/demo.py start the same servers the tests use.
+bench/ and scripts/demo.py start the same servers the tests use (tests/conftest.py's
+`s3_server` fixture runs a test once per server).
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mirror.s3 import Credentials, make_client
-
-VENV_BIN = Path(sys.executable).parent
+from tts_testkit.paths import VENV_BIN
 
 
 def free_port() -> int:

@@ -8,26 +8,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.fleet.harness import REPO, SANDBOX_VENV, VENV, Fleet, Node
+from tts_testkit.fleet.harness import Fleet, Node
+from tts_testkit.paths import REPO, SANDBOX_VENV, VENV
 
 MODEL = "joe"
-
-
-def build_wheel(out_dir: Path) -> Path:
-    """A wheel of this checkout, built from a copy so the shared tree gets no build/ dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    src = out_dir / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "bench", "demo-out", "ansible",
-                                                             "*.egg-info", "build", "dist", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(out_dir), str(src)], check=True, timeout=300, capture_output=True)
-    return next(out_dir.glob("tts_fleet-*.whl"))
 
 
 def voice_files(work: Path, version: str, kind: str = "good") -> dict[str, bytes]:
@@ -43,7 +32,7 @@ def voice_files(work: Path, version: str, kind: str = "good") -> dict[str, bytes
     import torch
     from safetensors.torch import load_file, save_file
 
-    from tests.runtime_helpers import voice_bundle_dir
+    from tts_testkit.runtime_server import voice_bundle_dir
 
     bundle = voice_bundle_dir(work)
     files = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
@@ -77,7 +66,7 @@ def publish(fleet: Fleet, bucket: str, keys, version: str, kind: str = "good", c
     """Publish one version to the fleet's mirror; returns the model's size in bytes.
     torrents: as `tts-mirror publish` does it (a torrent per file, info-hashes in the
     signed manifest: what a p2p fleet needs); else the bare manifest of the files."""
-    from tests.provisioner_helpers import publish_raw
+    from tts_testkit.provisioner_setup import publish_raw
 
     files = voice_files(fleet.work, version, kind)
     if torrents:
@@ -142,7 +131,7 @@ class Clients:
             out = (self.fleet.work / f"client-{node.name}.jsonl").open("ab")
             err = (self.fleet.work / f"client-{node.name}.err").open("ab")
             self.procs[node.name] = node.popen(
-                [str(VENV / "bin/python"), str(REPO / "tests/fleet/client.py"), "--socket", "/run/tts/runtime.sock",
+                [str(VENV / "bin/python"), str(Path(__file__).with_name("client.py")), "--socket", "/run/tts/runtime.sock",
                  "--text", text], stdout=out, stderr=err, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
         return self
 

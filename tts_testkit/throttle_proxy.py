@@ -17,7 +17,7 @@ Counters (bytes server->client, bytes client->server, connections accepted) are 
 in a small shared file (--stats-file, four little-endian u64) that the benchmark reads
 with `read_stats` at any time without talking to this process.
 
-    python bench/throttle_proxy.py --listen-port 9100 --target-port 9000 \
+    python -m tts_testkit.throttle_proxy --listen-port 9100 --target-port 9000 \
         --rate-mib 40 --delay-ms 10 --stats-file /tmp/proxy.stats
 """
 

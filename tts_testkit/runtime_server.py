@@ -1,9 +1,9 @@
-"""Test helpers for the runtime: a real cache holding the real voice, and a real server.
+"""The runtime for tests and benchmarks: the real voice converted to a bundle, published
+into a cache through the provisioner's CacheWriter exactly as the provisioner would, and
+`tts-runtime serve` as a subprocess on a Unix socket in a temp dir.
 
-The bundled Piper voice is imported once per test session (module-level memo, since a
-fixture imported into several modules would otherwise run once per module), published
-into a cache through the provisioner's CacheWriter exactly as the provisioner would,
-and `tts-runtime serve` runs as a subprocess on a Unix socket in a temp dir.
+The pytest fixtures over these (one bundle, one engine and one cache per session, a
+server per module) are in tests/voice_fixtures.py.
 """
 
 from __future__ import annotations
@@ -12,38 +12,37 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
+import tomli_w
 
+from mirror.hashing import sha256_file
 from mirror.manifest import FileEntry, Manifest
 from provisioner.cache import CacheWriter, Snapshot
-from mirror.hashing import sha256_file
+from tts_testkit.paths import VENV_BIN
 
-VENV_BIN = Path(sys.executable).parent
-_BUNDLE: Path | None = None
-_BUNDLE_LOCK = threading.Lock()
-_ENGINE = None
+
+def import_voice(out: Path):
+    """The bundled Piper voice (joe) converted into a bundle at `out`; the ImportReport."""
+    from piper_import import bundled_voice_paths, import_piper
+
+    return import_piper(*bundled_voice_paths(), out)
 
 
 def voice_bundle_dir(base: Path) -> Path:
-    """The real voice converted to the runtime's bundle (once per session)."""
-    global _BUNDLE
-    with _BUNDLE_LOCK:
-        if _BUNDLE is None:
-            from piper_import import bundled_voice_paths, import_piper
-
-            out = base / "joe-bundle"
-            onnx_path, json_path = bundled_voice_paths()
-            import_piper(onnx_path, json_path, out)
-            _BUNDLE = out
-        return _BUNDLE
+    """The real voice as a runtime bundle under `base` (converted once per directory: a
+    complete bundle appears by one rename, so a second call only finds it)."""
+    out = base / "joe-bundle"
+    if not out.is_dir():
+        tmp = base / f".joe-bundle-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        import_voice(tmp)
+        tmp.rename(out)
+    return out
 
 
 def publish_to_cache(cache_root: Path, name: str, version: str, bundle: Path, set_current: bool = True) -> Snapshot:
@@ -64,33 +63,18 @@ def publish_to_cache(cache_root: Path, name: str, version: str, bundle: Path, se
     return snap
 
 
-def shared_engine(base: Path):
-    """One in-process engine for reference audio (loading twice is wasted time)."""
-    global _ENGINE
-    if _ENGINE is None:
-        from runtime.engine import Engine
-
-        _ENGINE = Engine.load(voice_bundle_dir(base), device="cpu")
-    return _ENGINE
-
-
 def write_config(path: Path, **values) -> Path:
-    """A runtime.toml; a dict value becomes a table (after the plain keys, as TOML needs)."""
-    lines, tables = [], []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            tables.append(f"[{key}]")
-            tables.extend(f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in value.items())
-        elif isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, (int, float)):
-            lines.append(f"{key} = {value}")
-        elif isinstance(value, (list, tuple)):
-            lines.append(f"{key} = [{', '.join(repr(str(v)).replace(chr(39), chr(34)) for v in value)}]")
-        else:
-            lines.append(f'{key} = "{value}"')
-    path.write_text("\n".join(lines + tables) + "\n")
+    """A runtime.toml of `values` (a dict value becomes a table; paths become strings)."""
+    path.write_text(tomli_w.dumps(_toml_values(values)))
     return path
+
+
+def _toml_values(value):
+    if isinstance(value, dict):
+        return {k: _toml_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_toml_values(v) for v in value]
+    return str(value) if isinstance(value, os.PathLike) else value
 
 
 @dataclass
@@ -102,14 +86,16 @@ class ServerProcess:
     hold_file: Path
 
     @contextmanager
-    def held(self):
-        """Inside this block the inference worker starts no batch ($TTS_RUNTIME_HOLD_FILE):
-        requests are queued, refused and timed out as behind a stalled worker, by mechanism
-        rather than by hoping this machine is slow enough. Enter it with an idle worker."""
-        self.hold_file.touch()
+    def held(self, batches: int = 0):
+        """Inside this block the inference worker starts no batch ($TTS_RUNTIME_HOLD_FILE) -
+        or `batches` more and then none: requests are queued, refused and timed out as behind
+        a stalled worker, by mechanism rather than by hoping this machine is slow enough.
+        Enter it with an idle worker."""
+        self.hold_file.write_text(str(batches) if batches else "")
         try:
-            with self.client(5.0) as c:
-                assert c.get("/v1/status").json()["queue"]["held"] is True
+            if not batches:
+                with self.client(5.0) as c:
+                    assert c.get("/v1/status").json()["queue"]["held"] is True
             yield
         finally:
             self.hold_file.unlink(missing_ok=True)
@@ -173,7 +159,9 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(tmp: Path, cache: Path, *, extra_env: dict | None = None, **config) -> ServerProcess:
+def start_server(tmp: Path, cache: Path, *, extra_env: dict | None = None, argv: list[str] | None = None,
+                 **config) -> ServerProcess:
+    """`tts-runtime serve` (or `argv`, given --config after it) on a temp socket."""
     tmp.mkdir(parents=True, exist_ok=True)
     sock = tmp / "rt.sock"
     values = dict(socket_path=str(sock), cache_dir=str(cache), provisioner_runtime_dir=str(tmp / "prov"),
@@ -185,34 +173,9 @@ def start_server(tmp: Path, cache: Path, *, extra_env: dict | None = None, **con
     hold.unlink(missing_ok=True)
     env = dict(os.environ, TTS_LOG_FORMAT="json", TTS_RUNTIME_HOLD_FILE=str(hold), **(extra_env or {}))
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(VENV_BIN / "tts-runtime"), "serve", "--config", str(cfg)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([*(argv or [str(VENV_BIN / "tts-runtime"), "serve"]), "--config", str(cfg)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent.parent)
     return ServerProcess(proc, sock, cfg, log_path, hold)
-
-
-@pytest.fixture(scope="session")
-def voice_cache(tmp_path_factory) -> Path:
-    """A cache with the real voice published as joe 1.0.0 and current."""
-    base = tmp_path_factory.getbasetemp()
-    cache = base / "voice-cache"
-    if not (cache / "current" / "joe").exists():
-        publish_to_cache(cache, "joe", "1.0.0", voice_bundle_dir(base))
-    return cache
-
-
-SERVER_MAX_CHARS = 600  # the `server` fixture's max_chars
-
-
-@pytest.fixture(scope="module")
-def server(voice_cache, tmp_path_factory):
-    """A running, ready runtime on a temp Unix socket (one per test module)."""
-    srv = start_server(tmp_path_factory.mktemp("srv"), voice_cache, max_batch_size=8, max_wait_ms=20,
-                       queue_size=32, max_chars=SERVER_MAX_CHARS, request_timeout_s=2)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
 
 
 MIXED_WORDS = ("hello world Привет мир γειά σου κόσμε مرحبا بالعالم नमस्ते दुनिया こんにちは 世界 "

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import jinja2
 
-from tests.s3servers import free_port
+from tts_testkit.paths import REPO
+from tts_testkit.s3servers import free_port
 
 OPENTRACKER = shutil.which("opentracker")
-ROLE = Path(__file__).resolve().parent.parent / "ansible/roles/tts_tracker"
+ROLE = REPO / "ansible/roles/tts_tracker"
 NOT_AUTHORIZED = b"not authorized"
 
 
