@@ -25,7 +25,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.ops_helpers import SYSTEMD_DIR, sandbox_prelude, wait_until
+from tests.ops_helpers import SYSTEMD_DIR, sandbox_prelude
+from tts_testkit.waits import wait_until
 from tts_testkit.paths import REPO, SANDBOX_VENV, VENV
 from tts_testkit.piper_versions import piper_voice, voice_files  # noqa: F401 (re-exported)
 from tts_testkit.provisioner_setup import Keys, make_keys
@@ -116,7 +117,10 @@ class ModelNode:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.sh("systemctl --user stop 'tts-model@*.service' tts-provisioner.service", check=False, timeout=120)
+        try:  # bounded as a safety net: on a loaded machine the servers' stop can take minutes
+            self.sh("systemctl --user stop 'tts-model@*.service' tts-provisioner.service", check=False, timeout=600)
+        except subprocess.TimeoutExpired:
+            pass  # the manager is stopped below either way
         self.proc.send_signal(signal.SIGTERM)  # the manager itself (exec'd by the sandbox script)
         try:
             self.proc.wait(timeout=30)
