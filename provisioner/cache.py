@@ -112,6 +112,7 @@ class CacheReader:
         self.partial_dir = self.root / "partial"
         self.quarantine_dir = self.root / "quarantine"
         self.torrents_dir = self.root / "torrents"
+        self.holds_dir = self.root / "holds"  # rollback holds (provisioner/hold.py)
 
     def torrent_path(self, sha256: str) -> Path:
         return self.torrents_dir / f"{sha256}.torrent"
@@ -184,8 +185,10 @@ class CacheWriter(CacheReader):
 
     def __init__(self, root: Path):
         super().__init__(root)
+        # holds/ exists from the start: a model server's unit may write a rollback hold there and
+        # can only be given write access to a directory that exists (tts-model@.service).
         for d in (self.blobs_dir, self.snapshots_dir, self.current_dir, self.partial_dir, self.quarantine_dir,
-                  self.torrents_dir):
+                  self.torrents_dir, self.holds_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     def save_torrent(self, sha256: str, data: bytes) -> Path:

@@ -295,3 +295,83 @@ def gc(ctx: click.Context) -> None:
         prov.lock.release()
     click.echo(f"removed {result['snapshots']} snapshots, {result['blobs']} blobs "
                f"({human_bytes(result['bytes'])}), {partials} partial files")
+
+
+# -- any model server on the cache (docs/models.md) ---------------------------------------
+
+@main.command()
+@click.argument("name")
+@click.option("--version", default=None, help="Wait for this version (default: any complete one).")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds (default: never).")
+@click.option("--serving", is_flag=True,
+              help="Also wait until the model's supervisor (tts-model@NAME) serves it; fail at once if it "
+                   "rolled back from that version.")
+@click.option("--status-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="TTS_MODEL_STATUS_ROOT", help="Where supervisors write NAME/status.json (default /run/tts-model).")
+@click.pass_context
+def wait(ctx: click.Context, name: str, version: str | None, timeout: float | None, serving: bool,
+         status_root: Path | None) -> None:
+    """Block until current/NAME is a complete, verified snapshot (exit 0), woken by filesystem
+    events; for ExecStartPre= and scripts. Exit 1 with one line on timeout."""
+    from .modelwait import wait_for_model
+
+    config = _load(ctx)
+    tracked = [m.name for m in config.models]
+    if name not in tracked:
+        raise CommandFailed(f"model {name!r} is not tracked by {ctx.find_root().obj['config_path']} "
+                            f"(tracked: {', '.join(tracked)}): no snapshot of it will ever appear", exit_code=2)
+    snap = wait_for_model(config, name, version, timeout, serving, status_root,
+                          progress=lambda line: click.echo(line, err=True))
+    click.echo(f"{name} {snap.version} is complete: {snap.path}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--on-change", type=click.Choice(["restart", "reload", "none"]), default="restart", show_default=True,
+              help="What to do when current/NAME moves: restart the server, or send it --reload-signal.")
+@click.option("--reload-signal", default="SIGHUP", show_default=True, help="The signal that reloads the server.")
+@click.option("--health-url", default=None, help="Healthy when a GET of this URL answers 2xx.")
+@click.option("--health-cmd", default=None, help="Healthy when this command (split like a shell) exits 0.")
+@click.option("--health-audio", default=None,
+              help="The audio gate: healthy when `tts-ctl check --url URL --api API` passes (a sentence "
+                   "synthesized and checked as plausible speech).")
+@click.option("--health-api", type=click.Choice(["openai", "piper", "wyoming"]), default="openai", show_default=True,
+              help="What --health-audio speaks: /v1/audio/speech, piper's POST /synthesize, a Wyoming tcp:// server.")
+@click.option("--health-timeout", type=float, default=120.0, show_default=True,
+              help="Seconds a start or reload may take to pass the health check.")
+@click.option("--stop-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds the server gets to stop after SIGTERM.")
+@click.option("--status-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="TTS_MODEL_STATUS_ROOT", help="Where to write NAME/status.json (default /run/tts-model).")
+@click.pass_context
+def supervise(ctx: click.Context, name: str, command: tuple[str, ...], on_change: str, reload_signal: str,
+              health_url: str | None, health_cmd: str | None, health_audio: str | None, health_api: str,
+              health_timeout: float, stop_timeout: float, status_root: Path | None) -> None:
+    """Run COMMAND (after `--`) as the server of model NAME on current/NAME: start it once the
+    snapshot is complete, READY once healthy, reload or restart it when current moves, roll
+    the provisioner back when a new version fails. The main process of tts-model@NAME.service."""
+    import shlex
+
+    from .supervise import DEFAULT_STATUS_ROOT, HealthCheck, ServeOptions, Supervisor
+
+    config = _load(ctx)
+    if name not in {m.name for m in config.models}:
+        raise CommandFailed(f"model {name!r} is not tracked by {ctx.find_root().obj['config_path']}", exit_code=2)
+    try:
+        sig = signal.Signals[reload_signal.upper() if reload_signal.upper().startswith("SIG")
+                             else f"SIG{reload_signal.upper()}"]
+    except KeyError:
+        raise CommandFailed(f"--reload-signal {reload_signal!r} is not a signal name (SIGHUP, SIGUSR1, ...)",
+                            exit_code=2) from None
+    if sum(x is not None for x in (health_url, health_cmd, health_audio)) > 1:
+        raise CommandFailed("give one of --health-url, --health-cmd, --health-audio", exit_code=2)
+    command_check = tuple(shlex.split(health_cmd)) if health_cmd else ()
+    if health_audio:
+        # tts-ctl beside this interpreter (the same venv): the runtime's speech checks.
+        command_check = (str(Path(sys.executable).parent / "tts-ctl"), "check", "--url", health_audio,
+                         "--api", health_api, "Health check.")
+    health = HealthCheck(url=health_url, command=command_check, timeout=health_timeout)
+    opts = ServeOptions(name, tuple(command), on_change, sig, health, stop_timeout,
+                        status_root or DEFAULT_STATUS_ROOT)
+    sys.exit(Supervisor(config, ctx.find_root().obj["config_path"], opts).run())

@@ -189,17 +189,25 @@ def synth(obj: Ctx, text: str, output: Path, voice: str | None, speaker: str | N
 @click.option("--reload", "reload_first", is_flag=True,
               help="first make the runtime re-check the cache and wait for that pass (POST /v1/reload); "
                    "with --expect-version, fail at once unless the voice is then at that version")
+@click.option("--url", default=None,
+              help="check another model server instead of the runtime: its endpoint (docs/models.md)")
+@click.option("--api", type=click.Choice(["openai", "piper", "wyoming"]), default="openai", show_default=True,
+              help="with --url: /v1/audio/speech, piper's POST /synthesize, or a Wyoming tcp:// server")
 @click.pass_obj
 def check(obj: Ctx, text: str, voice: str | None, expect_version: str | None, output: Path | None,
-          timeout: float, reload_first: bool) -> None:
+          timeout: float, reload_first: bool, url: str | None, api: str) -> None:
     """Synthesize TEXT through the daemon and check that the audio is plausibly speech for it
     (duration, silence, clipping, speech-band energy, noise: runtime/speechcheck.py). Exit 1
     with one line saying what is wrong; the ansible health gate runs this (with --reload:
-    the whole gate, reload included, in one process and one SSH round trip)."""
+    the whole gate, reload included, in one process and one SSH round trip). With --url the
+    same checks run on the audio of another model server (piper, wyoming, OpenAI-compatible)."""
     import soundfile
 
     from .speechcheck import check_speech
 
+    if url is not None:
+        _check_external(url, api, text, voice, timeout, output, expect_version or reload_first)
+        return
     if reload_first:
         _reload_for_check(obj, voice or obj.config.default_voice, expect_version, timeout)
     with obj.client(timeout) as client:
@@ -219,6 +227,30 @@ def check(obj: Ctx, text: str, voice: str | None, expect_version: str | None, ou
     if not verdict.ok:
         raise CommandFailed(f"{name} {served}: {verdict.line()}")
     click.echo(f"{name} {served}: {verdict.line()}")
+
+
+def _check_external(url: str, api: str, text: str, voice: str | None, timeout: float, output: Path | None,
+                    runtime_only: bool) -> None:
+    import soundfile
+
+    from .external import fetch_audio
+    from .speechcheck import check_speech
+
+    if runtime_only:
+        raise click.UsageError("--reload and --expect-version ask tts-runtime; another server's version is "
+                               "gated by `tts-provisioner wait NAME --version V --serving`")
+    try:
+        wave, rate = fetch_audio(url, api, text, voice, timeout)
+    except RequestFailed as exc:
+        raise CommandFailed(str(exc)) from None
+    if output is not None:
+        buf = io.BytesIO()
+        soundfile.write(buf, wave, rate, format="WAV", subtype="PCM_16")
+        write_atomic(output, buf.getvalue())
+    verdict = check_speech(wave, rate, text)
+    if not verdict.ok:
+        raise CommandFailed(f"{url}: {verdict.line()}")
+    click.echo(f"{url}: {verdict.line()}")
 
 
 def _reload_for_check(obj: Ctx, voice: str, expect_version: str | None, timeout: float) -> None:
