@@ -70,6 +70,16 @@ def _daemon_pid(config: ProvisionerConfig) -> int | None:
         return None
 
 
+def _daemon_holding(config: ProvisionerConfig, exc: CacheLockedError) -> int:
+    """The daemon's pid, when the daemon is what holds the cache lock. A one-shot command
+    (sync, gc, rollback) holding it is no daemon: SIGHUP would end it, not make it sync."""
+    daemon = _daemon_pid(config)
+    if daemon is not None and exc.pid in (None, daemon):
+        return daemon
+    raise CommandFailed(f"another tts-provisioner command (pid {exc.pid or '?'}) holds the cache lock "
+                        f"{exc.path}; run this again when it has finished") from None
+
+
 def _follow_daemon(config: ProvisionerConfig, pid: int, timeout: float, what: str) -> int:
     """Ask the running daemon for a sync pass (SIGHUP) and wait for it to finish."""
     before = (read_status(config.runtime_dir) or {}).get("syncs_completed", 0)
@@ -106,10 +116,7 @@ def sync(ctx: click.Context, timeout: float) -> None:
     try:
         prov.open()
     except CacheLockedError as exc:
-        pid = exc.pid or _daemon_pid(config)
-        if not pid:
-            raise
-        sys.exit(_follow_daemon(config, pid, timeout, "sync"))
+        sys.exit(_follow_daemon(config, _daemon_holding(config, exc), timeout, "sync"))
     try:
         with prov.reporter:
             results = prov.sync_once()
@@ -255,8 +262,12 @@ def rollback(ctx: click.Context, name: str, version: str, release: bool) -> None
     try:
         prov.lock.acquire()
     except CacheLockedError as exc:
-        pid = exc.pid or _daemon_pid(config)
-        sys.exit(_follow_daemon(config, pid, 120, f"roll {name} back to {version}") if pid else 1)
+        try:
+            pid = _daemon_holding(config, exc)
+        except CommandFailed:
+            _undo_hold(config, name, held)  # nothing of this rollback stays behind
+            raise
+        sys.exit(_follow_daemon(config, pid, 120, f"roll {name} back to {version}"))
     try:
         try:
             CacheWriter(config.cache_dir).rollback(name, version)
@@ -274,6 +285,13 @@ def rollback(ctx: click.Context, name: str, version: str, release: bool) -> None
     finally:
         prov.lock.release()
     click.echo(f"{name}: current -> {version} (held until the channel moves; --release to undo)")
+
+
+def _undo_hold(config: ProvisionerConfig, name: str, before: Hold | None) -> None:
+    if before is None:
+        release_hold(config.cache_dir, name)
+    else:
+        write_hold(config.cache_dir, name, before)
 
 
 @main.command()

@@ -43,7 +43,7 @@ class CacheLockedError(TtsError):
     """Another provisioner process owns this cache."""
 
     def __init__(self, path: Path, pid: int | None):
-        self.pid = pid
+        self.path, self.pid = path, pid
         super().__init__(f"another tts-provisioner (pid {pid or '?'}) holds the cache lock {path}")
 
 

@@ -161,3 +161,38 @@ def test_wrong_credentials_are_named_as_such(tmp_path, s3_server, bucket):
     assert result.returncode == 1
     assert "rejected the credentials" in result.stderr
     assert "not-the-secret" not in result.stderr
+
+
+def test_a_one_shot_command_holding_the_cache_is_not_signalled(tmp_path):
+    """`sync` and `rollback` ask a running daemon (SIGHUP) when it holds the cache lock. When a
+    one-shot command holds it instead (another `sync`, `gc`, `rollback`), a SIGHUP would end
+    that command: they refuse with one line, signal nothing, and leave no hold behind. The
+    lock holder here is a child process that takes the cache lock and waits."""
+    from provisioner.cache import CacheWriter
+    from tts_testkit.runtime_server import publish_to_cache
+
+    config = write_config(tmp_path, [dict(name="m", endpoint="http://127.0.0.1:9", bucket="b",
+                                          credentials_file=tmp_path / "none.toml")], None)
+    cache = tmp_path / "cache"
+    bundle = tmp_path / "files"
+    bundle.mkdir()
+    (bundle / "weights.bin").write_bytes(b"w" * 1000)
+    publish_to_cache(cache, "joe", "1.0.0", bundle)
+    publish_to_cache(cache, "joe", "2.0.0", bundle)
+    holder = subprocess.Popen(
+        [str(BIN / "python"), "-c",
+         "import sys, time; from provisioner.daemon import CacheLock; CacheLock(sys.argv[1]).acquire(); "
+         "print('locked', flush=True); time.sleep(600)", str(cache)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for args in (("sync",), ("rollback", "joe", "1.0.0")):
+            result = run_cli(*args, config=config)
+            assert result.returncode == 1, (args, result.stderr)
+            assert f"another tts-provisioner command (pid {holder.pid}) holds the cache lock" in result.stderr
+            assert holder.poll() is None, f"{args} signalled the lock holder"
+        assert not (cache / "holds" / "joe.json").exists()  # the refused rollback left no hold
+        assert CacheWriter(cache).current("joe").version == "2.0.0"
+    finally:
+        holder.kill()
+        holder.wait()
