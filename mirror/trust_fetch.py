@@ -107,6 +107,9 @@ def bounded_get(client, bucket: str, key: str, max_length: int | None, deadline:
     try:
         try:
             conn.connect()
+        except OSError as exc:
+            raise exceptions.DownloadError(f"mirror {label} is unreachable: {type(exc).__name__}: {exc}") from None
+        try:
             timer = threading.Timer(max(ends - clock(), 0), _cut, (conn.sock, expired))
             timer.daemon = True
             timer.start()

@@ -332,10 +332,16 @@ class Scheduler:
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
                 continue
-            if job.after is not None and job.after.future.done() and job.after.future.exception() is not None:
+            first = job.after.future if job.after is not None else None
+            if first is not None and first.cancelled():
+                # the stream's first sentence was cancelled (its client is gone): so are the rest.
+                # Asking a cancelled future for its exception raises, which killed this worker.
+                job.future.cancel()
+                continue
+            if first is not None and first.done() and first.exception() is not None:
                 # the stream's first sentence failed: the rest would be wasted work
                 if job.future.set_running_or_notify_cancel():
-                    job.future.set_exception(job.after.future.exception())
+                    job.future.set_exception(first.exception())
                 continue
             keep.append(job)
         self._pending = keep

@@ -28,6 +28,7 @@ import pytest
 
 from tts_testkit.fleet import harness
 from tts_testkit.fleet import rollout as fr
+from tts_testkit.wheel import build_wheel
 from tests.monitoring_helpers import PROMETHEUS, Prometheus, render_monitoring
 
 REASON = harness.unavailable()
@@ -55,7 +56,7 @@ def observed(tmp_path_factory):
     from tts_testkit.provisioner_setup import make_keys
 
     work = tmp_path_factory.mktemp("prom-fleet")
-    wheel = fr.build_wheel(work / "wheel")
+    wheel = build_wheel(work / "wheel")
     with harness.Fleet(work, NODES) as fleet:
         (work / "keys").mkdir()
         keys = make_keys(work / "keys")

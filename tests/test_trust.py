@@ -451,7 +451,7 @@ def test_upgrade_from_unsigned_channels_keeps_the_installed_version(tmp_path, s3
     signed metadata: trust init, the same version re-published (nothing uploaded, its
     manifest signed into ci) and promoted; the node, given the root, stays on it without a
     download and then follows only signed moves."""
-    from tests.provisioner_helpers import Keys
+    from tts_testkit.provisioner_setup import Keys
 
     keys = TrustKeys.make(tmp_path / "keys")
     mirror = Mirror.connect(s3_server.endpoint, bucket, s3_server.credentials)
