@@ -211,11 +211,15 @@ class Machine:
         return [mount / CGROUP_PARENT / self.name for mount in _cgroup_mounts()]
 
     def boot(self, timeout: float = 180) -> "Machine":
-        """Mount the overlay, start systemd-nspawn --boot, wait for `is-system-running`."""
+        """Mount the overlay, start systemd-nspawn --boot, wait for `is-system-running`.
+        Again after stop() or kill(): the same disk, a fresh boot."""
         reap_stale()
         lower = self.root.path if isinstance(self.root, PristineRoot) else Path(self.root)
         for sub in ("upper", "work", "merged"):
             (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
+        # A machine booted again after kill()/stop() keeps its disk (the upper directory).
+        for point in sorted(_mounts_under(self.merged), key=len, reverse=True):
+            subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=60)
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir={lower},upperdir={self.work_dir / 'upper'},workdir={self.work_dir / 'work'}",
                         str(self.merged)], check=True, capture_output=True, timeout=60)
