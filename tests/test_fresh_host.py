@@ -34,13 +34,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ops_helpers import ANSIBLE_DIR, REPO, SYSTEMD_DIR, VENV_BIN
-from tests.s3servers import start_nanio
-from tests.test_ansible import ansible_env, build_wheel, node_vars, publish_voice, recap
+from tests.ops_helpers import ANSIBLE_DIR, SYSTEMD_DIR
+from tests.test_ansible import ansible_env, node_vars, publish_voice, recap
 from tts_testkit import nspawn
+from tts_testkit.paths import REPO, VENV_BIN
+from tts_testkit.s3servers import start_nanio
+from tts_testkit.wheel import build_wheel
 
 ANSIBLE_PLAYBOOK = VENV_BIN / "ansible-playbook"
-pytestmark = [pytest.mark.fresh_host,
+pytestmark = [pytest.mark.fleet, pytest.mark.fresh_host,
               pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(), reason="ansible is not installed: run scripts/setup.sh")]
 
 # Today's online scores (docs/operations.md, Hardening): a change may lower them, never raise them.
@@ -161,12 +163,12 @@ def _play(work: Path, *args: str) -> Play:
 
 
 @pytest.fixture(scope="module")
-def fresh_host(root, tmp_path_factory):
+def fresh_host(root, bundle_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("fresh-host")
     mirror = start_nanio(work / "nanio")
     try:
         bucket = mirror.new_bucket()
-        keys = publish_voice(mirror, bucket, work)
+        keys = publish_voice(mirror, bucket, work, bundle_dir)
         wheel = build_wheel(work / "wheel")
         wheels = wheelhouse(wheel)
         machine = nspawn.Machine(f"tts-fresh-{os.getpid()}", root, work / "machine", binds_ro={str(wheels): "/srv/wheels"})
