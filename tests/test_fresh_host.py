@@ -96,13 +96,24 @@ def test_every_unit_command_is_on_a_minimal_host(root):
     assert not missing, f"not on a minimal Debian 12 and not installed by a role: {missing}"
 
 
-def test_documentation_links_point_into_the_installed_docs():
-    """Documentation=file:///opt/tts-fleet/docs/X: X is in docs/, which the roles install there."""
-    for unit in UNITS:
-        for url in re.findall(r"^Documentation=(.+)$", (SYSTEMD_DIR / unit).read_text(), re.M):
-            for link in url.split():
-                assert link.startswith("file:///opt/tts-fleet/docs/"), (unit, link)
-                assert (REPO / "docs" / link.removeprefix("file:///opt/tts-fleet/docs/")).is_file(), (unit, link)
+# Each role, the list of docs/ files it installs under /opt/tts-fleet/docs.
+ROLE_DOCS = {"tts_node": "tts_node_docs", "tts_tracker": "tts_tracker_docs", "tts_mirror": "tts_mirror_signer_docs"}
+
+
+def test_every_role_installs_the_docs_its_units_point_at():
+    """Documentation=file:///opt/tts-fleet/docs/X of every unit a role installs: X is in
+    docs/ and in that role's list of docs it installs (a link to a file nothing installs
+    was defect 5 of issue 26)."""
+    for role, variable in ROLE_DOCS.items():
+        role_dir = ANSIBLE_DIR / "roles" / role
+        text = "".join(p.read_text() for p in role_dir.rglob("*.yml"))
+        installs = yaml.safe_load((role_dir / "defaults/main.yml").read_text())[variable]
+        for unit in (u for u in UNITS if u in text):
+            for link in re.findall(r"^Documentation=(.+)$", (SYSTEMD_DIR / unit).read_text(), re.M):
+                for url in link.split():
+                    name = url.removeprefix("file:///opt/tts-fleet/docs/")
+                    assert url.startswith("file:///opt/tts-fleet/docs/"), (unit, url)
+                    assert (REPO / "docs" / name).is_file() and name in installs, (role, unit, url, installs)
 
 
 # -- the fresh host --------------------------------------------------------------------------------
