@@ -230,11 +230,15 @@ def snapshots(ctx: click.Context, name: str | None) -> None:
 
 @main.command()
 @click.argument("name")
-@click.argument("version")
-@click.option("--release", is_flag=True, help="Release an earlier rollback hold instead (VERSION is ignored).")
+@click.argument("version", required=False)
+@click.option("--release", is_flag=True, help="Release an earlier rollback hold instead (no VERSION needed).")
 @click.pass_context
-def rollback(ctx: click.Context, name: str, version: str, release: bool) -> None:
-    """Switch NAME back to a kept snapshot VERSION and hold it there until the channel moves."""
+def rollback(ctx: click.Context, name: str, version: str | None, release: bool) -> None:
+    """Switch NAME back to a kept snapshot VERSION and hold it there until the channel moves.
+
+    `rollback NAME --release` ends the hold instead."""
+    if version is None and not release:
+        raise click.UsageError("Missing argument 'VERSION' (or --release to end a hold).")
     config = _load(ctx)
     if name not in {m.name for m in config.models}:
         raise CommandFailed(f"model {name!r} is not tracked by this config")

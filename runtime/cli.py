@@ -7,6 +7,11 @@ socket file left by a crash is replaced; a live one is an error). uvicorn has no
 that sends half a request and stops, so the HTTP protocol here closes a connection
 whose request is not complete within `request_timeout_s`. SIGHUP re-checks the cache
 (hot swap), like POST /v1/reload.
+
+Connections are accepted only once the first look at the cache is over: every voice the
+cache holds complete is loaded (or failed to load). Until then clients wait in the
+listening socket's backlog - which systemd holds across restarts - instead of getting
+503 "loading": a restart shorter than a client's timeout is invisible to it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -79,6 +85,34 @@ def timed_h11_protocol(request_timeout: float):
 KEEP_ALIVE_S = 65
 
 
+def accept_after_first_pass(app, runtime, stopping):
+    """The ASGI app, with uvicorn's lifespan startup held until the model manager's first
+    pass is done: uvicorn starts accepting only after startup completes. `stopping()` true
+    (SIGTERM meanwhile) ends the wait, and the server then shuts down."""
+
+    async def first_pass() -> None:
+        started = time.monotonic()
+        while not stopping():
+            if await asyncio.to_thread(runtime.manager.wait_cycle, 0, 0.5):
+                break
+        manager = runtime.manager
+        log.info("accepting connections", after_s=round(time.monotonic() - started, 2), ready=manager.ready,
+                 reason=manager.reason or None)
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def send_when_settled(message):
+            if message["type"] == "lifespan.startup.complete":
+                await first_pass()
+            await send(message)
+
+        return await app(scope, receive, send_when_settled)
+
+    return wrapped
+
+
 def serve_runtime(config: RuntimeConfig, loader=None) -> None:
     import uvicorn
 
@@ -98,8 +132,10 @@ def serve_runtime(config: RuntimeConfig, loader=None) -> None:
     log.info("runtime starting", activated=listeners.activated, tls=ssl_context is not None, models=config.models,
              device=config.device, **listeners.describe())
     runtime = Runtime(config, loader)
+    server: uvicorn.Server | None = None
     uv_config = uvicorn.Config(
-        create_app(runtime, tokens),
+        accept_after_first_pass(create_app(runtime, tokens), runtime,
+                                lambda: server is not None and server.should_exit),
         http=timed_h11_protocol(config.request_timeout_s),
         lifespan="on",
         log_config=None,

@@ -2,11 +2,14 @@
 
 Errors come back as `RequestFailed` with the server's own message (its JSON `detail`),
 the status code and Retry-After, so tools can print them and decide about retries.
+A 503 or 429 with Retry-After (not ready yet, queue full) is asked again after that
+delay for as long as the client's own timeout allows; then it is the error.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -85,9 +88,14 @@ def async_http_client(socket_path: Path, timeout: float = 120.0, connections: in
                              base_url=BASE_URL, timeout=httpx.Timeout(timeout, connect=5.0))
 
 
+# Answers that say "come back later": asked again after their Retry-After.
+RETRY_LATER = (429, 503)
+
+
 class RuntimeClient:
     def __init__(self, socket_path: Path | None = None, timeout: float = 120.0):
         self.socket_path = Path(socket_path or default_socket())
+        self.timeout = timeout
         self._http = http_client(self.socket_path, timeout)
 
     def close(self) -> None:
@@ -99,19 +107,26 @@ class RuntimeClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             try:
-                response = self._http.request(method, path, **kwargs)
+                return self._http.request(method, path, **kwargs)
             except RESET_ERRORS:
                 # A kept-alive connection closed by the server just as it was reused: every
                 # request of this API is idempotent (synthesis is seeded), so send it again once.
-                response = self._http.request(method, path, **kwargs)
+                return self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.socket_path) from None
-        if response.status_code >= 400:
-            raise error_from_response(response)
-        return response
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            response = self._send(method, path, **kwargs)
+            if response.status_code < 400:
+                return response
+            error = error_from_response(response)
+            if not self._retry_later(error, deadline):
+                raise error
 
     def get_json(self, path: str) -> dict[str, Any]:
         return self._request("GET", path).json()
@@ -120,21 +135,36 @@ class RuntimeClient:
         body = {"text": text, **{k: v for k, v in params.items() if v is not None}}
         return self._request("POST", "/v1/synthesize", json=body).content
 
+    def _retry_later(self, error: RequestFailed, deadline: float) -> bool:
+        """Sleep out a "come back later" answer if the next try still starts within our own
+        timeout; False when the error is final."""
+        if error.status not in RETRY_LATER or error.retry_after is None \
+                or time.monotonic() + error.retry_after >= deadline:
+            return False
+        time.sleep(error.retry_after)
+        return True
+
     def stream(self, text: str, **params: Any) -> Iterator[bytes]:
         body = {"text": text, "stream": True, **{k: v for k, v in params.items() if v is not None}}
+        deadline = time.monotonic() + self.timeout
         try:
-            with self._http.stream("POST", "/v1/synthesize", json=body) as response:
-                if response.status_code >= 400:
+            while True:
+                with self._http.stream("POST", "/v1/synthesize", json=body) as response:
+                    if response.status_code < 400:
+                        yield from response.iter_bytes()
+                        return
                     response.read()
-                    raise error_from_response(response)
-                yield from response.iter_bytes()
+                    error = error_from_response(response)
+                if not self._retry_later(error, deadline):
+                    raise error
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.socket_path) from None
 
-    def ready(self) -> tuple[bool, str]:
-        """(ready, reason); connection problems are 'not ready' with the reason."""
+    def ready(self, timeout: float | None = None) -> tuple[bool, str]:
+        """(ready, reason); connection problems are 'not ready' with the reason. A probe:
+        never retried. `timeout` (seconds) overrides the client's for this request."""
         try:
-            response = self._http.get("/readyz")
+            response = self._http.get("/readyz", **({"timeout": timeout} if timeout is not None else {}))
         except httpx.HTTPError as exc:
             return False, str(transport_error(exc, self.socket_path))
         try:

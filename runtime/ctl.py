@@ -592,7 +592,9 @@ def wait_ready(obj: Ctx, timeout: float, quiet: bool) -> None:
     last = None
     with obj.client(5.0) as client:
         while True:
-            ready, reason = client.ready()
+            # A starting runtime answers once its first look at the cache is over (docs/runtime.md):
+            # until then the probe waits in the socket's backlog, up to 30 s at a time.
+            ready, reason = client.ready(timeout=max(0.5, min(30.0, deadline - time.monotonic())))
             if ready:
                 if not quiet:
                     click.echo("ready")

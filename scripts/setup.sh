@@ -26,6 +26,10 @@ command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # A second MP3 decoder beside libsndfile (tests/test_runtime_trust.py).
 command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
+# A fresh minimal Debian 12 under a real systemd (tests/test_fresh_host.py,
+# tts_testkit/nspawn.py): the root from debootstrap, booted with systemd-nspawn.
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+command -v systemd-nspawn >/dev/null 2>&1 || need_apt+=(systemd-container)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing ${need_apt[*]} with apt-get" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

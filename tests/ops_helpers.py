@@ -57,7 +57,7 @@ def make_fake_root(root: Path, gpu: bool = False) -> Path:
         path.write_text("#!/bin/sh\nexit 0\n")
         path.chmod(0o755)
     (root / "bin").mkdir(exist_ok=True)
-    shutil.copy("/bin/kill", root / "bin/kill")
+    shutil.copy("/bin/sh", root / "bin/sh")  # ExecReload= (the shell's own kill)
     return root
 
 

@@ -331,7 +331,12 @@ def test_rollback_repairs_a_damaged_target_or_refuses(env):
     assert "is damaged: model.safetensors: sha256; repairing it first" in result.stderr
     assert cache.current("joe").version == "1.0.0"
     assert cache.check_snapshot(cache.current("joe"), full_hash=True) == []
-    assert run_cli("rollback", "joe", "x", "--release", config=env["config"]).returncode == 0
+    # The documented form (docs/operations.md): no VERSION with --release.
+    released = run_cli("rollback", "joe", "--release", config=env["config"])
+    assert released.returncode == 0 and "hold released" in released.stdout, released.stderr
+    # Neither VERSION nor --release: a usage error naming both, nothing changed.
+    missing = run_cli("rollback", "joe", config=env["config"])
+    assert missing.returncode == 2 and "Missing argument 'VERSION' (or --release" in missing.stderr, missing.stderr
     assert run_cli("sync", config=env["config"]).returncode == 0
     assert cache.current("joe").version == "2.0.0"
 

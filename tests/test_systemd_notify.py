@@ -9,10 +9,14 @@ the cache is complete" is checked at READY time, not afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -179,3 +183,105 @@ def _readyz(client: httpx.Client) -> int | None:
         return client.get("/readyz", timeout=30).status_code
     except httpx.HTTPError:
         return None
+
+
+# -- a restart behind a socket that systemd holds ------------------------------------------
+
+# Puts the held listening socket at fd 3 with LISTEN_FDS/LISTEN_PID for this pid, as systemd
+# does, then exec()s systemd-socket-activate, which passes it on to the runtime once a
+# connection waits on it (sd_listen_fds: "file descriptors ... will be passed through").
+_AS_SYSTEMD = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+               "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def _raw_request(sock_path: Path, body: bytes) -> socket.socket:
+    """Connect and send a whole synthesis request without waiting for any answer."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(180)
+    conn.connect(str(sock_path))  # completes at once: the kernel queues it in the backlog
+    conn.sendall(b"POST /v1/synthesize HTTP/1.1\r\nHost: tts\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    return conn
+
+
+def _read_answer(conn: socket.socket) -> tuple[int, bytes, float]:
+    """(status, body, monotonic time the first byte of the answer arrived)."""
+    data, first = b"", None
+    with conn:
+        while True:
+            chunk = conn.recv(65536)
+            if first is None:
+                first = time.monotonic()
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    return status, body, first or time.monotonic()
+
+
+@pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate missing (Debian package systemd)")
+def test_restart_behind_a_held_socket_is_invisible_to_clients(tmp_path, voice_cache):
+    """What `systemctl restart tts-runtime` does to a client: the socket stays open (this
+    test holds it, as systemd does), the runtime stops, a client connects and sends its
+    request, a new runtime is activated by that waiting connection. The client must get
+    audio, not 503 "loading": the new runtime accepts only after its first look at the cache
+    (READY=1 comes first). A `tts-ctl synth` started in the same window succeeds too."""
+    from tts_testkit.runtime_server import write_config as write_runtime_config
+
+    sock_path = tmp_path / "runtime.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(256)  # tts-runtime.socket's Backlog=
+    rt_config = write_runtime_config(tmp_path / "runtime.toml", socket_path=str(tmp_path / "unused.sock"),
+                                     cache_dir=str(voice_cache), provisioner_runtime_dir=str(tmp_path / "prov"),
+                                     models=["joe"], device="cpu", threads=1)
+    notify = NotifyListener(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(notify.path), "TTS_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1"}
+    logs = []
+
+    def activate() -> subprocess.Popen:
+        log = (tmp_path / f"runtime-{len(logs)}.log").open("wb")
+        logs.append(log)
+        return subprocess.Popen([sys.executable, "-c", _AS_SYSTEMD, str(listener.fileno()), ACTIVATE,
+                                 *[f"-E{k}={v}" for k, v in env.items()],
+                                 str(VENV_BIN / "tts-runtime"), "serve", "--config", str(rt_config)],
+                                pass_fds=(listener.fileno(),), stdout=log, stderr=subprocess.STDOUT)
+
+    body = json.dumps({"text": "Restarted without an error.", "voice": "joe", "format": "wav"}).encode()
+    first = second = ctl = None
+    try:
+        first = activate()
+        status, audio, _ = _read_answer(_raw_request(sock_path, body))  # activates the first runtime
+        assert status == 200 and audio[:4] == b"RIFF", audio[:300]
+        assert len(notify.find("READY", "1")) == 1
+
+        # The stop half of a restart: SIGTERM, a clean exit. The socket stays open.
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+        # Clients arrive while nothing serves the socket.
+        waiting = _raw_request(sock_path, body)
+        ctl = subprocess.Popen([str(VENV_BIN / "tts-ctl"), "--socket", str(sock_path), "synth",
+                                "Also restarted.", "-o", str(tmp_path / "ctl.wav"), "--timeout", "180"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The start half: the waiting connection activates the new runtime.
+        second = activate()
+        status, audio, answered = _read_answer(waiting)
+        assert status == 200 and audio[:4] == b"RIFF", (status, audio[:300], (tmp_path / "runtime-1.log").read_text()[-2000:])
+        ready = notify.wait_for("READY", "1", timeout=60, count=2)[1]
+        assert ready.at <= answered, "the new runtime answered before it was READY"
+        out, err = ctl.communicate(timeout=180)
+        assert ctl.returncode == 0, err
+        assert (tmp_path / "ctl.wav").read_bytes()[:4] == b"RIFF"
+        # Not a 503 anywhere: the new runtime refused nothing.
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock_path)), base_url="http://tts", timeout=60) as c:
+            metrics = c.get("/metrics").text
+        assert 'tts_requests_total{endpoint="/v1/synthesize",status="503"}' not in metrics, metrics
+    finally:
+        for proc in (first, second, ctl):
+            if proc is not None:
+                _stop(proc)
+        listener.close()
+        notify.close()
+        for log in logs:
+            log.close()

@@ -14,6 +14,8 @@ imports pytest: pytest fixtures live in tests/ (conftest.py and the plugins it r
 - voice_factory: test voices of every Piper shape, built with piper's own model code
 - throttle_proxy: a per-connection throttling, byte-counting TCP proxy (a script too)
 - fleet: a simulated fleet of nodes on one machine (harness, load client, rollout steps)
+- nspawn: a fresh minimal Debian 12 with systemd as PID 1 (debootstrap root cached outside the
+  checkout, overlay machines under systemd-nspawn); ansible_plugins: its `tts_nspawn` connection
 - waits: bounded polling
 - wheel: a wheel of this checkout (what the ansible role installs)
 - benchresult: the schema, writer and validator of bench/results/*.json
