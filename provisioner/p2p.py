@@ -123,7 +123,7 @@ class PeerToPeer:
         except bt.TorrentError as exc:
             log.warning("cached torrent refused, fetching it again", file=entry.path, error=str(exc))
         try:
-            data = self.mirrors.fetch_torrent(entry.sha256)
+            data = self.mirrors.fetch_torrent(entry.sha256, entry.size)
             bt.check(data, btih=entry.btih, sha256=entry.sha256, size=entry.size)
         except (MirrorError, bt.TorrentError, ManifestError) as exc:
             log.warning("no usable torrent: fetching this file from the mirror only", file=entry.path,
