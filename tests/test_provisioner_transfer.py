@@ -139,7 +139,7 @@ def test_a_trickling_mirror_is_dropped_under_the_lowest_speed_limit(env):
     speed limit: aria2 drops it and the file comes from the second mirror. (Before: the
     download trickled on for hours, the healthy mirror never asked.)"""
     with HostileProxy(port_of(env["s3"]), rate=256) as proxy:
-        config = two_mirrors(env, dict(endpoint=f"http://127.0.0.1:{proxy.port}"), aria2='lowest_speed_limit = "1K"\n')
+        config = two_mirrors(env, dict(endpoint=f"http://127.0.0.1:{proxy.port}"))  # the default limit: 1K
         result = run_cli("sync", config=config, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     print(f"trickling mirror: {proxy.get_bytes} body bytes from it")
@@ -171,7 +171,7 @@ def corrupting_node(env, proxy: HostileProxy) -> Path:
 
 
 def known_bad(config: Path) -> dict:
-    return CacheReader(config.parent / "cache").known_bad()[f"primary {KEY}"]
+    return json.loads((config.parent / "cache/quarantine" / KNOWN_BAD_FILE).read_text())[f"primary {KEY}"]
 
 
 def date_in_the_past(config: Path) -> None:
