@@ -191,7 +191,7 @@ class _Attempt:
         self.active[job.gid] = job
 
     def on_progress(self, job: FileJob, st: TaskStatus, now: float) -> None:
-        if self.overrun(job, st, now - job.started):
+        if self.overrun(job, st, now):
             return
         if job.strategy.watch(job, st, now):
             self.end_task(job)
@@ -248,16 +248,17 @@ class _Attempt:
             self.known_bad.record(job, decision.known_bad, decision.state.cause, digest, size)
         self.apply(job, decision)
 
-    def overrun(self, job: FileJob, st: TaskStatus, elapsed: float | None) -> bool:
-        """More bytes than the manifest signs, or past the try's deadline (`elapsed` None:
-        the task completed, only its length counts): the task is stopped and the policy
+    def overrun(self, job: FileJob, st: TaskStatus, now: float | None) -> bool:
+        """More bytes than the manifest signs, or past the try's deadline (`now` None: the
+        task completed, only its length counts): the task is stopped and the policy
         decides. True if it was."""
         mirrors, peers = job.strategy.served_by(job)
         if st.used_uris and not peers:
             mirrors = job.sources.mirrors_of(st.used_uris)  # the mirrors aria2 really fetched from
-        deadline = policy.file_deadline(job.entry, self.limits) if elapsed is not None else None
-        failure = policy.check_task(job.entry, st.total, st.completed, elapsed or 0.0, deadline, mirrors,
-                                    job.sources.identified(), peers)
+        since = job.strategy.deadline_start(job) if now is not None else None
+        deadline = policy.file_deadline(job.entry, self.limits) if since is not None else None
+        failure = policy.check_task(job.entry, st.total, st.completed, now - since if since is not None else 0.0,
+                                    deadline, mirrors, job.sources.identified(), peers)
         if failure is None:
             return False
         self.end_task(job)
