@@ -388,3 +388,36 @@ def test_aria2_process_satisfies_the_transfer_engine_protocol():
                 continue
             ours = inspect.signature(getattr(Aria2Process, name))
             assert list(ours.parameters) == list(inspect.signature(member).parameters), name
+
+
+# -- where a try's deadline starts ----------------------------------------------------------
+
+def test_an_http_try_counts_its_deadline_from_its_start_a_torrent_from_its_web_seed():
+    """Stand-ins for the engine and p2p (only what the strategies read), no aria2."""
+    from types import SimpleNamespace
+
+    from provisioner.fetch_state import FileJob
+    from provisioner.fetch_strategy import HttpStrategy, PeerStrategy
+    from provisioner.p2p import PeerFetch
+    from provisioner.transfer import TaskStatus
+
+    refreshed = []
+    engine = SimpleNamespace(set_web_seeds=lambda gid, uris: refreshed.append(uris))
+    http = HttpStrategy(engine)
+    job = FileJob(ENTRY, strategy=http, started=100.0)
+    assert http.deadline_start(job) == 100.0
+
+    p2p = SimpleNamespace(cfg=SimpleNamespace(stall_seconds=5.0), stall_window=lambda entry: 10.0)
+    peers = PeerStrategy(p2p, engine, lambda j: [("primary", "http://m/x")], presign_expiry=60)
+    job = FileJob(ENTRY, strategy=peers, started=100.0, gid="g")
+    job.peer.fetch = PeerFetch(web_seeds_now=False, started=100.0)
+    status = TaskStatus("g", "active", 0, ENTRY.size, 0, 0, "", ())
+    assert peers.deadline_start(job) is None  # waiting for peers: the stall windows bound it
+    assert peers.watch(job, status, 105.0) is False and peers.deadline_start(job) is None
+    assert peers.watch(job, status, 111.0) is False  # past its 10 s window: the mirror is added
+    assert peers.deadline_start(job) == 111.0
+    assert peers.watch(job, status, 142.0) is False and len(refreshed) == 2  # the URLs refreshed later...
+    assert job.peer.fetch.web_seeded_at == 142.0 and peers.deadline_start(job) == 111.0  # ...the start stays
+    seeded = PeerFetch(web_seeds_now=True, started=50.0)
+    job.peer.fetch = seeded
+    assert peers.deadline_start(job) == 50.0
