@@ -394,6 +394,7 @@ def supervise(ctx: click.Context, name: str, command: tuple[str, ...], on_change
                         status_root or DEFAULT_STATUS_ROOT)
     sys.exit(Supervisor(config, ctx.find_root().obj["config_path"], opts).run())
 
+
 # -- known-bad mirror objects ---------------------------------------------------------
 
 def _known_bad_lines(records: dict[str, dict]) -> list[str]:
