@@ -27,6 +27,13 @@ PIECE_SIZE = 1024 * 1024
 MAX_TORRENT_BYTES = 4 * 1024 * 1024  # 1 MiB pieces: 20 bytes per MiB, i.e. up to ~200 GiB files
 
 
+def max_torrent_bytes(size: int) -> int:
+    """The largest .torrent a file of `size` bytes has: 20 bytes of SHA-1 per piece and a
+    few fixed keys (name = a sha256, length, piece length; ~130 bytes bencoded, 1 KiB
+    allowed). A node refuses a torrent over it before reading its body."""
+    return 20 * -(-size // PIECE_SIZE) + 1024
+
+
 class TorrentError(TtsError, ValueError):
     """A torrent does not describe the file the signed manifest names."""
 

@@ -219,6 +219,9 @@ class Aria2Process:
             # aria2 retries within one task; our loop adds backoff, re-presigning and mirror exclusion.
             "--max-tries=2", "--retry-wait=1", "--connect-timeout=10", "--timeout=30",
             "--max-file-not-found=2", "--uri-selector=inorder",
+            # A mirror that trickles: its connection is dropped (code 5) and the policy
+            # fails over; the loop adds a per-file deadline (fetch_policy.file_deadline).
+            f"--lowest-speed-limit={self.cfg.lowest_speed_limit}",
             # Pieces near the file's start first (geom: in order, then widening gaps)
             # and no write cache: the completed prefix grows early and is on disk when
             # reported, so it is hashed during the download. Measured on 1 GiB: geom

@@ -20,12 +20,15 @@ points at a complete snapshot.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from mirror.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, ManifestError, validate_name
 
@@ -113,6 +116,16 @@ class CacheReader:
         self.quarantine_dir = self.root / "quarantine"
         self.torrents_dir = self.root / "torrents"
         self.holds_dir = self.root / "holds"  # rollback holds (provisioner/hold.py)
+
+    def known_bad(self) -> dict[str, dict]:
+        """`<mirror> <object key>` -> what was wrong with the object and its identity
+        (etag, size, last_modified) when it was; an unchanged object is not fetched again
+        until its `retry_after` (epoch seconds)."""
+        try:
+            doc = json.loads((self.quarantine_dir / KNOWN_BAD_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def torrent_path(self, sha256: str) -> Path:
         return self.torrents_dir / f"{sha256}.torrent"
@@ -260,45 +273,52 @@ class CacheWriter(CacheReader):
             _remove(path)
             total -= size
             removed += 1
-        state = self.known_bad()
-        fresh = {k: v for k, v in state.items() if now - v.get("at", 0) <= self.quarantine_max_age}
-        if fresh != state:
-            self._write_known_bad(fresh)
+        self.update_known_bad(lambda state: {k: v for k, v in state.items()
+                                             if now - v.get("at", 0) <= self.quarantine_max_age})
         return removed
 
-    def known_bad(self) -> dict[str, dict]:
-        """`<mirror> <object key>` -> what was wrong with the object and its identity
-        (etag, size, last_modified) when it was; an unchanged object is not fetched again."""
+    @contextmanager
+    def _known_bad_lock(self):
+        # Read-modify-write under an flock of quarantine/ itself (no lock file to create or
+        # list): the daemon records and drops records while `known-bad clear` may run.
+        fd = os.open(self.quarantine_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            doc = json.loads((self.quarantine_dir / KNOWN_BAD_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
-    def _write_known_bad(self, state: dict[str, dict]) -> None:
-        path = self.quarantine_dir / KNOWN_BAD_FILE
-        if not state:
-            path.unlink(missing_ok=True)
-            return
-        write_atomic(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    def update_known_bad(self, change: Callable[[dict[str, dict]], dict[str, dict]]) -> dict[str, dict]:
+        """Apply `change` to the records (it returns the new ones); returns the old ones."""
+        with self._known_bad_lock():
+            state = self.known_bad()
+            new = change(dict(state))
+            if new != state:
+                path = self.quarantine_dir / KNOWN_BAD_FILE
+                if new:
+                    write_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+                else:
+                    path.unlink(missing_ok=True)
+        return state
 
     def mark_known_bad(self, mirror: str, key: str, record: dict) -> None:
-        state = self.known_bad()
-        state[f"{mirror} {key}"] = dict(record, at=time.time())
-        self._write_known_bad(state)
+        self.update_known_bad(lambda state: {**state, f"{mirror} {key}": dict(record, at=time.time())})
 
     def forget_known_bad(self, mirror: str, key: str) -> None:
-        state = self.known_bad()
-        if state.pop(f"{mirror} {key}", None) is not None:
-            self._write_known_bad(state)
+        self.update_known_bad(lambda state: {k: v for k, v in state.items() if k != f"{mirror} {key}"})
+
+    def clear_known_bad(self, model: str | None = None, path: str | None = None) -> dict[str, dict]:
+        """Drop the records of `model` (and its file `path`), or all; returns those dropped."""
+        def matches(record: dict) -> bool:
+            return (model is None or record.get("model") == model) and (path is None or record.get("file") == path)
+
+        old = self.update_known_bad(lambda state: {k: v for k, v in state.items() if not matches(v)})
+        return {k: v for k, v in old.items() if matches(v)}
 
     def file_verified(self, sha256: str) -> None:
         """The file now verified: its quarantined copy and known-bad records go."""
         (self.quarantine_dir / sha256).unlink(missing_ok=True)
-        state = self.known_bad()
-        fresh = {k: v for k, v in state.items() if v.get("expected_sha256") != sha256}
-        if fresh != state:
-            self._write_known_bad(fresh)
+        self.update_known_bad(lambda state: {k: v for k, v in state.items() if v.get("expected_sha256") != sha256})
 
     # -- snapshots -----------------------------------------------------------------
     def build_snapshot(self, manifest: Manifest, manifest_bytes: bytes, signature: bytes | None) -> Snapshot:

@@ -397,3 +397,67 @@ def supervise(ctx: click.Context, name: str, command: tuple[str, ...], on_change
     opts = ServeOptions(name, tuple(command), on_change, sig, health, stop_timeout,
                         status_root or DEFAULT_STATUS_ROOT)
     sys.exit(Supervisor(config, ctx.find_root().obj["config_path"], opts).run())
+
+
+# -- known-bad mirror objects ---------------------------------------------------------
+
+def _known_bad_lines(records: dict[str, dict]) -> list[str]:
+    lines = []
+    for key, rec in sorted(records.items(), key=lambda kv: (kv[1].get("model", ""), kv[1].get("file", ""), kv[0])):
+        mirror, _, obj = key.partition(" ")
+        lines.append(f"{rec.get('model', '?')} {rec.get('version', '?')} {rec.get('file', '?')} on mirror {mirror} "
+                     f"({obj}): strike {rec.get('strikes', 1)}, first seen {rec.get('seen', '?')}, last "
+                     f"{rec.get('last_seen', rec.get('seen', '?'))}, fetched again after "
+                     f"{rec.get('retry_after_utc', 'its next try')}\n    {rec.get('error', '?')}")
+    return lines
+
+
+def _select(records: dict[str, dict], model: str | None, file: str | None) -> dict[str, dict]:
+    return {k: v for k, v in records.items()
+            if (model is None or v.get("model") == model) and (file is None or v.get("file") == file)}
+
+
+@main.group("known-bad")
+def known_bad() -> None:
+    """Mirror objects that served bytes which failed verification.
+
+    Such an object is not fetched again while it is unchanged, for 10 minutes after its
+    first failure, then 20, 40... at most 6 hours; a changed object is fetched at once.
+    """
+
+
+@known_bad.command("list")
+@click.argument("model", required=False)
+@click.argument("file", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@click.pass_context
+def known_bad_list(ctx: click.Context, model: str | None, file: str | None, as_json: bool) -> None:
+    """List the known-bad records (of MODEL, of its FILE)."""
+    config = _load(ctx)
+    records = _select(CacheReader(config.cache_dir).known_bad(), model, file)
+    if as_json:
+        click.echo(json.dumps(records, indent=2, sort_keys=True))
+    elif records:
+        click.echo("\n".join(_known_bad_lines(records)))
+    else:
+        click.echo("no known-bad records" + (f" of {' '.join(filter(None, [model, file]))}" if model else ""))
+
+
+@known_bad.command("clear")
+@click.argument("model", required=False)
+@click.argument("file", required=False)
+@click.pass_context
+def known_bad_clear(ctx: click.Context, model: str | None, file: str | None) -> None:
+    """Forget the known-bad records (of MODEL, of its FILE): the next sync pass fetches
+    those objects again (`tts-provisioner sync` starts one now)."""
+    config = _load(ctx)
+    cache = CacheReader(config.cache_dir)
+    if not cache.quarantine_dir.is_dir():
+        raise CommandFailed(f"no cache at {config.cache_dir} (has the provisioner run?)")
+    if model is not None and not _select(cache.known_bad(), model, file):
+        what = f"{model} {file}" if file else model
+        raise CommandFailed(f"no known-bad record of {what} (`tts-provisioner known-bad list` shows them all)")
+    dropped = CacheWriter(config.cache_dir).clear_known_bad(model, file)
+    for line in _known_bad_lines(dropped):
+        click.echo(f"cleared: {line}")
+    click.echo(f"cleared {len(dropped)} record(s); the next sync pass fetches them again")

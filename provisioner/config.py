@@ -27,6 +27,10 @@
     socket_recv_buffer = "1M"                # per connection; caps bytes lost to a crash
     piece_selector = "geom"                  # fresh files: prefix first, hashed while downloading
     resume_piece_selector = "geom"           # resumed files (bench/sync.py compares the selectors)
+    lowest_speed_limit = "1K"                # a connection slower than this is dropped (aria2's
+                                             # --lowest-speed-limit, after 10 s); "0" = off
+    file_deadline = 600                      # seconds every try of a file gets, plus its size at
+    file_deadline_speed = "256K"             # this many bytes/s; then the next mirror. 0 = no deadline
 
     [p2p]                                    # off by default: docs/p2p.md
     enabled = false
@@ -143,6 +147,20 @@ class Aria2Config(_Strict):
     max_tries: Annotated[int, Field(ge=1, le=100)] = 5
     # Seconds a presigned URL stays valid; expired URLs are re-presigned and resumed.
     presign_expiry: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
+    # Slow mirrors (docs/provisioner.md, "The download loop"): aria2 drops a connection
+    # under this speed (per connection, checked after its first 10 s; 0 = off), and each try
+    # of a file is stopped after file_deadline s + its size at file_deadline_speed (0 = off);
+    # both fail over to the next mirror.
+    lowest_speed_limit: ByteSize = 1024
+    file_deadline: Annotated[float, Field(ge=0, le=7 * 24 * 3600)] = 600.0
+    file_deadline_speed: Annotated[ByteSize, Field(ge=1)] = 256 * 1024
+
+    @field_validator("file_deadline", mode="before")
+    @classmethod
+    def _deadline(cls, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError("must be a number of seconds")
+        return float(v)
 
 
 class TrustConfig(_Strict):

@@ -98,7 +98,8 @@ class _Attempt:
         self.name, self.version, self.progress, self.stop = name, version, progress, stop
         self.account = dl.account
         self.partial = self.cache.partial_dir
-        self.limits = policy.Limits(max_tries=self.cfg.max_tries)
+        self.limits = policy.Limits(max_tries=self.cfg.max_tries, file_deadline=self.cfg.file_deadline,
+                                    deadline_speed=self.cfg.file_deadline_speed)
         self.known_bad = KnownBad(self.cache, self.mirrors, name, version)
         self.http = HttpStrategy(self.engine)
         # The first strategy that claims a try runs it; HTTP claims every one.
@@ -186,9 +187,12 @@ class _Attempt:
         job.counted = data.stat().st_size if data.exists() and control.exists() else 0
         job.strategy = next(s for s in self.strategies if s.claims(job, control))
         job.gid = job.strategy.start(job, urls, data, control)
+        job.started = time.monotonic()
         self.active[job.gid] = job
 
     def on_progress(self, job: FileJob, st: TaskStatus, now: float) -> None:
+        if self.overrun(job, st, now):
+            return
         if job.strategy.watch(job, st, now):
             self.end_task(job)
             self.apply(job, self.decide(job, policy.PeersStalled()))
@@ -196,6 +200,8 @@ class _Attempt:
         job.hash.advance(st, self.pool)
 
     def on_complete(self, job: FileJob, st: TaskStatus) -> None:
+        if self.overrun(job, st, None):
+            return
         job.strategy.completed(job, st)
         self.end_task(job)
         self.hash(job)
@@ -241,6 +247,30 @@ class _Attempt:
         if decision.known_bad:
             self.known_bad.record(job, decision.known_bad, decision.state.cause, digest, size)
         self.apply(job, decision)
+
+    def overrun(self, job: FileJob, st: TaskStatus, now: float | None) -> bool:
+        """More bytes than the manifest signs, or past the try's deadline (`now` None: the
+        task completed, only its length counts): the task is stopped and the policy
+        decides. True if it was."""
+        mirrors, peers = job.strategy.served_by(job)
+        if st.used_uris and not peers:
+            mirrors = job.sources.mirrors_of(st.used_uris)  # the mirrors aria2 really fetched from
+        since = job.strategy.deadline_start(job) if now is not None else None
+        deadline = policy.file_deadline(job.entry, self.limits) if since is not None else None
+        failure = policy.check_task(job.entry, st.total, st.completed, now - since if since is not None else 0.0,
+                                    deadline, mirrors, job.sources.identified(), peers)
+        if failure is None:
+            return False
+        self.end_task(job)
+        decision = self.decide(job, failure)
+        decision.note.emit(log, model=self.name, version=self.version, file=job.entry.path, mirrors=list(mirrors),
+                           expected_size=job.entry.size, reported_size=max(st.total, st.completed))
+        if decision.known_bad:
+            self.known_bad.record(job, decision.known_bad, decision.state.cause, None, max(st.total, st.completed))
+        if decision.discard:
+            self.drop_partial(job)  # nothing of an oversize object is kept, not even in quarantine
+        self.apply(job, decision)
+        return True
 
     def on_disk_full(self, job: FileJob) -> None:
         self.pending.extend([job, *self.active.values()])

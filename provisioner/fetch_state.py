@@ -98,5 +98,6 @@ class FileJob:
     hash: HashState = field(default_factory=HashState)
     gid: str | None = None  # its transfer engine task while one runs
     retry_at: float = 0.0  # monotonic time before which it is not started again
+    started: float = 0.0  # monotonic time its current try started (its deadline counts from here)
     completed: int = 0  # bytes its task reported done (progress)
     counted: int = 0  # of those, what the metrics counted as fetched (a resumed part is not)

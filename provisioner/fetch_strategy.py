@@ -50,6 +50,9 @@ class Strategy(Protocol):
     def source(self, job: FileJob) -> str:
         """Where the task's bytes come from now: "mirror" or "peers" (metrics)."""
 
+    def deadline_start(self, job: FileJob) -> float | None:
+        """Since when (monotonic) the try's deadline counts; None: no deadline yet."""
+
 
 def _http_control_file(control: Path) -> bool:
     """Is this an HTTP download's .aria2 control file? (Its header's info-hash length,
@@ -88,6 +91,9 @@ class HttpStrategy:
 
     def source(self, job: FileJob) -> str:
         return "mirror"
+
+    def deadline_start(self, job: FileJob) -> float | None:
+        return job.started
 
 
 class PeerStrategy:
@@ -145,6 +151,7 @@ class PeerStrategy:
             log.info("no progress from peers: adding the mirror", file=job.entry.path, stalled_s=round(stalled, 1))
             peers.last_progress = now  # the mirror gets its own stall window
             peers.completed_at_web_seed = st.completed
+            peers.mirror_since = now
         peers.web_seeded, peers.web_seeded_at = True, now
         return False
 
@@ -158,6 +165,12 @@ class PeerStrategy:
         # As p2p.PeerToPeer.finished counts: once the mirror is a web seed, what arrives is
         # counted as the mirror's (an upper bound: aria2 does not say who sent a piece).
         return "mirror" if job.peer.fetch.web_seeded else "peers"
+
+    def deadline_start(self, job: FileJob) -> float | None:
+        # Waiting for peers is bounded by the staggered stall windows (a fleet's fallback to
+        # the mirror must stay one node at a time); once the mirror is a web seed, the
+        # deadline counts from then, so a trickling web seed cannot hold the file forever.
+        return job.peer.fetch.mirror_since
 
     def verified(self, job: FileJob) -> None:
         if self.p2p.cfg.seed:

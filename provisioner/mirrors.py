@@ -31,6 +31,7 @@ from mirror.signing import SignatureError, verify
 from mirror.trust import TrustError, channel_target, channel_version, manifest_target
 from mirror.trust_client import Source, TrustedView
 from mirror.trust_fetch import DEFAULT_DEADLINE, read_bounded
+from mirror.torrents import max_torrent_bytes
 
 from .config import MirrorConfig, ModelConfig
 
@@ -288,13 +289,14 @@ class MirrorSet:
         except ManifestError as exc:
             raise ManifestRejected(f"malformed manifest: {exc}") from None
 
-    def fetch_torrent(self, sha256: str) -> bytes:
-        """A file's torrent from the first mirror that has it (checked by the caller)."""
+    def fetch_torrent(self, sha256: str, size: int) -> bytes:
+        """A file's torrent from the first mirror that has it (checked by the caller): refused
+        unread over the largest torrent a file of `size` bytes can have, cut off at the
+        metadata deadline."""
         errors = []
         for source in self.sources:
             try:
-                data, _ = source.get(layout.torrent_key(sha256))
-                return data
+                return source.get_bounded(layout.torrent_key(sha256), max_torrent_bytes(size), self.deadline)
             except MirrorError as exc:
                 errors.append(str(exc))
         raise MirrorError(f"no mirror has the torrent of {sha256}: " + "; ".join(errors))

@@ -50,7 +50,8 @@ class PeerFetch:
 
     def __init__(self, web_seeds_now: bool, started: float, resumed: int = 0):
         self.web_seeded = web_seeds_now
-        self.web_seeded_at = started if web_seeds_now else None
+        self.web_seeded_at = started if web_seeds_now else None  # last (re)presign of the web seeds
+        self.mirror_since = self.web_seeded_at  # when the mirror first became a web seed (the deadline's start)
         self.base = resumed  # bytes of a partial file from before (not fetched now)
         self.last_completed = 0
         self.last_progress = started
@@ -123,7 +124,7 @@ class PeerToPeer:
         except bt.TorrentError as exc:
             log.warning("cached torrent refused, fetching it again", file=entry.path, error=str(exc))
         try:
-            data = self.mirrors.fetch_torrent(entry.sha256)
+            data = self.mirrors.fetch_torrent(entry.sha256, entry.size)
             bt.check(data, btih=entry.btih, sha256=entry.sha256, size=entry.size)
         except (MirrorError, bt.TorrentError, ManifestError) as exc:
             log.warning("no usable torrent: fetching this file from the mirror only", file=entry.path,

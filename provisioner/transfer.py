@@ -14,6 +14,7 @@ from typing import Protocol
 
 # Error codes with a handling of their own (fetch_policy.py); any other is a network error.
 ERR_NOT_FOUND = 3
+ERR_TOO_SLOW = 5  # a connection stayed under --lowest-speed-limit
 ERR_CANNOT_RESUME = 8
 ERR_DISK_FULL = 9
 ERR_HTTP_STATUS = 22  # includes 403 Forbidden (expired presigned URL)

@@ -34,7 +34,7 @@ import yaml
 
 from tests.conftest import s3_kinds
 from tests.ops_helpers import ANSIBLE_DIR, namespace_unavailable, run_in_sandbox, sandbox_prelude
-from tts_testkit.paths import SANDBOX_VENV, VENV, VENV_BIN
+from tts_testkit.paths import REPO, SANDBOX_VENV, VENV, VENV_BIN
 from tts_testkit.provisioner_setup import Keys, make_keys, publish_raw
 from tts_testkit.wheel import build_wheel
 
@@ -443,43 +443,121 @@ def test_role_writes_p2p_from_the_inventory_and_refuses_bad_settings(tmp_path):
     assert "[p2p]" not in (roots["node-a"] / "etc/tts-fleet/provisioner.toml").read_text()
 
 
-@pytest.mark.integration
-def test_p2p_drop_ins_parse_without_any_warning(tmp_path):
-    """The role's p2p drop-ins, rendered, over the shipped units: systemd's own parser
-    accepts them (any stderr line fails: `verify` only warns), and a bad network in
-    tts_node_p2p_networks is caught by that same check."""
-    import jinja2
+# -- only the fleet joins the swarm (issue 27) --------------------------------------------------
 
+def firewall_playbook(roles: Path, out: Path) -> list[dict]:
+    """The roles' address checks and drop-ins alone, rendered by ansible itself (its filters
+    and tests), written under `out` instead of a unit directory: no handler, no service manager."""
+    def play(hosts: str, role: str, checks: str, template: str, name: str, **variables) -> dict:
+        return {"hosts": hosts, "gather_facts": False, "vars": variables,
+                "vars_files": [str(roles / role / "defaults/main.yml"), str(roles / role / "vars/main.yml")],
+                "tasks": [{"ansible.builtin.import_tasks": str(roles / role / "tasks" / checks)},
+                          {"ansible.builtin.template": {"src": str(roles / role / "templates" / template),
+                                                        "dest": f"{out}/{{{{ inventory_hostname }}}}-{name}",
+                                                        "mode": "0644"}}]}
+
+    return [play("tts_nodes", "tts_node", "p2p-firewall-checks.yml", "provisioner-p2p.conf.j2", "p2p.conf",
+                 tts_node_service_manager="system"),
+            play("tts_tracker", "tts_tracker", "fleet-firewall-checks.yml", "tracker-fleet.conf.j2", "fleet.conf")]
+
+
+def render_firewall(tmp: Path, nodes: dict, node_vars: dict | None = None, tracker_vars: dict | None = None,
+                    trackers: dict | None = None) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run the roles' p2p address checks and render their drop-ins for an inventory of
+    `nodes` ({name: ansible_host}) and `trackers` (default: tracker-1 at 10.20.0.2)."""
+    out = tmp / f"render-{len(list(tmp.glob('render-*')))}"
+    out.mkdir()
+    variables = {"tts_node_p2p_enabled": True, "tts_node_mirrors": [
+        {"name": "primary", "endpoint": "http://10.20.0.5:9000", "bucket": "b"}], **(node_vars or {})}
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {
+        "tts_nodes": {"hosts": {n: dict(local, ansible_host=a) for n, a in nodes.items()}},
+        "tts_tracker": {"hosts": {n: dict(local, ansible_host=a)
+                                  for n, a in (trackers or {"tracker-1": "10.20.0.2"}).items()}}}
+    (out / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    # As extra vars: the play loads the role defaults as vars_files, which inventory vars would not beat.
+    (out / "vars.json").write_text(json.dumps({**variables, **(tracker_vars or {})}))
+    (out / "render.yml").write_text(yaml.safe_dump(firewall_playbook(ANSIBLE_DIR / "roles", out)))
+    result = subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", str(out / "inventory.yml"), "-e", f"@{out / 'vars.json'}",
+                             str(out / "render.yml")],
+                            cwd=ANSIBLE_DIR, capture_output=True, text=True, timeout=300, env=ansible_env(tmp))
+    return result, out
+
+
+def effective_allow(*dropins: str, unit: str = "") -> list[str]:
+    """IPAddressAllow= as systemd reads it from a unit and its drop-ins: lists add up, an
+    empty assignment resets."""
+    allowed: list[str] = []
+    for text in (unit, *dropins):
+        for line in text.splitlines():
+            if line.startswith("IPAddressAllow="):
+                value = line.split("=", 1)[1].split()
+                allowed = allowed + value if value else []
+    return allowed
+
+
+FLEET = {"node-a": "10.20.0.11", "node-b": "10.20.0.12", "node-c": "10.20.0.13"}
+
+
+@pytest.mark.integration
+def test_only_the_fleet_its_trackers_and_its_mirrors_are_admitted(tmp_path):
+    """With p2p on, the provisioner's drop-in admits exactly localhost, the mirrors, the
+    trackers and the fleet's nodes by address (no private range: a host beside the fleet is
+    refused), and the tracker's admits localhost and the fleet's nodes; systemd's own parser
+    accepts both over the shipped units (any stderr line fails: `verify` only warns)."""
     from tests.ops_helpers import make_fake_root
+
+    result, out = render_firewall(tmp_path, FLEET)
+    assert result.returncode == 0, result.stdout[-4000:]
+    unit = (REPO / "systemd/tts-provisioner.service").read_text()
+    for node in FLEET:
+        dropin = (out / f"{node}-p2p.conf").read_text()
+        assert effective_allow(dropin, unit=unit) == ["localhost", "10.20.0.5", "10.20.0.2", *FLEET.values()], dropin
+    tracker = (out / "tracker-1-fleet.conf").read_text()
+    assert effective_allow(tracker, unit=(REPO / "systemd/tts-tracker.service").read_text()) == [
+        "localhost", *FLEET.values()], tracker
 
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze missing: run scripts/setup.sh (Debian package systemd)")
-    roles = ANSIBLE_DIR / "roles"
-
-    def render(template: Path, **variables) -> str:
-        return jinja2.Template(template.read_text(), keep_trailing_newline=True).render(ansible_managed="test", **variables)
-
-    def verify(networks: list[str]) -> subprocess.CompletedProcess:
-        root = make_fake_root(tmp_path / f"root-{len(list(tmp_path.iterdir()))}")
-        units = root / "etc/systemd/system"
-        (units / "tts-provisioner.service.d").mkdir()
-        (units / "tts-provisioner.service.d/p2p.conf").write_text(render(
-            roles / "tts_node/templates/provisioner-p2p.conf.j2", tts_node_p2p_networks=networks,
-            tts_node_p2p_listen_port=6881))
-        (units / "tts-tracker-whitelist.service.d").mkdir()
-        (units / "tts-tracker-whitelist.service.d/user-manager.conf").write_text(render(
-            roles / "tts_tracker/templates/tracker-user-manager.conf.j2",
-            tts_tracker_credentials_file="/etc/tts-fleet/tracker-private/tracker-mirror.toml",
-            tts_tracker_user_manager_runtime_dir="/run"))
-        return subprocess.run([analyze, "verify", f"--root={root}", "--man=no", "--generators=no",
-                               "tts-provisioner.service", "tts-tracker-whitelist.service"],
+    root = make_fake_root(tmp_path / "root")
+    units = root / "etc/systemd/system"
+    for unit_name, name, source in (("tts-provisioner.service", "p2p.conf", out / "node-a-p2p.conf"),
+                                    ("tts-tracker.service", "fleet.conf", out / "tracker-1-fleet.conf")):
+        (units / f"{unit_name}.d").mkdir()
+        shutil.copy(source, units / f"{unit_name}.d" / name)
+    verified = subprocess.run([analyze, "verify", f"--root={root}", "--man=no", "--generators=no",
+                               "tts-provisioner.service", "tts-tracker.service"],
                               cwd=units, capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0 and verified.stderr.strip() == "", verified.stderr
 
-    good = verify(["10.20.0.0/16", "fd00::/8"])
-    assert good.returncode == 0 and good.stderr.strip() == "", good.stderr
-    bad = verify(["10.20.0.0/99"])
-    assert "10.20.0.0/99" in bad.stderr, bad.stderr
+
+@pytest.mark.integration
+def test_fleet_addresses_that_are_not_ip_addresses_are_refused_by_name(tmp_path):
+    """systemd admits addresses, not names: a node, tracker or mirror known only by name
+    stops the play with a message saying what to set; mirrors named by host are fine once
+    their addresses are in tts_node_provisioner_ip_allow; extra networks are added."""
+    cases = {
+        "node": (dict(FLEET, **{"node-b": "node-b.internal"}), {}, None, "set each node's ansible_host to its IP"),
+        "tracker": (FLEET, {}, {"tracker-1": "tracker.internal"}, "announce URLs with IP addresses"),
+        "mirror": (FLEET, {"tts_node_mirrors": [{"name": "m", "endpoint": "http://minio.internal:9000", "bucket": "b"}]},
+                   None, "a mirror endpoint names a host (['minio.internal']): list the mirrors' addresses"),
+    }
+    for case, (nodes, node_vars, trackers, message) in cases.items():
+        result, out = render_firewall(tmp_path, nodes, node_vars, trackers=trackers)
+        flat = " ".join(result.stdout.split())
+        assert result.returncode != 0 and message in flat, (case, result.stdout[-3000:])
+        assert not list(out.glob("*-p2p.conf")), case
+    named = {"tts_node_mirrors": [{"name": "m", "endpoint": "http://minio.internal:9000", "bucket": "b"}],
+             "tts_node_provisioner_ip_allow": ["10.20.0.5", "10.20.0.6"], "tts_node_p2p_networks": ["10.30.0.0/24"]}
+    result, out = render_firewall(tmp_path, FLEET, named)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert effective_allow((out / "node-a-p2p.conf").read_text()) == [
+        "localhost", "10.20.0.5", "10.20.0.6", "10.20.0.2", *FLEET.values(), "10.30.0.0/24"]
+    # The tracker with no fleet to admit: refused, it would answer nobody.
+    result, out = render_firewall(tmp_path, FLEET, tracker_vars={"tts_tracker_fleet_group": "nobody"})
+    assert result.returncode != 0 and "no host in inventory group 'nobody': the tracker would answer nobody" in \
+        " ".join(result.stdout.split()), result.stdout[-3000:]
 
 
 @pytest.mark.fleet

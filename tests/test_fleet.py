@@ -16,7 +16,9 @@ In order, on one fleet (module scope, torn down whatever happens):
    0 failed requests.
 5. Peer-to-peer over the role (issue 16): mirror.yml puts the tracker on node01, a
    rollout with [p2p] on refreshes its whitelist before the canary; the later wave gets
-   every byte from peers and the mirror sends the version about once.
+   every byte from peers and the mirror sends the version about once. The swarm is the
+   fleet's alone (issue 27): with the units' address filters enforced, a host beside the
+   fleet can neither use the tracker nor fetch a piece.
 
 The 10-node figures are bench/fleet.py. Verdicts never depend on machine speed: every wait
 is for a condition (recap lines, versions served, counted requests), bounded as a safety net.
@@ -24,6 +26,7 @@ is for a condition (recap lines, versions served, counted requests), bounded as 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -262,15 +265,25 @@ def test_unreachable_inventory_host_is_named_and_does_not_hang(fleet):
 
 @pytest.mark.skipif(shutil.which("opentracker") is None,
                     reason="opentracker missing: run scripts/setup.sh (Debian package opentracker)")
-def test_p2p_rollout_over_the_role_later_waves_fetch_from_peers(fleet):
+def test_p2p_rollout_over_the_role_later_waves_fetch_from_peers_and_outsiders_get_nothing(fleet):
     """Issue 16 over the role: the inventory turns [p2p] on and puts node01 in the
-    tts_tracker group; mirror.yml installs the tracker there (its user manager), then
-    rollout-model.yml refreshes its whitelist before the canary and writes [p2p] into
-    every node's provisioner.toml as it pins them. The canary has no peer: it adds the
-    mirror after a 1 s stall. The next wave may not use the mirror for 300 s (a window
-    no verdict waits for), so it can only finish from peers: all its bytes come from
-    peers, and the mirror sends the version about once instead of once per node."""
+    tts_tracker group; site.yml writes [p2p] and the units' drop-ins, mirror.yml installs the
+    tracker there (its user manager), then rollout-model.yml refreshes its whitelist before
+    the canary and pins every node. The canary has no peer: it adds the mirror after a 1 s
+    stall. The next wave may not use the mirror for 300 s (a window no verdict waits for), so
+    it can only finish from peers: all its bytes come from peers, and the mirror sends the
+    version about once instead of once per node.
+
+    Issue 27: the swarm is the fleet's alone. The units admit the fleet's addresses only
+    (IPAddressAllow= from the inventory); the nodes' user managers cannot enforce that, so
+    the harness enforces exactly what they parsed (tts_testkit/fleet/firewall.py) - and the
+    rollout above ran under it. A host beside the fleet on the same bridge can then neither
+    announce to or scrape the tracker nor fetch a piece from a node, while a fleet node
+    running the same probe gets both (the probe works, the swarm serves its own)."""
     import yaml
+
+    from tts_testkit.fleet import firewall
+    from tts_testkit.provisioner_setup import set_channel
 
     f = fleet.fleet
     canary, wave = f.nodes[0], f.nodes[1:]
@@ -288,9 +301,20 @@ def test_p2p_rollout_over_the_role_later_waves_fetch_from_peers(fleet):
     inventory = f.work / "inventory-p2p.yml"
     inventory.write_text(yaml.safe_dump(data, sort_keys=False))
 
+    # The channel stays at what the fleet serves: site.yml moves no version.
+    set_channel(server.client(), fleet.bucket, fr.MODEL, "stable", fleet.version)
+    out = f.playbook("site.yml", inventory=inventory, log="site-p2p.log")
+    assert out.returncode == 0, out.stdout[-5000:]
     out = f.playbook("mirror.yml", inventory=inventory, log="mirror-p2p.log")
     assert out.returncode == 0, out.stdout[-5000:]
     assert server.credentials.secret_key not in out.stdout
+
+    fleet_addresses = [f"{n.address}/32" for n in f.nodes]
+    for node in f.nodes:
+        admitted = firewall.enforce(node, "tts-provisioner.service", [6881], uid="tts")
+        assert admitted == sorted(["127.0.0.0/8", f"{f.mirror.address}/32", *fleet_addresses]), admitted
+    assert firewall.enforce(canary, "tts-tracker.service", [6969]) == sorted(["127.0.0.0/8", *fleet_addresses])
+
     size = fr.publish(f, fleet.bucket, fleet.keys, "1.3.0", torrents=True)
     egress0 = f.mirror.egress_bytes()
     out = rollout(f, "1.3.0", "-e", "batch=2", inventory=inventory, log="rollout-1.3.0-p2p.log")
@@ -316,3 +340,39 @@ def test_p2p_rollout_over_the_role_later_waves_fetch_from_peers(fleet):
     # Over HTTP the three nodes would take 3x; torrents, manifests and requests are small.
     assert egress < 1.5 * size, (egress, size)
     fleet.version = "1.3.0"
+
+    # A host beside the fleet, and a fleet node, try the same: the tracker, then a piece of the
+    # model from the last node's BitTorrent port.
+    btih, piece_length, sha1 = _first_piece(f, fleet.bucket, "1.3.0")
+    target = f.nodes[-1]
+    probes = {"tracker": ["tracker", announce, btih],
+              "piece": ["piece", target.address, "6881", btih, "0", str(piece_length), sha1]}
+    outsider = f.outsider()
+    for what, args in probes.items():
+        stranger = harness.run(["ip", "netns", "exec", outsider, str(harness.VENV / "bin/python"), "-m",
+                                "tts_testkit.bt_probe", *args], timeout=180, check=False, cwd=harness.REPO)
+        answer = json.loads(stranger.stdout.strip().splitlines()[-1])
+        assert answer["ok"] is False and answer["refused"] is True, (what, answer, stranger.stderr[-2000:])
+        member = wave[0].sh(f"cd {harness.REPO} && {harness.VENV}/bin/python -m tts_testkit.bt_probe "
+                            + " ".join(args), timeout=180)
+        answer = json.loads(member.stdout.strip().splitlines()[-1])
+        assert answer["ok"] is True, (what, answer)
+    print(f"outsider refused by the tracker and by {target.name}'s BitTorrent port; {wave[0].name} got both")
+
+
+def _first_piece(f: harness.Fleet, bucket: str, version: str) -> tuple[str, int, str]:
+    """(info-hash, length, SHA-1) of the first piece of the version's largest file."""
+    import io
+
+    import torf
+
+    from mirror import layout
+    from mirror.remote import Mirror
+
+    server = f.mirror.server
+    files = Mirror.connect(server.endpoint, bucket, server.credentials).manifest(fr.MODEL, version)[0].files
+    big = max(files, key=lambda e: e.size)
+    raw = server.client().get_object(Bucket=bucket, Key=layout.torrent_key(big.sha256))["Body"].read()
+    torrent = torf.Torrent.read_stream(io.BytesIO(raw))
+    pieces = torrent.metainfo["info"]["pieces"]
+    return big.btih, min(torrent.piece_size, big.size), pieces[:20].hex()

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from mirror.manifest import FileEntry, Manifest
 from provisioner.cache import CacheReader
 from tests.cut_proxy import CuttingProxy
 from tests.provisioner_helpers import BIN, provisioner_env, run_cli, tree
@@ -265,15 +264,34 @@ def test_full_disk(env, small_disk):
     assert result.returncode == 1 and "not enough disk space" in result.stderr
     assert cache.current("joe").version == "3.0.0"
 
-    # 2. The disk fills up mid-download (the object is larger than the manifest says,
-    #    so the pre-check passes): aria2 reports code 9 and the attempt is cleaned up.
-    lying = Manifest.build("joe", "5.0.0", [
-        FileEntry("model.safetensors", 1_000_000, hashlib.sha256(big["model.safetensors"]).hexdigest())])
-    publish_raw(env["client"], env["bucket"], "joe", "5.0.0", {"model.safetensors": big["model.safetensors"]},
-                env["keys"], manifest_bytes=lying.to_bytes())
-    result = run_cli("sync", config=config)
-    assert result.returncode == 1, result.stderr
-    assert "disk full" in result.stderr
+    # 2. The disk fills up mid-download (another writer takes the space the plan counted
+    #    on): aria2 reports code 9 and the attempt is cleaned up. The download is throttled
+    #    to 1 MiB/s, so the 6 MB file is mid-way (at least 5 s left) when the filler is written.
+    mid = model_files(9, {"model.safetensors": 6_000_000, "voice.json": 100, "card.md": 100})
+    publish_raw(env["client"], env["bucket"], "joe", "5.0.0", mid, env["keys"])
+    slow = write_config(cfg_dir, [env["mirror"]], env["keys"], aria2='max_download_limit = "1M"\n')
+    part = cfg_dir / "cache/partial" / hashlib.sha256(mid["model.safetensors"]).hexdigest()
+    proc = subprocess.Popen([str(BIN / "tts-provisioner"), "--config", str(slow), "sync"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, TTS_LOG_FORMAT="json"))
+    try:
+        deadline = time.monotonic() + 60
+        while not (part.exists() and part.stat().st_size >= 1_000_000) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert part.exists(), "download never got going"
+        with open(disk / "filler", "wb", buffering=0) as filler:
+            try:
+                for _ in range(100_000):  # bounded: 6 GiB, far beyond the 12 MiB disk
+                    filler.write(b"\0" * 65536)
+            except OSError:
+                pass  # ENOSPC: the disk is full
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        (disk / "filler").unlink(missing_ok=True)
+    assert proc.returncode == 1, err[-3000:]
+    assert "disk full" in err
     assert cache.current("joe").version == "3.0.0"
     assert cache.check_snapshot(cache.current("joe"), full_hash=True) == []
     assert tree(cfg_dir / "cache" / "partial") == []

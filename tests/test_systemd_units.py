@@ -107,6 +107,21 @@ def test_units_agree_with_the_cli_contract():
     assert "Requires=tts-runtime.socket" in rt and "Type=notify" in rt and "Type=notify" in prov
 
 
+# Measured (docs/provisioner.md, "Memory"): the daemon and its aria2c peak at 110 MiB together.
+PROVISIONER_PEAK_MIB = 110
+
+
+def test_provisioner_memory_is_capped_with_headroom_over_its_measured_peak():
+    """MemoryMax= bounds a runaway (an endless body) without cutting a normal sync short:
+    at least 4x the measured peak, and at most 1 GiB (the host keeps memory for the model)."""
+    prov = (SYSTEMD_DIR / "tts-provisioner.service").read_text()
+    values = re.findall(r"^MemoryMax=(\d+)([KMG])$", prov, re.M)
+    assert len(values) == 1, values
+    number, unit = values[0]
+    mib = int(number) * {"K": 1 / 1024, "M": 1, "G": 1024}[unit]
+    assert 4 * PROVISIONER_PEAK_MIB <= mib <= 1024, mib
+
+
 # -- the runtime from the network (issue 31) ----------------------------------------------------
 
 OPTIONAL_SOCKETS = ["tts-runtime-wyoming.socket", "tts-runtime-http.socket"]

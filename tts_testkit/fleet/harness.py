@@ -470,6 +470,11 @@ class Fleet:
             run(["ip", "netns", "exec", ns, *cmd])
         return ns
 
+    def outsider(self, name: str = "outsider", host: int = 200) -> str:
+        """A network namespace on the fleet's bridge that no inventory names (a host beside
+        the fleet); returns its name, for `ip netns exec`. Torn down with the fleet."""
+        return self._netns_add(name, f"{self.subnet}.{host}")
+
     def _start_mirror(self) -> None:
         from tts_testkit.s3servers import STARTERS
 
