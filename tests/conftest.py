@@ -41,7 +41,7 @@ import pytest
 from mirror.s3 import Credentials
 from tts_testkit.s3servers import STARTERS, S3Server
 
-pytest_plugins = ["tests.voice_fixtures", "tests.mirror_fixtures"]
+pytest_plugins = ["tests.voice_fixtures", "tests.mirror_fixtures", "tests.module_order", "tests.run_summary"]
 
 KINDS = ("unit", "integration", "fleet")
 

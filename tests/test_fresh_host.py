@@ -42,7 +42,9 @@ from tts_testkit.s3servers import start_nanio
 from tts_testkit.wheel import build_wheel
 
 ANSIBLE_PLAYBOOK = VENV_BIN / "ansible-playbook"
-pytestmark = [pytest.mark.fleet, pytest.mark.fresh_host,
+# The module's fixture (root build, wheelhouse, four plays, each bounded) runs in its first
+# test's time: pytest-timeout's 600 s per test is too little for it on a loaded 2-core machine.
+pytestmark = [pytest.mark.fleet, pytest.mark.fresh_host, pytest.mark.timeout(2400),
               pytest.mark.skipif(not ANSIBLE_PLAYBOOK.exists(), reason="ansible is not installed: run scripts/setup.sh")]
 
 # Today's online scores (docs/operations.md, Hardening): a change may lower them, never raise them.
@@ -118,6 +120,9 @@ def test_every_role_installs_the_docs_its_units_point_at():
 
 # -- the fresh host --------------------------------------------------------------------------------
 
+WHEELHOUSE_BUILT: list[str] = []  # what building the wheelhouse cost, when this run built it
+
+
 def wheelhouse(wheel: Path) -> Path:
     """Every dependency of the wheel as wheels, built with this host's pip once and cached
     beside the roots (keyed by pyproject.toml, constraints.txt and the Python version): the
@@ -137,7 +142,7 @@ def wheelhouse(wheel: Path) -> Path:
             for own in tmp.glob("tts_fleet-*.whl"):
                 own.unlink()  # the role installs the wheel it copies itself
             tmp.rename(target)
-            print(f"fresh host: wheelhouse built in {time.monotonic() - started:.0f} s ({target})")
+            WHEELHOUSE_BUILT.append(f"wheelhouse built now in {time.monotonic() - started:.0f} s")
     return target
 
 
@@ -157,6 +162,7 @@ class FreshHost:
     secret: str
     plays: dict[str, Play] = field(default_factory=dict)
     wrote_on_check: bool = False
+    summary: str = ""  # what the root, the wheelhouse and the plays cost (the run's output shows it)
 
     def run(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return self.machine.run(*argv, timeout=timeout)
@@ -203,8 +209,11 @@ def fresh_host(root, bundle_dir, tmp_path_factory):
             times = ", ".join(f"{n} {p.seconds:.0f} s (rc {p.rc}, {p.recap()})" for n, p in host.plays.items())
             cpu = machine.cpu_seconds()
             used = f"{cpu - cpu_before:.0f} s" if cpu is not None and cpu_before is not None else "unknown"
-            print(f"fresh host: root {'built now' if root.built_now else 'from the cache'} (a build costs "
-                  f"{root.build['seconds']:.0f} s); plays: {times}; the machine's CPU time: {used}")
+            host.summary = (f"fresh host: root {'built now' if root.built_now else 'from the cache'} (a build costs "
+                            f"{root.build['seconds']:.0f} s, {root.build.get('bytes', 0) / 2**20:.0f} MiB); "
+                            f"{' '.join(WHEELHOUSE_BUILT) or 'wheelhouse from the cache'}; plays: {times}; "
+                            f"the machine's CPU time: {used}")
+            print(host.summary)
             yield host
     finally:
         mirror.stop()
@@ -221,7 +230,8 @@ def test_check_on_the_fresh_host_succeeds_and_writes_nothing(fresh_host):
     assert not fresh_host.wrote_on_check, "--check wrote /etc/tts-fleet or /opt/tts-fleet"
 
 
-def test_site_installs_everything_then_changes_nothing(fresh_host):
+def test_site_installs_everything_then_changes_nothing(fresh_host, record_property):
+    record_property("summary", fresh_host.summary)
     first, second = fresh_host.plays["first"], fresh_host.plays["second"]
     _assert_ok(first, "the first site.yml")
     assert first.recap()["changed"] > 0
@@ -308,12 +318,12 @@ def test_the_documented_one_server_rollback_runs(fresh_host):
     assert out.returncode == 0 and "hold released" in out.stdout, out.stdout + out.stderr
 
 
-def test_security_exposure_stays_at_todays_scores(fresh_host):
+def test_security_exposure_stays_at_todays_scores(fresh_host, record_property):
     _assert_ok(fresh_host.plays["first"], "the first site.yml")
     out = fresh_host.run("systemd-analyze", "security", "--no-pager", *EXPOSURE_LIMITS)
     scores = {m.group(1): float(m.group(2))
               for m in re.finditer(r"Overall exposure level for (\S+): (\d+\.\d+)", out.stdout)}
-    print(f"fresh host: systemd-analyze security (online) {scores}")
+    record_property("summary", f"fresh host: systemd-analyze security (online) {scores}")
     assert set(scores) == set(EXPOSURE_LIMITS), out.stdout[-3000:] + out.stderr
     for unit, limit in EXPOSURE_LIMITS.items():
         assert scores[unit] <= limit, f"{unit}: exposure {scores[unit]} above today's {limit}"
