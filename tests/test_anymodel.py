@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import selectors
 import shutil
 import socket
 import subprocess
@@ -45,6 +46,15 @@ TEXT = "The quick brown fox jumps over the lazy dog."
 
 # -- tts-provisioner wait ----------------------------------------------------------------------
 
+def _first_line(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """The waiter's first stderr line (what it waits for): read before the test moves the
+    cache on, so the line is there however slowly the process started."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        assert sel.select(timeout), f"no line from the waiter within {timeout} s (safety net)"
+    return proc.stderr.readline()
+
+
 def test_wait_blocks_until_the_snapshot_is_complete(tmp_path, s3_server, bucket):
     keys = make_keys(tmp_path)
     creds = s3_server.write_credentials(tmp_path / "creds.toml")
@@ -68,24 +78,26 @@ def test_wait_blocks_until_the_snapshot_is_complete(tmp_path, s3_server, bucket)
     try:
         publish_raw(s3_server.client(), bucket, "ckpt", "1.0.0", model_files(1, SIZES), keys)
         # Published but not synced: nothing is in the cache, so it still waits.
+        first = _first_line(waiter)
         assert waiter.poll() is None
         sync = run_cli("sync", config=config)
         assert sync.returncode == 0, sync.stderr
         stdout, stderr = waiter.communicate(timeout=60)
-        assert waiter.returncode == 0, stderr
+        assert waiter.returncode == 0, first + stderr
         assert stdout.strip() == f"ckpt 1.0.0 is complete: {tmp_path / 'cache/snapshots/ckpt/1.0.0'}"
-        assert "waiting for ckpt: no snapshot of ckpt yet" in stderr
+        assert "waiting for ckpt: no snapshot of ckpt yet" in first
 
         # --version: current is 1.0.0, so waiting for 2.0.0 blocks until a sync moves it.
         v2_waiter = subprocess.Popen([str(VENV_BIN / "tts-provisioner"), "--config", str(config), "wait", "ckpt",
                                       "--version", "2.0.0", "--timeout", "300"], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         publish_raw(s3_server.client(), bucket, "ckpt", "2.0.0", model_files(2, SIZES), keys)
+        first = _first_line(v2_waiter)
         assert v2_waiter.poll() is None
         assert run_cli("sync", config=config).returncode == 0
         stdout, stderr = v2_waiter.communicate(timeout=60)
-        assert v2_waiter.returncode == 0 and "ckpt 2.0.0 is complete" in stdout, stderr
-        assert "current/ckpt is at 1.0.0, waiting for 2.0.0" in stderr
+        assert v2_waiter.returncode == 0 and "ckpt 2.0.0 is complete" in stdout, first + stderr
+        assert "current/ckpt is at 1.0.0, waiting for 2.0.0" in first
     finally:
         for proc in (waiter, v2_waiter):
             if proc is not None and proc.poll() is None:
