@@ -11,10 +11,11 @@
   snippet, templates configs and credentials, installs the shipped units, starts them
   and waits for `tts-ctl wait-ready` while the provisioner downloads the real voice
   from nanio), then a second run that must report changed=0.
-- rollout-model.yml against two local "hosts" (separate path prefixes, services
-  managed by the test itself): a good version rolls out everywhere; a broken version
-  fails the canary's health gate, the canary is rolled back and the second host is
-  never touched.
+- the role's p2p, network and trust settings rendered from an inventory.
+
+rollout-model.yml and rollback.yml run in tests/test_fleet.py, over the fleet's hosts
+(a good version canary then waves; bad versions - one that does not load, silence, a
+mirror cut off - roll the canary back and touch nobody else).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -259,118 +259,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-# -- rollout-model.yml over two local hosts ------------------------------------------------
-
-class LocalHost:
-    """One "host": a path prefix with the role's files, a synced cache and a runtime."""
-
-    def __init__(self, name: str, root: Path):
-        self.name, self.root = name, root
-        self.runtime: subprocess.Popen | None = None
-
-    @property
-    def etc(self) -> Path:
-        return self.root / "etc/tts-fleet"
-
-    def cli(self, tool: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        conf = self.etc / ("runtime.toml" if tool == "tts-ctl" else "provisioner.toml")
-        return subprocess.run([str(VENV_BIN / tool), "--config", str(conf), *args], capture_output=True,
-                              text=True, timeout=timeout)
-
-    def start_runtime(self) -> None:
-        log = (self.root / "runtime.log").open("wb")
-        self.runtime = subprocess.Popen([str(VENV_BIN / "tts-runtime"), "serve", "--config", str(self.etc / "runtime.toml")],
-                                        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-    def serving(self) -> str | None:
-        out = self.cli("tts-ctl", "status", "--json", timeout=60)
-        if out.returncode != 0:
-            return None
-        return ((json.loads(out.stdout).get("runtime") or {}).get("models") or {}).get("joe", {}).get("version")
-
-    def stop(self) -> None:
-        if self.runtime and self.runtime.poll() is None:
-            self.runtime.send_signal(signal.SIGTERM)
-            try:
-                self.runtime.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.runtime.kill()
-                self.runtime.wait(timeout=10)
-
-
-@pytest.mark.fleet
-def test_rollout_canary_then_fleet_and_rollback_on_failed_canary(tmp_path, s3_server, bucket, bundle_dir):
-    one_server(s3_server)
-    keys = publish_voice(s3_server, bucket, tmp_path, bundle_dir, "1.0.0", channel="stable")
-    publish_voice(s3_server, bucket, tmp_path, bundle_dir, "1.1.0", channel=None)
-    publish_voice(s3_server, bucket, tmp_path, bundle_dir, "2.0.0", channel=None, broken=True)
-    hosts = [LocalHost(n, tmp_path / n) for n in ("node-a", "node-b")]
-    variables = node_vars(s3_server, bucket, keys, tts_node_service_manager="none", tts_node_create_user=False,
-                          tts_node_user="root", tts_node_group="root", tts_node_install_venv=False,
-                          tts_node_venv=str(VENV), tts_node_gate_timeout=300)  # safety net: a failed load ends the gate at once
-    # Group vars in the inventory, as in production (extra vars would outrank the
-    # playbook's own settings).
-    (tmp_path / "vars.yml").write_text(yaml.safe_dump({}))
-    inventory = {"tts_nodes": {"vars": variables,
-                               "hosts": {h.name: {"ansible_connection": "local", "ansible_become": False,
-                                                  "ansible_python_interpreter": sys.executable,
-                                                  "tts_node_root": str(h.root)} for h in hosts}}}
-    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
-    env = ansible_env(tmp_path)
-
-    def play(playbook: str, *args: str) -> subprocess.CompletedProcess:
-        try:
-            return subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", str(tmp_path / "inventory.yml"), "-e",
-                                   f"@{tmp_path / 'vars.yml'}", playbook, *args], cwd=ANSIBLE_DIR,
-                                  capture_output=True, text=True, timeout=300, env=env)
-        except subprocess.TimeoutExpired as exc:
-            raise AssertionError(f"{playbook} timed out:\n{(exc.stdout or b'').decode()[-5000:]}") from None
-
-    try:
-        # The role in prefix mode lays out both hosts; then each syncs and serves 1.0.0.
-        out = play("site.yml")
-        assert out.returncode == 0, out.stdout[-5000:]
-        for h in hosts:
-            sync = h.cli("tts-provisioner", "sync")
-            assert sync.returncode == 0, sync.stderr
-            h.start_runtime()
-        for h in hosts:
-            wait = h.cli("tts-ctl", "wait-ready", "--timeout", "180")
-            assert wait.returncode == 0, wait.stderr + (h.root / "runtime.log").read_text()[-2000:]
-            assert h.serving() == "1.0.0"
-
-        # A good version: canary first, then the rest; both end up serving it.
-        out = play("rollout-model.yml", "-e", "model=joe", "-e", "version=1.1.0")
-        assert out.returncode == 0, out.stdout[-6000:]
-        order = re.findall(r"^TASK \[Download and verify the version\].*?\n(?:ok|changed): \[(\S+)\]", out.stdout, re.M | re.S)
-        assert order == ["node-a", "node-b"], order  # serial: canary batch of one, then the rest
-        assert [h.serving() for h in hosts] == ["1.1.0", "1.1.0"]
-        assert 'version = "1.1.0"' in (hosts[1].etc / "provisioner.toml").read_text()
-
-        # A broken version: it downloads and verifies fine but cannot be loaded. The
-        # canary fails its gate, is rolled back to 1.1.0, and node-b is never touched.
-        b_config = (hosts[1].etc / "provisioner.toml").read_text()
-        out = play("rollout-model.yml", "-e", "model=joe", "-e", "version=2.0.0")
-        assert out.returncode != 0, out.stdout[-4000:]
-        assert "rolled back to 1.1.0" in out.stdout
-        assert recap(out.stdout)["node-a"]["failed"] == 1, out.stdout[-3000:]
-        assert recap(out.stdout).get("node-b", {}).get("changed", 0) == 0
-        assert (hosts[1].etc / "provisioner.toml").read_text() == b_config
-        assert hosts[0].serving() == "1.1.0" and hosts[1].serving() == "1.1.0"
-        status = json.loads(hosts[0].cli("tts-provisioner", "status", "--json").stdout)
-        assert status["models"]["joe"]["current_version"] == "1.1.0"
-        assert status["models"]["joe"]["held_at"] == "1.1.0"
-        assert 'version = "1.1.0"' in (hosts[0].etc / "provisioner.toml").read_text()
-
-        # rollback.yml: both hosts back to 1.0.0 on request.
-        out = play("rollback.yml", "-e", "model=joe", "-e", "version=1.0.0")
-        assert out.returncode == 0, out.stdout[-4000:]
-        assert [h.serving() for h in hosts] == ["1.0.0", "1.0.0"]
-    finally:
-        for h in hosts:
-            h.stop()
 
 
 # -- [p2p] from the inventory ----------------------------------------------------------------
