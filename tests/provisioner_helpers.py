@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -39,3 +40,27 @@ def provisioner_env(tmp: Path, s3_server, bucket: str) -> dict:
     mirror = dict(name="primary", endpoint=s3_server.endpoint, bucket=bucket, credentials_file=creds)
     return dict(tmp=tmp, keys=keys, client=s3_server.client(), bucket=bucket, mirror=mirror, creds=creds,
                 config=write_config(tmp, [mirror], keys), s3=s3_server)
+
+
+def events(stderr: str, name: str) -> list[dict]:
+    """The JSON log lines of `stderr` whose event is `name`."""
+    out = []
+    for line in stderr.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("event") == name:
+            out.append(doc)
+    return out
+
+
+def stop(proc, timeout: float = 30) -> None:
+    """SIGTERM a daemon still running and reap it; SIGKILL if it is not gone in `timeout` s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()

@@ -26,7 +26,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.provisioner_helpers import BIN, run_cli
+from tests.provisioner_helpers import BIN, run_cli, stop
 from tts_testkit.provisioner_setup import make_keys, model_files, publish_raw, set_channel, wait_status, write_config
 from tts_testkit.runtime_server import publish_to_cache, start_server, voice_bundle_dir
 from tts_common.metrics_server import MetricsServer, MetricsSocketError
@@ -112,13 +112,7 @@ def provisioner(tmp_path, s3_server, bucket):
         yield ctx
     finally:
         for proc in ctx["procs"]:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.communicate(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.communicate()
+            stop(proc)
 
 
 def test_provisioner_metrics_after_a_sync_a_hold_and_an_unreachable_mirror(provisioner):

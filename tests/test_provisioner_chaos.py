@@ -20,7 +20,7 @@ from mirror import layout
 from mirror.manifest import FileEntry, Manifest
 from provisioner.cache import KNOWN_BAD_FILE, CacheReader, CacheWriter
 from tests.cut_proxy import CuttingProxy
-from tests.provisioner_helpers import BIN, provisioner_env, run_cli
+from tests.provisioner_helpers import BIN, events, provisioner_env, run_cli
 from tts_testkit.provisioner_setup import model_files, publish_raw, write_config
 
 pytestmark = pytest.mark.integration
@@ -38,18 +38,6 @@ def env(tmp_path, s3_server, bucket):
     publish_raw(env["client"], bucket, "joe", "1.0.0", env["v1"], env["keys"])
     assert run_cli("sync", config=env["config"]).returncode == 0
     return env
-
-
-def events(stderr: str, name: str) -> list[dict]:
-    out = []
-    for line in stderr.splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if doc.get("event") == name:
-            out.append(doc)
-    return out
 
 
 def status_doc(env) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from provisioner.cache import CacheReader
-from tests.provisioner_helpers import BIN, run_cli, wait_status
+from tests.provisioner_helpers import BIN, run_cli, stop, wait_status
 from tts_testkit.provisioner_setup import make_keys, model_files, publish_raw, write_config
 
 pytestmark = pytest.mark.integration
@@ -39,13 +39,7 @@ def daemon(tmp_path, s3_server, bucket):
         wait_status(status, lambda s: s.get("pid") == proc.pid and s.get("ready"))
         yield ctx
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+        stop(proc)
 
 
 def test_sighup_and_sync_command_trigger_a_pass(daemon):

@@ -24,7 +24,7 @@ from provisioner.cache import KNOWN_BAD_FILE, CacheReader
 from provisioner.config import MirrorConfig
 from provisioner.mirrors import MirrorSet
 from tests.hostile_proxy import HostileProxy
-from tests.provisioner_helpers import provisioner_env, run_cli
+from tests.provisioner_helpers import events, provisioner_env, run_cli
 from tts_testkit.provisioner_setup import model_files, publish_raw, write_config
 
 pytestmark = pytest.mark.integration
@@ -32,18 +32,6 @@ pytestmark = pytest.mark.integration
 SIZES = {"model.safetensors": 3_000_000, "voice.json": 2_000, "card.md": 500}
 BIG = "model.safetensors"
 KEY = layout.object_key("joe", "1.0.0", BIG)
-
-
-def events(stderr: str, name: str) -> list[dict]:
-    out = []
-    for line in stderr.splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if doc.get("event") == name:
-            out.append(doc)
-    return out
 
 
 def port_of(s3_server) -> int:
