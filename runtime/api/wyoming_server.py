@@ -24,7 +24,7 @@ import ipaddress
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 import structlog
@@ -51,6 +51,12 @@ MAX_PENDING = 8  # sentences of one stream planned ahead of the one playing (mem
 INBOX = 16  # events read ahead of the handler; past it the client waits (TCP backpressure)
 _GONE = object()  # the client closed the connection
 
+
+
+@dataclass
+class Outcome:
+    """What one synthesis answered, for its access record (see `accounted`)."""
+    status: int = 200
 
 @dataclass
 class Stream:
@@ -157,23 +163,35 @@ class Connection:
     # -- one text: synthesize -------------------------------------------------------------
     async def synthesize(self, event: Event) -> None:
         record = AccessRecord(id=uuid.uuid4().hex[:16])
-        status = 200
-        try:
+
+        async def refuse(exc: HttpError) -> None:
+            await self.send(Error(exc.message, exc.kind))
+
+        async with self.accounted(record, "synthesize", refuse):
             text = event_text(event, "synthesize")
             voice, speaker = resolve_voice(self.runtime, event.data.get("voice"))
             synthesis = await self.plan(record, text, voice, speaker, progressive=True)
             await self.unless_gone(self.play(synthesis, record))
+
+    @contextlib.asynccontextmanager
+    async def accounted(self, record: AccessRecord, path: str, on_error: Callable[[HttpError], Awaitable[None]]):
+        """One synthesis's outcome into its access record and the metrics, however it ends:
+        an HttpError is answered by `on_error` (the event ends), a client gone is 499 and goes
+        on up. The body may set `outcome.status` itself (a sentence skipped)."""
+        outcome = Outcome()
+        try:
+            yield outcome
         except HttpError as exc:
-            status = exc.status
+            outcome.status = exc.status
             record.fail(exc.message, exc.kind)
-            await self.send(Error(exc.message, exc.kind))
+            await on_error(exc)
         except ClientGone:
-            status = 499
+            outcome.status = 499
             record.client_gone()
             raise
         finally:
-            account(self.runtime, record, endpoint="wyoming", method="WYOMING", path="synthesize",
-                    status=status, synthesis=True)
+            account(self.runtime, record, endpoint="wyoming", method="WYOMING", path=path,
+                    status=outcome.status, synthesis=True)
 
     async def plan(self, record: AccessRecord, text: str, voice: str, speaker: Any, progressive: bool) -> Synthesis:
         """Checked, planned and queued, its first sentence first. `progressive` (the first audio
@@ -290,27 +308,18 @@ class Connection:
 
     async def _player(self, stream: Stream) -> None:
         """Plays the stream's sentences in order, one audio cycle each."""
+        async def fail(exc: HttpError) -> None:
+            await self._fail_stream(stream, exc)
+
         while (item := await stream.queue.get()) is not None:
             synthesis, record, pause_first = item
-            status = 200
-            try:
+            async with self.accounted(record, "synthesize-chunk", fail) as outcome:
                 if stream.failed:
                     synthesis.cancel()
-                    status = 499
+                    outcome.status = 499
                     record.fail("stream failed before this sentence", "cancelled")
                     continue
                 await self.unless_gone(self.play(synthesis, record, _pause(synthesis) if pause_first else None))
-            except HttpError as exc:
-                status = exc.status
-                record.fail(exc.message, exc.kind)
-                await self._fail_stream(stream, exc)
-            except ClientGone:
-                status = 499
-                record.client_gone()
-                raise
-            finally:
-                account(self.runtime, record, endpoint="wyoming", method="WYOMING", path="synthesize-chunk",
-                        status=status, synthesis=True)
 
     async def _fail_stream(self, stream: Stream, exc: HttpError) -> None:
         if not stream.failed:
