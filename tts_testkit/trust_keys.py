@@ -14,6 +14,8 @@ from pathlib import Path
 from mirror.signing import generate_keypair
 from mirror.trust import public_key
 
+from .loopback_proxy import LoopbackProxy
+
 KEY_NAMES = ("root1", "root2", "targets", "snapshot", "timestamp", "ci", "release1", "release2")
 
 
@@ -62,87 +64,27 @@ class TrustKeys:
         return self.keys("snapshot", "timestamp")
 
 
-class TrickleProxy:
+class TrickleProxy(LoopbackProxy):
     """A loopback proxy that passes the server's answer on one byte at a time, one byte
     every `interval` seconds: a mirror that answers, slowly enough to hold a reader with
     only a per-read timeout forever. Counts connections."""
 
     def __init__(self, target_port: int, interval: float = 0.5, only: bytes = b"/tuf/"):
-        import asyncio
-        import threading
-
-        self.target_port = target_port
+        super().__init__(target_port)
         self.interval = interval
         self.only = only  # trickle requests whose request line has this; pass others on at once
         self.trickled = 0
-        self.port = 0
-        self.connections = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "TrickleProxy":
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("proxy did not start")
-        return self
-
-    def __exit__(self, *exc) -> None:
+    async def downstream(self, request: bytes, s_reader, c_writer) -> None:
         import asyncio
 
-        async def shutdown() -> None:  # cancel open connections first: no coroutine left pending
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._loop.stop()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        import asyncio
-
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
-        server.close()
-
-    async def _handle(self, c_reader, c_writer) -> None:
-        import asyncio
-
-        self.connections += 1
-        try:
-            s_reader, s_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            c_writer.close()
-            return
-
-        first = await c_reader.read(65536)
-        slow = self.only in first.split(b"\r\n", 1)[0]
+        slow = self.only in request.split(b"\r\n", 1)[0]
         self.trickled += slow
-        s_writer.write(first)
-
-        async def upstream() -> None:
-            while data := await c_reader.read(65536):
-                s_writer.write(data)
-                await s_writer.drain()
-
-        up = asyncio.ensure_future(upstream())
-        try:
-            for _ in range(10_000_000):  # bounded
-                data = await s_reader.read(1 if slow else 65536)
-                if not data:
-                    break
-                c_writer.write(data)
-                await c_writer.drain()
-                if slow:
-                    await asyncio.sleep(self.interval)
-        except OSError:
-            pass
-        finally:
-            up.cancel()
-            for w in (c_writer, s_writer):
-                w.close()
+        for _ in range(10_000_000):  # bounded
+            data = await s_reader.read(1 if slow else 65536)
+            if not data:
+                break
+            c_writer.write(data)
+            await c_writer.drain()
+            if slow:
+                await asyncio.sleep(self.interval)
