@@ -218,6 +218,17 @@ class _InsideProcess(subprocess.Popen):
     for the child, and passes on no signal; terminate() and kill() go to the child (the
     process inside), and nsenter exits with it."""
 
+    _inside: int | None = None
+
+    @property
+    def inside_pid(self) -> int | None:
+        """The process as the node numbers it (what it writes in its own pid files), while
+        it runs."""
+        if self._inside is None and self.poll() is None:
+            for child in nspawn._children(self.pid):
+                self._inside = nspawn._pid_in_namespace(child)
+        return self._inside
+
     def send_signal(self, sig: int) -> None:
         targets = nspawn._children(self.pid) if self.poll() is None else []
         for pid in targets or [self.pid]:
@@ -342,11 +353,14 @@ class Mirror:
 
 @dataclass
 class Fleet:
-    """`with Fleet(work, 3) as fleet:` - nodes booted, mirror up; torn down on exit."""
+    """`with Fleet(work, 3) as fleet:` - nodes booted, mirror up; torn down on exit.
+    shared_rw: directories of this host bound read-write into every node at their own paths
+    (bench/p2p.py runs its provisioners on configurations and caches it reads from here)."""
 
     work: Path
     size: int
     mirror_kind: str = "nanio"
+    shared_rw: tuple[Path, ...] = ()
     tag: str = field(default_factory=lambda: f"{random.randrange(16**4):04x}")
     nodes: list[Node] = field(default_factory=list)
     mirror: Mirror | None = None
@@ -469,7 +483,8 @@ class Fleet:
         binds = {str(VENV.resolve()): str(SANDBOX_VENV), str(REPO): str(REPO)}
         binds.setdefault(str(Path(sys.base_prefix).resolve()), str(Path(sys.base_prefix).resolve()))
         machine = nspawn.Machine(f"tf{self.tag}-{name}", self.root, self.work / name, binds_ro=binds,
-                                 network_namespace_path=f"/run/netns/{ns}", nspawn_args=(f"--hostname={name}",))
+                                 network_namespace_path=f"/run/netns/{ns}",
+                                 nspawn_args=(f"--hostname={name}", *[f"--bind={d}:{d}" for d in self.shared_rw]))
         node = Node(self, i, name, address, ns, self.work / name, machine)
         machine.mount()  # the node's disk, written before its first boot: sshd's keys and settings
         ssh = node.path("/etc/ssh")
