@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tts_common.atomic import write_atomic
+
 CACHE_DIR = Path(os.environ.get("TTS_TEST_NSPAWN_CACHE", "/var/cache/tts-fleet-test/nspawn"))
 STATE_DIR = Path("/run/tts-fleet-nspawn")
 CGROUP_PARENT = "tts-fleet-nspawn"
@@ -453,7 +455,9 @@ class Machine:
 
     def _save_state(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        (STATE_DIR / f"{self.name}.json").write_text(json.dumps({
+        # Whole or not at all: a reaper reading a half-written file must not take a live
+        # machine for a stale one.
+        write_atomic(STATE_DIR / f"{self.name}.json", json.dumps({
             "owner": os.getpid(), "nspawn": self.process.pid if self.process else None, "leader": self.leader,
             "merged": str(self.merged), "cgroups": [str(c) for c in self.cgroups]}))
 
@@ -510,18 +514,20 @@ def _unmount_and_forget(name: str, merged: Path, cgroups: list[Path]) -> None:
 
 
 def reap_stale() -> list[str]:
-    """Machines whose owning process is gone (a killed test run): kill, unmount, forget."""
+    """Machines whose owning process is gone (a killed test run): kill, unmount, forget.
+    A state file that cannot be read is left alone (state files are written atomically:
+    one that vanished was forgotten by its owner meanwhile)."""
     reaped = []
     for state_file in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
         try:
             state = json.loads(state_file.read_text())
-            os.kill(state["owner"], 0)
+            os.kill(int(state["owner"]), 0)
             continue  # its owner still runs
         except ProcessLookupError:
             pass
-        except (OSError, ValueError, KeyError):
-            pass
-        cgroups = [Path(c) for c in state.get("cgroups", [])] if isinstance(state, dict) else []
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        cgroups = [Path(c) for c in state.get("cgroups", [])]
         _kill_machine(cgroups, state.get("leader"), state.get("nspawn"))
         _wait_empty(cgroups)
         _unmount_and_forget(state_file.stem, Path(state.get("merged", "/nonexistent")), cgroups)

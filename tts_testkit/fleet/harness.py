@@ -56,6 +56,7 @@ from pathlib import Path
 
 import yaml
 
+from tts_common.atomic import write_atomic
 from tts_testkit import nspawn
 from tts_testkit.paths import REPO, SANDBOX_VENV, VENV
 from tts_testkit.waits import wait_until
@@ -394,7 +395,7 @@ class Fleet:
         self.root = fleet_root()
         self.subnet = _free_subnet()
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        (STATE_DIR / self.tag).write_text(json.dumps({"owner": os.getpid(), "bridge": self.bridge}))
+        write_atomic(STATE_DIR / self.tag, json.dumps({"owner": os.getpid(), "bridge": self.bridge}))
         run(["ip", "link", "add", self.bridge, "type", "bridge"])
         run(["ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge])
         run(["ip", "link", "set", self.bridge, "up"])
@@ -614,14 +615,16 @@ def cleanup_stale() -> list[str]:
     if not STATE_DIR.is_dir():
         return removed
     for state in STATE_DIR.iterdir():
+        if state.name.startswith("."):
+            continue  # a state file being written (write_atomic's temporary file)
         try:
             info = json.loads(state.read_text())
             os.kill(int(info["owner"]), 0)
             continue  # still running: someone else's fleet
         except ProcessLookupError:
             pass
-        except (ValueError, KeyError, OSError):
-            pass
+        except (ValueError, KeyError, TypeError, OSError):
+            continue  # unreadable: not judged (written atomically, so not half-written)
         tag = state.name
         netns = [ns.split()[0] for ns in run(["ip", "netns", "list"], timeout=30).stdout.splitlines()
                  if ns.startswith(f"tf{tag}-")]
