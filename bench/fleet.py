@@ -1,11 +1,16 @@
 """Fleet rollout benchmark: N nodes (default 10) of tts_testkit/fleet/harness.py, ansible over SSH.
 
-Steps, on one fleet: site.yml from nothing (then again: changed=0 expected); a load client on
-every node; rollout-model.yml 1.0.0 -> 1.1.0 (canary 1, then waves of --batch); rollback.yml
-back to 1.0.0 (timed per task with ansible.posix.profile_tasks). Figures: rollout wall time, per-node time from the rollout's start to the
-first request answered by 1.1.0 (p50/p95), requests sent/failed, mirror egress / model size
-(iptables byte counter in the mirror's namespace), rollback wall time, and the harness's own
-CPU time (cgroup cpuacct) and memory (sum of RSS, sampled).
+Each node a Debian 12 container booted with systemd-nspawn (systemd 252 as PID 1) in its
+own network namespace; the role with its production defaults (system manager, LoadCredential=).
+Steps, on one fleet: the nodes boot, then sit idle for --idle-window seconds (what the
+harness itself costs per node: CPU and memory of each machine's cgroups); site.yml from
+nothing (then again: changed=0 expected); a load client on every node; rollout-model.yml
+1.0.0 -> 1.1.0 (canary 1, then waves of --batch); rollback.yml back to 1.0.0 (timed per
+task with ansible.posix.profile_tasks). Figures: rollout wall time, per-node time from the
+rollout's start to the first request answered by 1.1.0 (p50/p95), requests sent/failed,
+mirror egress / model size (iptables byte counter in the mirror's namespace), rollback
+wall time, and the fleet's CPU time (cgroup cpu.stat) and memory (each machine's v1 memory
+cgroup: now and peak; and the sum of RSS, sampled, as the old harness measured it).
 
 There is no peer to run beside it: plain-HTTP egress (about N x the model) is the baseline
 the P2P work (issue 16) is to cut. Targets from the issue: 0 failed requests, rollback of
@@ -79,16 +84,42 @@ def timed_rollback(fleet: harness.Fleet, clients: "fr.Clients", version: str, lo
 
 
 class Sampler(threading.Thread):
+    """Peaks of the fleet's memory: the sum of RSS (the old harness's measure) and the sum of
+    the machines' memory cgroups (page cache included)."""
+
     def __init__(self, fleet: harness.Fleet, every: float = 2.0):
         super().__init__(daemon=True)
         self.fleet, self.every, self.peak, self.stop_event = fleet, every, 0, threading.Event()
+        self.peak_cgroups = 0
 
     def run(self) -> None:
         while not self.stop_event.wait(self.every):
             try:
                 self.peak = max(self.peak, self.fleet.rss_bytes())
+                self.peak_cgroups = max(self.peak_cgroups, sum((n.memory() or {}).get("current", 0)
+                                                               for n in self.fleet.nodes))
             except Exception:
                 pass
+
+
+def idle_cost(fleet: harness.Fleet, window: float) -> dict:
+    """What the harness costs per node with nothing of ours installed: each machine's CPU
+    time for its boot, its CPU over `window` seconds of idling, its memory (cgroup) and the
+    sum of its processes' RSS. Means over the nodes; per node in `per_node`."""
+    mib = 2**20
+    booted = {n.name: n.cpu_seconds() for n in fleet.nodes}
+    time.sleep(window)
+    per_node = {}
+    for node in fleet.nodes:
+        memory = node.memory() or {}
+        per_node[node.name] = {
+            "boot_cpu_s": round(booted[node.name], 2),
+            "idle_cpu_pct": round(100 * (node.cpu_seconds() - booted[node.name]) / window, 2),
+            "memory_current_mib": round(memory.get("current", 0) / mib, 1),
+            "memory_rss_mib": round(memory.get("rss", 0) / mib, 1),
+            "rss_sum_mib": round(node.rss_bytes() / mib, 1), "processes": len(node.machine.pids())}
+    mean = {key: round(statistics.mean(v[key] for v in per_node.values()), 2) for key in next(iter(per_node.values()))}
+    return {"window_s": window, "mean": mean, "per_node": per_node}
 
 
 # Units of the figures (each a key of the run's `figures` dict); the targets join them by name.
@@ -101,6 +132,9 @@ UNITS = {"site_install_s": "s", "site_install_egress_ratio": "x", "site_install_
          "rollback_wall_s": "s", "rollback_loadavg_at_end": "load", "rollback_requests_sent": "requests",
          "rollback_requests_failed": "requests", "serving_after_rollback": "versions", "harness_peak_rss_mib": "MiB",
          "harness_cpu_total_s": "s", "bench_wall_s": "s", "channel_move_to_all_serving_s": "s",
+         "fleet_boot_s": "s", "node_boot_cpu_s": "s", "node_idle_cpu_pct": "%", "node_idle_memory_mib": "MiB",
+         "node_idle_rss_sum_mib": "MiB", "node_peak_memory_mib_max": "MiB", "node_peak_memory_mib_mean": "MiB",
+         "harness_peak_memory_cgroups_mib": "MiB", "node_cpu_total_s_mean": "s",
          "rollback_wall_s_ours": "s", "rollback_wall_s_peer": "s", "peer_over_ours_median": "x",
          "rollback_wall_s_slowest": "s", "nodes_on_version": "nodes"}
 
@@ -190,6 +224,8 @@ def main() -> int:
     parser.add_argument("--rollbacks", type=int, default=3, help="with --only rollback: runs, back and forth")
     parser.add_argument("--peer-ref", default="main",
                         help="with --only rollback: also run rollback.yml as of this git ref, alternating ('' = none)")
+    parser.add_argument("--idle-window", type=float, default=20.0,
+                        help="seconds the booted nodes sit idle while their own cost is measured")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tts-bench-fleet")
     parser.add_argument("--out", type=Path, default=None,
                         help="default bench/results/fleet.json (fleet-rollback.json with --only rollback)")
@@ -212,6 +248,12 @@ def main() -> int:
     t_all = time.monotonic()
     wheel = build_wheel(args.work / "wheel")
     with harness.Fleet(args.work, args.nodes, mirror_kind=args.mirror) as fleet:
+        idle = idle_cost(fleet, args.idle_window)
+        print(f"fleet of {args.nodes} booted in {fleet.boot_s} s; idle, per node: {idle['mean']}", flush=True)
+        figures.update(fleet_boot_s=fleet.boot_s, node_boot_cpu_s=idle["mean"]["boot_cpu_s"],
+                       node_idle_cpu_pct=idle["mean"]["idle_cpu_pct"],
+                       node_idle_memory_mib=idle["mean"]["memory_current_mib"],
+                       node_idle_rss_sum_mib=idle["mean"]["rss_sum_mib"])
         sampler = Sampler(fleet)
         sampler.start()
         (args.work / "keys").mkdir()
@@ -256,6 +298,8 @@ def main() -> int:
         finally:
             clients.stop()
         sampler.stop_event.set()
+        peaks = {n.name: round((n.memory() or {}).get("peak", 0) / 2**20) for n in fleet.nodes}
+        node_cpu = {n.name: round(n.cpu_seconds(), 1) for n in fleet.nodes}
         serving = [fr.serving(n) for n in fleet.nodes]
         firsts = [s["first_new_s"] for s in summary.values() if s["first_new_s"] is not None]
         figures.update({
@@ -277,6 +321,10 @@ def main() -> int:
             "rollback_requests_failed": rollback["requests_failed"],
             "serving_after_rollback": sorted(set(map(str, serving))),
             "harness_peak_rss_mib": round(sampler.peak / 2**20),
+            "harness_peak_memory_cgroups_mib": round(sampler.peak_cgroups / 2**20),
+            "node_peak_memory_mib_max": max(peaks.values()),
+            "node_peak_memory_mib_mean": round(statistics.mean(peaks.values())),
+            "node_cpu_total_s_mean": round(statistics.mean(node_cpu.values()), 1),
             "harness_cpu_total_s": round(fleet.cpu_seconds(), 1),
         })
         per_node = {name: {"first_new_s": s["first_new_s"], "sent": s["sent"], "failed": s["failed"]}
@@ -293,7 +341,11 @@ def main() -> int:
     }
     write(args.out, "fleet", figures, targets, {
         "setup": {"nodes": args.nodes, "canary": 1, "batch": args.batch, "mirror": args.mirror,
-                  "client": "one per node, sequential requests without pause, 'Fleet check.'"},
+                  "client": "one per node, sequential requests without pause, 'Fleet check.'",
+                  "harness": "systemd-nspawn --boot per node (systemd 252 as PID 1), ansible over SSH, "
+                             "role defaults (system manager, LoadCredential=)",
+                  "node_root": fleet.root.build},
+        "idle": idle, "node_peak_memory_mib": peaks, "node_cpu_total_s": node_cpu,
         "rollback": {"loadavg_at_end": rollback["loadavg_at_end"], "task_s": rollback["task_s"]},
         "per_node": per_node,
     })

@@ -2,8 +2,9 @@
 over plain HTTP and with [p2p], in the same run, then the faults; mirror egress counted
 at the mirror's side.
 
-The fleet is tts_testkit/fleet/harness.py (each node a network namespace on one bridge, the
-mirror - a real S3 server - in its own). In the mirror's namespace, in front of the S3
+The fleet is tts_testkit/fleet/harness.py (each node a systemd-nspawn container in a network
+namespace of its own on one bridge, the mirror - a real S3 server - in its own; the bench's
+work directory bound into every node at its own path). In the mirror's namespace, in front of the S3
 server: tts_testkit/throttle_proxy.py capping every TCP connection (--rate-mib MiB/s, the
 scarce mirror), with an iptables byte counter on the proxy's port (what left the mirror
 for the nodes), and Debian's opentracker with the model's info-hashes whitelisted. Each
@@ -157,7 +158,7 @@ class Bench:
                 if name in ready_at or name == killed:
                     continue
                 st = status_of(roots[name])
-                if st.get("pid") == proc.pid and st.get("ready") and (until is None or until(st)):
+                if st.get("pid") == getattr(proc, "inside_pid", proc.pid) and st.get("ready") and (until is None or until(st)):
                     ready_at[name] = round(time.monotonic() - started, 2)
                 if kill and killed is None and name == kill[0]:
                     partial = kill[1]
@@ -386,12 +387,12 @@ def main() -> int:
         print(f"cannot run: {reason or 'opentracker missing (scripts/setup.sh)'}", file=sys.stderr)
         return 2
     only = set(args.only.split(","))
-    # Not under /tmp, /root or /run: those are private to each node.
+    # Bound into every node (shared_rw); not under /tmp, which nspawn gives each node its own.
     work = Path(tempfile.mkdtemp(prefix="tts-bench-p2p-", dir=str(REPO.parent)))
     load = [os.getloadavg()[0]]
     results = []
     try:
-        with harness.Fleet(work / "fleet", args.nodes, mirror_kind=args.mirror) as fleet:
+        with harness.Fleet(work / "fleet", args.nodes, mirror_kind=args.mirror, shared_rw=(work,)) as fleet:
             keys = make_keys(work)
             bucket = fleet.mirror.server.new_bucket()
             model = work / "model"

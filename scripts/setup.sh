@@ -17,9 +17,10 @@ command -v opentracker >/dev/null 2>&1 || need_apt+=(opentracker)
 # role's alert rules are unit-tested with `promtool test rules`, and a real Prometheus scrapes
 # the simulated fleet.
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
-# The simulated fleet (tts_testkit/fleet/harness.py, tests/test_fleet.py, bench/fleet.py): an
-# sshd per node, sudo for become_user, iptables for the mirror's egress counter, ip/bridge.
-[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+# The simulated fleet (tts_testkit/fleet/harness.py, tests/test_fleet.py, bench/fleet.py): the
+# controller's ssh client, iptables (the mirror's egress counter, the units' address filters),
+# ip/bridge; sudo for the single-host sandboxes' become_user. The nodes' own sshd, sudo and the
+# roles' packages are in their cached Debian 12 root (below), not taken from this host.
 command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
 command -v sudo >/dev/null 2>&1 || need_apt+=(sudo)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
@@ -27,7 +28,8 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # A second MP3 decoder beside libsndfile (tests/test_runtime_trust.py).
 command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
 # A fresh minimal Debian 12 under a real systemd (tests/test_fresh_host.py,
-# tts_testkit/nspawn.py): the root from debootstrap, booted with systemd-nspawn.
+# tts_testkit/nspawn.py) and the fleet's nodes: the root from debootstrap, booted with
+# systemd-nspawn.
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 command -v systemd-nspawn >/dev/null 2>&1 || need_apt+=(systemd-container)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -7,7 +7,8 @@ Every test is exactly one of three kinds (docs/testing.md), marked in its module
   minute on a 2-core machine;
 - `integration`: real aria2c, S3 servers, socket servers, subprocesses (or in-process work
   too slow for the unit budget);
-- `fleet`: the simulated fleet (network namespaces, sshd) and ansible sandbox runs.
+- `fleet`: the simulated fleet (systemd-nspawn hosts in network namespaces, over SSH), the
+  fresh host and ansible sandbox runs.
 
 Every test that takes `s3_server` (or `bucket`) runs once per S3 implementation, each
 started as a subprocess on 127.0.0.1 in a temp dir (MinIO's server binary does not

@@ -1,6 +1,7 @@
 """The role and playbooks over SSH against a simulated fleet of 3 nodes (tts_testkit/fleet/harness.py:
-each node a network namespace on a bridge, private /etc /opt /var /run, its own sshd and
-`systemd --user` manager; the mirror in its own namespace).
+each node a Debian 12 container booted with systemd-nspawn - systemd 252 as PID 1 - in a
+network namespace of its own on a bridge, with its own disk and sshd; the mirror in its own
+namespace). The role runs with its production defaults: system manager, LoadCredential=.
 
 In order, on one fleet (module scope, torn down whatever happens):
 1. site.yml installs every node from nothing; every node is READY and synthesizes; a
@@ -86,9 +87,13 @@ def test_site_installs_every_node_and_is_idempotent(fleet):
     # Installed, not borrowed: each node has its own venv, user, units and config.
     for node in f.nodes:
         out = node.sh("id tts && test -x /opt/tts-fleet/venv/bin/tts-runtime && "
-                      "systemctl --user is-active tts-provisioner.service tts-runtime.socket tts-runtime.service && "
-                      "stat -c '%U:%G %a' /run/tts/runtime.sock /etc/tts-fleet/private/mirror-primary.toml")
-        assert "root:tts 660" in out.stdout and "tts:tts 600" in out.stdout, out.stdout
+                      "systemctl is-active tts-provisioner.service tts-runtime.socket tts-runtime.service && "
+                      "stat -c '%U:%G %a %n' /run/tts/runtime.sock /etc/tts-fleet/credentials/mirror-primary.toml "
+                      "/run/credentials/tts-provisioner.service/mirror-primary.toml")
+        assert "root:tts 660 /run/tts/runtime.sock" in out.stdout, out.stdout
+        # The mirror keys root-only on disk, handed to the provisioner by LoadCredential=.
+        assert "root:root 600 /etc/tts-fleet/credentials/mirror-primary.toml" in out.stdout, out.stdout
+        assert "/run/credentials/tts-provisioner.service/mirror-primary.toml" in out.stdout, out.stdout
         assert fr.serving(node) == "1.0.0"
         synth = node.sh("/opt/tts-fleet/venv/bin/tts-ctl --config /etc/tts-fleet/runtime.toml synth "
                         "'Installed over SSH.' -o /var/tmp/site.wav && head -c 4 /var/tmp/site.wav")
@@ -267,15 +272,15 @@ def test_unreachable_inventory_host_is_named_and_does_not_hang(fleet):
 def test_p2p_rollout_over_the_role_later_waves_fetch_from_peers_and_outsiders_get_nothing(fleet):
     """Issue 16 over the role: the inventory turns [p2p] on and puts node01 in the
     tts_tracker group; site.yml writes [p2p] and the units' drop-ins, mirror.yml installs the
-    tracker there (its user manager), then rollout-model.yml refreshes its whitelist before
+    tracker there (its system manager), then rollout-model.yml refreshes its whitelist before
     the canary and pins every node. The canary has no peer: it adds the mirror after a 1 s
     stall. The next wave may not use the mirror for 300 s (a window no verdict waits for), so
     it can only finish from peers: all its bytes come from peers, and the mirror sends the
     version about once instead of once per node.
 
     Issue 27: the swarm is the fleet's alone. The units admit the fleet's addresses only
-    (IPAddressAllow= from the inventory); the nodes' user managers cannot enforce that, so
-    the harness enforces exactly what they parsed (tts_testkit/fleet/firewall.py) - and the
+    (IPAddressAllow= from the inventory); the nodes' systemd does not enforce that in the
+    container, so the harness enforces exactly what it parsed (tts_testkit/fleet/firewall.py) - and the
     rollout above ran under it. A host beside the fleet on the same bridge can then neither
     announce to or scrape the tracker nor fetch a piece from a node, while a fleet node
     running the same probe gets both (the probe works, the swarm serves its own)."""
@@ -292,7 +297,8 @@ def test_p2p_rollout_over_the_role_later_waves_fetch_from_peers_and_outsiders_ge
     nodes["vars"].update(tts_node_p2p_enabled=True, tts_node_p2p_web_seed_nodes=0, tts_node_p2p_stall_seconds=300)
     nodes["hosts"][canary.name]["tts_node_p2p_stall_seconds"] = 1
     data["tts_tracker"] = {"hosts": {canary.name: {}}, "vars": {
-        "tts_tracker_service_manager": "user", "tts_tracker_user_manager_runtime_dir": "/run",
+        # opentracker is on the nodes' root already; the role's apt task would refresh the
+        # package lists first, and the nodes' network reaches only the bridge.
         "tts_tracker_install_packages": False, "tts_tracker_mirror_endpoint": server.endpoint,
         "tts_tracker_mirror_bucket": fleet.bucket,
         "tts_tracker_mirror_credentials": {"access_key": server.credentials.access_key,
@@ -352,8 +358,8 @@ def test_p2p_rollout_over_the_role_later_waves_fetch_from_peers_and_outsiders_ge
                                 "tts_testkit.bt_probe", *args], timeout=180, check=False, cwd=harness.REPO)
         answer = json.loads(stranger.stdout.strip().splitlines()[-1])
         assert answer["ok"] is False and answer["refused"] is True, (what, answer, stranger.stderr[-2000:])
-        member = wave[0].sh(f"cd {harness.REPO} && {harness.VENV}/bin/python -m tts_testkit.bt_probe "
-                            + " ".join(args), timeout=180)
+        member = wave[0].sh(f"cd {harness.REPO} && {fr.NODE_PYTHON} -m tts_testkit.bt_probe " + " ".join(args),
+                            timeout=180)
         answer = json.loads(member.stdout.strip().splitlines()[-1])
         assert answer["ok"] is True, (what, answer)
     print(f"outsider refused by the tracker and by {target.name}'s BitTorrent port; {wave[0].name} got both")

@@ -1,6 +1,7 @@
 """A real Prometheus (Debian's) scraping a simulated fleet, its alerts and the dashboard (issue 28).
 
-The fleet harness (tests/fleet/harness.py) boots 3 nodes; site.yml installs them with the
+The fleet harness (tts_testkit/fleet/harness.py) boots 3 nodes (systemd-nspawn containers,
+systemd as PID 1); site.yml installs them with the
 metrics relays bound to each node's address; monitoring.yml renders the scrape targets,
 the alert rules (every `for:` shortened to seconds by the role's tts_node_alert_for, not by
 waiting longer) and the dashboard; Prometheus runs on the controller (the bridge's

@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tts_common.atomic import write_atomic
+
 CACHE_DIR = Path(os.environ.get("TTS_TEST_NSPAWN_CACHE", "/var/cache/tts-fleet-test/nspawn"))
 STATE_DIR = Path("/run/tts-fleet-nspawn")
 CGROUP_PARENT = "tts-fleet-nspawn"
@@ -129,6 +131,62 @@ def _build_root(spec: RootSpec, entry: Path, log) -> None:
     log(f"nspawn: root build cost {seconds:.0f} s wall, {size / 2**20:.0f} MiB on disk ({entry})")
 
 
+def package_layer(base: PristineRoot, packages: list[str] | tuple[str, ...], disable: tuple[str, ...] = (),
+                  cache_dir: Path = CACHE_DIR, log=print) -> PristineRoot:
+    """`base` plus `packages` from Debian (apt-get install, recommends as apt's default), built
+    once and cached beside the roots, keyed by the base's key and the sorted package list:
+    the fleet's nodes, whose network reaches only their bridge, boot on it (docs/testing.md,
+    "A fleet on one machine"). Not for the fresh-host test: that one starts from `base` with
+    nothing pre-installed. The packages' generated SSH host keys are removed (every machine
+    would share them); a machine writes its own. `disable`: units the packages enable that
+    the machines should not start (a package's own daemon where a role runs its own)."""
+    packages, disable = tuple(sorted(set(packages))), tuple(sorted(set(disable)))
+    digest = hashlib.sha256(" ".join(packages + ("--disable",) + disable).encode()).hexdigest()[:12]
+    entry = cache_dir / f"{base.spec.key}+pkgs-{digest}"
+    with open(cache_dir / f"{entry.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        built_now = not (entry / "build.json").exists()
+        if built_now:
+            _build_layer(base, packages, disable, entry, log)
+    build = json.loads((entry / "build.json").read_text())
+    if not built_now:
+        log(f"nspawn: root + {len(packages)} packages {entry} from the cache (built {build['built_at']} "
+            f"in {build['seconds']:.0f} s)")
+    return PristineRoot(entry / "root", base.spec, built_now, build)
+
+
+def _build_layer(base: PristineRoot, packages: tuple[str, ...], disable: tuple[str, ...], entry: Path, log) -> None:
+    tmp = entry.with_name(f".{entry.name}.build-{os.getpid()}")
+    _remove_tree(tmp)
+    tmp.mkdir(parents=True)
+    started = time.monotonic()
+    script = ("set -e; apt-get update -q; apt-get install -y -q " + " ".join(packages)
+              + "; apt-get clean; rm -f /etc/ssh/ssh_host_*"
+              + "".join(f"; systemctl disable --quiet {unit}" for unit in disable))
+    argv = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", f"--machine=tts-layer-{os.getpid()}",
+            "--console=pipe", f"--directory={tmp / 'root'}",
+            "--setenv=DEBIAN_FRONTEND=noninteractive", "/bin/sh", "-c", script]
+    log(f"nspawn: building the root + packages: {' '.join(packages)}")
+    try:
+        subprocess.run(["cp", "-a", "--reflink=auto", str(base.path), str(tmp / "root")], check=True,
+                       capture_output=True, timeout=600)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
+        if out.returncode != 0:
+            raise RuntimeError(f"apt-get in the layer failed ({out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
+        (tmp / "root/etc/hostname").unlink(missing_ok=True)
+        seconds = time.monotonic() - started
+        size = _tree_bytes(tmp / "root")
+        (tmp / "build.json").write_text(json.dumps({
+            "base": base.spec.key, "packages": list(packages), "disabled": list(disable), "seconds": round(seconds, 1), "bytes": size,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        _remove_tree(entry)
+        tmp.rename(entry)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    log(f"nspawn: root + packages build cost {seconds:.0f} s wall, {size / 2**20:.0f} MiB on disk ({entry})")
+
+
 def _tree_bytes(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_symlink() and p.is_file())
 
@@ -156,11 +214,14 @@ def _remove_tree(path: Path) -> None:
 
 def _cgroup_mounts() -> list[Path]:
     """The hierarchies a machine gets a cgroup in: the unified (v2) one and, on a hybrid host,
-    the name=systemd one nspawn also uses."""
+    the name=systemd one nspawn also uses, and the v1 memory controller (where the memory
+    controller is v1, as here: the machine's memory use; nspawn mounts it read-only inside,
+    so every process of the machine stays in that one cgroup)."""
     found = []
     for line in Path("/proc/self/mounts").read_text().splitlines():
         _, point, fstype, options = line.split()[:4]
-        if fstype == "cgroup2" or (fstype == "cgroup" and "name=systemd" in options.split(",")):
+        names = options.split(",")
+        if fstype == "cgroup2" or (fstype == "cgroup" and ("name=systemd" in names or "memory" in names)):
             found.append(Path(point))
     return found
 
@@ -197,6 +258,7 @@ class Machine:
     nspawn_args: tuple[str, ...] = ()
     process: subprocess.Popen | None = None
     leader: int | None = None  # the container's PID 1, as the host sees it
+    _mounted_for_boot: bool = field(default=False, repr=False)
 
     @property
     def merged(self) -> Path:
@@ -210,10 +272,10 @@ class Machine:
     def cgroups(self) -> list[Path]:
         return [mount / CGROUP_PARENT / self.name for mount in _cgroup_mounts()]
 
-    def boot(self, timeout: float = 180) -> "Machine":
-        """Mount the overlay, start systemd-nspawn --boot, wait for `is-system-running`.
-        Again after stop() or kill(): the same disk, a fresh boot."""
-        reap_stale()
+    def mount(self) -> Path:
+        """Mount the overlay (afresh, if it was up) and return its merged directory: what is
+        written there before boot() is on the machine's disk when it boots. boot() mounts
+        by itself when this was not called."""
         lower = self.root.path if isinstance(self.root, PristineRoot) else Path(self.root)
         for sub in ("upper", "work", "merged"):
             (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -223,6 +285,18 @@ class Machine:
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir={lower},upperdir={self.work_dir / 'upper'},workdir={self.work_dir / 'work'}",
                         str(self.merged)], check=True, capture_output=True, timeout=60)
+        self._mounted_for_boot = True
+        self._save_state()  # a run killed before boot() still has its mount reaped
+        return self.merged
+
+    def boot(self, timeout: float = 180, accept: tuple[str, ...] = ("running",)) -> "Machine":
+        """Mount the overlay, start systemd-nspawn --boot, wait for `is-system-running` to be
+        one of `accept` (a fleet node that was killed mid-work may boot "degraded", as a
+        real host would). Again after stop() or kill(): the same disk, a fresh boot."""
+        reap_stale()
+        if not self._mounted_for_boot:
+            self.mount()
+        self._mounted_for_boot = False  # the next boot mounts afresh
         procs = []
         for cgroup in self.cgroups:
             cgroup.mkdir(parents=True, exist_ok=True)
@@ -242,7 +316,7 @@ class Machine:
         deadline = time.monotonic() + timeout
         self.leader = self._wait_leader(deadline)
         self._save_state()
-        self._wait_running(deadline)
+        self._wait_running(deadline, accept)
         return self
 
     def _wait_leader(self, deadline: float) -> int:
@@ -256,7 +330,7 @@ class Machine:
             time.sleep(0.1)
         raise TimeoutError(f"{self.name}: no init process appeared:\n{self.console()}")
 
-    def _wait_running(self, deadline: float) -> None:
+    def _wait_running(self, deadline: float, accept: tuple[str, ...]) -> None:
         while True:
             left = max(1.0, deadline - time.monotonic())
             out = self.run("systemctl", "is-system-running", "--wait", timeout=left)
@@ -267,7 +341,7 @@ class Machine:
             if not early or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
-        if state != "running":
+        if state not in accept:
             failed = self.run("systemctl", "--failed", "--no-legend", "--no-pager", timeout=60).stdout
             raise RuntimeError(f"{self.name}: system is {state or out.stderr.strip()}; failed units:\n{failed}\n"
                                f"{self.console()}")
@@ -316,6 +390,30 @@ class Machine:
                         return int(line.split()[1]) / 1e6
         return None
 
+    def memory(self) -> dict[str, int] | None:
+        """The machine's memory now and at its peak, in bytes, from its v1 memory cgroup
+        (page cache included, as the kernel charges it: `current`, `peak`; `rss` anonymous
+        memory, `cache` page cache and tmpfs), or None where there is no such cgroup."""
+        for cgroup in self.cgroups:
+            if (cgroup / "memory.usage_in_bytes").exists():
+                stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+                return {"current": int((cgroup / "memory.usage_in_bytes").read_text()),
+                        "peak": int((cgroup / "memory.max_usage_in_bytes").read_text()),
+                        "rss": int(stat.get("total_rss", stat.get("rss", 0))),
+                        "cache": int(stat.get("total_cache", stat.get("cache", 0)))}
+        return None
+
+    def pids(self) -> set[int]:
+        """Every process of the machine, as this host numbers them."""
+        found: set[int] = set()
+        for cgroup in self.cgroups:
+            for procs in cgroup.rglob("cgroup.procs") if cgroup.is_dir() else []:
+                try:
+                    found |= {int(p) for p in procs.read_text().split()}
+                except OSError:
+                    pass
+        return found
+
     # -- stopping ---------------------------------------------------------------------------
 
     def stop(self, timeout: float = 90) -> None:
@@ -330,8 +428,10 @@ class Machine:
             self.kill()
 
     def kill(self) -> None:
-        """The machine goes down hard: every process of it SIGKILLed at once."""
+        """The machine goes down hard: every process of it SIGKILLed at once; returns when
+        none is left (bounded)."""
         _kill_machine(self.cgroups, self.leader, self.process.pid if self.process else None)
+        _wait_empty(self.cgroups)
         if self.process is not None:
             try:
                 self.process.wait(timeout=60)
@@ -355,7 +455,9 @@ class Machine:
 
     def _save_state(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        (STATE_DIR / f"{self.name}.json").write_text(json.dumps({
+        # Whole or not at all: a reaper reading a half-written file must not take a live
+        # machine for a stale one.
+        write_atomic(STATE_DIR / f"{self.name}.json", json.dumps({
             "owner": os.getpid(), "nspawn": self.process.pid if self.process else None, "leader": self.leader,
             "merged": str(self.merged), "cgroups": [str(c) for c in self.cgroups]}))
 
@@ -393,6 +495,16 @@ def _kill_machine(cgroups: list[Path], leader: int | None, nspawn: int | None) -
                 pass
 
 
+def _wait_empty(cgroups: list[Path], timeout: float = 30) -> None:
+    """Until no process is left in the cgroups (they die within moments of SIGKILL, but not
+    at once: a cgroup still holding one cannot be removed). Bounded: a safety net."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(procs.read_text().strip() for c in cgroups if c.is_dir() for procs in c.rglob("cgroup.procs")):
+            return
+        time.sleep(0.1)
+
+
 def _unmount_and_forget(name: str, merged: Path, cgroups: list[Path]) -> None:
     for point in sorted(_mounts_under(merged), key=len, reverse=True):
         subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=60)
@@ -402,23 +514,22 @@ def _unmount_and_forget(name: str, merged: Path, cgroups: list[Path]) -> None:
 
 
 def reap_stale() -> list[str]:
-    """Machines whose owning process is gone (a killed test run): kill, unmount, forget."""
+    """Machines whose owning process is gone (a killed test run): kill, unmount, forget.
+    A state file that cannot be read is left alone (state files are written atomically:
+    one that vanished was forgotten by its owner meanwhile)."""
     reaped = []
     for state_file in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
         try:
             state = json.loads(state_file.read_text())
-            os.kill(state["owner"], 0)
+            os.kill(int(state["owner"]), 0)
             continue  # its owner still runs
         except ProcessLookupError:
             pass
-        except (OSError, ValueError, KeyError):
-            pass
-        cgroups = [Path(c) for c in state.get("cgroups", [])] if isinstance(state, dict) else []
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        cgroups = [Path(c) for c in state.get("cgroups", [])]
         _kill_machine(cgroups, state.get("leader"), state.get("nspawn"))
-        for _ in range(100):  # the processes die within moments of SIGKILL
-            if not any((c / "cgroup.procs").exists() and (c / "cgroup.procs").read_text().strip() for c in cgroups):
-                break
-            time.sleep(0.1)
+        _wait_empty(cgroups)
         _unmount_and_forget(state_file.stem, Path(state.get("merged", "/nonexistent")), cgroups)
         reaped.append(state_file.stem)
     return reaped

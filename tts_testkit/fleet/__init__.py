@@ -1,3 +1,3 @@
-"""A simulated fleet on one Linux machine: nodes that look like real hosts to ansible
-(network namespace, private /etc /opt /var /run /tmp /root, sshd, a service manager),
-plus the mirror in its own namespace. See tts_testkit/fleet/harness.py and docs/testing.md."""
+"""A simulated fleet on one Linux machine: nodes that are real hosts to ansible (a Debian 12
+container booted with systemd-nspawn, systemd as PID 1, in a network namespace on a bridge,
+sshd), plus the mirror in its own namespace. See tts_testkit/fleet/harness.py and docs/testing.md."""

@@ -1,15 +1,16 @@
 """What a node's service manager cannot enforce in the fleet harness, enforced another way.
 
-`IPAddressAllow=`/`IPAddressDeny=` need systemd's cgroup BPF programs, which a `systemd --user`
-manager cannot attach (docs/testing.md, "A fleet on one machine"): the harness's nodes parse
-the settings but let every address through. So the harness reads what the manager parsed -
-`systemctl --user show UNIT -p IPAddressAllow` after every drop-in, exactly the list systemd
-as PID 1 would load into its filter - and turns it into iptables rules in the node's network
-namespace:
+`IPAddressAllow=`/`IPAddressDeny=` need systemd's cgroup BPF programs, which the nodes'
+systemd (PID 1 in a systemd-nspawn container) does not attach there (docs/testing.md, "A
+fleet on one machine"): the nodes parse the settings but let every address through. So the
+harness reads what the node's manager parsed - `systemctl show UNIT -p IPAddressAllow` after
+every drop-in, exactly the list it would load into its filter - and turns it into iptables
+rules in the node's network namespace (run from this host: the container shares that
+namespace and has no iptables of its own):
 
 - ingress: connections to the unit's listening ports (`ports`) from any address outside the
   list are refused (TCP reset), as the unit's ingress filter would drop them;
-- egress (`uid`): connections the unit's user opens to any address outside the list are
+- egress (`uid`, a user name on the node): connections the unit's user opens to any address outside the list are
   refused, as its egress filter would (the harness runs nothing else as that user that
   needs the network).
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from tts_testkit.fleet.harness import Node
+from tts_testkit.fleet.harness import Node, run
 
 _V4 = re.compile(r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")
 
@@ -46,6 +47,9 @@ def enforce(node: Node, unit: str, ports: list[int], uid: str | None = None) -> 
               f"iptables -A {chain}-IN -j REJECT", f"iptables -A {chain}-OUT -j REJECT"]
     rules += [f"iptables -A INPUT -p tcp --dport {port} -j {chain}-IN" for port in ports]
     if uid is not None:
-        rules.append(f"iptables -A OUTPUT -m owner --uid-owner {uid} -j {chain}-OUT")
-    node.sh(" && ".join(rules))
+        # The rules are installed from this host, which has no such user: the node's number
+        # for it (the container has no user namespace, so the kernel sees the same number).
+        number = node.sh(f"id -u {uid}").stdout.strip()
+        rules.append(f"iptables -A OUTPUT -m owner --uid-owner {number} -j {chain}-OUT")
+    run(["ip", "netns", "exec", node.netns, "sh", "-c", " && ".join(rules)], timeout=60)
     return allowed

@@ -1,39 +1,42 @@
-"""A simulated fleet: N nodes that ansible reaches over SSH, plus the mirror, on one machine.
+"""A simulated fleet: N Debian 12 hosts with systemd 252 as PID 1 that ansible reaches over
+SSH, plus the mirror, on one machine.
 
 Each node is, as far as ansible can tell, a host of its own:
 
 - a network namespace (`ip netns`) with one veth on a Linux bridge and its own address;
-- a mount namespace (`unshare --mount --uts`) with overlays on /etc, /opt and /var (upper
-  dirs under the node's work dir, so a node keeps its state across a "reboot"), tmpfs on
-  /run, /tmp and /root, and its own hostname;
-- its own `sshd` (Debian's openssh-server) on the node's address, with a host key generated
-  for it; the controller logs in as root with a generated client key and a known_hosts file
-  holding every node's host key (host key checking stays on);
-- its own service manager: a `systemd --user` manager of root, started inside the node's
-  namespaces in a cgroup of its own (systemd is not PID 1 here, so a system manager is
-  impossible; the user manager still applies User=, the units' namespaces, seccomp filters,
-  sd_notify, socket activation and the watchdog). The role runs with
-  `tts_node_service_manager: user`.
+- a container booted with `systemd-nspawn --boot` into that namespace
+  (`--network-namespace-path=/run/netns/<ns>`; tts_testkit/nspawn.py `Machine`): systemd as
+  PID 1, a real system manager, journald, its own hostname; its disk an overlay of the
+  cached Debian 12 root plus the packages the roles install (`fleet_root()`: the nodes'
+  network reaches only the bridge, so apt could not fetch them there), the writes in an
+  upper directory of its own, so a node keeps its disk across a hard kill and a new boot;
+- Debian's sshd (from that root) on the node's address with a host key generated for it;
+  the controller logs in as root with a generated client key and a known_hosts file holding
+  every node's host key (host key checking stays on).
 
-Shared between nodes, read-only, and why: `/usr` (the host's Debian: aria2c, python3,
-systemd, sshd, sudo) and the checkout's venv (torch and the other wheels, ~1 GB: ten copies
-would cost ten times the disk and the page cache). The venv is bind-mounted read-only at
-its own path and at /opt/tts-test-venv; the role still builds each node's own venv at
-/opt/tts-fleet/venv from a wheel of this checkout and reaches the shared site-packages
-through a .pth file (tts_node_venv_extra_site_dirs). The interpreter the venv was built
-from (pyenv under /root on these machines) is bind-mounted read-only over the node's
-private /root.
+The role runs with its production defaults: `tts_node_service_manager: system`,
+`tts_node_credentials_mode: loadcredential`.
+
+Shared between nodes, read-only, and why: the checkout's venv (torch and the other wheels,
+~1 GB: ten copies would cost ten times the disk and the page cache), bind-mounted at
+/opt/tts-test-venv; the role still builds each node's own venv at /opt/tts-fleet/venv from
+a wheel of this checkout with the node's /usr/bin/python3 (Debian's 3.11, the venv's ABI)
+and reaches the shared site-packages through a .pth file (tts_node_venv_extra_site_dirs).
+The checkout and the interpreter the checkout's venv was built from are bound read-only at
+their own paths (the load client, the p2p probe).
 
 The mirror (nanio or `rclone serve s3`) runs in a network namespace of its own; an
 iptables rule in that namespace counts the bytes it sends (mirror egress, measured at the
 mirror's side).
 
-Every process of a node lives in the node's cgroup, so "node down" is a SIGKILL of that
-cgroup's processes and teardown can prove nothing is left. Teardown (`Fleet.close`) always
-runs: processes, cgroups, namespaces, veths, the bridge; a fleet left behind by a killed
-test run is removed by the next `Fleet` (state files in /run/tts-fleet-harness).
+Every process of a node lives in its machine's cgroups, so "node down" is a kill of the
+whole cgroup and teardown can prove nothing is left. Teardown (`Fleet.close`) always runs:
+machines, mounts, cgroups, namespaces, veths, the bridge; a fleet left behind by a killed
+test run is removed by the next `Fleet` (state files in /run/tts-fleet-harness and
+/run/tts-fleet-nspawn).
 
-No pytest here: tests/test_fleet.py, bench/fleet.py and bench/p2p.py use it.
+No pytest here: tests/test_fleet.py, tests/test_prometheus_fleet.py, bench/fleet.py and
+bench/p2p.py use it.
 Every wait is bounded.
 """
 
@@ -47,19 +50,21 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from tts_common.atomic import write_atomic
+from tts_testkit import nspawn
 from tts_testkit.paths import REPO, SANDBOX_VENV, VENV
 from tts_testkit.waits import wait_until
 
 STATE_DIR = Path("/run/tts-fleet-harness")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MIRROR_PORT = 9000
-TOOLS = ["ip", "nsenter", "unshare", "iptables", "ssh", "ssh-keygen", "systemd", "sudo"]
-SSHD = "/usr/sbin/sshd"
+TOOLS = ["ip", "nsenter", "iptables", "ssh", "ssh-keygen", "systemd-nspawn"]
 
 
 def run(cmd: list[str], timeout: float = 60, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -72,21 +77,20 @@ def run(cmd: list[str], timeout: float = 60, check: bool = True, **kw) -> subpro
 def unavailable() -> str | None:
     """None when a fleet can be built on this machine, else the reason (for a skip)."""
     if os.geteuid() != 0:
-        return "the fleet harness needs root (network namespaces, bridge, mounts)"
+        return "the fleet harness needs root (network namespaces, bridge, mounts, systemd-nspawn)"
     missing = [t for t in TOOLS if not shutil.which(t)]
-    if not os.access(SSHD, os.X_OK):
-        missing.append("sshd (Debian package openssh-server)")
     if missing:
         return f"missing tools for the fleet harness: {', '.join(missing)} (scripts/setup.sh installs them)"
+    if (reason := nspawn.unavailable()) is not None:
+        return reason
     if not _cgroup_hierarchies():
-        return "no writable cgroup hierarchy for the nodes' service managers"
+        return "no writable cgroup hierarchy for the mirror"
     name = f"tfprobe{os.getpid() % 100000}"
     try:
         run(["ip", "netns", "add", name], timeout=30)
         run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], timeout=30)
         run(["ip", "link", "add", f"{name}b", "type", "bridge"], timeout=30)
         run(["ip", "link", "del", f"{name}b"], timeout=30)
-        run(["unshare", "--mount", "--uts", "--propagation", "private", "true"], timeout=30)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         return f"network/mount namespaces unavailable here: {exc}"
     finally:
@@ -95,10 +99,9 @@ def unavailable() -> str | None:
 
 
 def _cgroup_hierarchies() -> list[Path]:
-    """Where node cgroups go: on a hybrid host the name=systemd v1 hierarchy (where a user
-    manager tracks its units), the unified one (where systemd looks up its own cgroup: a
-    manager left in the root there moves its whole cgroup to /init.scope and escapes the
-    node) and cpuacct (CPU time); on a pure v2 host the unified root."""
+    """Where the mirror's cgroup goes (the nodes' machines have their own, nspawn.Machine):
+    on a hybrid host the name=systemd v1 hierarchy, the unified one and cpuacct (CPU time);
+    on a pure v2 host the unified root."""
     if (CGROUP_ROOT / "cgroup.controllers").exists():
         roots = [CGROUP_ROOT]
     else:
@@ -107,7 +110,7 @@ def _cgroup_hierarchies() -> list[Path]:
 
 
 class Cgroup:
-    """One cgroup per member (node, mirror) in every hierarchy we use."""
+    """The mirror's cgroup, in every hierarchy we use."""
 
     def __init__(self, relpath: str):
         self.dirs = [root / relpath for root in _cgroup_hierarchies()]
@@ -155,15 +158,7 @@ class Cgroup:
         return 0.0
 
     def rss_bytes(self) -> int:
-        total = 0
-        for pid in self.pids():
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except OSError:
-                pass
-        return total
+        return _rss(self.pids())
 
     def remove(self, timeout: float = 10) -> None:
         """rmdir the subtree, leaves first; a just-killed process keeps its cgroup busy
@@ -186,48 +181,31 @@ class Cgroup:
 
 # -- the fleet ---------------------------------------------------------------------------------
 
-NODE_SCRIPT = r"""
-set -eu
-mount --make-rprivate /
-{overlays}
-mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-mount -t tmpfs -o mode=0700 tmpfs /root
-{shared}
-hostname {name}
-mkdir -p /run/sshd /run/systemd/system /etc/systemd/user /var/tmp /var/log
-chmod 0755 /run/sshd
-export XDG_RUNTIME_DIR=/run XDG_CACHE_HOME=/var/cache XDG_CONFIG_HOME=/var/lib
-cd /
-systemd --user >/var/log/fleet-manager.log 2>&1 &
-for i in $(seq 1 300); do [ -S /run/systemd/private ] && break; sleep 0.1; done
-[ -S /run/systemd/private ] || {{ echo "the user manager did not start" >&2; exit 1; }}
-# A user manager creates its notify socket 0755 (only its own user is expected to talk
-# to it); services with User=tts need the mode a system manager gives it.
-chmod 0777 /run/systemd/notify
-# "Boot": start what is enabled (units are WantedBy=multi-user.target, which a user
-# manager has no equivalent of). `systemctl --user enable` links them in the manager's
-# $XDG_CONFIG_HOME/systemd/user (/var/lib here, so they survive a node's kill), sockets first.
-for unit in /var/lib/systemd/user/sockets.target.wants/* /var/lib/systemd/user/*.target.wants/* \
-            /etc/systemd/user/*.target.wants/*; do
-  [ -e "$unit" ] && systemctl --user start --no-block "$(basename "$unit")" || true
-done
-exec {sshd} -D -e -f /etc/ssh/sshd_config
-"""
+# What the nodes' root has beyond the pristine Debian 12 (nspawn.package_layer): the packages
+# the roles install from Debian (tts_node's list, read from the role so the two cannot drift,
+# and tts_tracker's opentracker) and openssh-server for ansible. Debian's own opentracker
+# unit is disabled, as on a host that is not a tracker (the tracker role runs its own).
+ROLE_DEFAULTS = REPO / "ansible/roles/tts_node/defaults/main.yml"
+EXTRA_PACKAGES = ("openssh-server", "opentracker")
+DISABLED_UNITS = ("opentracker.service",)
 
+
+def fleet_root(log=print) -> nspawn.PristineRoot:
+    """The nodes' root: the pristine Debian 12 plus the roles' packages and sshd, cached."""
+    packages = yaml.safe_load(ROLE_DEFAULTS.read_text())["tts_node_system_packages"]
+    return nspawn.package_layer(nspawn.pristine_root(log=log), [*packages, *EXTRA_PACKAGES], disable=DISABLED_UNITS,
+                                log=log)
+
+
+# The harness's settings for each node's sshd (a drop-in: Debian's sshd_config includes
+# sshd_config.d first, and the first value of a setting wins).
 SSHD_CONFIG = """\
 # Written by tts_testkit/fleet/harness.py for node {name}.
 ListenAddress {address}
-Port 22
 HostKey /etc/ssh/ssh_host_ed25519_key
 PermitRootLogin prohibit-password
-PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
-UsePAM no
-AuthorizedKeysFile /etc/ssh/authorized_keys/%u
-PidFile /run/sshd.pid
-Subsystem sftp /usr/lib/openssh/sftp-server
 UseDNS no
 LogLevel ERROR
 MaxStartups 100
@@ -235,6 +213,31 @@ MaxSessions 100
 ClientAliveInterval 10
 ClientAliveCountMax 3
 """
+
+
+class _InsideProcess(subprocess.Popen):
+    """A process started with nsenter into a machine's pid namespace: nsenter forks and waits
+    for the child, and passes on no signal; terminate() and kill() go to the child (the
+    process inside), and nsenter exits with it."""
+
+    _inside: int | None = None
+
+    @property
+    def inside_pid(self) -> int | None:
+        """The process as the node numbers it (what it writes in its own pid files), while
+        it runs."""
+        if self._inside is None and self.poll() is None:
+            for child in nspawn._children(self.pid):
+                self._inside = nspawn._pid_in_namespace(child)
+        return self._inside
+
+    def send_signal(self, sig: int) -> None:
+        targets = nspawn._children(self.pid) if self.poll() is None else []
+        for pid in targets or [self.pid]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 @dataclass
@@ -245,38 +248,27 @@ class Node:
     address: str
     netns: str
     dir: Path
-    cgroup: Cgroup
-    process: subprocess.Popen | None = None
-    host_key: str = ""
-
-    @property
-    def pid(self) -> int:
-        if not self.process or self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} is down")
-        return self.process.pid
+    machine: nspawn.Machine
+    host_key: list[str] = field(default_factory=list)
 
     @property
     def up(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.machine.process is not None and self.machine.process.poll() is None
 
     def path(self, inside: str) -> Path:
-        """Where a file of the node's /etc, /opt or /var lies on the host (its upper dir)."""
-        tree, _, rest = inside.strip("/").partition("/")
-        return self.dir / f"{tree}-upper" / rest
+        """A file of the node as this host reaches it: through its overlay's merged directory
+        (the node's disk, also while it is down; not its tmpfs /run and /tmp)."""
+        return self.machine.merged / inside.lstrip("/")
 
-    def _nsenter(self) -> list[str]:
-        return ["nsenter", "-t", str(self.pid), "-m", "-n", "-u", "--wd=/"]
-
-    def _join(self) -> None:  # preexec: the child joins the node's cgroup before exec
-        self.cgroup.join()
-
-    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
-        """A process inside the node (its namespaces and its cgroup)."""
-        env = dict(kw.pop("env", None) or os.environ, XDG_RUNTIME_DIR="/run")
-        return subprocess.Popen([*self._nsenter(), *argv], preexec_fn=self._join, env=env, **kw)
+    def popen(self, argv: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+        """A process inside the node (its namespaces, root and cgroups), with a clean
+        environment plus `env`."""
+        inside = {"PATH": nspawn.INSIDE_PATH, "LANG": "C.UTF-8", "HOME": "/root", **(env or {})}
+        return _InsideProcess([*self.machine.enter_argv(), "/usr/bin/env", "-i",
+                               *[f"{k}={v}" for k, v in inside.items()], *argv], **kw)
 
     def sh(self, script: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        proc = self.popen(["sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = self.popen(["/bin/sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -288,60 +280,45 @@ class Node:
             raise RuntimeError(f"{self.name}: `{script}` exited {out.returncode}: {(stderr or stdout).strip()[-800:]}")
         return out
 
-    def start(self) -> None:
-        """Boot the node: namespaces, mounts, the user manager (which starts the enabled
-        units), sshd. Returns once sshd accepts connections."""
+    def start(self, timeout: float = 300) -> None:
+        """Boot the node (systemd starts what is enabled: sshd, the tts units once installed).
+        Returns once the system has finished booting and sshd accepts connections. A node
+        killed mid-work may boot "degraded" (a unit that failed), as a real host would."""
         if self.up:
             return
-        overlays = []
-        for tree in ("etc", "opt", "var"):
-            upper, work = self.dir / f"{tree}-upper", self.dir / f"{tree}-work"
-            upper.mkdir(parents=True, exist_ok=True)
-            work.mkdir(parents=True, exist_ok=True)
-            overlays.append(f"mount -t overlay overlay -o lowerdir=/{tree},upperdir={upper},workdir={work} /{tree}")
-        # What nodes run from the host - the checkout (tts_testkit/fleet/client.py), its venv and
-        # the venv's interpreter (pyenv) - may live under /tmp, /root or /run (a CI clone
-        # in /tmp), which the node hides behind tmpfs: bind each aside before, move it back
-        # after, read-only.
-        kept: list[Path] = []
-        for path in sorted({REPO.resolve(), VENV.resolve(), Path(sys.base_prefix).resolve()}, key=lambda p: len(p.parts)):
-            if any(path.is_relative_to(h) for h in ("/root", "/tmp", "/run")) and not any(
-                    path.is_relative_to(k) for k in kept):
-                kept.append(path)
-        shared = []
-        for i, path in enumerate(kept):
-            overlays.append(f"mkdir -p /opt/.fleet-keep/{i} && mount --bind {path} /opt/.fleet-keep/{i}")
-            shared.append(f"mkdir -p {path} && mount --move /opt/.fleet-keep/{i} {path} && mount -o remount,bind,ro {path}")
-        shared += [f"mount --bind {VENV} {VENV} && mount -o remount,bind,ro {VENV}",
-                   f"mkdir -p {SANDBOX_VENV} && mount --bind {VENV} {SANDBOX_VENV} && mount -o remount,bind,ro {SANDBOX_VENV}"]
-        script = NODE_SCRIPT.format(overlays="\n".join(overlays), shared="\n".join(shared), name=self.name, sshd=SSHD)
-        log = (self.dir / "node.log").open("ab")
-        self.process = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts", "--propagation", "private",
-             "bash", "-c", script],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=self._join,
-            env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
-        try:
-            wait_until(lambda: self.process.poll() is not None or _port_open(self.address, 22), 120,
-                       what=f"sshd on {self.name}")
-        except AssertionError:  # wait_until's timeout
-            self.kill()
-            raise
-        if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} failed to boot: {(self.dir / 'node.log').read_text()[-2000:]}")
+        self.machine.boot(timeout=timeout, accept=("running", "degraded"))
+        wait_until(lambda: _port_open(self.address, 22), 120, what=f"sshd on {self.name}")
+
+    boot = start
 
     def kill(self) -> None:
-        """The node goes down hard: every process in its cgroup gets SIGKILL (its mount
-        namespace goes with them; its disk - the upper dirs - stays)."""
-        self.cgroup.kill()
-        if self.process:
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+        """The node goes down hard: every process of its machine killed at once (cgroup.kill);
+        its disk (the overlay's upper directory) stays for the next boot."""
+        self.machine.kill()
 
     def systemctl(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-        return self.sh("systemctl --user " + " ".join(args), timeout=timeout, check=check)
+        return self.sh("systemctl " + " ".join(args), timeout=timeout, check=check)
+
+    def cpu_seconds(self) -> float:
+        return self.machine.cpu_seconds() or 0.0
+
+    def memory(self) -> dict[str, int] | None:
+        return self.machine.memory()
+
+    def rss_bytes(self) -> int:
+        return _rss(self.machine.pids())
+
+
+def _rss(pids) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -378,11 +355,14 @@ class Mirror:
 
 @dataclass
 class Fleet:
-    """`with Fleet(work, 3) as fleet:` - nodes booted, mirror up; torn down on exit."""
+    """`with Fleet(work, 3) as fleet:` - nodes booted, mirror up; torn down on exit.
+    shared_rw: directories of this host bound read-write into every node at their own paths
+    (bench/p2p.py runs its provisioners on configurations and caches it reads from here)."""
 
     work: Path
     size: int
     mirror_kind: str = "nanio"
+    shared_rw: tuple[Path, ...] = ()
     tag: str = field(default_factory=lambda: f"{random.randrange(16**4):04x}")
     nodes: list[Node] = field(default_factory=list)
     mirror: Mirror | None = None
@@ -392,7 +372,9 @@ class Fleet:
         self.bridge = f"tf{self.tag}br"
         self.subnet = None
         self._netns: list[str] = []
-        self._cgroups: list[Cgroup] = []
+        self._cgroups: list[Cgroup] = []  # the mirror's (the nodes' machines have their own)
+        self.root: nspawn.PristineRoot | None = None  # the nodes' root (fleet_root())
+        self.boot_s: float | None = None  # how long booting every node took
         self._closed = False
 
     # -- lifecycle
@@ -410,9 +392,10 @@ class Fleet:
     def start(self) -> None:
         cleanup_stale()
         self.work.mkdir(parents=True, exist_ok=True)
+        self.root = fleet_root()
         self.subnet = _free_subnet()
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        (STATE_DIR / self.tag).write_text(json.dumps({"owner": os.getpid(), "bridge": self.bridge}))
+        write_atomic(STATE_DIR / self.tag, json.dumps({"owner": os.getpid(), "bridge": self.bridge}))
         run(["ip", "link", "add", self.bridge, "type", "bridge"])
         run(["ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge])
         run(["ip", "link", "set", self.bridge, "up"])
@@ -421,18 +404,23 @@ class Fleet:
         for i in range(1, self.size + 1):
             self.nodes.append(self._make_node(i))
         self._write_known_hosts()
-        # Boot in parallel: each waits for its own sshd.
-        for node in self.nodes:
-            node.start()
+        # Boot in parallel: each waits for its own system and sshd.
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=self.size) as pool:
+            for future in [pool.submit(node.start) for node in self.nodes]:
+                future.result()
+        self.boot_s = round(time.monotonic() - started, 1)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         errors = []
+        keep = bool(os.environ.get("TTS_TEST_KEEP_MACHINES"))
         for node in self.nodes:
             try:
                 node.kill()
+                node.machine.close(keep_files=keep)
             except Exception as exc:  # keep tearing down the rest
                 errors.append(f"{node.name}: {exc}")
         if self.mirror:
@@ -492,19 +480,25 @@ class Fleet:
         name = f"node{i:02d}"
         address = f"{self.subnet}.{10 + i}"
         ns = self._netns_add(name, address)
-        cgroup = Cgroup(f"tts-fleet-{self.tag}/{name}")
-        self._cgroups.append(cgroup)
-        node = Node(self, i, name, address, ns, self.work / name, cgroup)
+        # Read-only binds: the shared venv where the role's .pth points, the checkout (the
+        # load client) and the interpreter the checkout's venv runs on, at their own paths.
+        binds = {str(VENV.resolve()): str(SANDBOX_VENV), str(REPO): str(REPO)}
+        binds.setdefault(str(Path(sys.base_prefix).resolve()), str(Path(sys.base_prefix).resolve()))
+        machine = nspawn.Machine(f"tf{self.tag}-{name}", self.root, self.work / name, binds_ro=binds,
+                                 network_namespace_path=f"/run/netns/{ns}",
+                                 nspawn_args=(f"--hostname={name}", *[f"--bind={d}:{d}" for d in self.shared_rw]))
+        node = Node(self, i, name, address, ns, self.work / name, machine)
+        machine.mount()  # the node's disk, written before its first boot: sshd's keys and settings
         ssh = node.path("/etc/ssh")
-        (ssh / "authorized_keys").mkdir(parents=True, exist_ok=True)
         key = ssh / "ssh_host_ed25519_key"
         if not key.exists():
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", str(key)])
         node.host_key = (ssh / "ssh_host_ed25519_key.pub").read_text().split()[:2]
-        (ssh / "sshd_config").write_text(SSHD_CONFIG.format(name=name, address=address))
-        auth = ssh / "authorized_keys" / "root"
-        auth.write_text(self.client_key.with_suffix(".pub").read_text())
-        auth.chmod(0o644)
+        (ssh / "sshd_config.d/tts-fleet-harness.conf").write_text(SSHD_CONFIG.format(name=name, address=address))
+        dot_ssh = node.path("/root/.ssh")
+        dot_ssh.mkdir(mode=0o700, exist_ok=True)
+        (dot_ssh / "authorized_keys").write_text(self.client_key.with_suffix(".pub").read_text())
+        (dot_ssh / "authorized_keys").chmod(0o600)
         return node
 
     def _write_known_hosts(self) -> None:
@@ -546,10 +540,13 @@ class Fleet:
         return out
 
     def cpu_seconds(self) -> float:
-        return sum(c.cpu_seconds() for c in self._cgroups)
+        """CPU time of every node's machine and the mirror so far."""
+        return sum(n.cpu_seconds() for n in self.nodes) + sum(c.cpu_seconds() for c in self._cgroups)
 
     def rss_bytes(self) -> int:
-        return sum(c.rss_bytes() for c in self._cgroups)
+        """Sum of the resident set sizes of every process of the nodes and the mirror (shared
+        pages counted once per process: the old harness's measure, kept for comparison)."""
+        return sum(n.rss_bytes() for n in self.nodes) + sum(c.rss_bytes() for c in self._cgroups)
 
 
 def _free_subnet() -> str:
@@ -596,6 +593,12 @@ def _teardown(tag: str, netns: list[str], bridge: str, cgroups: list[Cgroup]) ->
     for ns in netns:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
     subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
+    # A deleted namespace takes its veth pair with it, a moment later (the kernel cleans
+    # namespaces up asynchronously): wait, bounded, so that nothing is left on return.
+    prefix = f"tf{tag}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and prefix in run(["ip", "-o", "link"], timeout=30).stdout:
+        time.sleep(0.2)
     for root in _cgroup_hierarchies():
         try:
             (root / f"tts-fleet-{tag}").rmdir()
@@ -605,19 +608,23 @@ def _teardown(tag: str, netns: list[str], bridge: str, cgroups: list[Cgroup]) ->
 
 
 def cleanup_stale() -> list[str]:
-    """Remove fleets whose owning process is gone (a test run killed mid-way)."""
+    """Remove fleets whose owning process is gone (a test run killed mid-way): their machines
+    first (nspawn.reap_stale: killed, unmounted), then namespaces, bridge and cgroups."""
+    nspawn.reap_stale()
     removed = []
     if not STATE_DIR.is_dir():
         return removed
     for state in STATE_DIR.iterdir():
+        if state.name.startswith("."):
+            continue  # a state file being written (write_atomic's temporary file)
         try:
             info = json.loads(state.read_text())
             os.kill(int(info["owner"]), 0)
             continue  # still running: someone else's fleet
         except ProcessLookupError:
             pass
-        except (ValueError, KeyError, OSError):
-            pass
+        except (ValueError, KeyError, TypeError, OSError):
+            continue  # unreadable: not judged (written atomically, so not half-written)
         tag = state.name
         netns = [ns.split()[0] for ns in run(["ip", "netns", "list"], timeout=30).stdout.splitlines()
                  if ns.startswith(f"tf{tag}-")]

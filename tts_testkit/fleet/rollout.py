@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tts_testkit.fleet.harness import Fleet, Node
-from tts_testkit.paths import REPO, SANDBOX_VENV, VENV
+from tts_testkit.paths import SANDBOX_VENV, VENV
 
 MODEL = "joe"
+NODE_PYTHON = "/opt/tts-fleet/venv/bin/python"  # the venv the role builds on each node
 
 
 def voice_files(work: Path, version: str, kind: str = "good") -> dict[str, bytes]:
@@ -90,10 +91,9 @@ def group_vars(fleet: Fleet, bucket: str, keys, wheel: Path, **extra) -> dict:
     """The role's settings for the simulated fleet (what an operator puts in group_vars)."""
     purelib = Path(sysconfig.get_paths()["purelib"])
     server = fleet.mirror.server
+    # The role's production defaults (service manager system, credentials loadcredential,
+    # its apt packages: already on the nodes' root, so it finds nothing missing).
     variables = {
-        "tts_node_service_manager": "user",
-        "tts_node_user_manager_runtime_dir": "/run",
-        "tts_node_install_packages": False,  # nodes have no network but the bridge: aria2 comes with /usr
         "tts_node_package_wheel_src": str(wheel),
         # The wheel without its dependencies; torch and friends come from the shared
         # read-only venv through a .pth file instead of a download per node.
@@ -130,9 +130,11 @@ class Clients:
         for node in self.nodes:
             out = (self.fleet.work / f"client-{node.name}.jsonl").open("ab")
             err = (self.fleet.work / f"client-{node.name}.err").open("ab")
+            # The node's own venv (httpx through the shared site-packages); the checkout is
+            # bound read-only inside at its own path.
             self.procs[node.name] = node.popen(
-                [str(VENV / "bin/python"), str(Path(__file__).with_name("client.py")), "--socket", "/run/tts/runtime.sock",
-                 "--text", text], stdout=out, stderr=err, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                [NODE_PYTHON, str(Path(__file__).with_name("client.py")), "--socket", "/run/tts/runtime.sock",
+                 "--text", text], stdout=out, stderr=err)
         return self
 
     def records(self, name: str) -> list[dict]:
