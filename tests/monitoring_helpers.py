@@ -1,13 +1,14 @@
 """The monitoring side as the role installs it: monitoring.yml run against this machine as
 the Prometheus host (ansible_connection local), writing the rule file, the file_sd
 targets and the dashboard into a work directory; and a real Prometheus (Debian's package)
-started on them. Used by tests/test_alert_rules.py and tests/test_prometheus_fleet.py."""
+started on them. Used by tests/test_alert_rules.py and tests/test_fleet.py (TestPrometheus)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -132,3 +133,41 @@ class Prometheus:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+# Seconds instead of minutes: a test's setting of the role's `for:` durations (all of them).
+SHORT_FOR = {key: "5s" for key in ("sync_failing", "version_mismatch", "runtime_not_ready", "voice_load_failed",
+                                    "target_down", "errors_5xx", "queue_full", "cache_disk_full", "trust_expiring",
+                                    "restarts", "mirror_instead_of_peers", "rollback_held")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, predicate, timeout: float = 180, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
+
+
+def active(prometheus: Prometheus) -> list[dict]:
+    return [a for a in prometheus.alerts() if a["state"] in {"pending", "firing"}]
+
+
+def panel_queries(dashboard: dict) -> list[tuple[str, str]]:
+    """(panel title, expression) of every target, Grafana's variables filled in as a
+    dashboard showing all nodes would."""
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$node", ".*").replace("$__rate_interval", "1m")
+            out.append((panel["title"], expr))
+    return out

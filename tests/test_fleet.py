@@ -39,6 +39,8 @@ import pytest
 from tts_testkit.fleet import harness
 from tts_testkit.fleet import rollout as fr
 from tts_testkit.wheel import build_wheel
+from tests.monitoring_helpers import PROMETHEUS, SHORT_FOR, Prometheus, active, free_port, panel_queries, \
+    render_monitoring, wait_for
 
 REASON = harness.unavailable()
 pytestmark = [
@@ -68,7 +70,13 @@ def fleet(tmp_path_factory):
         bucket = fleet.mirror.server.new_bucket()
         fr.publish(fleet, bucket, keys, "1.0.0", channel="stable")
         fr.publish(fleet, bucket, keys, "1.1.0")
-        fleet.inventory(fr.group_vars(fleet, bucket, keys, wheel))
+        fleet.inventory(fr.group_vars(fleet, bucket, keys, wheel,
+                                      # the canary keeps two failed versions (does not load, silent)
+                                      # besides the ones the rollback test goes back to
+                                      tts_node_keep_snapshots=4,
+                                      tts_node_metrics_listen_address="{{ ansible_host }}",
+                                      # Prometheus scrapes from the controller's bridge address
+                                      tts_node_prometheus_networks=[f"{fleet.subnet}.1"]))
         yield FleetState(fleet, bucket, keys, wheel)
 
 
@@ -77,8 +85,12 @@ def rollout(fleet: harness.Fleet, version: str, *args: str, log: str, **kw):
                           **kw)
 
 
-def test_site_installs_every_node_and_is_idempotent(fleet):
+def test_site_installs_every_node_and_is_idempotent(fleet, record_property):
     f = fleet.fleet
+    root = f.root
+    record_property("summary", f"fleet nodes' root (Debian 12 + the roles' packages): "
+                               f"{'built now' if root.built_now else 'from the cache'}, a build costs "
+                               f"{root.build['seconds']:.0f} s and {root.build.get('bytes', 0) / 2**20:.0f} MiB")
     first = f.playbook("site.yml", log="site-1.log")
     assert first.returncode == 0, first.stdout[-6000:]
     recap = fr.recap(first.stdout)
@@ -105,6 +117,122 @@ def test_site_installs_every_node_and_is_idempotent(fleet):
     changed = {h: r["changed"] for h, r in fr.recap(second.stdout).items()}
     assert changed == {n.name: 0 for n in f.nodes}, \
         "\n".join(re.findall(r"^changed: .*$", second.stdout, re.M))
+
+
+# -- a real Prometheus scraping the fleet, its alerts and the dashboard (issue 28) ----------------
+
+@pytest.fixture(scope="class")
+def observed(fleet, tmp_path_factory):
+    """Prometheus on the fleet for TestPrometheus's tests, stopped after them."""
+    f = fleet.fleet
+    work = tmp_path_factory.mktemp("prometheus")
+    monitoring = render_monitoring(work / "monitoring", {n.name: n.address for n in f.nodes},
+                                   tts_node_alert_for=SHORT_FOR, tts_node_alert_rate_window="1m",
+                                   tts_node_alert_restart_window="5m")
+    (work / "prometheus").mkdir()
+    prometheus = Prometheus(work / "prometheus", monitoring, free_port()).start()
+    try:
+        yield f, prometheus, monitoring, fleet
+    finally:
+        prometheus.stop()
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus missing: run scripts/setup.sh (Debian package prometheus)")
+class TestPrometheus:
+    UNLOADABLE = "2.0.9"  # weights that do not load (2.0.1-2.0.4 are the bad versions of the rollout tests)
+
+    """A real Prometheus (Debian's) on the controller (the bridge's address) scrapes every
+    node's metrics relays over TCP every second; monitoring.yml renders the scrape targets,
+    the alert rules (every `for:` shortened to seconds by the role's tts_node_alert_for, not
+    by waiting longer) and the dashboard. It runs on the fleet just installed and stops after
+    these tests.
+
+    1. Healthy: every target is up, no alert is pending or firing, and every dashboard
+       panel's expression returns data (Grafana does not install here: the expressions are
+       what a panel would ask).
+    2. Faults: one node is cut off from the mirror (an iptables REJECT in its namespace) and
+       asked to sync; another's provisioner is pinned to a version whose weights do not
+       load. Prometheus's own /api/v1/alerts then shows TtsSyncFailing for the first (cause
+       unreachable) and TtsVoiceLoadFailed for the second, and nothing on the third. Both
+       faults are undone before the rollouts below.
+
+    Every wait is for a condition (alerts, targets, query results), bounded as a safety net."""
+
+    def test_healthy_fleet_all_targets_up_no_alert_and_every_panel_has_data(self, observed):
+        fleet, prometheus, monitoring, _ = observed
+        wait_for("every target up", lambda: len(prometheus.query("up == 1")) == 2 * NODES
+                 or None, timeout=120)
+        # Traffic, so the request, latency and RTF panels have something to show.
+        for node in fleet.nodes:
+            node.sh("for i in 1 2 3; do /opt/tts-fleet/venv/bin/tts-ctl --config /etc/tts-fleet/runtime.toml synth "
+                    "'Observed by Prometheus.' -o /var/tmp/p.wav; done", timeout=300)
+        dashboard = json.loads(monitoring.dashboard.read_text())
+        queries = panel_queries(dashboard)
+        assert len(queries) >= 16
+
+        def empty_panels():
+            missing = [(title, expr) for title, expr in queries if not prometheus.query(expr)]
+            return missing or None
+
+        # rate() needs two scrapes of the counters after the requests: wait until no panel is empty.
+        deadline = time.monotonic() + 120
+        missing = empty_panels()
+        while missing and time.monotonic() < deadline:
+            time.sleep(1)
+            missing = empty_panels()
+        assert not missing, f"panels without data: {missing}"
+        versions = prometheus.query('tts_voice_info{voice="joe"}')
+        assert sorted((r["metric"]["node"], r["metric"]["version"]) for r in versions) == \
+            [(n.name, "1.0.0") for n in fleet.nodes]
+        # Healthy: the rules were evaluated every second meanwhile; nothing pending or firing.
+        assert active(prometheus) == [], active(prometheus)
+
+    def test_faults_raise_their_alerts_on_their_nodes_only(self, observed):
+        fleet, prometheus, _, state = observed
+        cut, broken, healthy = fleet.nodes
+        fr.publish(fleet, state.bucket, state.keys, self.UNLOADABLE, "broken")
+        conf = broken.path("/etc/tts-fleet/provisioner.toml")
+        installed = conf.read_text()
+        fleet.mirror.block(cut)
+        try:
+            cut.systemctl("reload", "tts-provisioner.service")  # a pass now, not at the next poll
+            conf.write_text(re.sub(r'channel = "stable"', f'version = "{self.UNLOADABLE}"', installed))
+            broken.systemctl("restart", "tts-provisioner.service")
+
+            def both_firing():
+                alerts = active(prometheus)
+                found = {(a["labels"]["alertname"], a["labels"].get("node")): a for a in alerts if a["state"] == "firing"}
+                if ("TtsSyncFailing", cut.name) in found and ("TtsVoiceLoadFailed", broken.name) in found:
+                    return found
+                return None
+
+            found = wait_for("TtsSyncFailing on the cut node and TtsVoiceLoadFailed on the broken one", both_firing,
+                             timeout=300)
+            alerts = active(prometheus)
+            print("alerts:", json.dumps([{**a["labels"], "state": a["state"], "summary": a["annotations"]["summary"]}
+                                         for a in alerts], indent=1))
+            sync = found[("TtsSyncFailing", cut.name)]
+            assert sync["labels"]["model"] == "joe"
+            assert "cause: unreachable" in sync["annotations"]["summary"], sync
+            load = found[("TtsVoiceLoadFailed", broken.name)]
+            assert load["annotations"]["summary"] == \
+                f"{broken.name}: joe {self.UNLOADABLE} does not load; the runtime keeps serving 1.0.0."
+            # Nothing on the healthy node, and on the faulty nodes only what their fault explains.
+            assert [a for a in alerts if a["labels"].get("node") == healthy.name] == []
+            explained = {cut.name: {"TtsSyncFailing"}, broken.name: {"TtsVoiceLoadFailed", "TtsVersionMismatch"}}
+            for a in alerts:
+                assert a["labels"]["alertname"] in explained.get(a["labels"].get("node"), set()), a
+        finally:  # both faults undone: the rollouts below start from a healthy fleet on 1.0.0
+            fleet.mirror.block(cut, blocked=False)
+            conf.write_text(installed)
+            broken.systemctl("restart", "tts-provisioner.service")
+            cut.systemctl("reload", "tts-provisioner.service")
+        def healthy_again(node) -> bool:
+            model = fr.provisioner_status(node)["models"][fr.MODEL]
+            return model.get("current_version") == "1.0.0" and model.get("state") == "ok" and \
+                fr.serving(node) == "1.0.0"
+
+        wait_for("both nodes back on 1.0.0, their provisioners ok", lambda: all(map(healthy_again, (cut, broken))) or None)
 
 
 def test_rollout_canary_then_waves_with_traffic_and_no_failed_request(fleet):

@@ -35,7 +35,7 @@ machines, mounts, cgroups, namespaces, veths, the bridge; a fleet left behind by
 test run is removed by the next `Fleet` (state files in /run/tts-fleet-harness and
 /run/tts-fleet-nspawn).
 
-No pytest here: tests/test_fleet.py, tests/test_prometheus_fleet.py, bench/fleet.py and
+No pytest here: tests/test_fleet.py, bench/fleet.py and
 bench/p2p.py use it.
 Every wait is bounded.
 """
