@@ -40,6 +40,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tts_common.atomic import write_atomic
 
@@ -107,28 +108,37 @@ def pristine_root(spec: RootSpec = RootSpec(), cache_dir: Path = CACHE_DIR, log=
 
 
 def _build_root(spec: RootSpec, entry: Path, log) -> None:
+    def debootstrap(root: Path) -> None:
+        log(f"nspawn: building the pristine root: {' '.join(spec.argv(root))}")
+        out = subprocess.run(spec.argv(root), capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            raise RuntimeError(f"debootstrap failed ({out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
+
+    _build_cached(entry, "root", debootstrap, {"argv": spec.argv(Path("ROOT"))}, log)
+
+
+def _build_cached(entry: Path, what: str, make_root: Callable[[Path], None], record: dict, log) -> None:
+    """`make_root(path)` builds a root in a directory beside `entry`; its cost goes into
+    build.json and only then does it move into place: the cache never holds a half-built root."""
     tmp = entry.with_name(f".{entry.name}.build-{os.getpid()}")
     _remove_tree(tmp)
     tmp.mkdir(parents=True)
     started = time.monotonic()
-    log(f"nspawn: building the pristine root: {' '.join(spec.argv(tmp / 'root'))}")
     try:
-        out = subprocess.run(spec.argv(tmp / "root"), capture_output=True, text=True, timeout=1800)
-        if out.returncode != 0:
-            raise RuntimeError(f"debootstrap failed ({out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
-        # The host's name leaks in through debootstrap; a machine gets its own from nspawn.
+        make_root(tmp / "root")
+        # The host's name leaks in (debootstrap, apt); a machine gets its own from nspawn.
         (tmp / "root/etc/hostname").unlink(missing_ok=True)
         seconds = time.monotonic() - started
         size = _tree_bytes(tmp / "root")
         (tmp / "build.json").write_text(json.dumps({
-            "argv": spec.argv(Path("ROOT")), "seconds": round(seconds, 1), "bytes": size,
+            **record, "seconds": round(seconds, 1), "bytes": size,
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
         _remove_tree(entry)
         tmp.rename(entry)
     except BaseException:
         _remove_tree(tmp)
         raise
-    log(f"nspawn: root build cost {seconds:.0f} s wall, {size / 2**20:.0f} MiB on disk ({entry})")
+    log(f"nspawn: {what} build cost {seconds:.0f} s wall, {size / 2**20:.0f} MiB on disk ({entry})")
 
 
 def package_layer(base: PristineRoot, packages: list[str] | tuple[str, ...], disable: tuple[str, ...] = (),
@@ -156,35 +166,23 @@ def package_layer(base: PristineRoot, packages: list[str] | tuple[str, ...], dis
 
 
 def _build_layer(base: PristineRoot, packages: tuple[str, ...], disable: tuple[str, ...], entry: Path, log) -> None:
-    tmp = entry.with_name(f".{entry.name}.build-{os.getpid()}")
-    _remove_tree(tmp)
-    tmp.mkdir(parents=True)
-    started = time.monotonic()
     script = ("set -e; apt-get update -q; apt-get install -y -q " + " ".join(packages)
               + "; apt-get clean; rm -f /etc/ssh/ssh_host_*"
               + "".join(f"; systemctl disable --quiet {unit}" for unit in disable))
-    argv = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", f"--machine=tts-layer-{os.getpid()}",
-            "--console=pipe", f"--directory={tmp / 'root'}",
-            "--setenv=DEBIAN_FRONTEND=noninteractive", "/bin/sh", "-c", script]
-    log(f"nspawn: building the root + packages: {' '.join(packages)}")
-    try:
-        subprocess.run(["cp", "-a", "--reflink=auto", str(base.path), str(tmp / "root")], check=True,
+
+    def install(root: Path) -> None:
+        log(f"nspawn: building the root + packages: {' '.join(packages)}")
+        subprocess.run(["cp", "-a", "--reflink=auto", str(base.path), str(root)], check=True,
                        capture_output=True, timeout=600)
+        argv = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", f"--machine=tts-layer-{os.getpid()}",
+                "--console=pipe", f"--directory={root}", "--setenv=DEBIAN_FRONTEND=noninteractive",
+                "/bin/sh", "-c", script]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
         if out.returncode != 0:
             raise RuntimeError(f"apt-get in the layer failed ({out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
-        (tmp / "root/etc/hostname").unlink(missing_ok=True)
-        seconds = time.monotonic() - started
-        size = _tree_bytes(tmp / "root")
-        (tmp / "build.json").write_text(json.dumps({
-            "base": base.spec.key, "packages": list(packages), "disabled": list(disable), "seconds": round(seconds, 1), "bytes": size,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
-        _remove_tree(entry)
-        tmp.rename(entry)
-    except BaseException:
-        _remove_tree(tmp)
-        raise
-    log(f"nspawn: root + packages build cost {seconds:.0f} s wall, {size / 2**20:.0f} MiB on disk ({entry})")
+
+    _build_cached(entry, "root + packages", install,
+                  {"base": base.spec.key, "packages": list(packages), "disabled": list(disable)}, log)
 
 
 def _tree_bytes(path: Path) -> int:
