@@ -24,6 +24,7 @@ import pytest
 
 from provisioner.cache import CacheReader
 from tests.ops_helpers import NotifyListener
+from tests.provisioner_helpers import stop
 from tts_testkit.paths import VENV_BIN
 from tts_testkit.provisioner_setup import make_keys, model_files, publish_raw, write_config
 from tts_testkit.waits import wait_until
@@ -51,17 +52,6 @@ def _start_provisioner(config: Path, notify_path: Path, log: Path, watchdog_usec
     env.pop("WATCHDOG_PID", None)
     return subprocess.Popen([str(VENV_BIN / "tts-provisioner"), "--config", str(config), "run"],
                             env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    return proc.returncode
 
 
 def test_provisioner_ready_only_after_cache_complete(tmp_path, s3_server, bucket):
@@ -108,7 +98,7 @@ def test_provisioner_ready_only_after_cache_complete(tmp_path, s3_server, bucket
         assert stopping
         assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
     finally:
-        _stop(proc)
+        stop(proc)
         notify.close()
 
 
@@ -172,7 +162,7 @@ def test_socket_activated_runtime_waits_for_provisioner(tmp_path, s3_server, buc
     finally:
         for proc in (activate, prov):
             if proc is not None:
-                _stop(proc)
+                stop(proc)
         rt_notify.close()
         prov_notify.close()
         rt_log.close()
@@ -280,7 +270,7 @@ def test_restart_behind_a_held_socket_is_invisible_to_clients(tmp_path, voice_ca
     finally:
         for proc in (first, second, ctl):
             if proc is not None:
-                _stop(proc)
+                stop(proc)
         listener.close()
         notify.close()
         for log in logs:
