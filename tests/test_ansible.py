@@ -261,6 +261,17 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+# The role writing files only (service manager none, the checkout's venv, no packages, root),
+# with a mirror that is never reached: what the tests that read the rendered files start from.
+FILES_ONLY = {
+    "tts_node_mirrors": [{"name": "primary", "endpoint": "http://127.0.0.1:9", "bucket": "b", "priority": 10}],
+    "tts_node_mirror_credentials": {"primary": {"access_key": "AK", "secret_key": "not-a-real-secret"}},
+    "tts_node_service_manager": "none", "tts_node_create_user": False, "tts_node_user": "root",
+    "tts_node_group": "root", "tts_node_install_venv": False, "tts_node_install_packages": False,
+    "tts_node_venv": str(VENV), "tts_node_require_signature": False,
+}
+
+
 # -- [p2p] from the inventory ----------------------------------------------------------------
 
 @pytest.mark.fleet
@@ -277,11 +288,7 @@ def test_role_writes_p2p_from_the_inventory_and_refuses_bad_settings(tmp_path):
     names = ["node-c", "node-a", "node-b"]
     roots = {n: tmp_path / n for n in names}
     variables = {
-        "tts_node_mirrors": [{"name": "primary", "endpoint": "http://127.0.0.1:9", "bucket": "b", "priority": 10}],
-        "tts_node_mirror_credentials": {"primary": {"access_key": "AK", "secret_key": "not-a-real-secret"}},
-        "tts_node_service_manager": "none", "tts_node_create_user": False, "tts_node_user": "root",
-        "tts_node_group": "root", "tts_node_install_venv": False, "tts_node_install_packages": False,
-        "tts_node_venv": str(VENV), "tts_node_require_signature": False,
+        **FILES_ONLY,
         "tts_node_p2p_enabled": True, "tts_node_p2p_listen_port": 16881, "tts_node_p2p_upload_limit": "20M",
         "tts_node_p2p_stall_seconds": 2.5, "tts_node_p2p_networks": ["10.20.0.0/16"],
     }
@@ -459,11 +466,7 @@ def test_role_opens_the_runtime_to_the_network_only_as_configured(tmp_path):
     root = tmp_path / "node"
     token = "0123456789abcdef0123456789abcdef"
     variables = {
-        "tts_node_mirrors": [{"name": "primary", "endpoint": "http://127.0.0.1:9", "bucket": "b", "priority": 10}],
-        "tts_node_mirror_credentials": {"primary": {"access_key": "AK", "secret_key": "not-a-real-secret"}},
-        "tts_node_service_manager": "none", "tts_node_create_user": False, "tts_node_user": "root",
-        "tts_node_group": "root", "tts_node_install_venv": False, "tts_node_install_packages": False,
-        "tts_node_venv": str(VENV), "tts_node_require_signature": False,
+        **FILES_ONLY,
         "tts_node_runtime_http_listen": "0.0.0.0:8088", "tts_node_runtime_wyoming_listen": "[::]:10200",
         "tts_node_runtime_tokens": {"home-assistant": token}, "tts_node_runtime_client_networks": ["192.168.1.0/24"],
     }
